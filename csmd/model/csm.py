@@ -1,0 +1,88 @@
+"""CSM: a backbone over 33-column frame rows, and a depth decoder that fills in a frame codebook by codebook.
+
+A backbone row holds one text token or one frame of audio codes (never both); its embedding is the masked
+sum of its columns' embeddings. Per frame, the backbone's last hidden state gives codebook 0; the depth
+decoder, with a fresh 32-slot cache, then produces codebooks 1..31 from that state and the codes so far.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from csmd.model.config import CsmConfig
+from csmd.model.llama import KVCache, Transformer, make_cache
+
+# Picks codes from logits: (logits [B, vocab] float32, codebook index) -> ids [B].
+Sampler = Callable[[mx.array, int], mx.array]
+
+
+class CSM(nn.Module):
+    def __init__(self, cfg: CsmConfig):
+        super().__init__()
+        self.config = cfg
+        dims = cfg.backbone.hidden_size
+        self.text_embeddings = nn.Embedding(cfg.text_vocab_size, dims)
+        # One table for every codebook; codebook k's code c lives at row c + k * audio_vocab_size.
+        self.audio_embeddings = nn.Embedding(cfg.num_codebooks * cfg.audio_vocab_size, dims)
+        self.backbone = Transformer(cfg.backbone)
+        self.decoder = Transformer(cfg.decoder)
+        self.projection = nn.Linear(dims, cfg.decoder.hidden_size, bias=False)
+        self.codebook0_head = nn.Linear(dims, cfg.audio_vocab_size, bias=False)
+        # Used as h @ audio_head[k - 1] for codebook k (not transposed, unlike a Linear).
+        self.audio_head = mx.zeros((cfg.num_codebooks - 1, cfg.decoder.hidden_size, cfg.audio_vocab_size))
+        self._offsets = mx.arange(cfg.num_codebooks) * cfg.audio_vocab_size
+
+    def make_backbone_cache(self, batch: int = 1, max_len: int | None = None) -> list[KVCache]:
+        return make_cache(self.config.backbone, batch, self.activation_dtype(), max_len)
+
+    def make_decoder_cache(self, batch: int = 1) -> list[KVCache]:
+        return make_cache(self.config.decoder, batch, self.activation_dtype())
+
+    def activation_dtype(self) -> mx.Dtype:
+        dtype = self.audio_embeddings.weight.dtype
+        # A quantized model stores integer weights; its activations are in the scales' dtype.
+        return dtype if mx.issubdtype(dtype, mx.floating) else self.audio_embeddings.scales.dtype
+
+    def embed_rows(self, tokens: mx.array, mask: mx.array) -> mx.array:
+        """tokens, mask: [B, T, num_codebooks + 1] -> [B, T, hidden], the masked sum over columns."""
+        mask = mask.astype(self.activation_dtype())
+        text = self.text_embeddings(tokens[..., -1]) * mask[..., -1:]
+        audio = self.audio_embeddings(tokens[..., :-1] + self._offsets) * mask[..., :-1, None]
+        return text + audio.sum(axis=-2)
+
+    def backbone_step(self, tokens: mx.array, mask: mx.array, cache: list[KVCache]) -> mx.array:
+        """Run new rows through the backbone; returns the final-norm hidden state of the last row, [B, hidden]."""
+        return self.backbone(self.embed_rows(tokens, mask), cache)[:, -1, :]
+
+    def codebook0_logits(self, hidden: mx.array) -> mx.array:
+        return self.codebook0_head(hidden).astype(mx.float32)
+
+    def embed_code(self, codes: mx.array, codebook: int) -> mx.array:
+        """Decoder input for `codes` ([B]) of one codebook: its audio embedding, projected."""
+        return self.projection(self.audio_embeddings(codes + codebook * self.config.audio_vocab_size))
+
+    def decoder_logits(self, decoder_out: mx.array, codebook: int) -> mx.array:
+        """Logits of `codebook` (1..N-1) from the decoder's last output row ([B, decoder hidden])."""
+        return (decoder_out @ self.audio_head[codebook - 1]).astype(mx.float32)
+
+    def decode_frame(
+        self, hidden: mx.array, code0: mx.array, sample: Sampler, cache: list[KVCache]
+    ) -> mx.array:
+        """Codebooks 1..N-1 for a frame whose codebook 0 is `code0`; returns the whole frame [B, N].
+
+        The decoder sees the backbone state at position 0 and code0 at position 1, then one code per step.
+        Nothing here forces evaluation, so the whole frame is one lazy graph.
+        """
+        for layer_cache in cache:
+            layer_cache.offset = 0  # a fresh cache every frame: positions restart at 0
+        x = mx.stack([self.projection(hidden), self.embed_code(code0, 0)], axis=1)
+        codes = [code0]
+        for k in range(1, self.config.num_codebooks):
+            out = self.decoder(x, cache)[:, -1, :]
+            code = sample(self.decoder_logits(out, k), k)
+            codes.append(code)
+            x = self.embed_code(code, k)[:, None, :]
+        return mx.stack(codes, axis=1)

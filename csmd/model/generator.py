@@ -1,0 +1,329 @@
+"""Frame-by-frame speech generation that keeps a conversation in its KV cache.
+
+A `Context` is one conversation: its segments (who said what, with which Mimi codes) and the backbone KV
+cache holding them. Rows only ever get appended, so the cache is always a prefix of the conversation; work
+is only done for rows past that prefix. A reply is an `Utterance`: `step()` makes one frame of codes, and
+when it ends (all-zero frame, frame limit, or `cancel()`) it stays in the context as a segment. Its frames
+are already in the cache; only its closing rows are run later, together with whatever comes next.
+
+Window overflow: the backbone sees at most `max_seq_len` (2048) rows. When a new segment or reply would not
+fit, the oldest unpinned segments are dropped and the rows after the first dropped one are run again
+(the cached rows before it stay valid). Pinned segments, such as a voice prompt, are never dropped; if
+they alone leave no room, that is an error before any work is done.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import mlx.core as mx
+import numpy as np
+
+from csmd.model.csm import CSM
+from csmd.model.sampling import GenerationParams, sample, sampling_key
+from csmd.model.tokenizer import TextTokenizer
+
+FinishReason = Literal["eos", "max_frames", "cancelled"]
+PREFILL_CHUNK = 512  # rows per backbone call when catching up; bounds attention memory
+
+
+class ContextOverflowError(ValueError):
+    """The pinned segments plus the new material do not fit in the model's window."""
+
+
+class ContextBusyError(RuntimeError):
+    """The context is speaking; wait for the utterance to end or cancel it."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One turn: a speaker id, what was said, and (for recorded or generated speech) its Mimi codes."""
+
+    speaker: int
+    text: str
+    codes: np.ndarray | None = None  # [frames, num_codebooks] integer codes
+    pinned: bool = False  # survives window overflow (e.g. a voice prompt)
+
+
+@dataclass
+class _Entry:
+    segment: Segment
+    tokens: np.ndarray  # [rows, num_codebooks + 1]
+    mask: np.ndarray  # same shape, bool
+
+
+class Context:
+    """A conversation's segments and the backbone KV cache that holds them (batch of one)."""
+
+    def __init__(self, model: CSM, tokenizer: TextTokenizer | None, max_positions: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self._cache = model.make_backbone_cache(batch=1, max_len=max_positions)
+        self._entries: list[_Entry] = []
+        self._active: Utterance | None = None
+        self.rows_computed = 0  # backbone rows run so far, re-runs included (tests and stats read it)
+
+    @property
+    def window(self) -> int:
+        return self._cache[0].max_len
+
+    @property
+    def length(self) -> int:
+        """Rows in the conversation, whether or not they are in the cache yet."""
+        return sum(len(e.tokens) for e in self._entries)
+
+    @property
+    def cached(self) -> int:
+        return self._cache[0].offset
+
+    @property
+    def segments(self) -> list[Segment]:
+        return [e.segment for e in self._entries]
+
+    @property
+    def busy(self) -> bool:
+        return self._active is not None
+
+    def append(self, segment: Segment) -> None:
+        """Add a finished turn and run its rows (only those) through the backbone."""
+        self._check_idle()
+        entry = self._entry(segment)
+        self._make_room(len(entry.tokens))
+        self._entries.append(entry)
+        self.flush()
+
+    def clear(self) -> None:
+        """Forget everything, pinned segments included."""
+        self._check_idle()
+        self._entries.clear()
+        self._truncate(0)
+
+    def flush(self) -> mx.array | None:
+        """Run the rows not yet in the cache; returns the backbone state of the last one, or None."""
+        start = self.cached
+        if start == self.length:
+            return None
+        tokens = np.concatenate([e.tokens for e in self._entries])[start:]
+        mask = np.concatenate([e.mask for e in self._entries])[start:]
+        hidden = None
+        for chunk in range(0, len(tokens), PREFILL_CHUNK):
+            rows = slice(chunk, chunk + PREFILL_CHUNK)
+            hidden = self.model.backbone_step(
+                mx.array(tokens[None, rows]), mx.array(mask[None, rows]), self._cache
+            )
+            mx.eval(hidden, *[a for c in self._cache for a in c.state()])
+            self.rows_computed += len(tokens[rows])
+        return hidden
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _check_idle(self) -> None:
+        if self._active is not None:
+            raise ContextBusyError("this context is speaking; cancel the utterance or let it finish first")
+
+    def _entry(self, segment: Segment) -> _Entry:
+        tokens, mask = self._text_rows(segment.speaker, segment.text)
+        if segment.codes is not None:
+            codes = self._check_codes(segment.codes)
+            closing = np.zeros((1, codes.shape[1]), dtype=np.int32)  # the all-zero audio-EOS frame
+            audio_tokens, audio_mask = audio_rows(np.concatenate([codes, closing]))
+            tokens = np.concatenate([tokens, audio_tokens])
+            mask = np.concatenate([mask, audio_mask])
+        return _Entry(segment, tokens, mask)
+
+    def _text_rows(self, speaker: int, text: str) -> tuple[np.ndarray, np.ndarray]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no text tokenizer; load one (a tokenizer.json or .model file)")
+        ids = np.asarray(self.tokenizer.encode_segment(speaker, text), dtype=np.int32)
+        vocab = self.model.config.text_vocab_size
+        if ids.max(initial=0) >= vocab:
+            raise ValueError(
+                f"the tokenizer produced id {ids.max()}, but the model's text vocabulary is {vocab}"
+            )
+        return text_rows(ids, self.model.config.num_codebooks)
+
+    def _check_codes(self, codes: np.ndarray) -> np.ndarray:
+        cfg = self.model.config
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.shape[1] != cfg.num_codebooks:
+            raise ValueError(f"codes must have shape [frames, {cfg.num_codebooks}], got {list(codes.shape)}")
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(f"codes must be integers, got {codes.dtype}")
+        if codes.size and (codes.min() < 0 or codes.max() >= cfg.audio_vocab_size):
+            raise ValueError(
+                f"codes must be in [0, {cfg.audio_vocab_size}), got {codes.min()}..{codes.max()}"
+            )
+        return codes.astype(np.int32)
+
+    def _make_room(self, rows: int) -> None:
+        """Drop the oldest unpinned segments until `rows` more fit in the window."""
+        if self.length + rows <= self.window:
+            return
+        pinned = sum(len(e.tokens) for e in self._entries if e.segment.pinned)
+        if pinned + rows > self.window:
+            raise ContextOverflowError(
+                f"{rows} new rows plus {pinned} pinned rows exceed the model's window of {self.window}; "
+                "shorten the text, lower max_frames, or unpin segments"
+            )
+        kept_prefix = 0  # rows before the first dropped entry: still valid in the cache
+        prefix_intact = True
+        kept = []
+        excess = self.length + rows - self.window
+        for entry in self._entries:
+            if excess > 0 and not entry.segment.pinned:
+                excess -= len(entry.tokens)
+                prefix_intact = False
+                continue
+            kept.append(entry)
+            if prefix_intact:
+                kept_prefix += len(entry.tokens)
+        self._entries = kept
+        self._truncate(min(kept_prefix, self.cached))
+
+    def _truncate(self, rows: int) -> None:
+        for layer in self._cache:
+            layer.offset = rows
+
+
+def text_rows(ids: np.ndarray, num_codebooks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Backbone rows for text token ids: the id in the last column, audio columns masked off."""
+    tokens = np.zeros((len(ids), num_codebooks + 1), dtype=np.int32)
+    tokens[:, -1] = ids
+    mask = np.zeros(tokens.shape, dtype=bool)
+    mask[:, -1] = True
+    return tokens, mask
+
+
+def audio_rows(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Backbone rows for audio frames [T, N]: every codebook column on, the text column off."""
+    tokens = np.zeros((len(frames), frames.shape[1] + 1), dtype=np.int32)
+    tokens[:, :-1] = frames
+    mask = np.ones(tokens.shape, dtype=bool)
+    mask[:, -1] = False
+    return tokens, mask
+
+
+class Utterance:
+    """A reply being spoken. Iterate it, or call `step()` until it returns None."""
+
+    def __init__(
+        self, context: Context, entry: _Entry, params: GenerationParams, seed: int, hidden: mx.array
+    ):
+        self.context = context
+        self.params = params
+        self.seed = seed
+        self.frames: list[np.ndarray] = []
+        self.finish_reason: FinishReason | None = None
+        self._entry = entry
+        self._decoder_cache = context.model.make_decoder_cache(batch=1)
+        self._hidden = hidden  # backbone state after the last row run: it predicts the next frame
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def step(self) -> np.ndarray | None:
+        """The next frame ([num_codebooks] int32), or None once the utterance has ended."""
+        if self.done:
+            return None
+        hidden = self.context.flush()  # feeds the previous frame, if there is one
+        if hidden is not None:
+            self._hidden = hidden
+        frame = self._next_frame(self._hidden)
+        if not frame.any():
+            self._finish("eos")  # the all-zero frame closes the utterance and is not emitted
+            return None
+        self.frames.append(frame)
+        self._add_rows(*audio_rows(frame[None]))
+        if len(self.frames) >= self.params.max_frames:
+            self._finish("max_frames")
+        return frame
+
+    def cancel(self) -> None:
+        """End now; frames already made stay in the context as what was said."""
+        if not self.done:
+            self._finish("cancelled")
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while (frame := self.step()) is not None:
+            yield frame
+
+    @property
+    def codes(self) -> np.ndarray:
+        """All frames so far, [frames, num_codebooks]."""
+        n = self.context.model.config.num_codebooks
+        return np.stack(self.frames) if self.frames else np.zeros((0, n), dtype=np.int32)
+
+    def _next_frame(self, hidden: mx.array) -> np.ndarray:
+        model = self.context.model
+        codebook_size = model.config.audio_codebook_size
+        frame_index = len(self.frames)
+
+        def pick(logits: mx.array, codebook: int) -> mx.array:
+            key = sampling_key(self.seed, frame_index, codebook)
+            return sample(logits, self.params, codebook_size, key)
+
+        code0 = pick(model.codebook0_logits(hidden), 0)
+        frame = model.decode_frame(hidden, code0, pick, self._decoder_cache)
+        mx.eval(frame)
+        return np.array(frame[0], dtype=np.int32)
+
+    def _add_rows(self, tokens: np.ndarray, mask: np.ndarray) -> None:
+        self._entry.tokens = np.concatenate([self._entry.tokens, tokens])
+        self._entry.mask = np.concatenate([self._entry.mask, mask])
+
+    def _finish(self, reason: FinishReason) -> None:
+        self.finish_reason = reason
+        closing = np.zeros((1, self.context.model.config.num_codebooks), dtype=np.int32)
+        self._add_rows(*audio_rows(closing))  # run later, with whatever the context gets next
+        self._entry.segment = Segment(self._entry.segment.speaker, self._entry.segment.text, self.codes)
+        self.context._active = None
+
+
+class Generator:
+    """Speaks with one model; any number of contexts share its weights."""
+
+    def __init__(self, model: CSM, tokenizer: TextTokenizer | None):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def new_context(self, max_positions: int | None = None) -> Context:
+        return Context(self.model, self.tokenizer, max_positions)
+
+    def start(
+        self, context: Context, text: str, speaker: int, params: GenerationParams | None = None
+    ) -> Utterance:
+        """Begin a reply: checks everything, makes room, runs the reply's text rows. No frame yet."""
+        params = (params or GenerationParams()).validate()
+        if context.model is not self.model:
+            raise ValueError("this context belongs to another model")
+        context._check_idle()
+        tokens, mask = context._text_rows(speaker, text)
+        # The reply needs its text rows, a row per frame, and the closing all-zero frame.
+        context._make_room(len(tokens) + params.max_frames + 1)
+        entry = _Entry(Segment(speaker, text), tokens, mask)
+        context._entries.append(entry)
+        hidden = context.flush()
+        assert hidden is not None  # the text rows are never empty: BOS and EOS at least
+        seed = params.seed if params.seed is not None else secrets.randbits(31)
+        utterance = Utterance(context, entry, params, seed, hidden)
+        context._active = utterance
+        return utterance
+
+    def generate(
+        self,
+        context: Context,
+        text: str,
+        speaker: int,
+        params: GenerationParams | None = None,
+        on_frame: Callable[[np.ndarray], None] | None = None,
+    ) -> Utterance:
+        """Speak a whole reply, calling `on_frame` with each frame as it is made."""
+        utterance = self.start(context, text, speaker, params)
+        for frame in utterance:
+            if on_frame is not None:
+                on_frame(frame)
+        return utterance

@@ -1,0 +1,164 @@
+"""A Llama-3.2 decoder stack as CSM uses it: pre-norm blocks, GQA, interleaved Llama-3 RoPE, SwiGLU.
+
+Parameter names follow Sesame's checkpoint (torchtune's `attn.output_proj`, `mlp.w1/w2/w3`, `sa_norm.scale`),
+so Sesame weights load without renaming; the loader maps HF names onto these.
+
+The KV cache is passed in explicitly, one `KVCache` per layer, and never hidden inside a module: a
+conversation owns its cache, and the same weights serve every conversation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from csmd.model.config import RopeScaling, TransformerConfig
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """torchtune's `Llama3ScaledRoPE` frequencies: keep high ones, divide low ones, blend the band between."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling is None:
+        return inv
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * inv / scaling.factor + smooth * inv
+    return np.where(
+        wavelen < high_wavelen, inv, np.where(wavelen > low_wavelen, inv / scaling.factor, blended)
+    )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.scale = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # mx.fast.rms_norm accumulates in fp32 whatever the input dtype.
+        return mx.fast.rms_norm(x, self.scale, self.eps)
+
+
+class KVCache:
+    """Preallocated keys and values of one layer; `offset` is how many positions hold data."""
+
+    def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int, dtype: mx.Dtype):
+        self.keys = mx.zeros((batch, num_kv_heads, max_len, head_dim), dtype=dtype)
+        self.values = mx.zeros((batch, num_kv_heads, max_len, head_dim), dtype=dtype)
+        self.offset = 0
+
+    @property
+    def max_len(self) -> int:
+        return int(self.keys.shape[2])
+
+    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Write `keys`/`values` ([B, H, T, D]) after the filled part; return everything filled so far."""
+        end = self.offset + keys.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions requested, {self.max_len} available")
+        self.keys[:, :, self.offset : end, :] = keys
+        self.values[:, :, self.offset : end, :] = values
+        self.offset = end
+        return self.keys[:, :, :end, :], self.values[:, :, :end, :]
+
+    def state(self) -> list[mx.array]:
+        """The arrays to evaluate so pending writes are materialised."""
+        return [self.keys, self.values]
+
+
+def make_cache(
+    cfg: TransformerConfig, batch: int, dtype: mx.Dtype, max_len: int | None = None
+) -> list[KVCache]:
+    return [
+        KVCache(batch, cfg.num_kv_heads, max_len or cfg.max_seq_len, cfg.dim_per_head, dtype)
+        for _ in range(cfg.num_layers)
+    ]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig, rope_periods: mx.array):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.dim_per_head
+        self.scale = self.head_dim**-0.5
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
+        self.output_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self._rope_periods = rope_periods  # leading underscore: not a parameter
+
+    def _rope(self, x: mx.array, offset: int) -> mx.array:
+        # Sesame's weights expect the interleaved (torchtune "traditional") layout; computed in fp32.
+        rotated = mx.fast.rope(
+            x.astype(mx.float32),
+            self.head_dim,
+            traditional=True,
+            base=None,
+            scale=1.0,
+            offset=offset,
+            freqs=self._rope_periods,
+        )
+        return rotated.astype(x.dtype)
+
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = self._rope(q, cache.offset)
+        k = self._rope(k, cache.offset)
+        keys, values = cache.update(k, v)
+        # "causal" is aligned to the last key, which is what new rows appended after a cached prefix need.
+        mask = "causal" if length > 1 else None
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
+        return self.output_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dims: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dims, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dims, bias=False)
+        self.w3 = nn.Linear(dims, hidden, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig, rope_periods: mx.array):
+        super().__init__()
+        self.sa_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, rope_periods)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+        h = x + self.attn(self.sa_norm(x), cache)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nn.Module):
+    """Blocks plus the final norm; input and output are hidden states ([B, T, hidden])."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.config = cfg
+        periods = mx.array(1.0 / rope_inverse_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling))
+        self.layers = [Block(cfg, periods.astype(mx.float32)) for _ in range(cfg.num_layers)]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: list[KVCache]) -> mx.array:
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            x = layer(x, layer_cache)
+        return self.norm(x)

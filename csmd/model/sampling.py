@@ -1,0 +1,85 @@
+"""How a code is picked from logits: temperature, top-k, top-p, min-p, and seeded randomness.
+
+The same rule serves codebook 0 and the 31 depth-decoder codebooks, as in Sesame's reference.
+
+Reserved ids: each codebook's vocabulary has 2051 ids, but Mimi only decodes 0..2047. By default csmd masks
+the 3 extra ids before sampling (the reference does not): a trained model gives them almost no mass, and
+masking guarantees every emitted frame can be decoded. `allow_reserved_codes=True` restores the reference rule
+(the parity tests use it, since random weights do put mass there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+FRAME_MS = 80  # one Mimi frame
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    temperature: float = 0.9  # 0 means greedy
+    top_k: int = 50  # 0 disables
+    top_p: float = 1.0  # 1 disables
+    min_p: float = 0.0  # 0 disables
+    max_frames: int = 250  # 20 s of audio; a reply longer than this is cut
+    seed: int | None = None  # same seed, same context, same text -> the same frames
+    allow_reserved_codes: bool = False
+
+    def validate(self) -> GenerationParams:
+        problems = []
+        if not 0.0 <= self.temperature <= 10.0:
+            problems.append(f"temperature must be in [0, 10] (0 = greedy), got {self.temperature}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not 0.0 <= self.min_p < 1.0:
+            problems.append(f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
+        if not isinstance(self.max_frames, int) or self.max_frames < 1:
+            problems.append(
+                f"max_frames must be an integer >= 1 ({FRAME_MS} ms each), got {self.max_frames!r}"
+            )
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
+            problems.append(f"seed must be an integer in [0, 2**32) or None, got {self.seed!r}")
+        if problems:
+            raise ValueError("invalid generation parameters: " + "; ".join(problems))
+        return self
+
+    def replace(self, **changes: object) -> GenerationParams:
+        return dataclasses.replace(self, **changes).validate()  # type: ignore[arg-type]
+
+
+def sampling_key(seed: int, frame: int, codebook: int) -> mx.array:
+    """A PRNG key of its own for every (seed, frame, codebook), so any frame can be reproduced alone."""
+    # A threefry key is two uint32 words; mx.random.key(seed) is [0, seed], so words >= 1 never collide with it.
+    return mx.array([1 + frame * 64 + codebook, seed], dtype=mx.uint32)
+
+
+def sample(logits: mx.array, params: GenerationParams, codebook_size: int, key: mx.array) -> mx.array:
+    """One id per row of `logits` ([B, vocab], float32) -> [B] int32."""
+    vocab = logits.shape[-1]
+    if not params.allow_reserved_codes and codebook_size < vocab:
+        logits = mx.where(mx.arange(vocab) < codebook_size, logits, -mx.inf)
+    if params.temperature == 0.0:
+        return mx.argmax(logits, axis=-1).astype(mx.int32)
+    logits = logits / params.temperature
+    if 0 < params.top_k < vocab:
+        # Keep everything tied with the k-th largest, as the reference does.
+        kth = mx.min(mx.topk(logits, params.top_k, axis=-1), axis=-1, keepdims=True)
+        logits = mx.where(logits < kth, -mx.inf, logits)
+    if params.min_p > 0.0:
+        # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p)
+        floor = mx.max(logits, axis=-1, keepdims=True) + mx.log(mx.array(params.min_p))
+        logits = mx.where(logits < floor, -mx.inf, logits)
+    if params.top_p < 1.0:
+        ordered = mx.sort(logits, axis=-1)[..., ::-1]
+        probs = mx.softmax(ordered, axis=-1)
+        mass_before = mx.cumsum(probs, axis=-1) - probs
+        # The smallest logit still needed to reach top_p; the first token always survives.
+        kept = mx.where(mass_before < params.top_p, ordered, mx.inf)
+        floor = mx.min(kept, axis=-1, keepdims=True)
+        logits = mx.where(logits < floor, -mx.inf, logits)
+    return mx.random.categorical(logits, axis=-1, key=key).astype(mx.int32)

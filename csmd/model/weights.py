@@ -1,0 +1,239 @@
+"""Checkpoint files -> CSM parameters: Sesame's names, HF transformers' names, and csmd's own format.
+
+csmd's parameter names are Sesame's (see llama.py), so Sesame checkpoints load as they are. HF checkpoints
+are renamed, and their q/k rows un-permuted: HF's conversion reordered them so that half-split
+("rotate_half") RoPE equals Sesame's interleaved RoPE; csmd uses the interleaved form for every checkpoint.
+HF checkpoints also carry the Mimi codec under `codec_model.*`; those tensors are returned separately.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from csmd.model.config import CsmConfig
+from csmd.model.csm import CSM
+from csmd.model.errors import CheckpointError
+from csmd.model.torch_pickle import load_torch_state_dict
+
+CSMD_FORMAT = "csmd"
+CSMD_FORMAT_VERSION = 1
+
+# HF name -> Sesame name, for the parts outside the layers.
+_HF_TOP = {
+    "embed_text_tokens.weight": "text_embeddings.weight",
+    "backbone_model.embed_tokens.embed_text_tokens.weight": "text_embeddings.weight",  # older convert_csm.py
+    "backbone_model.embed_tokens.embed_audio_tokens.weight": "audio_embeddings.weight",
+    "depth_decoder.model.inputs_embeds_projector.weight": "projection.weight",
+    "lm_head.weight": "codebook0_head.weight",
+    "depth_decoder.codebooks_head.weight": "audio_head",
+    "backbone_model.norm.weight": "backbone.norm.scale",
+    "depth_decoder.model.norm.weight": "decoder.norm.scale",
+}
+# HF's depth decoder keeps a tied copy of the audio embeddings; Sesame reuses one table.
+_HF_TIED_COPY = "depth_decoder.model.embed_tokens.weight"
+_HF_LAYER = re.compile(r"^(backbone_model|depth_decoder\.model)\.layers\.(\d+)\.(.+)$")
+_HF_LAYER_PARTS = {
+    "input_layernorm.weight": "sa_norm.scale",
+    "post_attention_layernorm.weight": "mlp_norm.scale",
+    "self_attn.q_proj.weight": "attn.q_proj.weight",
+    "self_attn.k_proj.weight": "attn.k_proj.weight",
+    "self_attn.v_proj.weight": "attn.v_proj.weight",
+    "self_attn.o_proj.weight": "attn.output_proj.weight",
+    "mlp.gate_proj.weight": "mlp.w1.weight",
+    "mlp.up_proj.weight": "mlp.w3.weight",
+    "mlp.down_proj.weight": "mlp.w2.weight",
+}
+CODEC_PREFIX = "codec_model."
+
+
+@dataclass
+class Checkpoint:
+    """Parameters in csmd (Sesame) naming, plus the Mimi tensors an HF checkpoint bundles."""
+
+    params: dict[str, mx.array]
+    codec: dict[str, mx.array]
+
+
+def read_tensors(path: str | os.PathLike[str]) -> dict[str, mx.array]:
+    """All tensors of a safetensors file, a sharded safetensors index, or a torch `.pt` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.name.endswith(".index.json"):
+        return _read_sharded(path)
+    if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        return load_torch_state_dict(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: unknown checkpoint type (expected .safetensors, .pt or .index.json)")
+    try:
+        tensors = mx.load(str(path))
+    except Exception as exc:  # MLX reports truncation and bad headers as plain runtime errors
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}"
+        ) from exc
+    assert isinstance(tensors, dict)
+    return tensors
+
+
+def _read_sharded(index: Path) -> dict[str, mx.array]:
+    try:
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{index}: not a safetensors index (need a 'weight_map'): {exc}") from exc
+    tensors: dict[str, mx.array] = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors.update(read_tensors(index.parent / shard))
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{index}: shards lack tensors listed in the index, e.g. {missing[0]!r}")
+    return tensors
+
+
+def is_hf_naming(tensors: dict[str, mx.array]) -> bool:
+    return any(k.startswith(("backbone_model.", "depth_decoder.")) for k in tensors)
+
+
+def _unpermute_rope_rows(weight: mx.array, num_heads: int) -> mx.array:
+    """Undo HF's permute_for_rope: within each head, HF row p*d/2 + i is Sesame row 2i + p."""
+    out_dims, in_dims = weight.shape
+    head_dim = out_dims // num_heads
+    return (
+        weight.reshape(num_heads, 2, head_dim // 2, in_dims).transpose(0, 2, 1, 3).reshape(out_dims, in_dims)
+    )
+
+
+def permute_rope_rows(weight: mx.array, num_heads: int) -> mx.array:
+    """Sesame -> HF row order (what transformers' convert_csm.py does); tests use it to write HF files."""
+    out_dims, in_dims = weight.shape
+    head_dim = out_dims // num_heads
+    return (
+        weight.reshape(num_heads, head_dim // 2, 2, in_dims).transpose(0, 2, 1, 3).reshape(out_dims, in_dims)
+    )
+
+
+def from_hf_naming(tensors: dict[str, mx.array], cfg: CsmConfig) -> Checkpoint:
+    params: dict[str, mx.array] = {}
+    codec: dict[str, mx.array] = {}
+    unexpected = []
+    for name, value in tensors.items():
+        if name.startswith(CODEC_PREFIX):
+            codec[name.removeprefix(CODEC_PREFIX)] = value
+        elif name in _HF_TOP:
+            params[_HF_TOP[name]] = value  # may overwrite the tied copy below; both hold the same table
+        elif name == _HF_TIED_COPY:
+            # save_pretrained may keep only this side of the tie; the backbone's copy wins if both exist.
+            params.setdefault("audio_embeddings.weight", value)
+        elif match := _HF_LAYER.match(name):
+            stack, layer, part = match.groups()
+            if part not in _HF_LAYER_PARTS:
+                unexpected.append(name)
+                continue
+            ours = "backbone" if stack == "backbone_model" else "decoder"
+            heads_cfg = cfg.backbone if ours == "backbone" else cfg.decoder
+            if part == "self_attn.q_proj.weight":
+                value = _unpermute_rope_rows(value, heads_cfg.num_heads)
+            elif part == "self_attn.k_proj.weight":
+                value = _unpermute_rope_rows(value, heads_cfg.num_kv_heads)
+            params[f"{ours}.layers.{layer}.{_HF_LAYER_PARTS[part]}"] = value
+        else:
+            unexpected.append(name)
+    if unexpected:
+        raise CheckpointError(
+            f"unexpected tensor {unexpected[0]!r} in HF checkpoint ({len(unexpected)} in all)"
+        )
+    return Checkpoint(params, codec)
+
+
+def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
+
+
+def check_params(params: dict[str, mx.array], model: nn.Module, source: str) -> None:
+    """A missing, unexpected or mis-shaped tensor is an error that names it."""
+    expected = expected_shapes(model)
+    missing = sorted(set(expected) - set(params))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{source}: missing tensor {missing[0]!r}{more}")
+    unexpected = sorted(set(params) - set(expected))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r}{more}")
+    for name, shape in expected.items():
+        if tuple(params[name].shape) != shape:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(params[name].shape)}, the config needs {shape}"
+            )
+
+
+def cast_floats(params: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in params.items()}
+
+
+def build_model(
+    cfg: CsmConfig,
+    params: dict[str, mx.array],
+    dtype: mx.Dtype,
+    source: str,
+    quantization: dict[str, int] | None = None,
+) -> CSM:
+    """A CSM holding `params` (csmd naming), checked against the config, in `dtype`."""
+    model = CSM(cfg)
+    if quantization:
+        quantize(model, **quantization)
+        # Quantized files keep their float parts (scales, norms) in the dtype they were written in.
+        params = cast_floats(params, dtype)
+    check_params(params, model, source)
+    model.update(tree_unflatten(list(cast_floats(params, dtype).items())))
+    mx.eval(model.parameters())
+    return model
+
+
+def _quantizable(path: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear | nn.Embedding) and module.weight.shape[-1] % 64 == 0
+
+
+def quantize(model: CSM, bits: int, group_size: int = 64) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"quantize to 4 or 8 bits, not {bits}")
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_quantizable)
+
+
+def random_params(cfg: CsmConfig, dtype: mx.Dtype, seed: int = 0) -> dict[str, mx.array]:
+    """Random weights of the real shapes, scaled so activations stay finite. They do not speak."""
+    params = {}
+    for i, (name, shape) in enumerate(sorted(expected_shapes(CSM(cfg)).items())):
+        if name.endswith("scale"):
+            params[name] = mx.ones(shape, dtype=dtype)
+        else:
+            std = 1.0 / (shape[-2] if name == "audio_head" else shape[-1]) ** 0.5
+            if name.endswith("embeddings.weight"):
+                std = 0.02
+            params[name] = (std * mx.random.normal(shape, key=mx.random.key(seed * 100_003 + i))).astype(
+                dtype
+            )
+    return params
+
+
+def save_csmd(model: CSM, directory: Path, quantization: dict[str, int] | None) -> None:
+    """csmd's own format: `model.safetensors` in csmd naming beside `config.json`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(directory / "model.safetensors"), tensors, metadata={"format": CSMD_FORMAT})
+    meta: dict[str, Any] = {
+        "format": CSMD_FORMAT,
+        "format_version": CSMD_FORMAT_VERSION,
+        "dtype": str(model.activation_dtype()).removeprefix("mlx.core."),
+        "quantization": quantization,
+        "model": model.config.to_dict(),
+    }
+    (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
