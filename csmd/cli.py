@@ -1,0 +1,148 @@
+"""The `csmd` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from csmd import runtime
+
+
+def _runtime_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("runtime")
+    group.add_argument(
+        "--device", default="auto", choices=runtime.DEVICES, help="where MLX runs (default: auto)"
+    )
+    group.add_argument("--memory-limit", type=float, metavar="GB", help="MLX memory limit in GB")
+    group.add_argument("--cache-limit", type=float, metavar="GB", help="MLX buffer cache limit in GB")
+    return parent
+
+
+def _model_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default="sesame/csm-1b",
+        help="a local checkpoint (file or directory), an HF repo id, or random:<preset> (csm-1b, tiny). "
+        "Random weights have the real shapes and speed but do not speak.",
+    )
+    group.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
+    group.add_argument(
+        "--tokenizer", help="tokenizer.json or SentencePiece .model (default: beside the weights)"
+    )
+    return parent
+
+
+def _apply_runtime(args: argparse.Namespace) -> None:
+    runtime.apply(runtime.RuntimeSettings(args.device, args.memory_limit, args.cache_limit))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    _apply_runtime(args)
+    for key, value in runtime.describe().items():
+        print(f"{key:18} {value}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from tqdm import tqdm
+
+    from csmd.model.loading import load_model
+    from csmd.model.weights import quantize, save_csmd
+
+    _apply_runtime(args)
+    loaded = load_model(args.src, dtype=args.dtype, tokenizer=args.tokenizer)
+    quantization = None
+    if args.quantize:
+        quantization = {"bits": args.quantize, "group_size": 64}
+        quantize(loaded.model, **quantization)
+    tensors = tree_flatten(loaded.model.parameters())
+    for _, array in tqdm(tensors, desc="converting", unit="tensor"):
+        mx.eval(array)
+    dst = Path(args.dst)
+    save_csmd(loaded.model, dst, quantization)
+    tokenizer_file = _tokenizer_file(args.tokenizer, Path(args.src))
+    if tokenizer_file is not None:
+        shutil.copy(tokenizer_file, dst / tokenizer_file.name)
+    print(f"wrote {dst / 'model.safetensors'} and {dst / 'config.json'}", end="")
+    print(
+        f" (+ {tokenizer_file.name})"
+        if tokenizer_file
+        else " (no tokenizer found; pass --tokenizer to include one)"
+    )
+    return 0
+
+
+def _tokenizer_file(explicit: str | None, src: Path) -> Path | None:
+    if explicit:
+        path = Path(explicit)
+        return path / "tokenizer.json" if path.is_dir() else path
+    directory = src if src.is_dir() else src.parent
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def cmd_bench_frame(args: argparse.Namespace) -> int:
+    from csmd.bench.frame import format_result, run
+    from csmd.model.loading import load_model
+
+    _apply_runtime(args)
+    loaded = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
+    result = run(loaded.model, args.model, frames=args.frames, warmup=args.warmup, prefill_rows=args.prefill)
+    print(json.dumps(result.as_dict()) if args.json else format_result(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="csmd", description="Local real-time voice conversation with CSM-1B"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_opts, model_opts = _runtime_options(), _model_options()
+
+    info = commands.add_parser("info", parents=[run_opts], help="device, backend, BLAS and memory settings")
+    info.set_defaults(func=cmd_info)
+
+    convert = commands.add_parser(
+        "convert", parents=[run_opts], help="write a checkpoint as csmd safetensors (+ config.json)"
+    )
+    convert.add_argument("src", help="Sesame or HF checkpoint: file, directory or HF repo id")
+    convert.add_argument("dst", help="output directory")
+    convert.add_argument("--quantize", type=int, choices=(4, 8), help="quantize linear and embedding weights")
+    convert.add_argument("--dtype", default="bfloat16", help="dtype of the float weights (default: bfloat16)")
+    convert.add_argument("--tokenizer", help="tokenizer file to bundle (default: the one beside SRC)")
+    convert.set_defaults(func=cmd_convert)
+
+    bench = commands.add_parser("bench", help="latency benchmarks")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    frame = benches.add_parser(
+        "frame", parents=[run_opts, model_opts], help="time per 80 ms frame and prefill"
+    )
+    frame.add_argument("--frames", type=int, default=20, help="timed frames (default: 20)")
+    frame.add_argument("--warmup", type=int, default=3, help="untimed frames first (default: 3)")
+    frame.add_argument("--prefill", type=int, default=300, help="rows of context to prefill (default: 300)")
+    frame.add_argument("--json", action="store_true", help="print one JSON object")
+    frame.set_defaults(func=cmd_bench_frame)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, OSError, RuntimeError) as exc:  # bad input or files: a message, not a traceback
+        print(f"csmd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
