@@ -53,7 +53,7 @@ def describe() -> dict[str, Any]:
     device = mx.default_device()
     on_gpu = device == mx.gpu
     return {
-        "mlx": mx.__version__,
+        "mlx": getattr(mx, "__version__", "unknown"),
         "device": "gpu" if on_gpu else "cpu",
         "backend": gpu_backend() if on_gpu else "cpu",
         "gpu_available": gpu_backend() or "no",

@@ -52,7 +52,8 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         rope_parameters=dict(ROPE),
     )  # fmt: skip
     cfg = CsmConfig(
-        num_codebooks=NQ, vocab_size=CB + 3, text_vocab_size=TEXT_VOCAB, hidden_size=64, intermediate_size=128,
+        num_codebooks=NQ, vocab_size=CB + 3, text_vocab_size=TEXT_VOCAB, hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
         pad_token_id=TEXT_VOCAB - 2, codebook_pad_token_id=CB + 2, codebook_eos_token_id=0, bos_token_id=0,
         audio_token_id=TEXT_VOCAB - 2, audio_eos_token_id=TEXT_VOCAB - 1, rope_parameters=dict(ROPE),

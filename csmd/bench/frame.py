@@ -121,11 +121,12 @@ def format_result(r: FrameBenchResult) -> str:
     verdict = "faster" if r.real_time_factor < 1 else "slower"
     return "\n".join(
         [
-            f"model {r.model}  dtype {r.dtype}  device {r.device}  ({r.frames} frames, {r.context_rows} rows of context)",
+            f"model {r.model}  dtype {r.dtype}  device {r.device}",
+            f"  {r.frames} timed frames after {r.context_rows} rows of context",
             f"  backbone step   {r.backbone_ms:9.2f} ms / frame (median)",
             f"  depth decoder   {r.decoder_ms:9.2f} ms / frame (median)",
             f"  total           {r.frame_ms:9.2f} ms / frame (median)",
-            f"  real-time factor {r.real_time_factor:.3f} ({verdict} than real time; 1 frame = {FRAME_MS} ms audio)",
+            f"  real-time factor {r.real_time_factor:.3f} ({verdict} than real time; frame = {FRAME_MS} ms)",
             f"  prefill {r.prefill_rows} rows  {r.prefill_ms:9.1f} ms (median)",
         ]
     )

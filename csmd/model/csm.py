@@ -54,7 +54,7 @@ class CSM(nn.Module):
         return text + audio.sum(axis=-2)
 
     def backbone_step(self, tokens: mx.array, mask: mx.array, cache: list[KVCache]) -> mx.array:
-        """Run new rows through the backbone; returns the final-norm hidden state of the last row, [B, hidden]."""
+        """Run new rows through the backbone; returns the final-norm state of the last row, [B, hidden]."""
         return self.backbone(self.embed_rows(tokens, mask), cache)[:, -1, :]
 
     def codebook0_logits(self, hidden: mx.array) -> mx.array:

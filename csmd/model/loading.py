@@ -3,7 +3,7 @@
 Recognised layouts (a directory, or a weights file whose directory holds the config):
 - csmd's own:  config.json with "format": "csmd", model.safetensors (csmd naming, maybe quantized)
 - HF:          config.json with "model_type": "csm", model.safetensors or a sharded index (HF naming)
-- Sesame:      config.json with "backbone_flavor" (or none at all), model.safetensors or ckpt.pt (Sesame naming)
+- Sesame:      config.json with "backbone_flavor" (or none), model.safetensors or ckpt.pt (Sesame naming)
 A tokenizer.json or tokenizer.model beside the weights is picked up unless one is given.
 """
 
@@ -143,7 +143,7 @@ def _sesame_config(meta: dict[str, Any]) -> CsmConfig:
     except KeyError as exc:
         raise CheckpointError(
             f"config.json: unknown Sesame model flavor {exc}; known: {list(_SESAME_FLAVORS)}"
-        )
+        ) from None
     return CsmConfig(
         backbone=backbone,
         decoder=decoder,

@@ -54,7 +54,7 @@ class GenerationParams:
 
 def sampling_key(seed: int, frame: int, codebook: int) -> mx.array:
     """A PRNG key of its own for every (seed, frame, codebook), so any frame can be reproduced alone."""
-    # A threefry key is two uint32 words; mx.random.key(seed) is [0, seed], so words >= 1 never collide with it.
+    # A threefry key is two uint32 words; mx.random.key(seed) is [0, seed]: a first word >= 1 never collides.
     return mx.array([1 + frame * 64 + codebook, seed], dtype=mx.uint32)
 
 

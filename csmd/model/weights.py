@@ -154,7 +154,9 @@ def from_hf_naming(tensors: dict[str, mx.array], cfg: CsmConfig) -> Checkpoint:
 
 
 def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
+    flat = tree_flatten(model.parameters())
+    assert isinstance(flat, list)
+    return {name: tuple(value.shape) for name, value in flat}
 
 
 def check_params(params: dict[str, mx.array], model: nn.Module, source: str) -> None:
