@@ -11,70 +11,16 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-import pytest
+import tiny_hf_csm
 import torch
-from trained_tokenizers import BOS, EOS, train_byte_level
-from transformers import CsmConfig, CsmDepthDecoderConfig, CsmForConditionalGeneration, MimiConfig
+from tiny_hf_csm import rel_err
+from transformers import CsmForConditionalGeneration
 
 from csmd.model.generator import Generator, audio_rows, text_rows
 from csmd.model.loading import load_model
 from csmd.model.sampling import GenerationParams
 
-NQ, CB, TEXT_VOCAB = 4, 64, 300
-ROPE = {  # Llama-3 scaling in HF's form, with a small original context so every band is used
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
-
-
-def rel_err(ours: mx.array | np.ndarray, ref: torch.Tensor) -> float:
-    a = np.asarray(ours, dtype=np.float64)
-    b = ref.detach().double().numpy()
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    mimi = MimiConfig(
-        hidden_size=32, num_filters=8, codebook_size=CB, codebook_dim=16,
-        vector_quantization_hidden_dimension=16, num_quantizers=NQ, num_semantic_quantizers=1,
-        num_hidden_layers=1, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2,
-        upsample_groups=32, sliding_window=16, max_position_embeddings=256,
-    )  # fmt: skip
-    depth = CsmDepthDecoderConfig(
-        num_codebooks=NQ, backbone_hidden_size=64, vocab_size=CB + 3, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=NQ + 1,
-        rope_parameters=dict(ROPE),
-    )  # fmt: skip
-    cfg = CsmConfig(
-        num_codebooks=NQ, vocab_size=CB + 3, text_vocab_size=TEXT_VOCAB, hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=TEXT_VOCAB - 2, codebook_pad_token_id=CB + 2, codebook_eos_token_id=0, bos_token_id=0,
-        audio_token_id=TEXT_VOCAB - 2, audio_eos_token_id=TEXT_VOCAB - 1, rope_parameters=dict(ROPE),
-        depth_decoder_config=depth.to_dict(), codec_config=mimi.to_dict(),
-    )  # fmt: skip
-    model = CsmForConditionalGeneration(cfg).eval()
-    # Random init leaves norms at 1 and makes every layer look alike; perturb so a swapped tensor shows.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("hf-csm")
-    model.save_pretrained(path)
-    tok = train_byte_level([BOS, EOS], vocab_size=TEXT_VOCAB - 10)
-    tok.save(str(path / "tokenizer.json"))
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference(hf_dir: Path) -> CsmForConditionalGeneration:
-    return CsmForConditionalGeneration.from_pretrained(hf_dir).eval()
+NQ, CB, TEXT_VOCAB = tiny_hf_csm.NQ, tiny_hf_csm.CB, tiny_hf_csm.TEXT_VOCAB
 
 
 def conversation_rows(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
