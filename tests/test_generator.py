@@ -31,7 +31,7 @@ from csmd.model.generator import (
     text_rows,
 )
 from csmd.model.llama import KVCache
-from csmd.model.sampling import GenerationParams
+from csmd.model.sampling import GenerationParams, sample, sampling_key
 from csmd.model.tokenizer import TextTokenizer, TokenizerError
 from csmd.model.weights import build_model, random_params
 
@@ -39,7 +39,7 @@ NQ = TINY.num_codebooks  # 4
 CODES = TINY.audio_codebook_size  # 64 real codes (of 67 ids)
 GREEDY = GenerationParams(temperature=0.0, max_frames=10, seed=0)
 SAMPLED = GenerationParams(temperature=0.9, top_k=50, max_frames=10, seed=1234)
-TOL = {"rtol": 1e-5, "atol": 1e-5}
+TOL = 1e-5  # rtol and atol of every float comparison
 
 Rows = tuple[np.ndarray, np.ndarray]  # tokens [rows, NQ + 1] int32, mask of the same shape
 
@@ -125,14 +125,17 @@ def assert_cache_holds(ctx: Context, rows: Rows) -> mx.array:
     hidden, cold = prefill(ctx.model, rows)
     for ours, ref in zip(ctx._cache, cold, strict=True):
         assert ours.offset == ref.offset == n
-        np.testing.assert_allclose(np.array(ours.keys[:, :, :n]), np.array(ref.keys[:, :, :n]), **TOL)
-        np.testing.assert_allclose(np.array(ours.values[:, :, :n]), np.array(ref.values[:, :, :n]), **TOL)
+        for got, want in ((ours.keys, ref.keys), (ours.values, ref.values)):
+            np.testing.assert_allclose(np.array(got[:, :, :n]), np.array(want[:, :, :n]), rtol=TOL, atol=TOL)
     return hidden
 
 
 def assert_same_logits(model: CSM, hidden: mx.array, reference: mx.array) -> None:
     np.testing.assert_allclose(
-        np.array(model.codebook0_logits(hidden)), np.array(model.codebook0_logits(reference)), **TOL
+        np.array(model.codebook0_logits(hidden)),
+        np.array(model.codebook0_logits(reference)),
+        rtol=TOL,
+        atol=TOL,
     )
 
 
@@ -306,7 +309,11 @@ def test_max_frames_limits_the_reply(gen: Generator) -> None:
 def test_cancel_keeps_the_frames_so_far(gen: Generator, tok: TextTokenizer) -> None:
     ctx = gen.new_context()
     utt = gen.start(ctx, "Hello there.", 0, SAMPLED)
-    made = [utt.step() for _ in range(3)]
+    made: list[np.ndarray] = []
+    for _ in range(3):
+        frame = utt.step()
+        assert frame is not None
+        made.append(frame)
     utt.cancel()
     assert utt.finish_reason == "cancelled"
     assert utt.step() is None
@@ -344,6 +351,20 @@ def test_iterating_gives_the_same_frames_as_step(gen: Generator) -> None:
         stepped.append(frame)
     assert len(iterated) == len(stepped) == SAMPLED.max_frames
     np.testing.assert_array_equal(np.stack(iterated), np.stack(stepped))
+
+
+def test_flushing_a_speaking_context_is_refused_and_changes_nothing(gen: Generator) -> None:
+    params = GREEDY.replace(max_frames=4)
+    expected = gen.generate(gen.new_context(), "Hello there.", 0, params).codes
+    ctx = gen.new_context()
+    utt = gen.start(ctx, "Hello there.", 0, params)
+    frames = []
+    while (frame := utt.step()) is not None:
+        frames.append(frame)
+        if not utt.done:
+            with pytest.raises(ContextBusyError):
+                ctx.flush()
+    np.testing.assert_array_equal(np.stack(frames), expected)
 
 
 # -- 5. a speaking context is busy ----------------------------------------------------------------------
@@ -413,6 +434,24 @@ def test_different_seeds_different_frames(gen: Generator) -> None:
     a, _ = speak(gen, SAMPLED.replace(seed=1))
     b, _ = speak(gen, SAMPLED.replace(seed=2))
     assert not np.array_equal(a, b)
+
+
+def test_any_frame_can_be_reproduced_from_its_own_keys(
+    gen: Generator, tok: TextTokenizer, model: CSM
+) -> None:
+    # Frame i uses sampling_key(seed, i, codebook) for every codebook, whatever came before it.
+    utt = gen.generate(gen.new_context(), "Hello there.", 0, SAMPLED.replace(max_frames=3))
+    seed = utt.seed
+    # Frames 0 and 1 are in the cache when frame 2 is made; the EOS row is not.
+    tokens, mask = expected_rows(tok, 0, "Hello there.", utt.codes[:2])
+    hidden, _ = prefill(model, (tokens[:-1], mask[:-1]))
+
+    def pick(logits: mx.array, codebook: int) -> mx.array:
+        return sample(logits, SAMPLED, CODES, sampling_key(seed, 2, codebook))
+
+    code0 = pick(model.codebook0_logits(hidden), 0)
+    frame = model.decode_frame(hidden, code0, pick, model.make_decoder_cache(batch=1))
+    np.testing.assert_array_equal(np.array(frame[0]), utt.frames[2])
 
 
 def test_unseeded_reply_reports_a_reproducible_seed(gen: Generator) -> None:
@@ -616,6 +655,30 @@ def test_invalid_params_are_rejected_before_any_work(gen: Generator) -> None:
     assert state(ctx) == ([], 0, 0, 0)
 
 
+def test_tokenizer_larger_than_the_model_vocabulary(model: CSM, tmp_path: Path) -> None:
+    path = tmp_path / "tokenizer.json"
+    train_byte_level([BOS, EOS], vocab_size=400).save(str(path))
+    big = TextTokenizer.from_file(path)
+    text = "The quick brown fox jumps over the lazy dog."
+    assert max(big.encode_segment(0, text)) >= TINY.text_vocab_size
+    ctx = Generator(model, big).new_context()
+    with pytest.raises(ValueError, match="text vocabulary is 300"):
+        ctx.append(Segment(0, text))
+    assert state(ctx) == ([], 0, 0, 0)
+
+
+def test_window_may_be_smaller_than_the_model_s(gen: Generator) -> None:
+    assert gen.new_context().window == TINY.backbone.max_seq_len
+    assert gen.new_context(max_positions=TINY.backbone.max_seq_len).window == TINY.backbone.max_seq_len
+    assert gen.new_context(max_positions=1).window == 1
+
+
+@pytest.mark.parametrize("max_positions", [TINY.backbone.max_seq_len + 1, 0])
+def test_window_outside_the_model_s_range_is_rejected(gen: Generator, max_positions: int) -> None:
+    with pytest.raises(ValueError, match=r"max_positions|window"):
+        gen.new_context(max_positions=max_positions)
+
+
 # -- 9. generate() ------------------------------------------------------------------------------------
 
 
@@ -627,6 +690,24 @@ def test_generate_calls_on_frame_with_each_frame_in_order(gen: Generator) -> Non
         np.testing.assert_array_equal(got, frame)
     stepped = list(gen.start(gen.new_context(), "Hello there.", 0, SAMPLED))
     np.testing.assert_array_equal(np.stack(seen), np.stack(stepped))
+
+
+def test_generate_ends_the_utterance_if_on_frame_raises(gen: Generator) -> None:
+    class Hangup(Exception):
+        pass
+
+    seen: list[np.ndarray] = []
+
+    def on_frame(frame: np.ndarray) -> None:
+        seen.append(frame)
+        if len(seen) == 2:
+            raise Hangup
+
+    ctx = gen.new_context()
+    with pytest.raises(Hangup):
+        gen.generate(ctx, "Hello there.", 0, SAMPLED, on_frame=on_frame)
+    assert not ctx.busy
+    ctx.append(Segment(1, "Hello?"))
 
 
 def test_generate_on_silent_model_calls_nothing(silent_gen: Generator) -> None:

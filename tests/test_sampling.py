@@ -69,16 +69,10 @@ def test_invalid_field_names_itself_and_its_range(field: str, value: object, all
         GenerationParams().replace(**{field: value})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: validate() accepts bools for integer fields (isinstance(True, int)); "
-    "top_k=True silently means top_k=1 and max_frames=True means 1 frame. tokenizer.encode_segment "
-    "rejects bool speakers for the same reason.",
-)
 @pytest.mark.parametrize("field", ["top_k", "max_frames", "seed"])
 def test_bools_are_not_integers(field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        GenerationParams(**{field: True}).validate()  # type: ignore[arg-type]
+        GenerationParams(**{field: True}).validate()
 
 
 def test_every_problem_is_reported_at_once() -> None:

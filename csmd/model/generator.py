@@ -59,6 +59,11 @@ class Context:
     """A conversation's segments and the backbone KV cache that holds them (batch of one)."""
 
     def __init__(self, model: CSM, tokenizer: TextTokenizer | None, max_positions: int | None = None):
+        window = model.config.backbone.max_seq_len
+        if max_positions is not None and not 1 <= max_positions <= window:
+            raise ValueError(
+                f"max_positions must be in 1..{window} (the model's window), got {max_positions}"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self._cache = model.make_backbone_cache(batch=1, max_len=max_positions)
@@ -93,7 +98,7 @@ class Context:
         entry = self._entry(segment)
         self._make_room(len(entry.tokens))
         self._entries.append(entry)
-        self.flush()
+        self._run_pending()
 
     def clear(self) -> None:
         """Forget everything, pinned segments included."""
@@ -101,7 +106,14 @@ class Context:
         self._entries.clear()
         self._truncate(0)
 
-    def flush(self) -> mx.array | None:
+    def flush(self) -> None:
+        """Run the rows not yet in the cache now (e.g. a finished reply's closing rows) instead of later."""
+        self._check_idle()
+        self._run_pending()
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _run_pending(self) -> mx.array | None:
         """Run the rows not yet in the cache; returns the backbone state of the last one, or None."""
         start = self.cached
         if start == self.length:
@@ -117,8 +129,6 @@ class Context:
             mx.eval(hidden, *[a for c in self._cache for a in c.state()])
             self.rows_computed += len(tokens[rows])
         return hidden
-
-    # -- internals -----------------------------------------------------------------------------------
 
     def _check_idle(self) -> None:
         if self._active is not None:
@@ -229,7 +239,7 @@ class Utterance:
         """The next frame ([num_codebooks] int32), or None once the utterance has ended."""
         if self.done:
             return None
-        hidden = self.context.flush()  # feeds the previous frame, if there is one
+        hidden = self.context._run_pending()  # feeds the previous frame, if there is one
         if hidden is not None:
             self._hidden = hidden
         frame = self._next_frame(self._hidden)
@@ -306,7 +316,7 @@ class Generator:
         context._make_room(len(tokens) + params.max_frames + 1)
         entry = _Entry(Segment(speaker, text), tokens, mask)
         context._entries.append(entry)
-        hidden = context.flush()
+        hidden = context._run_pending()
         assert hidden is not None  # the text rows are never empty: BOS and EOS at least
         seed = params.seed if params.seed is not None else secrets.randbits(31)
         utterance = Utterance(context, entry, params, seed, hidden)
@@ -323,7 +333,10 @@ class Generator:
     ) -> Utterance:
         """Speak a whole reply, calling `on_frame` with each frame as it is made."""
         utterance = self.start(context, text, speaker, params)
-        for frame in utterance:
-            if on_frame is not None:
-                on_frame(frame)
+        try:
+            for frame in utterance:
+                if on_frame is not None:
+                    on_frame(frame)
+        finally:
+            utterance.cancel()  # a no-op when it ended by itself; frees the context if on_frame raised
         return utterance

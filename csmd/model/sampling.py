@@ -32,17 +32,17 @@ class GenerationParams:
         problems = []
         if not 0.0 <= self.temperature <= 10.0:
             problems.append(f"temperature must be in [0, 10] (0 = greedy), got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             problems.append(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             problems.append(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if not 0.0 <= self.min_p < 1.0:
             problems.append(f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
-        if not isinstance(self.max_frames, int) or self.max_frames < 1:
+        if not _is_int(self.max_frames) or self.max_frames < 1:
             problems.append(
                 f"max_frames must be an integer >= 1 ({FRAME_MS} ms each), got {self.max_frames!r}"
             )
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32):
             problems.append(f"seed must be an integer in [0, 2**32) or None, got {self.seed!r}")
         if problems:
             raise ValueError("invalid generation parameters: " + "; ".join(problems))
@@ -50,6 +50,10 @@ class GenerationParams:
 
     def replace(self, **changes: object) -> GenerationParams:
         return dataclasses.replace(self, **changes).validate()  # type: ignore[arg-type]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to users
 
 
 def sampling_key(seed: int, frame: int, codebook: int) -> mx.array:
