@@ -7,16 +7,18 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from csmd import runtime
+
+if TYPE_CHECKING:
+    from csmd.model.sampling import GenerationParams
 
 
 def _runtime_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("runtime")
-    group.add_argument(
-        "--device", default="auto", choices=runtime.DEVICES, help="where MLX runs (default: auto)"
-    )
+    group.add_argument("--device", default="auto", choices=runtime.DEVICES, help="where MLX runs (default: auto)")
     group.add_argument("--memory-limit", type=float, metavar="GB", help="MLX memory limit in GB")
     group.add_argument("--cache-limit", type=float, metavar="GB", help="MLX buffer cache limit in GB")
     return parent
@@ -32,9 +34,7 @@ def _model_options() -> argparse.ArgumentParser:
         "Random weights have the real shapes and speed but do not speak.",
     )
     group.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
-    group.add_argument(
-        "--tokenizer", help="tokenizer.json or SentencePiece .model (default: beside the weights)"
-    )
+    group.add_argument("--tokenizer", help="tokenizer.json or SentencePiece .model (default: beside the weights)")
     return parent
 
 
@@ -72,11 +72,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if tokenizer_file is not None:
         shutil.copy(tokenizer_file, dst / tokenizer_file.name)
     print(f"wrote {dst / 'model.safetensors'} and {dst / 'config.json'}", end="")
-    print(
-        f" (+ {tokenizer_file.name})"
-        if tokenizer_file
-        else " (no tokenizer found; pass --tokenizer to include one)"
-    )
+    print(f" (+ {tokenizer_file.name})" if tokenizer_file else " (no tokenizer found; pass --tokenizer to include one)")
     return 0
 
 
@@ -102,10 +98,70 @@ def cmd_bench_frame(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="csmd", description="Local real-time voice conversation with CSM-1B"
+def _sampling_options() -> argparse.ArgumentParser:
+    from csmd.model.sampling import GenerationParams
+
+    d = GenerationParams()
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("sampling")
+    group.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: %(default)s)")
+    group.add_argument("--top-k", type=int, default=d.top_k, help="0 = off (default: %(default)s)")
+    group.add_argument("--top-p", type=float, default=d.top_p, help="1 = off (default: %(default)s)")
+    group.add_argument("--min-p", type=float, default=d.min_p, help="0 = off (default: %(default)s)")
+    group.add_argument(
+        "--max-seconds", type=float, default=d.max_frames * 0.08, help="longest reply (default: %(default)s)"
     )
+    group.add_argument("--seed", type=int, help="makes the reply reproducible")
+    return parent
+
+
+def _params(args: argparse.Namespace) -> GenerationParams:
+    from csmd.model.sampling import FRAME_MS, GenerationParams
+
+    return GenerationParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        max_frames=max(1, round(args.max_seconds * 1000 / FRAME_MS)),
+        seed=args.seed,
+    ).validate()
+
+
+def cmd_say(args: argparse.Namespace) -> int:
+    from csmd.audio import io
+    from csmd.model.generator import Generator
+    from csmd.model.loading import load_model
+    from csmd.speak import ContextClip, add_context, codec_for, speak
+
+    _apply_runtime(args)
+    if len(args.context) != len(args.context_text):
+        raise ValueError("give one --context-text for each --context file")
+    params = _params(args)
+    loaded = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
+    if loaded.random:
+        print("note: random weights do not speak; expect noise", file=sys.stderr)
+    mimi = codec_for(loaded, args.codec)
+    generator = Generator(loaded.model, loaded.tokenizer)
+    context = generator.new_context()
+    speakers = args.context_speaker or [args.speaker] * len(args.context)
+    for audio, text, speaker in zip(args.context, args.context_text, speakers, strict=True):
+        add_context(context, mimi, ContextClip(Path(audio), text, speaker))
+    result = speak(generator, context, mimi, args.text, args.speaker, params)
+    if result.frames == 0:
+        raise RuntimeError("the model ended the reply before its first frame; nothing to write")
+    io.write_audio(args.output, result.pcm, sample_rate=mimi.config.sample_rate)
+    seconds = len(result.pcm) / mimi.config.sample_rate
+    print(
+        f"wrote {args.output}: {seconds:.2f} s ({result.frames} frames, ended by {result.finish_reason}, "
+        f"seed {result.seed}); first audio after {result.seconds_to_first_audio:.2f} s, "
+        f"total {result.seconds_total:.2f} s"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="csmd", description="Local real-time voice conversation with CSM-1B")
     commands = parser.add_subparsers(dest="command", required=True)
     run_opts, model_opts = _runtime_options(), _model_options()
 
@@ -122,11 +178,28 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--tokenizer", help="tokenizer file to bundle (default: the one beside SRC)")
     convert.set_defaults(func=cmd_convert)
 
+    say = commands.add_parser(
+        "say", parents=[run_opts, model_opts, _sampling_options()], help="speak text into a 24 kHz WAV file"
+    )
+    say.add_argument("text", help="what to say")
+    say.add_argument("-o", "--output", required=True, help="output file (.wav, .flac or .ogg)")
+    say.add_argument("--speaker", type=int, default=0, help="speaker id of the reply (default: 0)")
+    say.add_argument("--context", action="append", default=[], metavar="AUDIO", help="a recorded turn (repeatable)")
+    say.add_argument("--context-text", action="append", default=[], metavar="TEXT", help="its transcript")
+    say.add_argument(
+        "--context-speaker",
+        action="append",
+        type=int,
+        default=[],
+        metavar="N",
+        help="its speaker (default: --speaker)",
+    )
+    say.add_argument("--codec", help="Mimi weights (default: bundled with the model, else kyutai's release)")
+    say.set_defaults(func=cmd_say)
+
     bench = commands.add_parser("bench", help="latency benchmarks")
     benches = bench.add_subparsers(dest="bench", required=True)
-    frame = benches.add_parser(
-        "frame", parents=[run_opts, model_opts], help="time per 80 ms frame and prefill"
-    )
+    frame = benches.add_parser("frame", parents=[run_opts, model_opts], help="time per 80 ms frame and prefill")
     frame.add_argument("--frames", type=int, default=20, help="timed frames (default: 20)")
     frame.add_argument("--warmup", type=int, default=3, help="untimed frames first (default: 3)")
     frame.add_argument("--prefill", type=int, default=300, help="rows of context to prefill (default: 300)")

@@ -35,9 +35,7 @@ def conversation_rows(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def reference_embeddings(
-    ref: CsmForConditionalGeneration, tokens: np.ndarray, mask: np.ndarray
-) -> torch.Tensor:
+def reference_embeddings(ref: CsmForConditionalGeneration, tokens: np.ndarray, mask: np.ndarray) -> torch.Tensor:
     """HF's own embedding modules applied row by row: text rows via embed_text_tokens, audio rows summed."""
     rows = []
     for tok_row, mask_row in zip(tokens, mask, strict=True):
@@ -67,28 +65,20 @@ def test_backbone_and_codebook0_logits_match_at_prefill_and_later_steps(
     for _ in range(5):
         step_tokens, step_mask = audio_rows(rng.integers(0, CB, size=(1, NQ)))
         with torch.no_grad():
-            step = reference(
-                inputs_embeds=reference_embeddings(reference, step_tokens, step_mask), cache=past
-            )
+            step = reference(inputs_embeds=reference_embeddings(reference, step_tokens, step_mask), cache=past)
         past = step.cache
         h = model.backbone_step(mx.array(step_tokens[None]), mx.array(step_mask[None]), cache)
         assert rel_err(model.codebook0_logits(h), step.logits[:, -1]) < 1e-4
 
 
-def test_depth_decoder_logits_match_for_every_codebook(
-    hf_dir: Path, reference: CsmForConditionalGeneration
-) -> None:
+def test_depth_decoder_logits_match_for_every_codebook(hf_dir: Path, reference: CsmForConditionalGeneration) -> None:
     model = load_model(str(hf_dir)).model
     rng = np.random.default_rng(3)
     hidden = rng.standard_normal((1, 64)).astype(np.float32)
     frame = rng.integers(0, CB, size=NQ)
     with torch.no_grad():
-        ids = torch.tensor(
-            np.concatenate([[0], frame[:-1]])[None]
-        )  # position 0 is replaced by the hidden state
-        ref_logits = reference.depth_decoder(
-            input_ids=ids, backbone_last_hidden_state=torch.tensor(hidden)
-        ).logits
+        ids = torch.tensor(np.concatenate([[0], frame[:-1]])[None])  # position 0 is replaced by the hidden state
+        ref_logits = reference.depth_decoder(input_ids=ids, backbone_last_hidden_state=torch.tensor(hidden)).logits
 
     seen: list[mx.array] = []
 
@@ -105,9 +95,7 @@ def test_depth_decoder_logits_match_for_every_codebook(
         assert rel_err(logits, ref_logits[:, k - 1]) < 1e-4, f"codebook {k}"
 
 
-def test_greedy_generation_gives_identical_frames(
-    hf_dir: Path, reference: CsmForConditionalGeneration
-) -> None:
+def test_greedy_generation_gives_identical_frames(hf_dir: Path, reference: CsmForConditionalGeneration) -> None:
     loaded = load_model(str(hf_dir))
     assert loaded.tokenizer is not None
     generator = Generator(loaded.model, loaded.tokenizer)

@@ -139,9 +139,7 @@ def assert_same_logits(model: CSM, hidden: mx.array, reference: mx.array) -> Non
     )
 
 
-def sized_segment(
-    tok: TextTokenizer, speaker: int, text: str, rows: int, seed: int, pinned: bool = False
-) -> Segment:
+def sized_segment(tok: TextTokenizer, speaker: int, text: str, rows: int, seed: int, pinned: bool = False) -> Segment:
     """A segment with codes, whose text + frames + EOS come to exactly `rows` rows."""
     frames = rows - len(tok.encode_segment(speaker, text)) - 1
     assert frames >= 0, "text too long for the requested size"
@@ -338,9 +336,7 @@ def test_cancel_before_any_frame(gen: Generator, tok: TextTokenizer) -> None:
     assert ctx.segments[-1].codes is not None and ctx.segments[-1].codes.shape == (0, NQ)
     ctx.append(Segment(1, "Okay."))
     empty = np.zeros((0, NQ), dtype=np.int32)
-    assert_cache_holds(
-        ctx, concat(expected_rows(tok, 0, "Hello there.", empty), expected_rows(tok, 1, "Okay."))
-    )
+    assert_cache_holds(ctx, concat(expected_rows(tok, 0, "Hello there.", empty), expected_rows(tok, 1, "Okay.")))
 
 
 def test_iterating_gives_the_same_frames_as_step(gen: Generator) -> None:
@@ -436,9 +432,7 @@ def test_different_seeds_different_frames(gen: Generator) -> None:
     assert not np.array_equal(a, b)
 
 
-def test_any_frame_can_be_reproduced_from_its_own_keys(
-    gen: Generator, tok: TextTokenizer, model: CSM
-) -> None:
+def test_any_frame_can_be_reproduced_from_its_own_keys(gen: Generator, tok: TextTokenizer, model: CSM) -> None:
     # Frame i uses sampling_key(seed, i, codebook) for every codebook, whatever came before it.
     utt = gen.generate(gen.new_context(), "Hello there.", 0, SAMPLED.replace(max_frames=3))
     seed = utt.seed

@@ -34,9 +34,7 @@ def assert_same(actual: object, expected: torch.Tensor) -> None:
     assert tuple(actual.shape) == tuple(expected.shape)
     if expected.dtype.is_floating_point:
         want = expected.double() if expected.dtype == torch.float64 else expected.float()
-        got = np.array(
-            actual.astype(mx.float64 if expected.dtype == torch.float64 else mx.float32, stream=mx.cpu)
-        )
+        got = np.array(actual.astype(mx.float64 if expected.dtype == torch.float64 else mx.float32, stream=mx.cpu))
         np.testing.assert_array_equal(got, want.numpy())
     else:
         np.testing.assert_array_equal(np.array(actual), expected.numpy())
@@ -99,9 +97,7 @@ def test_bfloat16_bits_are_exact(tmp_path: Path) -> None:
 
 
 def test_scalar_and_empty(tmp_path: Path) -> None:
-    loaded = save_and_load(
-        tmp_path, {"scalar": torch.tensor(2.5), "empty": torch.empty(0, 3), "none": torch.ones(0)}
-    )
+    loaded = save_and_load(tmp_path, {"scalar": torch.tensor(2.5), "empty": torch.empty(0, 3), "none": torch.ones(0)})
     assert isinstance(loaded, dict)
     assert loaded["scalar"].shape == () and loaded["scalar"].item() == 2.5
     assert loaded["empty"].shape == (0, 3) and loaded["empty"].dtype == mx.float32
@@ -328,9 +324,7 @@ def test_missing_storage_record(tmp_path: Path, valid: Path) -> None:
 def test_short_storage(tmp_path: Path, valid: Path) -> None:
     path = tmp_path / "short.pt"
     rewrite_zip(valid, path, lambda name, data: data[:100] if name == "valid/data/0" else data)
-    with pytest.raises(
-        CheckpointError, match=r"short\.pt: storage record 'data/0' has 100 bytes.* needs 256"
-    ):
+    with pytest.raises(CheckpointError, match=r"short\.pt: storage record 'data/0' has 100 bytes.* needs 256"):
         load_torch_checkpoint(path)
 
 

@@ -189,7 +189,8 @@ def test_unknown_sesame_flavor_is_an_error(tmp_path: Path, reference: CsmForCond
 
 def test_random_presets() -> None:
     loaded = load_model("random:tiny")
-    assert loaded.random and loaded.tokenizer is None
+    assert loaded.random and loaded.tokenizer is not None
+    assert loaded.tokenizer.encode_segment(0, "hé") == [256, *b"[0]h\xc3\xa9", 257]
     assert np.isfinite(probe(loaded.model)[0]).all()
     with pytest.raises(ValueError, match="unknown model preset 'huge'; choose one of csm-1b, tiny"):
         load_model("random:huge")

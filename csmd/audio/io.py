@@ -115,8 +115,7 @@ def read_audio(path: str | os.PathLike[str], *, sample_rate: int = SAMPLE_RATE) 
         if "SF_INFO struct incomplete" in e.error_string:
             # What libsndfile says for e.g. a WAV header with sample rate 0 or 0 channels.
             raise AudioFileError(
-                f"{name!r}: invalid audio header (sample rate, channel count or frame size is 0): "
-                f"{e.error_string}"
+                f"{name!r}: invalid audio header (sample rate, channel count or frame size is 0): {e.error_string}"
             ) from e
         raise AudioFileError(f"{name!r}: cannot read as audio: {e.error_string}") from e
     except (sf.SoundFileError, RuntimeError) as e:  # decoder failures surface as plain RuntimeError too
@@ -157,9 +156,7 @@ def write_audio(
     ext = Path(name).suffix.lower()
     if ext not in _WRITE_FORMATS:
         allowed = ", ".join(_WRITE_FORMATS)
-        raise AudioFileError(
-            f"{name!r}: unknown extension {ext or '(none)'!r} for writing; use one of {allowed}"
-        )
+        raise AudioFileError(f"{name!r}: unknown extension {ext or '(none)'!r} for writing; use one of {allowed}")
     fmt, default_subtype = _WRITE_FORMATS[ext]
     subtype = subtype or default_subtype
     if not sf.check_format(fmt, subtype):

@@ -156,9 +156,7 @@ CSM_1B = CsmConfig(
 
 # Small enough to build in milliseconds, but with GQA, several layers and Llama-3 scaling that bites
 # (original context 16, so the scaled and smoothed frequency bands are both exercised).
-_TINY_ROPE = RopeScaling(
-    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
-)
+_TINY_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
 TINY = CsmConfig(
     backbone=TransformerConfig(
         hidden_size=64,

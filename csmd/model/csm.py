@@ -68,9 +68,7 @@ class CSM(nn.Module):
         """Logits of `codebook` (1..N-1) from the decoder's last output row ([B, decoder hidden])."""
         return (decoder_out @ self.audio_head[codebook - 1]).astype(mx.float32)
 
-    def decode_frame(
-        self, hidden: mx.array, code0: mx.array, sample: Sampler, cache: list[KVCache]
-    ) -> mx.array:
+    def decode_frame(self, hidden: mx.array, code0: mx.array, sample: Sampler, cache: list[KVCache]) -> mx.array:
         """Codebooks 1..N-1 for a frame whose codebook 0 is `code0`; returns the whole frame [B, N].
 
         The decoder sees the backbone state at position 0 and code0 at position 1, then one code per step.

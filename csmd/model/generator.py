@@ -61,9 +61,7 @@ class Context:
     def __init__(self, model: CSM, tokenizer: TextTokenizer | None, max_positions: int | None = None):
         window = model.config.backbone.max_seq_len
         if max_positions is not None and not 1 <= max_positions <= window:
-            raise ValueError(
-                f"max_positions must be in 1..{window} (the model's window), got {max_positions}"
-            )
+            raise ValueError(f"max_positions must be in 1..{window} (the model's window), got {max_positions}")
         self.model = model
         self.tokenizer = tokenizer
         self._cache = model.make_backbone_cache(batch=1, max_len=max_positions)
@@ -123,9 +121,7 @@ class Context:
         hidden = None
         for chunk in range(0, len(tokens), PREFILL_CHUNK):
             rows = slice(chunk, chunk + PREFILL_CHUNK)
-            hidden = self.model.backbone_step(
-                mx.array(tokens[None, rows]), mx.array(mask[None, rows]), self._cache
-            )
+            hidden = self.model.backbone_step(mx.array(tokens[None, rows]), mx.array(mask[None, rows]), self._cache)
             mx.eval(hidden, *[a for c in self._cache for a in c.state()])
             self.rows_computed += len(tokens[rows])
         return hidden
@@ -150,9 +146,7 @@ class Context:
         ids = np.asarray(self.tokenizer.encode_segment(speaker, text), dtype=np.int32)
         vocab = self.model.config.text_vocab_size
         if ids.max(initial=0) >= vocab:
-            raise ValueError(
-                f"the tokenizer produced id {ids.max()}, but the model's text vocabulary is {vocab}"
-            )
+            raise ValueError(f"the tokenizer produced id {ids.max()}, but the model's text vocabulary is {vocab}")
         return text_rows(ids, self.model.config.num_codebooks)
 
     def _check_codes(self, codes: np.ndarray) -> np.ndarray:
@@ -163,9 +157,7 @@ class Context:
         if not np.issubdtype(codes.dtype, np.integer):
             raise ValueError(f"codes must be integers, got {codes.dtype}")
         if codes.size and (codes.min() < 0 or codes.max() >= cfg.audio_vocab_size):
-            raise ValueError(
-                f"codes must be in [0, {cfg.audio_vocab_size}), got {codes.min()}..{codes.max()}"
-            )
+            raise ValueError(f"codes must be in [0, {cfg.audio_vocab_size}), got {codes.min()}..{codes.max()}")
         return codes.astype(np.int32)
 
     def _make_room(self, rows: int) -> None:
@@ -219,9 +211,7 @@ def audio_rows(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Utterance:
     """A reply being spoken. Iterate it, or call `step()` until it returns None."""
 
-    def __init__(
-        self, context: Context, entry: _Entry, params: GenerationParams, seed: int, hidden: mx.array
-    ):
+    def __init__(self, context: Context, entry: _Entry, params: GenerationParams, seed: int, hidden: mx.array):
         self.context = context
         self.params = params
         self.seed = seed
@@ -303,9 +293,7 @@ class Generator:
     def new_context(self, max_positions: int | None = None) -> Context:
         return Context(self.model, self.tokenizer, max_positions)
 
-    def start(
-        self, context: Context, text: str, speaker: int, params: GenerationParams | None = None
-    ) -> Utterance:
+    def start(self, context: Context, text: str, speaker: int, params: GenerationParams | None = None) -> Utterance:
         """Begin a reply: checks everything, makes room, runs the reply's text rows. No frame yet."""
         params = (params or GenerationParams()).validate()
         if context.model is not self.model:

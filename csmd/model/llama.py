@@ -30,9 +30,7 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling |
         scaling.high_freq_factor - scaling.low_freq_factor
     )
     blended = (1 - smooth) * inv / scaling.factor + smooth * inv
-    return np.where(
-        wavelen < high_wavelen, inv, np.where(wavelen > low_wavelen, inv / scaling.factor, blended)
-    )
+    return np.where(wavelen < high_wavelen, inv, np.where(wavelen > low_wavelen, inv / scaling.factor, blended))
 
 
 class RMSNorm(nn.Module):
@@ -73,9 +71,7 @@ class KVCache:
         return [self.keys, self.values]
 
 
-def make_cache(
-    cfg: TransformerConfig, batch: int, dtype: mx.Dtype, max_len: int | None = None
-) -> list[KVCache]:
+def make_cache(cfg: TransformerConfig, batch: int, dtype: mx.Dtype, max_len: int | None = None) -> list[KVCache]:
     return [
         KVCache(batch, cfg.num_kv_heads, max_len or cfg.max_seq_len, cfg.dim_per_head, dtype)
         for _ in range(cfg.num_layers)

@@ -51,6 +51,7 @@ class LoadedModel:
     source: str
     random: bool = False
     codec_tensors: dict[str, mx.array] = field(default_factory=dict)  # Mimi, when the checkpoint bundles it
+    codec_config: dict[str, Any] = field(default_factory=dict)  # its HF MimiConfig, if the config has one
 
 
 def parse_dtype(name: str) -> mx.Dtype:
@@ -73,7 +74,8 @@ def load_model(
     if spec.startswith("random:"):
         cfg = config or configs.preset(spec.removeprefix("random:"))
         model = build_model(cfg, random_params(cfg, mx_dtype), mx_dtype, spec)
-        return LoadedModel(model, text_tokenizer, spec, random=True)
+        # Random weights mean nothing, so any text encoding will do: UTF-8 bytes need no file.
+        return LoadedModel(model, text_tokenizer or TextTokenizer.utf8_bytes(), spec, random=True)
     path = Path(spec).expanduser()
     if not path.exists():
         if _looks_like_repo_id(spec):
@@ -98,7 +100,8 @@ def load_model(
     model = build_model(cfg, params, mx_dtype, str(weights_file), quantization)
     if text_tokenizer is None:
         text_tokenizer = _find_tokenizer(directory)
-    return LoadedModel(model, text_tokenizer, str(weights_file), codec_tensors=codec)
+    codec_config = (meta.get("codec_config") or {}) if codec else {}
+    return LoadedModel(model, text_tokenizer, str(weights_file), codec_tensors=codec, codec_config=codec_config)
 
 
 def _looks_like_repo_id(spec: str) -> bool:

@@ -39,9 +39,7 @@ class GenerationParams:
         if not 0.0 <= self.min_p < 1.0:
             problems.append(f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
         if not _is_int(self.max_frames) or self.max_frames < 1:
-            problems.append(
-                f"max_frames must be an integer >= 1 ({FRAME_MS} ms each), got {self.max_frames!r}"
-            )
+            problems.append(f"max_frames must be an integer >= 1 ({FRAME_MS} ms each), got {self.max_frames!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32):
             problems.append(f"seed must be an integer in [0, 2**32) or None, got {self.seed!r}")
         if problems:

@@ -109,6 +109,21 @@ def _resolve(path: Path, backend: _Backend, role: str, names: Sequence[str]) -> 
     raise TokenizerError(f"{path}: no {role} token (looked for {', '.join(names)}); pass {role}_token=")
 
 
+class _ByteBackend:
+    """UTF-8 bytes as ids 0..255, plus BOS 256 and EOS 257: for random-weight smoke runs only."""
+
+    vocab_size = 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def token_id(self, token: str) -> int | None:
+        return {"<bos>": 256, "<eos>": 257}.get(token)
+
+
 def _check_text(text: str) -> str:
     if not isinstance(text, str):
         raise TokenizerError(f"text must be a str, got {type(text).__name__}")
@@ -159,6 +174,11 @@ class TextTokenizer:
             f"{p}: unknown tokenizer format {p.suffix or '(no extension)'!r}; "
             "expected a tokenizer.json or a SentencePiece .model"
         )
+
+    @classmethod
+    def utf8_bytes(cls) -> TextTokenizer:
+        """A tokenizer that needs no file, for `random:<preset>` models (whose weights mean nothing anyway)."""
+        return cls(_ByteBackend(), 256, 257)
 
     def encode(self, text: str) -> list[int]:
         """Plain BPE ids for `text`; no BOS/EOS or other template tokens are added."""

@@ -123,9 +123,7 @@ def _to_mlx(array: np.ndarray, dtype: _DType) -> mx.array:
 
 
 # The signatures mirror torch._utils; requires_grad, hooks, metadata and parameter state mean nothing here.
-def _rebuild_tensor_v2(
-    storage: object, offset: object, size: object, stride: object, *_ignored: object
-) -> mx.array:
+def _rebuild_tensor_v2(storage: object, offset: object, size: object, stride: object, *_ignored: object) -> mx.array:
     return _build(storage, None, offset, size, stride)
 
 
@@ -265,9 +263,7 @@ def load_torch_state_dict(path: str | os.PathLike[str]) -> dict[str, mx.array]:
         if key in ("state_dict", "model", "module") and isinstance(inner, dict):
             obj = inner
     if not isinstance(obj, dict):
-        raise CheckpointError(
-            f"{os.fspath(path)}: expected a state dict (str -> tensor), found {type(obj).__name__}"
-        )
+        raise CheckpointError(f"{os.fspath(path)}: expected a state dict (str -> tensor), found {type(obj).__name__}")
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, mx.array):
             raise CheckpointError(

@@ -77,9 +77,7 @@ def read_tensors(path: str | os.PathLike[str]) -> dict[str, mx.array]:
     try:
         tensors = mx.load(str(path))
     except Exception as exc:  # MLX reports truncation and bad headers as plain runtime errors
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}"
-        ) from exc
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from exc
     assert isinstance(tensors, dict)
     return tensors
 
@@ -106,18 +104,14 @@ def _unpermute_rope_rows(weight: mx.array, num_heads: int) -> mx.array:
     """Undo HF's permute_for_rope: within each head, HF row p*d/2 + i is Sesame row 2i + p."""
     out_dims, in_dims = weight.shape
     head_dim = out_dims // num_heads
-    return (
-        weight.reshape(num_heads, 2, head_dim // 2, in_dims).transpose(0, 2, 1, 3).reshape(out_dims, in_dims)
-    )
+    return weight.reshape(num_heads, 2, head_dim // 2, in_dims).transpose(0, 2, 1, 3).reshape(out_dims, in_dims)
 
 
 def permute_rope_rows(weight: mx.array, num_heads: int) -> mx.array:
     """Sesame -> HF row order (what transformers' convert_csm.py does); tests use it to write HF files."""
     out_dims, in_dims = weight.shape
     head_dim = out_dims // num_heads
-    return (
-        weight.reshape(num_heads, head_dim // 2, 2, in_dims).transpose(0, 2, 1, 3).reshape(out_dims, in_dims)
-    )
+    return weight.reshape(num_heads, head_dim // 2, 2, in_dims).transpose(0, 2, 1, 3).reshape(out_dims, in_dims)
 
 
 def from_hf_naming(tensors: dict[str, mx.array], cfg: CsmConfig) -> Checkpoint:
@@ -147,9 +141,7 @@ def from_hf_naming(tensors: dict[str, mx.array], cfg: CsmConfig) -> Checkpoint:
         else:
             unexpected.append(name)
     if unexpected:
-        raise CheckpointError(
-            f"unexpected tensor {unexpected[0]!r} in HF checkpoint ({len(unexpected)} in all)"
-        )
+        raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in HF checkpoint ({len(unexpected)} in all)")
     return Checkpoint(params, codec)
 
 
@@ -220,9 +212,7 @@ def random_params(cfg: CsmConfig, dtype: mx.Dtype, seed: int = 0) -> dict[str, m
             std = 1.0 / (shape[-2] if name == "audio_head" else shape[-1]) ** 0.5
             if name.endswith("embeddings.weight"):
                 std = 0.02
-            params[name] = (std * mx.random.normal(shape, key=mx.random.key(seed * 100_003 + i))).astype(
-                dtype
-            )
+            params[name] = (std * mx.random.normal(shape, key=mx.random.key(seed * 100_003 + i))).astype(dtype)
     return params
 
 

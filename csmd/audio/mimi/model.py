@@ -1,0 +1,207 @@
+"""Mimi: 24 kHz audio <-> 12.5 Hz frames of codes, offline and streaming, exact to Kyutai's model.
+
+encode: pcm -> SEANet encoder (25 Hz latent) -> transformer -> stride-2 downsample -> split RVQ -> codes
+decode: codes -> RVQ sum -> depthwise stride-2 upsample -> transformer -> SEANet decoder -> pcm
+
+Every stage is causal and streams with explicit state (see seanet.py and transformer.py), so offline
+processing is the streaming code run over longer chunks: `decode(codes)` equals the concatenation of
+`StreamingDecoder.step(frame)` outputs, sample for sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_unflatten
+
+from csmd.audio.mimi import seanet
+from csmd.audio.mimi.config import MimiConfig
+from csmd.audio.mimi.quantizer import SplitQuantizer
+from csmd.audio.mimi.seanet import CausalConv1d, CausalConvTranspose1d, SeanetDecoder, SeanetEncoder
+from csmd.audio.mimi.transformer import MimiTransformer
+from csmd.audio.mimi.weights import check_tensors
+
+OFFLINE_CHUNK_FRAMES = 125  # offline work is done 10 s at a time: bounded memory, same result
+
+
+class Mimi(nn.Module):
+    def __init__(self, cfg: MimiConfig):
+        super().__init__()
+        self.config = cfg
+        dims = cfg.seanet.dimension
+        self.encoder = SeanetEncoder(cfg.seanet)
+        self.encoder_transformer = MimiTransformer(cfg.transformer)
+        self.downsample = CausalConv1d(dims, dims, 4, stride=2, bias=False, replicate=True)
+        self.quantizer = SplitQuantizer(dims, cfg.quantizer)
+        self.upsample = CausalConvTranspose1d(dims, dims, stride=2, bias=False, depthwise=True)
+        self.decoder_transformer = MimiTransformer(cfg.transformer)
+        self.decoder = SeanetDecoder(cfg.seanet)
+
+    def load_tensors(self, tensors: dict[str, mx.array], source: str) -> None:
+        """Load csmd-named fp32 tensors (see weights.py) and recompute everything derived from them."""
+        check_tensors(tensors, self.config, source)
+        self.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in tensors.items()]))
+        seanet.prepare(self)
+        self.quantizer.prepare()
+        mx.eval(self.parameters())
+
+    @property
+    def frame_size(self) -> int:
+        return self.config.frame_size
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.config.num_codebooks
+
+    # -- one streaming step; state None starts a fresh stream -------------------------------------------
+
+    def encode_step(self, pcm: mx.array, state: Any) -> tuple[mx.array, Any]:
+        """pcm [B, n * frame_size] -> codes [B, num_codebooks, n]."""
+        s_seanet, s_transformer, s_down = state or (None, None, None)
+        latent, s_seanet = self.encoder(pcm[:, :, None], s_seanet)
+        latent, s_transformer = self.encoder_transformer(latent, s_transformer)
+        latent, s_down = self.downsample(latent, s_down)
+        codes = self.quantizer.encode(latent, self.num_codebooks)
+        return codes.transpose(0, 2, 1), (s_seanet, s_transformer, s_down)
+
+    def decode_step(self, codes: mx.array, state: Any) -> tuple[mx.array, Any]:
+        """codes [B, K, n] -> pcm [B, n * frame_size] (unclipped, as the model makes it)."""
+        s_up, s_transformer, s_seanet = state or (None, None, None)
+        latent = self.quantizer.decode(codes.transpose(0, 2, 1))
+        latent, s_up = self.upsample(latent, s_up)
+        latent, s_transformer = self.decoder_transformer(latent, s_transformer)
+        pcm, s_seanet = self.decoder(latent, s_seanet)
+        return pcm[:, :, 0], (s_up, s_transformer, s_seanet)
+
+    # -- whole clips -------------------------------------------------------------------------------------
+
+    def encode(self, pcm: np.ndarray | mx.array) -> np.ndarray:
+        """Mono 24 kHz pcm [T] (or [B, T]) -> codes [K, frames] (or [B, K, frames]).
+
+        The end is padded with silence to a whole frame, as Kyutai's encoder does.
+        """
+        audio, batched = _as_batch(pcm, np.floating, "pcm")
+        if audio.shape[1] == 0:
+            raise ValueError("cannot encode empty audio")
+        frames = -(-audio.shape[1] // self.frame_size)
+        audio = np.pad(audio, ((0, 0), (0, frames * self.frame_size - audio.shape[1])))
+        chunk = OFFLINE_CHUNK_FRAMES * self.frame_size
+        state, out = None, []
+        for start in range(0, audio.shape[1], chunk):
+            codes, state = self.encode_step(mx.array(audio[:, start : start + chunk], dtype=mx.float32), state)
+            mx.eval(codes, state)
+            out.append(np.array(codes))
+        codes_np = np.concatenate(out, axis=-1).astype(np.int32)
+        return codes_np if batched else codes_np[0]
+
+    def decode(self, codes: np.ndarray | mx.array) -> np.ndarray:
+        """codes [K, frames] (or [B, K, frames]) -> pcm [frames * 1920] (or [B, ...]), float32, unclipped."""
+        codes_np, batched = _as_batch(codes, np.integer, "codes", ndim=2)
+        self.check_codes(codes_np)
+        state, out = None, []
+        for start in range(0, codes_np.shape[-1], OFFLINE_CHUNK_FRAMES):
+            chunk = mx.array(codes_np[..., start : start + OFFLINE_CHUNK_FRAMES].astype(np.int32))
+            pcm, state = self.decode_step(chunk, state)
+            mx.eval(pcm, state)
+            out.append(np.array(pcm))
+        pcm_np = np.concatenate(out, axis=-1) if out else np.zeros((codes_np.shape[0], 0), np.float32)
+        return pcm_np if batched else pcm_np[0]
+
+    def check_codes(self, codes: np.ndarray) -> None:
+        """codes [B, K, frames]: K must be this codec's codebook count, values in 0..bins-1."""
+        k, bins = self.num_codebooks, self.config.quantizer.bins
+        if codes.shape[1] != k:
+            raise ValueError(f"expected {k} codebooks per frame, got {codes.shape[1]}")
+        if codes.size and (codes.min() < 0 or codes.max() >= bins):
+            raise ValueError(f"codes must be in 0..{bins - 1}, got {codes.min()}..{codes.max()}")
+
+
+def _as_batch(x: np.ndarray | mx.array, kind: type, name: str, ndim: int = 1) -> tuple[np.ndarray, bool]:
+    array = np.asarray(x)
+    if not np.issubdtype(array.dtype, kind):
+        raise ValueError(f"{name} must be {'integers' if kind is np.integer else 'floats'}, got {array.dtype}")
+    if array.ndim == ndim:
+        return array[None], False
+    if array.ndim == ndim + 1:
+        return array, True
+    raise ValueError(f"{name} must have {ndim} or {ndim + 1} dimensions, got shape {list(array.shape)}")
+
+
+@dataclass(frozen=True)
+class StreamSnapshot:
+    """A parked stream: hand it back to `restore` to continue exactly where it was."""
+
+    state: Any
+    pending: np.ndarray | None = None
+
+
+class StreamingDecoder:
+    """One frame of codes in, exactly `frame_size` (1920) samples out."""
+
+    def __init__(self, mimi: Mimi, batch: int = 1):
+        self.mimi = mimi
+        self.batch = batch
+        self._state: Any = None
+
+    def step(self, frame: np.ndarray | mx.array) -> np.ndarray:
+        """frame [K] (or [B, K]) -> pcm [1920] (or [B, 1920]), float32, unclipped."""
+        codes, batched = _as_batch(frame, np.integer, "frame")
+        if codes.shape[0] != self.batch:
+            raise ValueError(f"this decoder streams a batch of {self.batch}, got {codes.shape[0]}")
+        self.mimi.check_codes(codes[:, :, None])
+        pcm, state = self.mimi.decode_step(mx.array(codes[:, :, None].astype(np.int32)), self._state)
+        mx.eval(pcm, state)
+        self._state = state
+        out = np.array(pcm)
+        return out if batched else out[0]
+
+    def reset(self) -> None:
+        self._state = None
+
+    def snapshot(self) -> StreamSnapshot:
+        return StreamSnapshot(self._state)  # MLX arrays are immutable: sharing them is a copy
+
+    def restore(self, snapshot: StreamSnapshot) -> None:
+        self._state = snapshot.state
+
+
+class StreamingEncoder:
+    """PCM of any length in; codes out for every whole 80 ms frame so far (the rest waits for more)."""
+
+    def __init__(self, mimi: Mimi, batch: int = 1):
+        self.mimi = mimi
+        self.batch = batch
+        self._state: Any = None
+        self._pending = np.zeros((batch, 0), dtype=np.float32)
+
+    def step(self, pcm: np.ndarray | mx.array) -> np.ndarray:
+        """pcm [T] (or [B, T]) -> codes [K, n] (or [B, K, n]) with n = whole frames now available."""
+        audio, batched = _as_batch(pcm, np.floating, "pcm")
+        if audio.shape[0] != self.batch:
+            raise ValueError(f"this encoder streams a batch of {self.batch}, got {audio.shape[0]}")
+        audio = np.concatenate([self._pending, audio.astype(np.float32)], axis=1)
+        whole = audio.shape[1] // self.mimi.frame_size * self.mimi.frame_size
+        self._pending = audio[:, whole:]
+        codes = np.zeros((self.batch, self.mimi.num_codebooks, 0), dtype=np.int32)
+        if whole:
+            out, state = self.mimi.encode_step(mx.array(audio[:, :whole]), self._state)
+            mx.eval(out, state)
+            self._state = state
+            codes = np.array(out).astype(np.int32)
+        return codes if batched else codes[0]
+
+    def reset(self) -> None:
+        self._state = None
+        self._pending = np.zeros((self.batch, 0), dtype=np.float32)
+
+    def snapshot(self) -> StreamSnapshot:
+        return StreamSnapshot(self._state, self._pending.copy())
+
+    def restore(self, snapshot: StreamSnapshot) -> None:
+        self._state = snapshot.state
+        assert snapshot.pending is not None
+        self._pending = snapshot.pending.copy()

@@ -1,0 +1,93 @@
+"""Mimi's split residual vector quantizer: 1 semantic level and up to 31 acoustic levels.
+
+Both halves quantize the same latent, each through its own input projection; residual coding happens only
+inside each half. Distances are computed in fp32 (near-ties would flip codes otherwise).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from csmd.audio.mimi.config import QuantizerConfig
+
+
+class Codebook(nn.Module):
+    def __init__(self, bins: int, dimension: int):
+        super().__init__()
+        self.embedding_sum = mx.zeros((bins, dimension))
+        self.cluster_usage = mx.ones((bins,))
+        self._embedding = self.embedding_sum
+        self._half_sq_norm = mx.zeros((bins,))
+
+    def prepare(self) -> None:
+        """The codebook as trained: running sums over usage counts (recomputed after every load)."""
+        usage = mx.maximum(self.cluster_usage, 1e-5)[:, None]
+        self._embedding = (self.embedding_sum / usage).astype(mx.float32)
+        self._half_sq_norm = 0.5 * (self._embedding**2).sum(axis=-1)
+
+    def encode(self, x: mx.array) -> mx.array:
+        # argmin ||x - e||^2 == argmin (||e||^2 / 2 - x.e): one matmul, no [N, bins, D] difference tensor.
+        return mx.argmin(self._half_sq_norm - x @ self._embedding.T, axis=-1)
+
+    def decode(self, codes: mx.array) -> mx.array:
+        return self._embedding[codes]
+
+
+class Projection(nn.Module):
+    """A kernel-1 convolution without bias (as the checkpoint stores it), applied as a matmul."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.weight = mx.zeros((cout, cin, 1))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x @ self.weight[:, :, 0].T
+
+
+class ResidualQuantizer(nn.Module):
+    def __init__(self, levels: int, latent: int, cfg: QuantizerConfig):
+        super().__init__()
+        self.input_proj = Projection(latent, cfg.dimension)
+        self.output_proj = Projection(cfg.dimension, latent)
+        self.codebooks = [Codebook(cfg.bins, cfg.dimension) for _ in range(levels)]
+
+    def encode(self, x: mx.array, levels: int) -> mx.array:
+        """[B, T, latent] -> codes [B, T, levels]."""
+        residual = self.input_proj(x)
+        codes = []
+        for codebook in self.codebooks[:levels]:
+            code = codebook.encode(residual)
+            residual = residual - codebook.decode(code)
+            codes.append(code)
+        return mx.stack(codes, axis=-1)
+
+    def decode(self, codes: mx.array) -> mx.array:
+        """codes [B, T, levels] -> [B, T, latent]; fewer levels just sum fewer vectors."""
+        total = sum(cb.decode(codes[..., i]) for i, cb in enumerate(self.codebooks[: codes.shape[-1]]))
+        assert isinstance(total, mx.array)
+        return self.output_proj(total)
+
+
+class SplitQuantizer(nn.Module):
+    def __init__(self, latent: int, cfg: QuantizerConfig):
+        super().__init__()
+        self.n_semantic = cfg.n_q_semantic
+        self.semantic = ResidualQuantizer(cfg.n_q_semantic, latent, cfg)
+        self.acoustic = ResidualQuantizer(cfg.n_q - cfg.n_q_semantic, latent, cfg)
+
+    def prepare(self) -> None:
+        for codebook in [*self.semantic.codebooks, *self.acoustic.codebooks]:
+            codebook.prepare()
+
+    def encode(self, x: mx.array, num_codebooks: int) -> mx.array:
+        codes = self.semantic.encode(x, self.n_semantic)
+        if num_codebooks > self.n_semantic:
+            codes = mx.concatenate([codes, self.acoustic.encode(x, num_codebooks - self.n_semantic)], axis=-1)
+        return codes
+
+    def decode(self, codes: mx.array) -> mx.array:
+        latent = self.semantic.decode(codes[..., : self.n_semantic])
+        if codes.shape[-1] > self.n_semantic:
+            latent = latent + self.acoustic.decode(codes[..., self.n_semantic :])
+        return latent

@@ -1,0 +1,162 @@
+"""SEANet: Mimi's causal convolutional encoder and decoder, streaming by construction.
+
+Every module maps `(x, state) -> (y, new_state)` on channels-last arrays `[B, T, C]`. The state is what the
+module must remember of the past: a convolution keeps its last `kernel - stride` inputs, a transposed
+convolution the tail of outputs that overlap the next step. `None` is the state of a fresh stream, so offline
+processing is just one call on the whole signal: streaming and offline run the same code.
+
+Weights keep PyTorch's layout in the parameter tree (so checkpoints load by name); `prepare()` derives the
+MLX layouts once after loading. Derived arrays start with `_`, which MLX leaves out of the parameter tree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from csmd.audio.mimi.config import SeanetConfig
+
+State = Any  # a module's streaming state: None (fresh), an array, or a list of child states
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d padded on the left only: output t sees inputs up to the end of its own stride."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, bias: bool = True, replicate: bool = False):
+        super().__init__()
+        self.weight = mx.zeros((cout, cin, kernel))
+        if bias:
+            self.bias = mx.zeros((cout,))
+        self.stride = stride
+        self.context = kernel - stride  # past inputs each call needs
+        self.replicate = replicate  # pad a fresh stream with its first step instead of zeros (the downsample)
+        self._w = self.weight
+
+    def prepare(self) -> None:
+        self._w = self.weight.transpose(0, 2, 1)  # [out, in, k] -> MLX's [out, k, in]
+
+    def __call__(self, x: mx.array, state: State) -> tuple[mx.array, State]:
+        if x.shape[1] % self.stride:
+            raise ValueError(f"input length {x.shape[1]} is not a multiple of the stride {self.stride}")
+        if self.context:
+            if state is None:
+                first = x[:, :1] if self.replicate else mx.zeros_like(x[:, :1])
+                state = mx.repeat(first, self.context, axis=1)
+            x = mx.concatenate([state, x], axis=1)
+            state = x[:, -self.context :]
+        y = mx.conv1d(x, self._w, stride=self.stride)
+        return (y + self.bias if "bias" in self else y), state
+
+
+class CausalConvTranspose1d(nn.Module):
+    """ConvTranspose1d with kernel = 2 * stride, trimmed on the right (causal).
+
+    Closed form: y[s*t + j] = W[:, :, j]^T x[t] + W[:, :, j + s]^T x[t - 1] + b, so each step is one matmul
+    plus the second half of the previous step's product, which is the state.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, bias: bool = True, depthwise: bool = False):
+        super().__init__()
+        self.weight = mx.zeros((cin, 1 if depthwise else cout, 2 * stride))
+        if bias:
+            self.bias = mx.zeros((cout,))
+        self.stride = stride
+        self.depthwise = depthwise
+        self._w = self.weight
+
+    def prepare(self) -> None:
+        if self.depthwise:
+            self._w = self.weight[:, 0, :].T  # [k, channels]: a per-channel filter
+        else:
+            cin, cout, k = self.weight.shape
+            self._w = self.weight.transpose(0, 2, 1).reshape(cin, k * cout)
+
+    def __call__(self, x: mx.array, state: State) -> tuple[mx.array, State]:
+        batch, steps, _ = x.shape
+        s = self.stride
+        # [B, T, 2s, C]: what each input step contributes to its own and the next output block
+        products = x[:, :, None, :] * self._w if self.depthwise else (x @ self._w).reshape(batch, steps, 2 * s, -1)
+        head, tail = products[:, :, :s], products[:, :, s:]
+        previous = mx.zeros_like(tail[:, :1]) if state is None else state
+        overlap = mx.concatenate([previous, tail[:, :-1]], axis=1)
+        y = (head + overlap).reshape(batch, steps * s, -1)
+        return (y + self.bias if "bias" in self else y), tail[:, -1:]
+
+
+class ResBlock(nn.Module):
+    """x + conv1x1(elu(conv_k(elu(x)))), Kyutai's pre-activation residual unit with an identity skip."""
+
+    def __init__(self, dim: int, hidden: int, kernel: int):
+        super().__init__()
+        self.block = [nn.ELU(), CausalConv1d(dim, hidden, kernel), nn.ELU(), CausalConv1d(hidden, dim, 1)]
+
+    def __call__(self, x: mx.array, state: State) -> tuple[mx.array, State]:
+        state = state or [None, None]
+        h, first = self.block[1](nn.elu(x), state[0])
+        h, second = self.block[3](nn.elu(h), state[1])
+        return x + h, [first, second]
+
+
+def _run(layers: list[nn.Module], x: mx.array, state: State) -> tuple[mx.array, State]:
+    """Apply a Kyutai-numbered layer list; ELUs are stateless, everything else threads its state."""
+    state = state or [None] * len(layers)
+    new_state: list[State] = []
+    for layer, layer_state in zip(layers, state, strict=True):
+        if isinstance(layer, nn.ELU):
+            x = nn.elu(x)
+            new_state.append(None)
+        else:
+            x, layer_state = layer(x, layer_state)
+            new_state.append(layer_state)
+    return x, new_state
+
+
+class SeanetEncoder(nn.Module):
+    """Waveform [B, T, 1] -> latent [B, T / hop, dimension]."""
+
+    def __init__(self, cfg: SeanetConfig):
+        super().__init__()
+        channels = cfg.n_filters
+        layers: list[nn.Module] = [CausalConv1d(1, channels, cfg.kernel_size)]
+        for ratio in reversed(cfg.ratios):
+            layers += [
+                ResBlock(channels, channels // cfg.compress, cfg.residual_kernel_size),
+                nn.ELU(),
+                CausalConv1d(channels, 2 * channels, 2 * ratio, stride=ratio),
+            ]
+            channels *= 2
+        layers += [nn.ELU(), CausalConv1d(channels, cfg.dimension, cfg.last_kernel_size)]
+        self.layers = layers
+
+    def __call__(self, x: mx.array, state: State) -> tuple[mx.array, State]:
+        return _run(self.layers, x, state)
+
+
+class SeanetDecoder(nn.Module):
+    """Latent [B, T, dimension] -> waveform [B, T * hop, 1]."""
+
+    def __init__(self, cfg: SeanetConfig):
+        super().__init__()
+        channels = cfg.n_filters * 2 ** len(cfg.ratios)
+        layers: list[nn.Module] = [CausalConv1d(cfg.dimension, channels, cfg.kernel_size)]
+        for ratio in cfg.ratios:
+            layers += [
+                nn.ELU(),
+                CausalConvTranspose1d(channels, channels // 2, stride=ratio),
+                ResBlock(channels // 2, channels // 2 // cfg.compress, cfg.residual_kernel_size),
+            ]
+            channels //= 2
+        layers += [nn.ELU(), CausalConv1d(channels, 1, cfg.last_kernel_size)]
+        self.layers = layers
+
+    def __call__(self, x: mx.array, state: State) -> tuple[mx.array, State]:
+        return _run(self.layers, x, state)
+
+
+def prepare(module: nn.Module) -> None:
+    """Derive every conv's MLX-layout weights from its (just loaded) PyTorch-layout parameters."""
+    for _, child in module.named_modules():
+        if isinstance(child, CausalConv1d | CausalConvTranspose1d):
+            child.prepare()

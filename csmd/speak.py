@@ -1,0 +1,108 @@
+"""Text in, speech out, in-process: the engine makes frames and Mimi decodes each one as it is made.
+
+This is `csmd say`: the first end-to-end voice path, and the core the daemon streams from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from csmd.audio import io
+from csmd.audio.mimi.config import MIMI, from_hf_config
+from csmd.audio.mimi.loading import DEFAULT_CODEC, from_tensors, load_mimi
+from csmd.audio.mimi.model import Mimi, StreamingDecoder
+from csmd.model.generator import Context, Generator, Segment
+from csmd.model.loading import LoadedModel
+from csmd.model.sampling import GenerationParams
+
+
+@dataclass
+class ContextClip:
+    """A recorded turn to condition the voice on: its audio file, transcript and speaker."""
+
+    audio: Path
+    text: str
+    speaker: int = 0
+
+
+@dataclass
+class SpeechResult:
+    pcm: np.ndarray  # 24 kHz mono float32, 1920 samples per frame
+    frames: int
+    finish_reason: str
+    seed: int
+    seconds_to_first_audio: float
+    seconds_total: float
+
+
+def codec_for(loaded: LoadedModel, spec: str | None) -> Mimi:
+    """The codec a model speaks through: an explicit one, the one its checkpoint bundles, a random one
+    matching a random model, or Kyutai's release."""
+    n = loaded.model.config.num_codebooks
+    if spec is None:
+        if loaded.random:
+            preset = "tiny" if loaded.source == "random:tiny" else "mimi"
+            spec = f"random:{preset}"
+        elif loaded.codec_tensors:
+            cfg = from_hf_config(loaded.codec_config, n) if loaded.codec_config else MIMI.with_codebooks(n)
+            return _checked(loaded, from_tensors(loaded.codec_tensors, cfg, loaded.source))
+        else:
+            spec = DEFAULT_CODEC
+    return _checked(loaded, load_mimi(spec, num_codebooks=n))
+
+
+def _checked(loaded: LoadedModel, mimi: Mimi) -> Mimi:
+    cfg = loaded.model.config
+    if mimi.num_codebooks != cfg.num_codebooks or mimi.config.quantizer.bins < cfg.audio_codebook_size:
+        raise ValueError(
+            f"codec ({mimi.num_codebooks} codebooks of {mimi.config.quantizer.bins}) does not fit the model "
+            f"({cfg.num_codebooks} codebooks of {cfg.audio_codebook_size})"
+        )
+    return mimi
+
+
+def add_context(context: Context, mimi: Mimi, clip: ContextClip) -> None:
+    """Resample and Mimi-encode a recorded turn, and pin it in the context as a voice prompt."""
+    codes = mimi.encode(io.read_audio(clip.audio, sample_rate=mimi.config.sample_rate))
+    context.append(Segment(clip.speaker, clip.text, codes.T, pinned=True))
+
+
+def speak(
+    generator: Generator,
+    context: Context,
+    mimi: Mimi,
+    text: str,
+    speaker: int,
+    params: GenerationParams,
+    on_audio: Callable[[np.ndarray], None] | None = None,
+) -> SpeechResult:
+    """Generate `text` frame by frame, decoding each frame at once; `on_audio` gets every 1920 samples."""
+    decoder = StreamingDecoder(mimi)
+    chunks: list[np.ndarray] = []
+    start = time.perf_counter()
+    first_audio = None
+    utterance = generator.start(context, text, speaker, params)
+    try:
+        for frame in utterance:
+            pcm = decoder.step(frame)
+            if first_audio is None:
+                first_audio = time.perf_counter() - start
+            chunks.append(pcm)
+            if on_audio is not None:
+                on_audio(pcm)
+    finally:
+        utterance.cancel()  # no-op once finished; frees the context if decoding or on_audio failed
+    pcm = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+    return SpeechResult(
+        pcm=pcm,
+        frames=len(utterance.frames),
+        finish_reason=str(utterance.finish_reason),
+        seed=utterance.seed,
+        seconds_to_first_audio=first_audio or 0.0,
+        seconds_total=time.perf_counter() - start,
+    )
