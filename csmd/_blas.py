@@ -23,6 +23,8 @@ def preload() -> str | None:
     choice = os.environ.get("CSMD_BLAS", "auto")
     if choice == "off" or not sys.platform.startswith("linux") or "mlx.core" in sys.modules:
         return None
+    # BLIS runs one thread unless told otherwise; a second core halves prefill (BENCHMARKS.md).
+    os.environ.setdefault("BLIS_NUM_THREADS", str(os.cpu_count() or 1))
     for name in _AUTO if choice == "auto" else (choice,):
         try:
             ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)

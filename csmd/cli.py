@@ -93,7 +93,13 @@ def cmd_bench_frame(args: argparse.Namespace) -> int:
 
     _apply_runtime(args)
     loaded = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
-    result = run(loaded.model, args.model, frames=args.frames, warmup=args.warmup, prefill_rows=args.prefill)
+    name = args.model
+    if args.quantize:
+        from csmd.model.weights import quantize
+
+        quantize(loaded.model, args.quantize)
+        name += f" (q{args.quantize})"
+    result = run(loaded.model, name, frames=args.frames, warmup=args.warmup, prefill_rows=args.prefill)
     print(json.dumps(result.as_dict()) if args.json else format_result(result))
     return 0
 
@@ -160,6 +166,17 @@ def cmd_say(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_codec(args: argparse.Namespace) -> int:
+    from csmd.audio.mimi.loading import load_mimi
+    from csmd.bench.codec import format_result, run
+
+    _apply_runtime(args)
+    mimi = load_mimi(args.codec)
+    result = run(mimi, args.codec, frames=args.frames, warmup=args.warmup, compare_moshi=args.compare_moshi)
+    print(json.dumps(result.as_dict()) if args.json else format_result(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csmd", description="Local real-time voice conversation with CSM-1B")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -203,8 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     frame.add_argument("--frames", type=int, default=20, help="timed frames (default: 20)")
     frame.add_argument("--warmup", type=int, default=3, help="untimed frames first (default: 3)")
     frame.add_argument("--prefill", type=int, default=300, help="rows of context to prefill (default: 300)")
+    frame.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the loaded weights first")
     frame.add_argument("--json", action="store_true", help="print one JSON object")
     frame.set_defaults(func=cmd_bench_frame)
+    codec = benches.add_parser("codec", parents=[run_opts], help="Mimi streaming decode/encode per frame")
+    codec.add_argument("--codec", default="random:mimi", help="Mimi weights (default: random:mimi, full size)")
+    codec.add_argument("--frames", type=int, default=50, help="timed frames (default: 50)")
+    codec.add_argument("--warmup", type=int, default=5, help="untimed frames first (default: 5)")
+    codec.add_argument("--compare-moshi", action="store_true", help="also time moshi's PyTorch decoder")
+    codec.add_argument("--json", action="store_true", help="print one JSON object")
+    codec.set_defaults(func=cmd_bench_codec)
     return parser
 
 

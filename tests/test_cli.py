@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
+import soundfile as sf
 
 from csmd.cli import main
 
@@ -69,3 +73,35 @@ def test_blas_preload_gives_correct_matmuls() -> None:
         check=True,
     )
     assert off.stdout.strip() == "None"
+
+
+def test_say_writes_one_frame_of_audio_per_generated_frame(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.wav"
+    args = ["say", "Hello there.", "-o", str(out), "--model", "random:tiny", "--max-seconds", "0.8", "--seed", "3"]
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert "random weights do not speak" in printed.err
+    frames = int(re.search(r"\((\d+) frames, ended by (\w+), seed 3\)", printed.out).group(1))  # type: ignore[union-attr]
+    pcm, rate = sf.read(out)
+    assert rate == 24_000 and pcm.shape == (frames * 1920,)
+    assert main(args) == 0  # the same seed gives the same audio
+    np.testing.assert_array_equal(sf.read(out)[0], pcm)
+
+
+def test_say_with_context_audio(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    t = np.arange(int(44_100 * 0.5)) / 44_100
+    sf.write(tmp_path / "ctx.wav", np.stack([0.3 * np.sin(2 * np.pi * 300 * t)] * 2, axis=1), 44_100)
+    args = ["say", "Reply.", "-o", str(tmp_path / "o.wav"), "--model", "random:tiny", "--max-seconds", "0.4"]
+    ctx = ["--context", str(tmp_path / "ctx.wav"), "--context-text", "Some context.", "--context-speaker", "1"]
+    assert main([*args, *ctx]) == 0
+    assert main([*args, "--context", str(tmp_path / "ctx.wav")]) == 2
+    assert "give one --context-text for each --context file" in capsys.readouterr().err
+    assert main([*args, "--context", str(tmp_path / "missing.wav"), "--context-text", "x"]) == 2
+    assert "missing.wav" in capsys.readouterr().err
+
+
+def test_bench_codec_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "codec", "--codec", "random:tiny", "--frames", "3", "--warmup", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["frames"] == 3 and result["decode_ms"] > 0 and result["encode_ms"] > 0
+    assert result["moshi_decode_ms"] is None
