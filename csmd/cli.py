@@ -43,8 +43,12 @@ def _apply_runtime(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from csmd.model.loading import parse_dtype
+
     _apply_runtime(args)
-    for key, value in runtime.describe().items():
+    info = runtime.describe()
+    info["dtype"] = str(parse_dtype(args.dtype)).removeprefix("mlx.core.")  # validated like a model load's
+    for key, value in info.items():
         print(f"{key:18} {value}")
     return 0
 
@@ -183,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_opts, model_opts = _runtime_options(), _model_options()
 
     info = commands.add_parser("info", parents=[run_opts], help="device, backend, BLAS and memory settings")
+    info.add_argument("--dtype", default="float32", help="model dtype to check and report (default: float32)")
     info.set_defaults(func=cmd_info)
 
     convert = commands.add_parser(

@@ -29,8 +29,9 @@ def restore_limits() -> Iterator[None]:
 
 @pytest.mark.usefixtures("restore_limits")
 def test_info_reports_device_backend_and_limits(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["info", "--device", "cpu", "--memory-limit", "4", "--cache-limit", "0.5"]) == 0
+    assert main(["info", "--device", "cpu", "--memory-limit", "4", "--cache-limit", "0.5", "--dtype", "bf16"]) == 0
     out = capsys.readouterr().out
+    assert "dtype              bfloat16" in out
     assert "device             cpu" in out
     assert "memory_limit_gb    4.0" in out
     assert "cache_limit_gb     0.5" in out
@@ -39,6 +40,8 @@ def test_info_reports_device_backend_and_limits(capsys: pytest.CaptureFixture[st
 def test_info_rejects_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--memory-limit", "-1"]) == 2
     assert "memory_limit_gb must be >= 0" in capsys.readouterr().err
+    assert main(["info", "--dtype", "int3"]) == 2
+    assert "unknown dtype 'int3'" in capsys.readouterr().err
 
 
 def test_bench_frame_json(capsys: pytest.CaptureFixture[str]) -> None:

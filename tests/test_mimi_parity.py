@@ -128,6 +128,20 @@ def test_snapshot_restore_and_reset() -> None:
     np.testing.assert_array_equal(decoder.step(codes[:, 0]), full[0])
 
 
+def test_streaming_state_stays_bounded() -> None:
+    """However long the stream, each transformer layer keeps only the last context - 1 steps."""
+    mimi = load_mimi("random:tiny")  # context 16 steps = 8 frames
+    decoder = StreamingDecoder(mimi)
+    codes = random_codes(mimi.config, 40, seed=7)
+    sizes = []
+    for t in range(40):
+        decoder.step(codes[:, t])
+        _, (position, pasts), _ = decoder.snapshot().state
+        sizes.append(max(k.shape[2] for k, _ in pasts))
+    assert position == 80
+    assert max(sizes) == sizes[-1] == mimi.config.transformer.context - 1
+
+
 def test_fewer_codebooks_work() -> None:
     """A codec using 8 of its 32 levels decodes and encodes with 8 codes per frame."""
     mimi = load_mimi("random:mimi", num_codebooks=8)
