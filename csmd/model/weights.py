@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from csmd.arrays import materialize
 from csmd.model.config import CsmConfig
 from csmd.model.csm import CSM
 from csmd.model.errors import CheckpointError
@@ -188,7 +189,7 @@ def build_model(
         params = cast_floats(params, dtype)
     check_params(params, model, source)
     model.update(tree_unflatten(list(cast_floats(params, dtype).items())))
-    mx.eval(model.parameters())
+    materialize(model)
     return model
 
 

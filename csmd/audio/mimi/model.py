@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
+from csmd.arrays import materialize
 from csmd.audio.mimi import seanet
 from csmd.audio.mimi.config import MimiConfig
 from csmd.audio.mimi.quantizer import SplitQuantizer
@@ -47,7 +48,7 @@ class Mimi(nn.Module):
         self.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in tensors.items()]))
         seanet.prepare(self)
         self.quantizer.prepare()
-        mx.eval(self.parameters())
+        materialize(self)
 
     @property
     def frame_size(self) -> int:

@@ -1,0 +1,357 @@
+"""The daemon over real Unix sockets, with the tiny random model and codec.
+
+The client side here is a bare protocol `Connection` over a trio socket, so tests can also send what a
+well-behaved client library never would (garbage, truncated frames, out-of-order messages).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import struct
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import trio
+
+from csmd.daemon.server import Daemon, DaemonRunningError
+from csmd.model.generator import Context, Generator
+from csmd.model.loading import load_model
+from csmd.protocol import messages as m
+from csmd.protocol.connection import Connection, ConnectionClosed
+from csmd.protocol.pcm import decode_pcm
+from csmd.speak import codec_for
+
+
+class RawClient:
+    """A protocol client with no conveniences: send messages, wait for the ones you want."""
+
+    def __init__(self, stream: trio.SocketStream):
+        self.stream = stream
+        self.conn = Connection(m.Role.CLIENT)
+        self.inbox: list[m.Message | ConnectionClosed] = []
+
+    opened: ClassVar[list[trio.SocketStream]] = []  # closed after each test
+
+    @classmethod
+    async def connect(cls, path: Path, hello: bool = True) -> RawClient:
+        client = cls(await trio.open_unix_socket(str(path)))
+        cls.opened.append(client.stream)
+        if hello:
+            await client.send(m.Hello(protocol=(1,), client="test"))
+            assert isinstance(await client.next(), m.Welcome)
+        return client
+
+    async def send(self, msg: m.Message) -> None:
+        await self.stream.send_all(self.conn.send(msg))
+
+    async def next(self) -> m.Message | ConnectionClosed:
+        while not self.inbox:
+            data = await self.stream.receive_some(1 << 16)
+            self.inbox.extend(self.conn.receive_data(data))
+        return self.inbox.pop(0)
+
+    async def until(self, done: Callable[[m.Message | ConnectionClosed], bool]) -> list[m.Message | ConnectionClosed]:
+        seen = []
+        while True:
+            msg = await self.next()
+            seen.append(msg)
+            if done(msg) or isinstance(msg, ConnectionClosed):
+                return seen
+
+    async def open(self, session: str) -> None:
+        await self.send(m.OpenSession(session=session))
+        assert await self.next() == m.SessionOpened(session=session)
+
+    async def speak(self, session: str, request: str, max_frames: int = 8, **params: object) -> list[m.Message]:
+        await self.send(m.Speak(session=session, request=request, text="Hello there.", speaker=0,
+                                max_frames=max_frames, seed=1, **params))  # type: ignore[arg-type]  # fmt: skip
+        msgs = await self.until(lambda x: isinstance(x, m.AudioEnd | m.Error) and x.request == request)
+        return [x for x in msgs if isinstance(x, m.Message)]
+
+
+@pytest.fixture(autouse=True)
+async def close_clients() -> AsyncIterator[None]:
+    yield
+    for stream in RawClient.opened:
+        await stream.aclose()
+    RawClient.opened.clear()
+
+
+@pytest.fixture(scope="module")
+def generator_and_codec() -> tuple[Generator, object]:
+    loaded = load_model("random:tiny")
+    assert loaded.tokenizer is not None
+    return Generator(loaded.model, loaded.tokenizer), codec_for(loaded, None)
+
+
+@pytest.fixture
+async def daemon(generator_and_codec: tuple[Generator, object], tmp_path: Path) -> AsyncIterator[tuple[Daemon, Path]]:
+    generator, mimi = generator_and_codec
+    d = Daemon(generator, mimi, "random:tiny")  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        path = await nursery.start(d.serve, tmp_path / "run" / "csmd.sock")
+        yield d, path
+        nursery.cancel_scope.cancel()
+    d.close()
+
+
+def audio_of(msgs: list[m.Message]) -> np.ndarray:
+    chunks = [x for x in msgs if isinstance(x, m.AudioChunk)]
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    return np.concatenate([decode_pcm(c.pcm, "pcm_s16le") for c in chunks]) if chunks else np.zeros(0)
+
+
+async def test_speak_round_trip(daemon: tuple[Daemon, Path]) -> None:
+    _, path = daemon
+    client = await RawClient.connect(path)
+    await client.open("s")
+    msgs = await client.speak("s", "r1", max_frames=6)
+    start = msgs[0]
+    assert isinstance(start, m.AudioStart) and start.sample_rate == 24_000 and start.frame_samples == 1920
+    end = msgs[-1]
+    assert isinstance(end, m.AudioEnd) and end.reason in ("eos", "max_length")
+    assert audio_of(msgs).size == end.frames * 1920
+    assert [c.frame for c in msgs if isinstance(c, m.AudioChunk)] == list(range(end.frames))
+    # The same seed in a fresh session gives the same audio.
+    await client.open("t")
+    assert np.array_equal(audio_of(await client.speak("t", "r2", max_frames=6)), audio_of(msgs))
+
+
+async def test_three_sessions_speak_at_once(daemon: tuple[Daemon, Path]) -> None:
+    _, path = daemon
+    order: list[str] = []
+
+    async def talk(name: str) -> None:
+        client = await RawClient.connect(path)
+        await client.open(name)
+        await client.send(m.Speak(session=name, request=name, text="Hi.", speaker=0, max_frames=12, seed=2))
+        while not isinstance(msg := await client.next(), m.AudioEnd):
+            if isinstance(msg, m.AudioChunk):
+                order.append(name)
+        assert msg.frames == 12
+
+    async with trio.open_nursery() as nursery:
+        for name in ("a", "b", "c"):
+            nursery.start_soon(talk, name)
+    assert sorted(order) == ["a"] * 12 + ["b"] * 12 + ["c"] * 12
+    # Served fairly, frame by frame: nobody finishes before everyone has started.
+    first_last = min(len(order) - order[::-1].index(n) for n in "abc")
+    assert all(order.index(n) < first_last for n in "abc")
+
+
+async def test_second_reply_prefills_only_new_rows(
+    daemon: tuple[Daemon, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d, path = daemon
+    contexts: list[Context] = []
+    original = d.generator.new_context
+    monkeypatch.setattr(d.generator, "new_context", lambda: contexts.append(original()) or contexts[-1])
+    client = await RawClient.connect(path)
+    await client.open("s")
+    await client.send(m.AddContext(session="s", speaker=1, text="Some context."))
+    added = await client.next()
+    assert isinstance(added, m.ContextAdded) and added.frames == 0
+    first = await client.speak("s", "r1", max_frames=5)
+    (context,) = contexts
+    before = context.rows_computed
+    second = await client.speak("s", "r2", max_frames=5)
+    text_rows = len(d.generator.tokenizer.encode_segment(0, "Hello there.")) if d.generator.tokenizer else 0
+    frames_second = second[-1].frames  # type: ignore[attr-defined]
+    # The second reply ran: the first reply's closing rows (its last frame + the EOS row), its own text, and
+    # its frames but the last; nothing of the conversation before it.
+    assert context.rows_computed - before == 2 + text_rows + frames_second - 1
+    assert first[-1].frames == 5  # type: ignore[attr-defined]
+
+
+async def test_context_audio_is_encoded(daemon: tuple[Daemon, Path]) -> None:
+    _, path = daemon
+    client = await RawClient.connect(path)
+    await client.open("s")
+    tone = (0.3 * np.sin(np.arange(16_000) * 2 * np.pi * 300 / 16_000)).astype("<f4")
+    msg = m.AddContext(session="s", speaker=0, text="a tone", audio=tone.tobytes(), rate=16_000,
+                       format="pcm_f32le", pinned=True)  # fmt: skip
+    await client.send(msg)
+    added = await client.next()
+    assert isinstance(added, m.ContextAdded) and added.frames == 13  # 1 s at 24 kHz = 12.5 frames, padded
+
+
+async def test_cancel_mid_stream(daemon: tuple[Daemon, Path]) -> None:
+    _, path = daemon
+    client = await RawClient.connect(path)
+    await client.open("s")
+    await client.send(m.Speak(session="s", request="r", text="A long reply.", speaker=0, max_frames=200, seed=3))
+    msgs = await client.until(lambda x: isinstance(x, m.AudioChunk) and x.seq == 2)
+    await client.send(m.Cancel(request="r"))
+    rest = await client.until(lambda x: isinstance(x, m.Cancelled))
+    ack = rest[-1]
+    assert isinstance(ack, m.Cancelled)
+    chunks = [x for x in msgs + rest if isinstance(x, m.AudioChunk)]
+    assert ack.frames_sent == len(chunks) < 200
+    end = [x for x in rest if isinstance(x, m.AudioEnd)]
+    assert len(end) == 1 and end[0].reason == "cancelled" and end[0].frames == ack.frames_sent
+    # Nothing more for that request; the session can speak again at once.
+    again = await client.speak("s", "r2", max_frames=3)
+    assert not any(isinstance(x, m.AudioChunk) and x.request == "r" for x in again)
+    assert isinstance(again[-1], m.AudioEnd) and again[-1].frames == 3
+
+
+async def test_command_errors_fail_only_that_request(daemon: tuple[Daemon, Path]) -> None:
+    _, path = daemon
+    client = await RawClient.connect(path)
+    await client.send(m.Speak(session="nope", request="r", text="x", speaker=0))
+    error = await client.next()
+    assert isinstance(error, m.Error) and error.code == "unknown_session" and not error.fatal
+    await client.open("s")
+    msgs = await client.speak("s", "bad", temperature=-1.0)
+    assert isinstance(msgs[-1], m.Error) and msgs[-1].code == "invalid_params" and "temperature" in msgs[-1].message
+    await client.send(m.Cancel(request="ghost"))
+    error = await client.next()
+    assert isinstance(error, m.Error) and error.code == "no_such_request"
+    await client.send(m.OpenSession(session="s"))
+    error = await client.next()
+    assert isinstance(error, m.Error) and error.code == "session_exists"
+    assert isinstance((await client.speak("s", "ok", max_frames=2))[-1], m.AudioEnd)  # still serving
+
+
+async def _fatal(path: Path, payload: bytes, hello: bool = True) -> m.Error:
+    client = await RawClient.connect(path, hello=hello)
+    await client.stream.send_all(payload)
+    error = await client.next()
+    assert isinstance(error, m.Error) and error.fatal
+    assert isinstance(await client.next(), ConnectionClosed)
+    return error
+
+
+def frame(obj: bytes) -> bytes:
+    return struct.pack(">I", len(obj)) + obj
+
+
+@pytest.mark.parametrize(
+    ("payload", "hello", "code"),
+    [
+        (frame(b"\xc1\xc1garbage"), True, "malformed"),
+        (frame(b"\x93\x01\x02\x03"), True, "malformed"),  # a msgpack list, not a map
+        (struct.pack(">I", 1 << 30), True, "too_large"),
+        (frame(b"\x81\xa4type\xa5bogus"), True, "unknown_type"),
+        (frame(b"\x82\xa4type\xacsession.open\xa7session\x05"), True, "bad_field"),  # session: int
+        (frame(b"\x82\xa4type\xacsession.open\xa7session\xa1s"), False, "out_of_order"),  # before hello
+    ],
+)
+async def test_bad_input_ends_only_that_connection(
+    daemon: tuple[Daemon, Path], payload: bytes, hello: bool, code: str
+) -> None:
+    _, path = daemon
+    other = await RawClient.connect(path)
+    await other.open("o")
+    await other.send(m.Speak(session="o", request="o", text="Still here.", speaker=0, max_frames=10, seed=4))
+    assert isinstance(await other.next(), m.AudioStart)
+    assert (await _fatal(path, payload, hello)).code == code
+    rest = await other.until(lambda x: isinstance(x, m.AudioEnd))
+    assert isinstance(rest[-1], m.AudioEnd) and rest[-1].frames == 10  # the other stream went on unharmed
+
+
+async def test_truncated_message_and_vanishing_client(daemon: tuple[Daemon, Path]) -> None:
+    d, path = daemon
+    client = await RawClient.connect(path)
+    await client.stream.send_all(struct.pack(">I", 100) + b"\x81")  # then hang up inside the message
+    await client.stream.aclose()
+    leaver = await RawClient.connect(path)
+    await leaver.open("gone")
+    await leaver.send(m.Speak(session="gone", request="r", text="Bye.", speaker=0, max_frames=200, seed=5))
+    await leaver.until(lambda x: isinstance(x, m.AudioChunk))
+    await leaver.stream.aclose()  # vanish mid-stream
+    with trio.fail_after(10):
+        while d.sessions_open or d.scheduler.active:
+            await trio.sleep(0.01)
+    stayer = await RawClient.connect(path)
+    await stayer.open("s")
+    assert isinstance((await stayer.speak("s", "r", max_frames=3))[-1], m.AudioEnd)
+
+
+async def test_a_client_that_never_reads_pauses_only_itself(daemon: tuple[Daemon, Path]) -> None:
+    d, path = daemon
+    sleeper = await RawClient.connect(path)
+    await sleeper.open("z")
+    await sleeper.send(m.Speak(session="z", request="z", text="Lots.", speaker=0, max_frames=200, seed=6,
+                               format="pcm_f32le"))  # fmt: skip
+    busy = await RawClient.connect(path)
+    await busy.open("b")
+    msgs = await busy.speak("b", "b", max_frames=40)
+    assert isinstance(msgs[-1], m.AudioEnd) and msgs[-1].frames == 40
+    (stalled,) = [s for s in d.scheduler.active if s.request == "z"]
+    made = len(stalled.utterance.frames)
+    await trio.sleep(0.3)
+    assert len(stalled.utterance.frames) == made < 200  # paused by backpressure, not still generating
+
+
+async def test_second_daemon_and_stale_socket(daemon: tuple[Daemon, Path], tmp_path: Path) -> None:
+    d, path = daemon
+    with pytest.raises(DaemonRunningError, match="already listening"):
+        await d.serve(path)
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # the file stays, nobody listens: a daemon that died
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.serve, stale)
+        client = await RawClient.connect(stale)
+        await client.send(m.Ping(nonce=7))
+        assert await client.next() == m.Pong(nonce=7)
+        nursery.cancel_scope.cancel()
+    assert not stale.exists()  # removed on shutdown
+
+
+async def test_socket_modes(daemon: tuple[Daemon, Path]) -> None:
+    _, path = daemon
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to fork a child that becomes another user")
+async def test_another_user_is_refused(daemon: tuple[Daemon, Path]) -> None:
+    d, _ = daemon
+    # A socket the other user can reach (the test's tmp_path is private to root), so that what refuses
+    # them is the daemon's SO_PEERCRED check and not file permissions.
+    public = Path(tempfile.mkdtemp(prefix="csmd-peercred-"))
+    public.chmod(0o755)
+    path = public / "csmd.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.serve, path)
+        path.chmod(0o666)
+        data = await trio.to_thread.run_sync(_connect_as_nobody, path)
+        nursery.cancel_scope.cancel()
+    public.rmdir()
+    conn = Connection(m.Role.CLIENT)
+    conn.send(m.Hello(protocol=(1,), client="nobody"))
+    events = conn.receive_data(data)
+    assert isinstance(events[0], m.Error) and events[0].code == "forbidden" and events[0].fatal
+
+
+def _connect_as_nobody(path: Path) -> bytes:
+    """Fork a child that becomes `nobody`, connects, and pipes back whatever the daemon sent it."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(path))
+                s.settimeout(10)
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+            os.write(write, data)
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return data
