@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from csmd import runtime
 
@@ -139,14 +144,56 @@ def _params(args: argparse.Namespace) -> GenerationParams:
 
 
 def cmd_say(args: argparse.Namespace) -> int:
+    from csmd.daemon.server import default_socket_path
+
+    if len(args.context) != len(args.context_text):
+        raise ValueError("give one --context-text for each --context file")
+    if not args.output and not args.play:
+        raise ValueError("say where the audio goes: -o FILE, --play, or both")
+    socket_path = Path(args.socket) if args.socket else default_socket_path()
+    if not args.local and socket_path.is_socket():
+        try:
+            return _say_via_daemon(args, socket_path)
+        except ConnectionRefusedError:
+            pass  # a stale socket file: nobody is listening, so speak in-process
+    return _say_in_process(args)
+
+
+def _say_via_daemon(args: argparse.Namespace, socket_path: Path) -> int:
     from csmd.audio import io
+    from csmd.protocol.blocking_client import connect
+
+    with connect(socket_path, client="csmd say") as client:
+        print(f"csmd: speaking through the daemon on {socket_path} (model {client.welcome.model})", file=sys.stderr)
+        session = f"say-{os.getpid()}"
+        client.open_session(session)
+        speakers = args.context_speaker or [args.speaker] * len(args.context)
+        for audio, text, speaker in zip(args.context, args.context_text, speakers, strict=True):
+            pcm = io.read_audio(audio)
+            client.add_context(session, speaker, text, pcm, rate=io.SAMPLE_RATE, pinned=True)
+        p = _params(args)
+        speech = client.speak(session, args.text, args.speaker, temperature=p.temperature, top_k=p.top_k,
+                              top_p=p.top_p, min_p=p.min_p, seed=p.seed, max_frames=p.max_frames)  # fmt: skip
+        with _player(args) as play:
+            chunks = []
+            for chunk in speech:
+                play(chunk.pcm)
+                chunks.append(chunk.pcm)
+        end = speech.end
+        assert end is not None
+        start = speech.audio_start
+        pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        _report(args, pcm, end.frames, end.reason, start.seed if start else None, end.first_audio_ms / 1000
+                if end.first_audio_ms is not None else 0.0, end.total_ms / 1000)  # fmt: skip
+    return 0
+
+
+def _say_in_process(args: argparse.Namespace) -> int:
     from csmd.model.generator import Generator
     from csmd.model.loading import load_model
     from csmd.speak import ContextClip, add_context, codec_for, speak
 
     _apply_runtime(args)
-    if len(args.context) != len(args.context_text):
-        raise ValueError("give one --context-text for each --context file")
     params = _params(args)
     loaded = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
     if loaded.random:
@@ -157,16 +204,61 @@ def cmd_say(args: argparse.Namespace) -> int:
     speakers = args.context_speaker or [args.speaker] * len(args.context)
     for audio, text, speaker in zip(args.context, args.context_text, speakers, strict=True):
         add_context(context, mimi, ContextClip(Path(audio), text, speaker))
-    result = speak(generator, context, mimi, args.text, args.speaker, params)
-    if result.frames == 0:
-        raise RuntimeError("the model ended the reply before its first frame; nothing to write")
-    io.write_audio(args.output, result.pcm, sample_rate=mimi.config.sample_rate)
-    seconds = len(result.pcm) / mimi.config.sample_rate
+    with _player(args) as play:
+        result = speak(generator, context, mimi, args.text, args.speaker, params, on_audio=play)
+    _report(args, result.pcm, result.frames, result.finish_reason, result.seed, result.seconds_to_first_audio,
+            result.seconds_total)  # fmt: skip
+    return 0
+
+
+def _player(args: argparse.Namespace) -> contextlib.AbstractContextManager[Callable[[np.ndarray], None]]:
+    """Plays chunks on the speaker as they come with --play; otherwise a no-op."""
+    if not args.play:
+        return contextlib.nullcontext(lambda pcm: None)
+    from csmd.audio.devices import Speaker
+
+    return Speaker(device=args.output_device)
+
+
+def _report(
+    args: argparse.Namespace, pcm: np.ndarray, frames: int, reason: str, seed: int | None, first: float, total: float
+) -> None:
+    from csmd.audio import io
+
+    if frames == 0:
+        raise RuntimeError("the model ended the reply before its first frame; there is no audio")
+    where = []
+    if args.output:
+        io.write_audio(args.output, pcm)
+        where.append(f"wrote {args.output}")
+    if args.play:
+        where.append("played")
     print(
-        f"wrote {args.output}: {seconds:.2f} s ({result.frames} frames, ended by {result.finish_reason}, "
-        f"seed {result.seed}); first audio after {result.seconds_to_first_audio:.2f} s, "
-        f"total {result.seconds_total:.2f} s"
+        f"{' and '.join(where)}: {len(pcm) / io.SAMPLE_RATE:.2f} s ({frames} frames, ended by {reason}, "
+        f"seed {seed}); first audio after {first:.2f} s, total {total:.2f} s"
     )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import trio
+
+    from csmd.daemon.server import Daemon, default_socket_path, serve_until_signal
+    from csmd.model.generator import Generator
+    from csmd.model.loading import load_model
+    from csmd.speak import codec_for
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _apply_runtime(args)
+    loaded = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
+    if loaded.random:
+        print("note: random weights do not speak; replies will be noise", file=sys.stderr)
+    daemon = Daemon(
+        Generator(loaded.model, loaded.tokenizer), codec_for(loaded, args.codec), args.model, args.max_sessions
+    )
+    path = Path(args.socket) if args.socket else default_socket_path()
+    trio.run(serve_until_signal, daemon, path, lambda p: print(f"csmd: serving {args.model} on {p}", flush=True))
     return 0
 
 
@@ -200,11 +292,21 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--tokenizer", help="tokenizer file to bundle (default: the one beside SRC)")
     convert.set_defaults(func=cmd_convert)
 
+    serve = commands.add_parser("serve", parents=[run_opts, model_opts], help="run the daemon on a Unix socket")
+    serve.add_argument("--socket", help="socket path (default: $XDG_RUNTIME_DIR/csmd/csmd.sock, else /tmp/csmd-UID/)")
+    serve.add_argument("--codec", help="Mimi weights (default: bundled with the model, else kyutai's release)")
+    serve.add_argument("--max-sessions", type=int, default=8, help="sessions held at once (default: 8)")
+    serve.set_defaults(func=cmd_serve)
+
     say = commands.add_parser(
         "say", parents=[run_opts, model_opts, _sampling_options()], help="speak text into a 24 kHz WAV file"
     )
     say.add_argument("text", help="what to say")
-    say.add_argument("-o", "--output", required=True, help="output file (.wav, .flac or .ogg)")
+    say.add_argument("-o", "--output", help="output file (.wav, .flac or .ogg)")
+    say.add_argument("--play", action="store_true", help="play on the speaker as it is generated")
+    say.add_argument("--output-device", help="sound device name or index for --play (default: the system's)")
+    say.add_argument("--socket", help="the daemon's socket (default: where `csmd serve` puts it)")
+    say.add_argument("--local", action="store_true", help="run the model in this process even if a daemon runs")
     say.add_argument("--speaker", type=int, default=0, help="speaker id of the reply (default: 0)")
     say.add_argument("--context", action="append", default=[], metavar="AUDIO", help="a recorded turn (repeatable)")
     say.add_argument("--context-text", action="append", default=[], metavar="TEXT", help="its transcript")
@@ -240,11 +342,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    expected = (ValueError, OSError, RuntimeError)  # bad input, files or devices: a message, not a traceback
     try:
         return int(args.func(args))
-    except (ValueError, OSError, RuntimeError) as exc:  # bad input or files: a message, not a traceback
+    except expected as exc:
         print(f"csmd: error: {exc}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:  # what trio raises out of a nursery
+        leaves = _leaves(group)
+        if not all(isinstance(e, expected) for e in leaves):
+            raise
+        for leaf in leaves:
+            print(f"csmd: error: {leaf}", file=sys.stderr)
+        return 2
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 if __name__ == "__main__":

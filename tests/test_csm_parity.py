@@ -109,5 +109,5 @@ def test_greedy_generation_gives_identical_frames(hf_dir: Path, reference: CsmFo
         )
     ref_frames = ref.numpy()[0]
     assert ref_frames.shape == (20, NQ)  # the fixture's weights do not stop early
-    assert utterance.finish_reason == "max_frames"
+    assert utterance.finish_reason == "max_length"
     np.testing.assert_array_equal(utterance.codes, ref_frames)

@@ -7,16 +7,22 @@ well-behaved client library never would (garbage, truncated frames, out-of-order
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import pytest
+import soundfile as sf
 import trio
 
 from csmd.daemon.server import Daemon, DaemonRunningError
@@ -355,3 +361,41 @@ def _connect_as_nobody(path: Path) -> bytes:
         data = f.read()
     os.waitpid(pid, 0)
     return data
+
+
+async def test_serve_and_say_through_it(tmp_path: Path) -> None:
+    """`csmd serve` as users run it: `csmd say` goes through it, a second daemon is refused, SIGTERM ends it."""
+    await trio.to_thread.run_sync(_serve_and_say, tmp_path)
+
+
+def _serve_and_say(tmp_path: Path) -> None:
+    sock = tmp_path / "d" / "csmd.sock"
+    cli = [sys.executable, "-m", "csmd.cli"]
+    server = subprocess.Popen([*cli, "serve", "--model", "random:tiny", "--socket", str(sock)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert server.poll() is None and time.monotonic() < deadline, server.communicate()
+            time.sleep(0.05)
+        said = subprocess.run([*cli, "say", "Hi.", "-o", str(tmp_path / "a.wav"), "--socket", str(sock),
+                               "--max-seconds", "0.4", "--seed", "9"],
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        assert said.returncode == 0, said.stderr
+        assert "speaking through the daemon" in said.stderr
+        frames = int(re.search(r"\((\d+) frames", said.stdout).group(1))  # type: ignore[union-attr]
+        assert sf.info(str(tmp_path / "a.wav")).frames == frames * 1920
+        local = subprocess.run([*cli, "say", "Hi.", "-o", str(tmp_path / "b.wav"), "--socket", str(sock), "--local",
+                                "--model", "random:tiny", "--max-seconds", "0.4", "--seed", "9"],
+                               capture_output=True, text=True, check=False)  # fmt: skip
+        assert local.returncode == 0 and "daemon" not in local.stderr
+        # Same model, same seed: the daemon's audio is the in-process audio (to within 16-bit transport).
+        np.testing.assert_allclose(sf.read(tmp_path / "a.wav")[0], sf.read(tmp_path / "b.wav")[0], atol=1e-4)
+        second = subprocess.run([*cli, "serve", "--model", "random:tiny", "--socket", str(sock)],
+                                capture_output=True, text=True, check=False)  # fmt: skip
+        assert second.returncode == 2 and "already listening" in second.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 0, err
+    assert not sock.exists()

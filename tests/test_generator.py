@@ -217,7 +217,7 @@ def test_finished_utterance_becomes_a_segment(gen: Generator, tok: TextTokenizer
     text = "How are you today?"
     utt = gen.start(ctx, text, 1, SAMPLED.replace(max_frames=5))
     frames = list(utt)
-    assert utt.finish_reason == "max_frames"
+    assert utt.finish_reason == "max_length"
     assert len(frames) == 5
     assert not ctx.busy
 
@@ -285,7 +285,7 @@ def test_only_a_wholly_zero_frame_is_eos(tok: TextTokenizer) -> None:
     params["codebook0_head.weight"] = mx.zeros_like(params["codebook0_head.weight"])
     gen = Generator(build_model(TINY, params, mx.float32, "random:code0-silent"), tok)
     utt = gen.generate(gen.new_context(), "Hello there.", 0, GREEDY.replace(max_frames=3))
-    assert utt.finish_reason == "max_frames"
+    assert utt.finish_reason == "max_length"
     assert len(utt.frames) == 3
     assert all(frame[0] == 0 and frame.any() for frame in utt.frames)
 
@@ -298,7 +298,7 @@ def test_max_frames_limits_the_reply(gen: Generator) -> None:
     utt = gen.start(ctx, "Hello there.", 0, SAMPLED.replace(max_frames=7))
     frames = [utt.step() for _ in range(7)]
     assert all(f is not None and f.shape == (NQ,) and f.dtype == np.int32 for f in frames)
-    assert utt.done and utt.finish_reason == "max_frames"
+    assert utt.done and utt.finish_reason == "max_length"
     assert utt.step() is None and utt.step() is None
     assert len(utt.frames) == 7
     assert all(((f >= 0) & (f < CODES)).all() for f in utt.frames)  # reserved ids are never emitted
@@ -414,7 +414,7 @@ def speak(gen: Generator, params: GenerationParams) -> tuple[np.ndarray, int]:
     ctx = gen.new_context()
     ctx.append(Segment(0, "Hello there.", random_codes(4, seed=7)))
     utt = gen.generate(ctx, "How are you today?", 1, params)
-    assert utt.finish_reason == "max_frames"
+    assert utt.finish_reason == "max_length"
     return utt.codes, utt.seed
 
 
@@ -540,7 +540,7 @@ def test_reply_makes_room_for_text_frames_and_eos(
     )
     assert_same_logits(model, utt._hidden, cold_hidden)
     list(utt)  # the reserved room really holds every frame
-    assert utt.finish_reason == "max_frames"
+    assert utt.finish_reason == "max_length"
     assert ctx.length == 32 + n_text + 11 <= WINDOW
 
 

@@ -403,7 +403,7 @@ async def bind_unix_socket(path: Path) -> trio.socket.SocketType:
     return sock
 
 
-async def serve_until_signal(daemon: Daemon, path: Path, *, announce: Callable[[Path], None] | None = None) -> None:
+async def serve_until_signal(daemon: Daemon, path: Path, announce: Callable[[Path], None] | None = None) -> None:
     """`csmd serve`: serve until SIGINT or SIGTERM, then shut down cleanly (the socket file goes too)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

@@ -33,6 +33,10 @@ class ModelWorker:
         mx.set_default_stream(mx.new_stream(self._device))
         while (job := self._jobs.get()) is not None:
             job()
+        # A stream left behind by a finished thread aborts the process at exit ("terminate called without an
+        # active exception"): destroy it on its own thread.
+        mx.synchronize()
+        mx.clear_streams()
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the model thread. If the caller is cancelled meanwhile, `fn` still finishes (a model

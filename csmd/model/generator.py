@@ -26,7 +26,7 @@ from csmd.model.csm import CSM
 from csmd.model.sampling import GenerationParams, sample, sampling_key
 from csmd.model.tokenizer import TextTokenizer
 
-FinishReason = Literal["eos", "max_frames", "cancelled"]
+FinishReason = Literal["eos", "max_length", "cancelled"]
 PREFILL_CHUNK = 512  # rows per backbone call when catching up; bounds attention memory
 
 
@@ -239,7 +239,7 @@ class Utterance:
         self.frames.append(frame)
         self._add_rows(*audio_rows(frame[None]))
         if len(self.frames) >= self.params.max_frames:
-            self._finish("max_frames")
+            self._finish("max_length")
         return frame
 
     def cancel(self) -> None:

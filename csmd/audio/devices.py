@@ -1,0 +1,66 @@
+"""The local speaker, through sounddevice (PortAudio)."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import numpy as np
+
+from csmd.audio.io import SAMPLE_RATE
+
+
+class AudioDeviceError(RuntimeError):
+    """No usable sound device (PortAudio missing, no such device, or the device refuses 24 kHz)."""
+
+
+def _sounddevice():  # type: ignore[no-untyped-def]
+    try:
+        import sounddevice
+    except OSError as exc:  # PortAudio itself is missing
+        raise AudioDeviceError(f"cannot use the sound system: {exc} (install libportaudio2)") from exc
+    return sounddevice
+
+
+def find_device(name: str | int | None, kind: str = "output") -> int | None:
+    """A device index from an index, an exact name, or a unique part of a name; None = the default."""
+    if name is None or isinstance(name, int):
+        return name
+    if name.isdigit():
+        return int(name)
+    sd = _sounddevice()
+    channels = f"max_{kind}_channels"
+    devices = [(i, d["name"]) for i, d in enumerate(sd.query_devices()) if d[channels] > 0]
+    exact = [i for i, n in devices if n == name]
+    partial = [i for i, n in devices if name.lower() in n.lower()]
+    found = exact or partial
+    if len(found) != 1:
+        names = ", ".join(repr(n) for _, n in devices) or "none"
+        raise AudioDeviceError(f"{kind} device {name!r} matches {len(found)} devices; {kind} devices: {names}")
+    return found[0]
+
+
+class Speaker:
+    """Plays mono float32 chunks in order, as they come; a context manager that drains on exit."""
+
+    def __init__(self, device: str | int | None = None, sample_rate: int = SAMPLE_RATE):
+        sd = _sounddevice()
+        try:
+            self._stream = sd.OutputStream(
+                samplerate=sample_rate, channels=1, dtype="float32", device=find_device(device)
+            )
+        except sd.PortAudioError as exc:
+            raise AudioDeviceError(f"cannot open the output device at {sample_rate} Hz: {exc}") from exc
+
+    def __enter__(self) -> Speaker:
+        self._stream.start()
+        return self
+
+    def __call__(self, pcm: np.ndarray) -> None:
+        # The model's output is not bounded: clip here, as before any integer conversion.
+        self._stream.write(np.clip(pcm, -1.0, 1.0).astype(np.float32).reshape(-1, 1))
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stream.stop()  # waits until everything written has been played
+        self._stream.close()
