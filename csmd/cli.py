@@ -262,6 +262,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_daemon(args: argparse.Namespace) -> int:
+    from csmd.bench.daemon import format_result, run
+    from csmd.model.generator import Generator
+    from csmd.model.loading import load_model
+    from csmd.speak import codec_for
+
+    _apply_runtime(args)
+    loaded = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
+    generator = Generator(loaded.model, loaded.tokenizer)
+    result = run(generator, codec_for(loaded, None), args.model, frames=args.frames, runs=args.runs)
+    print(json.dumps(result.as_dict()) if args.json else format_result(result))
+    return 0
+
+
 def cmd_bench_codec(args: argparse.Namespace) -> int:
     from csmd.audio.mimi.loading import load_mimi
     from csmd.bench.codec import format_result, run
@@ -330,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     frame.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the loaded weights first")
     frame.add_argument("--json", action="store_true", help="print one JSON object")
     frame.set_defaults(func=cmd_bench_frame)
+    over_socket = benches.add_parser(
+        "daemon", parents=[run_opts, model_opts], help="time to first audio and per-frame cost: socket vs in-process"
+    )
+    over_socket.add_argument("--frames", type=int, default=25, help="frames per reply (default: 25)")
+    over_socket.add_argument("--runs", type=int, default=5, help="replies each way (default: 5)")
+    over_socket.add_argument("--json", action="store_true", help="print one JSON object")
+    over_socket.set_defaults(func=cmd_bench_daemon)
     codec = benches.add_parser("codec", parents=[run_opts], help="Mimi streaming decode/encode per frame")
     codec.add_argument("--codec", default="random:mimi", help="Mimi weights (default: random:mimi, full size)")
     codec.add_argument("--frames", type=int, default=50, help="timed frames (default: 50)")

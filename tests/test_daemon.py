@@ -399,3 +399,22 @@ def _serve_and_say(tmp_path: Path) -> None:
         _, err = server.communicate(timeout=30)
     assert server.returncode == 0, err
     assert not sock.exists()
+
+
+async def test_pipelined_commands_take_effect_in_order(daemon: tuple[Daemon, Path]) -> None:
+    """A client may send session.open and the commands on it without waiting for replies."""
+    _, path = daemon
+    client = await RawClient.connect(path)
+    for msg in (
+        m.OpenSession(session="p"),
+        m.AddContext(session="p", speaker=0, text="One."),
+        m.AddContext(session="p", speaker=1, text="Two."),
+        m.ClearContext(session="p"),
+        m.CloseSession(session="p"),
+    ):
+        await client.send(msg)
+    replies = [await client.next() for _ in range(5)]
+    assert [type(r) for r in replies] == [m.SessionOpened, m.ContextAdded, m.ContextAdded, m.ContextCleared,
+                                          m.SessionClosed]  # fmt: skip
+    first, second = replies[1], replies[2]
+    assert isinstance(first, m.ContextAdded) and isinstance(second, m.ContextAdded) and first.rows < second.rows

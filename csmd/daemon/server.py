@@ -49,7 +49,7 @@ class CommandError(Exception):
 @dataclass
 class Session:
     name: str
-    context: Context
+    context: Context = field(init=False)  # made by the session.open command, which runs first under `lock`
     lock: trio.Lock = field(default_factory=trio.Lock)
     speech: Speech | None = None
 
@@ -147,33 +147,38 @@ class ClientHandler:
 
     async def _dispatch(self, msg: m.Message, nursery: trio.Nursery) -> bool:
         """Handle one message; False ends the connection."""
-        if isinstance(msg, m.Hello):
-            if m.PROTOCOL_VERSION not in msg.protocol:
-                message = f"this daemon speaks protocol {m.PROTOCOL_VERSION}, the client {list(msg.protocol)}"
-                await self.send(m.Error(code="unsupported_version", message=message, fatal=True))
-                return False
+        if isinstance(msg, m.Hello):  # (the Connection already refused versions we do not speak)
             await self.send(self.daemon.welcome())
         elif isinstance(msg, m.Ping):
             await self.send(m.Pong(nonce=msg.nonce))
         elif isinstance(msg, m.Cancel):
             nursery.start_soon(self._cancel, msg)  # it waits for a frame boundary: keep reading meanwhile
         else:
-            nursery.start_soon(self._command, msg)
+            # Each command runs in its own task (a prefill must not hold up a cancel), but `start` returns only
+            # once the task holds its session's lock: trio's locks are FIFO, so a session's commands take
+            # effect, and are answered, in the order they were sent.
+            await nursery.start(self._command, msg)
         return True
 
-    async def _command(self, msg: m.Message) -> None:
+    async def _command(self, msg: m.Message, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         session_name = getattr(msg, "session", None)
         request = getattr(msg, "request", None)
+        started = False
         try:
+            found = self.sessions.get(str(session_name))
             if isinstance(msg, m.OpenSession):
-                await self._open(msg)
-                return
-            session = self.sessions.get(msg.session)  # type: ignore[attr-defined]
-            if session is None:
+                session = self._new_session(msg.session)
+            elif found is None:
                 raise CommandError("unknown_session", f"no session {session_name!r} on this connection")
+            else:
+                session = found
             speech = None
-            async with session.lock:  # a session's commands take effect in the order they were sent
-                if isinstance(msg, m.CloseSession):
+            async with session.lock:
+                task_status.started()
+                started = True
+                if isinstance(msg, m.OpenSession):
+                    await self._open(session)
+                elif isinstance(msg, m.CloseSession):
                     await self._close(session)
                 elif isinstance(msg, m.AddContext):
                     await self._add_context(session, msg)
@@ -192,6 +197,8 @@ class ClientHandler:
                     session.speech = None
                     self.speeches.pop(speech.request, None)
         except CommandError as exc:
+            if not started:
+                task_status.started()
             await self.send(
                 m.Error(code=exc.code, message=exc.message, fatal=False, request=request, session=session_name)
             )
@@ -210,19 +217,24 @@ class ClientHandler:
             log.exception("command failed")
             raise CommandError("internal", f"{type(exc).__name__}: {exc}") from exc
 
-    async def _open(self, msg: m.OpenSession) -> None:
-        if msg.session in self.sessions:
-            raise CommandError("session_exists", f"session {msg.session!r} is already open")
+    def _new_session(self, name: str) -> Session:
+        """Register the session at once, so the commands sent right after `session.open` find it."""
+        if name in self.sessions:
+            raise CommandError("session_exists", f"session {name!r} is already open")
         if self.daemon.sessions_open >= self.daemon.max_sessions:
             raise CommandError("too_many_sessions", f"the daemon holds {self.daemon.max_sessions} sessions at most")
         self.daemon.sessions_open += 1
+        session = Session(name)
+        self.sessions[name] = session
+        return session
+
+    async def _open(self, session: Session) -> None:
         try:
-            context = await self._run(self.daemon.generator.new_context)  # its KV cache is made on the model thread
+            session.context = await self._run(self.daemon.generator.new_context)  # KV cache made on the model thread
         except CommandError:
-            self.daemon.sessions_open -= 1
+            self._drop(session)
             raise
-        self.sessions[msg.session] = Session(msg.session, context)
-        await self.send(m.SessionOpened(session=msg.session))
+        await self.send(m.SessionOpened(session=session.name))
 
     async def _close(self, session: Session) -> None:
         if session.speech is not None:
@@ -310,7 +322,8 @@ class ClientHandler:
     async def _cancel(self, msg: m.Cancel) -> None:
         speech = self.speeches.get(msg.request)
         if speech is None or speech.cancelled:
-            error = m.Error(code="no_such_request", message=f"no running request {msg.request!r}", fatal=False)
+            message = f"no running request {msg.request!r}"
+            error = m.Error(code="no_such_request", message=message, fatal=False, request=msg.request)
             await self.send(error)
             return
         await self._stop(speech, acknowledge=True)

@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from csmd.protocol.client_core import Chunk, ClientCore, Pending, SessionReply, SpeechState, make_add_context
 from csmd.protocol.connection import DEFAULT_MAX_MESSAGE
-from csmd.protocol.errors import ConnectionLost
+from csmd.protocol.errors import ConnectionLost, RequestError
 from csmd.protocol.messages import (
     PROTOCOL_VERSION,
     SAMPLE_RATE,
@@ -278,7 +278,14 @@ class Speech:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
     def cancel(self) -> Cancelled:
-        return self._client.cancel(self.request)
+        """Cancel on the server. If the speech already ended, answers from its end record (the daemon would
+        say "no_such_request": a cancel racing the natural end is not an error for the caller)."""
+        try:
+            return self._client.cancel(self.request)
+        except RequestError as exc:
+            if exc.code != "no_such_request" or self.end is None:
+                raise
+            return Cancelled(request=self.request, frames_sent=self.end.frames)
 
     def close(self) -> None:
         """Stop listening; cancel on the server if it is still running (without waiting for the reply)."""

@@ -25,7 +25,7 @@ import trio
 
 from csmd.protocol.client_core import Chunk, ClientCore, Pending, SessionReply, SpeechState, make_add_context
 from csmd.protocol.connection import DEFAULT_MAX_MESSAGE
-from csmd.protocol.errors import ConnectionLost
+from csmd.protocol.errors import ConnectionLost, RequestError
 from csmd.protocol.messages import (
     PROTOCOL_VERSION,
     SAMPLE_RATE,
@@ -115,12 +115,16 @@ class Client:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None
     ) -> None:
-        await self.aclose()
         assert self._nursery is not None
-        self._nursery.cancel_scope.cancel()
-        # Not passing the body's exception on: the nursery would wrap it in an ExceptionGroup, and the caller
-        # should see its own exception (or our ConnectionLost) as is. The reader never raises, so nothing is lost.
-        await self._nursery_manager.__aexit__(None, None, None)
+        try:
+            await self.aclose()
+        finally:
+            # Leave the nursery whatever happened (even if aclose was cancelled), or trio's task tree breaks.
+            self._nursery.cancel_scope.cancel()
+            # Not passing the body's exception on: the nursery would wrap it in an ExceptionGroup, and the caller
+            # should see its own exception (or our ConnectionLost) as is. The reader never raises, so nothing is
+            # lost by this.
+            await self._nursery_manager.__aexit__(None, None, None)
 
     async def aclose(self) -> None:
         """Close the connection (the daemon closes this connection's sessions). Pending calls raise ConnectionLost."""
@@ -336,14 +340,24 @@ class Speech:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
     async def cancel(self) -> Cancelled:
-        return await self._client.cancel(self.request)
+        """Cancel on the server. If the speech already ended, answers from its end record (the daemon would
+        say "no_such_request": a cancel racing the natural end is not an error for the caller)."""
+        try:
+            return await self._client.cancel(self.request)
+        except RequestError as exc:
+            if exc.code != "no_such_request" or self.end is None:
+                raise
+            return Cancelled(request=self.request, frames_sent=self.end.frames)
 
     def close(self) -> None:
         """Stop listening; cancel on the server if it is still running (fire and forget)."""
-        if self._state is not None and self._client._core.close_speech(self._state):
+        if self._state is None:
+            return
+        if self._client._core.close_speech(self._state):
             nursery = self._client._nursery
             if nursery is not None:
                 nursery.start_soon(self._client._send_quiet_cancel, self.request)
+        self._client._notify()  # its backlog is gone: a reader paused for room may go on
 
     async def __aenter__(self) -> Speech:
         return self
