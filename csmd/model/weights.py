@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from csmd.arrays import materialize
 from csmd.model.config import CsmConfig
 from csmd.model.csm import CSM
-from csmd.model.errors import CheckpointError
+from csmd.model.errors import CheckpointError, check_shapes
 from csmd.model.torch_pickle import load_torch_state_dict
 
 CSMD_FORMAT = "csmd"
@@ -154,20 +154,7 @@ def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 def check_params(params: dict[str, mx.array], model: nn.Module, source: str) -> None:
     """A missing, unexpected or mis-shaped tensor is an error that names it."""
-    expected = expected_shapes(model)
-    missing = sorted(set(expected) - set(params))
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{source}: missing tensor {missing[0]!r}{more}")
-    unexpected = sorted(set(params) - set(expected))
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r}{more}")
-    for name, shape in expected.items():
-        if tuple(params[name].shape) != shape:
-            raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(params[name].shape)}, the config needs {shape}"
-            )
+    check_shapes(params, expected_shapes(model), source)
 
 
 def cast_floats(params: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:

@@ -15,7 +15,7 @@ import re
 import mlx.core as mx
 
 from csmd.audio.mimi.config import MimiConfig
-from csmd.model.errors import CheckpointError
+from csmd.model.errors import CheckpointError, check_shapes
 from csmd.model.weights import CODEC_PREFIX, read_tensors
 
 _KYUTAI_SEANET = re.compile(r"^(encoder|decoder)\.model\.(\d+)\.(block\.[13]\.)?(?:conv\.conv|convtr\.convtr)\.")
@@ -227,30 +227,14 @@ def to_csmd_naming(tensors: dict[str, mx.array], cfg: MimiConfig, source: str) -
 def check_tensors(tensors: dict[str, mx.array], cfg: MimiConfig, source: str) -> None:
     """A missing, unexpected or mis-shaped tensor is an error that names it."""
     expected = expected_shapes(cfg)
-    missing = sorted(set(expected) - set(tensors), key=_natural)
-    if missing:
-        levels = sum(1 for k in tensors if _CODEBOOK.match(k) and k.endswith(".embedding_sum"))
-        if any(_CODEBOOK.match(k) for k in missing) and levels < cfg.quantizer.n_q:
-            raise CheckpointError(
-                f"{source}: holds {levels} quantizer levels, the config needs {cfg.quantizer.n_q} "
-                f"(missing tensor {missing[0]!r})"
-            )
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{source}: missing tensor {missing[0]!r}{more}")
-    unexpected = sorted(set(tensors) - set(expected), key=_natural)
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r}{more}")
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, the config needs {shape}"
-            )
-
-
-def _natural(name: str) -> list[int | str]:
-    """Sort key so that `layers.2` comes before `layers.10` in error messages."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+    missing = [k for k in expected if k not in tensors]
+    levels = sum(1 for k in tensors if _CODEBOOK.match(k) and k.endswith(".embedding_sum"))
+    if any(_CODEBOOK.match(k) for k in missing) and levels < cfg.quantizer.n_q:  # name the real cause
+        raise CheckpointError(
+            f"{source}: holds {levels} quantizer levels, the config needs {cfg.quantizer.n_q} "
+            f"(missing tensor {missing[0]!r})"
+        )
+    check_shapes(tensors, expected, source)
 
 
 def load_mimi_tensors(path: str | os.PathLike[str], cfg: MimiConfig) -> dict[str, mx.array]:
