@@ -108,3 +108,16 @@ def test_bench_codec_json(capsys: pytest.CaptureFixture[str]) -> None:
     result = json.loads(capsys.readouterr().out)
     assert result["frames"] == 3 and result["decode_ms"] > 0 and result["encode_ms"] > 0
     assert result["moshi_decode_ms"] is None
+
+
+def test_say_with_an_hf_checkpoint_uses_its_bundled_codec(hf_dir: Path, tmp_path: Path) -> None:
+    """An HF-format CSM checkpoint carries Mimi under codec_model.*: `say` needs nothing else."""
+    from csmd.model.loading import load_model
+    from csmd.speak import codec_for
+
+    loaded = load_model(str(hf_dir))
+    mimi = codec_for(loaded, None)
+    assert mimi.num_codebooks == 4 and mimi.config.quantizer.bins == 64 and mimi.config.seanet.dimension == 32
+    out = tmp_path / "hf.wav"
+    assert main(["say", "Hello there.", "-o", str(out), "--model", str(hf_dir), "--local", "--max-seconds", "0.4"]) == 0
+    assert sf.info(str(out)).frames % 1920 == 0 and sf.info(str(out)).frames > 0
