@@ -418,3 +418,26 @@ async def test_pipelined_commands_take_effect_in_order(daemon: tuple[Daemon, Pat
                                           m.SessionClosed]  # fmt: skip
     first, second = replies[1], replies[2]
     assert isinstance(first, m.ContextAdded) and isinstance(second, m.ContextAdded) and first.rows < second.rows
+
+
+async def test_session_limits_close_while_speaking_and_bad_audio(daemon: tuple[Daemon, Path]) -> None:
+    d, path = daemon
+    client = await RawClient.connect(path)
+    await client.open("s")
+    await client.send(m.Speak(session="s", request="r", text="Long.", speaker=0, max_frames=200, seed=8))
+    await client.until(lambda x: isinstance(x, m.AudioChunk))
+    await client.send(m.CloseSession(session="s"))
+    rest = await client.until(lambda x: isinstance(x, m.SessionClosed))
+    ends = [x for x in rest if isinstance(x, m.AudioEnd)]
+    assert len(ends) == 1 and ends[0].reason == "cancelled"
+    assert d.sessions_open == 0
+    nan = np.array([0.1, np.nan, 0.2] * 100, dtype="<f4").tobytes()
+    await client.open("t")
+    await client.send(m.AddContext(session="t", speaker=0, text="x", audio=nan, rate=24_000, format="pcm_f32le"))
+    error = await client.next()
+    assert isinstance(error, m.Error) and error.code == "invalid_params" and "NaN" in error.message
+    for i in range(d.max_sessions - 1):
+        await client.open(f"more{i}")
+    await client.send(m.OpenSession(session="one-too-many"))
+    error = await client.next()
+    assert isinstance(error, m.Error) and error.code == "too_many_sessions"

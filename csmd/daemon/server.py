@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import trio
 
 import csmd
@@ -254,6 +255,8 @@ class ClientHandler:
             pcm = decode_pcm(msg.audio, msg.format)
             if pcm.size == 0:
                 raise CommandError("invalid_params", "context audio is empty")
+            if not np.isfinite(pcm).all():
+                raise CommandError("invalid_params", "context audio holds NaN or infinite samples")
             if msg.rate != mimi.config.sample_rate:
                 pcm = io.resample(pcm, msg.rate, mimi.config.sample_rate)
             codes = (await self._run(lambda: mimi.encode(pcm))).T
