@@ -276,6 +276,21 @@ def cmd_bench_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_devices(args: argparse.Namespace) -> int:
+    from csmd.audio.devices import list_devices
+
+    devices = list_devices()
+    if not devices:
+        print("no sound devices (is a sound server running, or PortAudio's backend missing?)")
+    for d in devices:
+        marks = ("<in " if d.default_input else "") + ("out>" if d.default_output else "")
+        print(
+            f"{d.index:3} {d.name:40.40} {d.host_api:28.28} in {d.inputs:2} out {d.outputs:2} "
+            f"{d.default_rate:7.0f} Hz {marks}"
+        )
+    return 0
+
+
 def cmd_bench_codec(args: argparse.Namespace) -> int:
     from csmd.audio.mimi.loading import load_mimi
     from csmd.bench.codec import format_result, run
@@ -305,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default="bfloat16", help="dtype of the float weights (default: bfloat16)")
     convert.add_argument("--tokenizer", help="tokenizer file to bundle (default: the one beside SRC)")
     convert.set_defaults(func=cmd_convert)
+
+    devices = commands.add_parser("devices", help="list sound devices (names or indices for --output-device)")
+    devices.set_defaults(func=cmd_devices)
 
     serve = commands.add_parser("serve", parents=[run_opts, model_opts], help="run the daemon on a Unix socket")
     serve.add_argument("--socket", help="socket path (default: $XDG_RUNTIME_DIR/csmd/csmd.sock, else /tmp/csmd-UID/)")

@@ -67,3 +67,44 @@ def test_say_plays_on_the_speaker(tmp_path: Path) -> None:
     assert done[0].returncode == 0, done[0].stderr
     assert "played" in done[0].stdout
     assert np.abs(recorded).max() > 0.01  # random weights: noise, but sound came out
+
+
+def test_prebuffer_for() -> None:
+    from csmd.audio.devices import prebuffer_for
+
+    assert prebuffer_for(0.05, 250) == 1920  # faster than real time: start after the first frame
+    assert prebuffer_for(0.16, 10) == 6 * 1920  # half real-time speed: 10 * 0.5 + 0.5 -> 6 frames
+    assert prebuffer_for(10.0, 10) == 10 * 1920  # hopelessly slow: wait for everything
+    # The schedule it gives never runs dry: frame n ready at n*g, due at k*g + (n-1)*a.
+    g, a, n_max = 0.13, 0.08, 40
+    k = prebuffer_for(g, n_max) // 1920
+    assert all(n * g <= k * g + (n - 1) * a + 1e-9 for n in range(1, n_max + 1))
+    assert not all(n * g <= (k - 1) * g + (n - 1) * a + 1e-9 for n in range(1, n_max + 1))  # and is the least
+
+
+def test_microphone_hears_the_speaker_and_underruns_are_counted() -> None:
+    from csmd.audio.devices import Microphone
+
+    tone = (0.4 * np.sin(2 * np.pi * 440 * np.arange(24_000) / 24_000)).astype(np.float32)
+    with Microphone("loopback") as mic, Speaker("loopback", prebuffer=4800) as speaker:
+        assert mic.device_rate == 24_000  # jackd runs at 24 kHz here
+        for start in range(0, tone.size, 1920):
+            speaker(tone[start : start + 1920])
+    sd.sleep(200)
+    heard = mic.read()
+    assert speaker.underruns == 0  # everything was queued before it could run dry
+    assert abs(np.argmax(np.abs(np.fft.rfft(heard))) * 24_000 / heard.size - 440) < 5
+
+    with Speaker("loopback") as slow:  # fed slower than real time, no prebuffer: it runs dry between chunks
+        for start in range(0, 9600, 1920):
+            slow(tone[start : start + 1920])
+            sd.sleep(150)
+    assert slow.underruns > 0
+
+
+def test_devices_command_lists_the_loopback(capsys: pytest.CaptureFixture[str]) -> None:
+    from csmd.cli import main
+
+    assert main(["devices"]) == 0
+    out = capsys.readouterr().out
+    assert "loopback" in out and "JACK" in out

@@ -1,12 +1,15 @@
-"""The local speaker, through sounddevice (PortAudio)."""
+"""The local speaker and microphone, through sounddevice (PortAudio)."""
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
+from dataclasses import dataclass
 from types import TracebackType
 
 import numpy as np
+import soxr
 
 from csmd.audio.io import SAMPLE_RATE
 
@@ -21,6 +24,38 @@ def _sounddevice():  # type: ignore[no-untyped-def]
     except OSError as exc:  # PortAudio itself is missing
         raise AudioDeviceError(f"cannot use the sound system: {exc} (install libportaudio2)") from exc
     return sounddevice
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    index: int
+    name: str
+    host_api: str
+    inputs: int
+    outputs: int
+    default_rate: float
+    default_input: bool
+    default_output: bool
+
+
+def list_devices() -> list[DeviceInfo]:
+    """Every device PortAudio sees (`csmd devices`)."""
+    sd = _sounddevice()
+    default_in, default_out = sd.default.device
+    apis = sd.query_hostapis()
+    return [
+        DeviceInfo(
+            index=i,
+            name=d["name"],
+            host_api=apis[d["hostapi"]]["name"],
+            inputs=d["max_input_channels"],
+            outputs=d["max_output_channels"],
+            default_rate=d["default_samplerate"],
+            default_input=i == default_in,
+            default_output=i == default_out,
+        )
+        for i, d in enumerate(sd.query_devices())
+    ]
 
 
 def find_device(name: str | int | None, kind: str = "output") -> int | None:
@@ -41,6 +76,62 @@ def find_device(name: str | int | None, kind: str = "output") -> int | None:
     return found[0]
 
 
+class Microphone:
+    """Captures mono audio at the device's own rate and hands it out resampled to 24 kHz.
+
+    PortAudio's callback only queues blocks; `read()` mixes down and resamples (soxr, streaming, so block
+    edges leave no seams) on the caller's thread.
+    """
+
+    def __init__(self, device: str | int | None = None, sample_rate: int = SAMPLE_RATE, block_ms: float = 20.0):
+        sd = _sounddevice()
+        index = find_device(device, "input")
+        info = sd.query_devices(index, "input")
+        self.device_rate = int(info["default_samplerate"])
+        self.sample_rate = sample_rate
+        self._channels = min(2, int(info["max_input_channels"]))
+        self._blocks: deque[np.ndarray] = deque()
+        self._lock = threading.Lock()
+        self.overflows = 0  # blocks PortAudio dropped because nobody read in time
+        self._resampler = soxr.ResampleStream(self.device_rate, sample_rate, 1, dtype="float32", quality="HQ")
+        try:
+            self._stream = sd.InputStream(
+                samplerate=self.device_rate,
+                channels=self._channels,
+                dtype="float32",
+                device=index,
+                blocksize=int(self.device_rate * block_ms / 1000),
+                callback=self._capture,
+            )
+        except sd.PortAudioError as exc:
+            raise AudioDeviceError(f"cannot open the input device at {self.device_rate} Hz: {exc}") from exc
+
+    def _capture(self, data: np.ndarray, frames: int, time: object, status: object) -> None:
+        with self._lock:
+            self._blocks.append(data.mean(axis=1))  # mono mixdown
+            if getattr(status, "input_overflow", False):
+                self.overflows += 1
+
+    def read(self) -> np.ndarray:
+        """Everything captured since the last read, at `sample_rate` (may be empty)."""
+        with self._lock:
+            blocks, self._blocks = list(self._blocks), deque()
+        pcm = np.concatenate(blocks).astype(np.float32) if blocks else np.zeros(0, np.float32)
+        if self.device_rate == self.sample_rate:
+            return pcm
+        return np.asarray(self._resampler.resample_chunk(pcm), dtype=np.float32)
+
+    def __enter__(self) -> Microphone:
+        self._stream.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stream.stop()
+        self._stream.close()
+
+
 class Speaker:
     """Plays mono float32 chunks in order, as they come; a context manager that drains on exit.
 
@@ -48,8 +139,12 @@ class Speaker:
     model is slower than real time) the speaker plays silence rather than stalling or glitching.
     """
 
-    def __init__(self, device: str | int | None = None, sample_rate: int = SAMPLE_RATE):
+    def __init__(self, device: str | int | None = None, sample_rate: int = SAMPLE_RATE, prebuffer: int = 0):
         sd = _sounddevice()
+        self.prebuffer = prebuffer  # samples to queue before sound starts (see `prebuffer_for`)
+        self.underruns = 0  # callbacks that found the queue dry mid-utterance and played silence
+        self._started = False  # the prebuffer was reached (or `finish` was called)
+        self._finished = False  # no more audio is coming: running dry now is the end, not an underrun
         self._queue: deque[np.ndarray] = deque()
         self._offset = 0  # samples of the queue's first chunk already played
         self._lock = threading.Lock()
@@ -65,7 +160,10 @@ class Speaker:
         """PortAudio's thread: copy queued audio into `out`, silence where there is none."""
         written = 0
         with self._lock:
-            while written < frames and self._queue:
+            queued = sum(c.size for c in self._queue) - self._offset
+            if not self._started and (queued >= self.prebuffer or self._finished) and queued:
+                self._started = True
+            while self._started and written < frames and self._queue:
                 chunk = self._queue[0]
                 n = min(frames - written, chunk.size - self._offset)
                 out[written : written + n, 0] = chunk[self._offset : self._offset + n]
@@ -76,6 +174,8 @@ class Speaker:
                     self._offset = 0
             if not self._queue:
                 self._drained.set()
+                if self._started and written < frames and not self._finished:
+                    self.underruns += 1
         out[written:] = 0.0
 
     def __enter__(self) -> Speaker:
@@ -89,12 +189,33 @@ class Speaker:
             self._queue.append(chunk)
             self._drained.clear()
 
+    def finish(self) -> None:
+        """No more audio is coming: play what is queued even if it is less than the prebuffer."""
+        with self._lock:
+            self._finished = True
+
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self.finish()
         with self._lock:
             pending = sum(c.size for c in self._queue) - self._offset
         if exc_type is None and pending:
             self._drained.wait(timeout=pending / self._stream.samplerate + 2.0)
         self._stream.stop()  # plays what PortAudio already holds
         self._stream.close()
+
+
+def prebuffer_for(frame_seconds: float, max_frames: int, frame_samples: int = 1920, frame_audio: float = 0.08) -> int:
+    """Samples to hold back so that playing up to `max_frames` frames never runs dry mid-utterance.
+
+    Frame n (1-based) is ready after n * g seconds (g = `frame_seconds`, the measured time to make one) and
+    plays for a = `frame_audio`. Starting playback once k frames are ready, frame n is due at k*g + (n-1)*a,
+    so every frame is on time when k >= n*(1 - a/g) + a/g; the last frame is the worst. Faster than real time
+    (g <= a), k = 1: playback starts after the first frame.
+    """
+    if frame_seconds <= frame_audio:
+        return frame_samples
+    ratio = frame_audio / frame_seconds
+    k = math.ceil(max_frames * (1 - ratio) + ratio - 1e-9)
+    return min(max(k, 1), max_frames) * frame_samples
