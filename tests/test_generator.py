@@ -709,3 +709,20 @@ def test_generate_on_silent_model_calls_nothing(silent_gen: Generator) -> None:
     utt = silent_gen.generate(silent_gen.new_context(), "Hi!", 0, GREEDY, on_frame=seen.append)
     assert utt.finish_reason == "eos"
     assert seen == []
+
+
+def test_trim_last_keeps_only_what_was_heard(gen: Generator, tok: TextTokenizer) -> None:
+    """Barge-in: an interrupted reply stays in the context only as far as it was played."""
+    ctx = gen.new_context()
+    ctx.append(Segment(0, "Hello there."))
+    before_reply = ctx.length
+    utt = gen.start(ctx, "A reply that gets interrupted.", 1, GREEDY.replace(max_frames=6))
+    frames = list(utt)
+    assert len(frames) == 6
+    segment = ctx.trim_last(2, "A reply")
+    assert segment.text == "A reply" and np.array_equal(segment.codes, np.stack(frames[:2]))
+    assert ctx.cached == before_reply  # rows before the reply stay cached; the reply's rows run again
+    ctx.flush()
+    assert_cache_holds(ctx, concat(segment_rows(tok, Segment(0, "Hello there.")), segment_rows(tok, segment)))
+    with pytest.raises(ValueError, match=r"frames must be in 0\.\.2"):
+        ctx.trim_last(3, "x")

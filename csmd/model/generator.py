@@ -104,6 +104,26 @@ class Context:
         self._entries.clear()
         self._truncate(0)
 
+    def trim_last(self, frames: int, text: str) -> Segment:
+        """Cut the last segment down to its first `frames` frames and `text`: what the listener really heard.
+
+        For barge-in: a reply that was interrupted stays in the conversation only as far as it was played.
+        The cache keeps every row before that segment; the segment's rows are run again at the next flush
+        (its text rows change, and every row after them depends on them).
+        """
+        self._check_idle()
+        if not self._entries or self._entries[-1].segment.codes is None:
+            raise ValueError("the last segment has no audio to trim")
+        last = self._entries[-1].segment
+        assert last.codes is not None
+        if not 0 <= frames <= len(last.codes):
+            raise ValueError(f"frames must be in 0..{len(last.codes)}, got {frames}")
+        trimmed = Segment(last.speaker, text, last.codes[:frames], pinned=last.pinned)
+        start = self.length - len(self._entries[-1].tokens)
+        self._entries[-1] = self._entry(trimmed)
+        self._truncate(min(start, self.cached))
+        return trimmed
+
     def flush(self) -> None:
         """Run the rows not yet in the cache now (e.g. a finished reply's closing rows) instead of later."""
         self._check_idle()
