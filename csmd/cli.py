@@ -276,6 +276,60 @@ def cmd_bench_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_talk(args: argparse.Namespace) -> int:
+    import trio
+
+    from csmd.audio.devices import Microphone, Speaker
+    from csmd.audio.vad import VoiceActivityDetector
+    from csmd.daemon.worker import ModelWorker
+    from csmd.model.generator import Generator
+    from csmd.model.loading import load_model
+    from csmd.speak import ContextClip, add_context, codec_for
+    from csmd.talk.loop import Conversation, TalkConfig
+    from csmd.talk.responder import OpenAIChatResponder, Responder, TypedResponder
+    from csmd.talk.turns import TurnConfig
+
+    _apply_runtime(args)
+    if bool(args.voice) != bool(args.voice_text):
+        raise ValueError("--voice and --voice-text go together")
+    turns = TurnConfig(min_speech=args.min_speech, end_silence=args.end_silence, echo_guard=args.echo_guard)
+    config = TalkConfig(params=_params(args), turns=turns)
+    responder: Responder = (
+        OpenAIChatResponder(args.llm, args.llm_model, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
+        if args.llm
+        else TypedResponder(lambda: input("csmd says> "))
+    )
+    loaded = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
+    if loaded.random:
+        print("note: random weights do not speak; replies will be noise", file=sys.stderr)
+    mimi = codec_for(loaded, args.codec)
+    generator = Generator(loaded.model, loaded.tokenizer)
+    context = generator.new_context()
+    if args.voice:
+        clip = ContextClip(Path(args.voice), args.voice_text, config.assistant_speaker)
+        add_context(context, mimi, clip)  # pinned: the voice stays the same however long the talk
+
+    def show(who: str, text: str) -> None:
+        print(f"{who:>9}: {text or '(speech)'}", flush=True)
+
+    async def main() -> None:
+        worker = ModelWorker()
+        try:
+            with Microphone(args.input_device) as mic, Speaker(args.output_device) as speaker:
+                talk = Conversation(generator, context, mimi, worker, mic, speaker, VoiceActivityDetector(),
+                                    responder, config=config, on_text=show)  # fmt: skip
+                print("listening; speak, then pause. Ctrl-C ends the conversation.", file=sys.stderr)
+                await talk.run()
+        finally:
+            worker.close()
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        print("\nbye", file=sys.stderr)
+    return 0
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     from csmd.audio.devices import list_devices
 
@@ -320,6 +374,26 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default="bfloat16", help="dtype of the float weights (default: bfloat16)")
     convert.add_argument("--tokenizer", help="tokenizer file to bundle (default: the one beside SRC)")
     convert.set_defaults(func=cmd_convert)
+
+    talk = commands.add_parser(
+        "talk",
+        parents=[run_opts, model_opts, _sampling_options()],
+        help="a live conversation: microphone in, speaker out",
+    )
+    talk.add_argument(
+        "--llm", metavar="URL", help="OpenAI-compatible chat endpoint for replies (e.g. http://127.0.0.1:8080/v1)"
+    )
+    talk.add_argument("--llm-model", default="default", help="model name sent to the endpoint")
+    talk.add_argument("--api-key", help="bearer token for the endpoint (default: $OPENAI_API_KEY)")
+    talk.add_argument("--voice", metavar="AUDIO", help="a recording of the voice csmd should keep")
+    talk.add_argument("--voice-text", help="what the --voice recording says")
+    talk.add_argument("--input-device", help="microphone name or index (see csmd devices)")
+    talk.add_argument("--output-device", help="speaker name or index (see csmd devices)")
+    talk.add_argument("--min-speech", type=float, default=0.25, help="seconds of speech that make a turn")
+    talk.add_argument("--end-silence", type=float, default=0.7, help="seconds of silence that end a turn")
+    talk.add_argument("--echo-guard", action="store_true", help="ignore the microphone while csmd talks (no AEC)")
+    talk.add_argument("--codec", help="Mimi weights (default: bundled with the model, else kyutai's release)")
+    talk.set_defaults(func=cmd_talk)
 
     devices = commands.add_parser("devices", help="list sound devices (names or indices for --output-device)")
     devices.set_defaults(func=cmd_devices)

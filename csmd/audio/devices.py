@@ -143,6 +143,7 @@ class Speaker:
         sd = _sounddevice()
         self.prebuffer = prebuffer  # samples to queue before sound starts (see `prebuffer_for`)
         self.underruns = 0  # callbacks that found the queue dry mid-utterance and played silence
+        self.played = 0  # samples handed to the device so far
         self._started = False  # the prebuffer was reached (or `finish` was called)
         self._finished = False  # no more audio is coming: running dry now is the end, not an underrun
         self._queue: deque[np.ndarray] = deque()
@@ -176,6 +177,7 @@ class Speaker:
                 self._drained.set()
                 if self._started and written < frames and not self._finished:
                     self.underruns += 1
+            self.played += written
         out[written:] = 0.0
 
     def __enter__(self) -> Speaker:
@@ -188,6 +190,25 @@ class Speaker:
         with self._lock:
             self._queue.append(chunk)
             self._drained.clear()
+
+    def clear(self) -> int:
+        """Drop everything not yet played (barge-in); returns how many samples were dropped.
+
+        The device stops sounding within one callback period (a few ms at the usual block sizes).
+        """
+        with self._lock:
+            dropped = sum(c.size for c in self._queue) - self._offset
+            self._queue.clear()
+            self._offset = 0
+            self._drained.set()
+            self._started = self.prebuffer == 0
+        return dropped
+
+    def restart(self) -> None:
+        """Ready for another utterance: the prebuffer applies again and running dry counts again."""
+        with self._lock:
+            self._started = False
+            self._finished = False
 
     def finish(self) -> None:
         """No more audio is coming: play what is queued even if it is less than the prebuffer."""

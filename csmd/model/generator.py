@@ -124,6 +124,15 @@ class Context:
         self._truncate(min(start, self.cached))
         return trimmed
 
+    def drop_last(self) -> Segment:
+        """Remove the last segment (e.g. a reply sentence made ahead but never played)."""
+        self._check_idle()
+        if not self._entries:
+            raise ValueError("the context is empty")
+        entry = self._entries.pop()
+        self._truncate(min(self.length, self.cached))
+        return entry.segment
+
     def flush(self) -> None:
         """Run the rows not yet in the cache now (e.g. a finished reply's closing rows) instead of later."""
         self._check_idle()

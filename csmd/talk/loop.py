@@ -1,0 +1,270 @@
+"""`csmd talk`: a live conversation through the microphone and the speaker, in-process.
+
+Two tasks share one trio loop:
+- listening: every few ms the microphone's new audio goes through the VAD and the turn taker; the audio
+  itself is kept (the last minute) so a finished user turn can be cut out of it, with a little pre-roll.
+- conversing: each finished user turn is Mimi-encoded into the context (with the recognizer's transcript),
+  the responder's reply comes sentence by sentence, and each sentence is spoken in the same context: frames
+  are made and decoded on the model thread and queued on the speaker as they come.
+
+Barge-in: user speech while csmd talks (after the grace window) clears the speaker at once, stops the reply
+at the next frame, and trims the conversation to what was heard: sentences never played are dropped, and the
+one being played keeps its played frames and the same fraction of its words. The assistant's history turn
+(what the responder sees next time) is trimmed the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Protocol
+
+import numpy as np
+import trio
+
+from csmd.audio.mimi.model import Mimi, StreamingDecoder
+from csmd.daemon.worker import ModelWorker
+from csmd.model.generator import Context, Generator, Segment, Utterance
+from csmd.model.sampling import GenerationParams
+from csmd.talk.responder import Responder, Turn
+from csmd.talk.turns import BargeIn, TurnConfig, TurnEnded, TurnTaker
+
+log = logging.getLogger("csmd.talk")
+FRAME = 1920
+RATE = 24_000
+POLL_SECONDS = 0.01
+KEEP_SECONDS = 60.0
+
+
+class Recognizer(Protocol):
+    async def transcribe(self, pcm: np.ndarray) -> str: ...
+
+
+class NoRecognizer:
+    """No speech recognizer: the user's turn joins the context as audio with an empty transcript."""
+
+    async def transcribe(self, pcm: np.ndarray) -> str:
+        return ""
+
+
+class AudioIn(Protocol):
+    def read(self) -> np.ndarray: ...
+
+
+class AudioOut(Protocol):
+    played: int
+
+    def __call__(self, pcm: np.ndarray) -> None: ...
+    def clear(self) -> int: ...
+
+
+class Vad(Protocol):
+    frame_samples: int
+
+    def process(self, pcm: np.ndarray) -> list[bool]: ...
+
+
+@dataclass
+class TalkConfig:
+    user_speaker: int = 0
+    assistant_speaker: int = 1
+    params: GenerationParams = field(default_factory=GenerationParams)
+    turns: TurnConfig = field(default_factory=TurnConfig)
+    preroll: float = 0.3  # seconds kept before the detected start of a turn (detection lags speech onset)
+
+
+@dataclass
+class _Spoken:
+    """One reply sentence in flight: where its audio sits in the speaker's timeline."""
+
+    text: str
+    queued_from: int  # speaker sample index of its first sample
+    frames: int = 0
+
+
+@dataclass
+class Stats:
+    turns: int = 0
+    barge_ins: int = 0
+    first_audio_after_turn: list[float] = field(default_factory=list)  # seconds, end of user turn -> first audio
+    barge_in_stop: list[float] = field(default_factory=list)  # seconds, detection -> speaker cleared
+
+
+class Conversation:
+    def __init__(
+        self,
+        generator: Generator,
+        context: Context,
+        mimi: Mimi,
+        worker: ModelWorker,
+        mic: AudioIn,
+        speaker: AudioOut,
+        vad: Vad,
+        responder: Responder,
+        recognizer: Recognizer | None = None,
+        config: TalkConfig | None = None,
+        on_text: Callable[[str, str], None] | None = None,
+    ):
+        self.generator, self.context, self.mimi, self.worker = generator, context, mimi, worker
+        self.mic, self.speaker, self.vad, self.responder = mic, speaker, vad, responder
+        self.recognizer = recognizer or NoRecognizer()
+        self.config = config or TalkConfig()
+        self.on_text = on_text or (lambda who, text: None)
+        self.taker = TurnTaker(self.config.turns)
+        self.history: list[Turn] = []
+        self.stats = Stats()
+        self._audio = np.zeros(0, np.float32)  # recent microphone audio
+        self._audio_start = 0  # stream sample index of self._audio[0]
+        self._heard = 0  # stream samples through the VAD
+        self._queued = 0  # speaker samples queued so far (its timeline)
+        self._spoken: list[_Spoken] = []  # sentences of the current reply, in order
+        self._interrupted = False  # the current reply was cut off by the user
+        self._replying = False  # a reply is being generated
+        self._speaking = False  # reply audio is queued or playing
+        # User turns (start, end), and TRIM: "trim the last reply to what was heard", in the order they happen.
+        self._turns_send, self._turns_receive = trio.open_memory_channel[tuple[float, float] | None](16)
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._listen)
+            nursery.start_soon(self._converse)
+
+    # -- listening ---------------------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        frame_seconds = self.vad.frame_samples / RATE
+        while True:
+            await trio.sleep(POLL_SECONDS)
+            pcm = self.mic.read()
+            if pcm.size:
+                self._keep(pcm)
+            for speech in self.vad.process(pcm):
+                self._heard += self.vad.frame_samples
+                for event in self.taker.feed(self._heard / RATE, speech, frame_seconds):
+                    if isinstance(event, BargeIn):
+                        self._barge_in()
+                    elif isinstance(event, TurnEnded):
+                        self._turns_send.send_nowait((event.start, event.end))
+            if self._speaking and not self._spoken_pending():
+                self._speaking = False
+                self.taker.assistant_stopped(self._heard / RATE)
+
+    def _keep(self, pcm: np.ndarray) -> None:
+        self._audio = np.concatenate([self._audio, pcm])
+        excess = self._audio.size - int(KEEP_SECONDS * RATE)
+        if excess > 0:
+            self._audio = self._audio[excess:]
+            self._audio_start += excess
+
+    def _cut(self, start: float, end: float) -> np.ndarray:
+        first = max(int((start - self.config.preroll) * RATE) - self._audio_start, 0)
+        last = int(end * RATE) - self._audio_start
+        return self._audio[first:last]
+
+    def _spoken_pending(self) -> bool:
+        return bool(self._spoken) and self.speaker.played < self._queued
+
+    def _barge_in(self) -> None:
+        started = trio.current_time()
+        self.speaker.clear()
+        self._interrupted = True
+        self.stats.barge_ins += 1
+        self.stats.barge_in_stop.append(trio.current_time() - started)
+        if not self._replying:  # the reply was already made; only its playback was cut: trim it now
+            self._turns_send.send_nowait(None)
+
+    # -- conversing --------------------------------------------------------------------------------------
+
+    async def _converse(self) -> None:
+        async for item in self._turns_receive:
+            if item is None:
+                await self._trim()
+                continue
+            start, end = item
+            user_audio = self._cut(start, end)
+            turn_done = trio.current_time()
+            transcript = await self.recognizer.transcribe(user_audio)
+            self.on_text("user", transcript)
+            codes = await self.worker.run(partial(self.mimi.encode, user_audio))
+            segment = Segment(self.config.user_speaker, transcript, codes.T)
+            await self.worker.run(partial(self.context.append, segment))
+            self.stats.turns += 1
+            self.history.append(Turn("user", transcript))
+            await self._reply(turn_done)
+
+    async def _reply(self, turn_done: float) -> None:
+        self._spoken, self._interrupted, self._replying = [], False, True
+        first_audio = True
+        async for sentence in self.responder.respond(self.history):
+            if self._interrupted:
+                break
+            spoken = _Spoken(sentence, self._queued)
+            self._spoken.append(spoken)
+            self.on_text("assistant", sentence)
+            start = partial(self.generator.start, self.context, sentence, self.config.assistant_speaker)
+            utterance = await self.worker.run(partial(start, self.config.params))
+            next_audio = partial(_next_audio, utterance, StreamingDecoder(self.mimi))
+
+            while not self._interrupted and (pcm := await self.worker.run(next_audio)) is not None:
+                if first_audio:
+                    self.stats.first_audio_after_turn.append(trio.current_time() - turn_done)
+                    first_audio = False
+                if not self._speaking:
+                    self._speaking = True
+                    self.taker.assistant_started(self._heard / RATE)
+                self.speaker(pcm)
+                self._queued += pcm.size
+                spoken.frames += 1
+            await self.worker.run(utterance.cancel)  # no-op if it ended by itself
+        self._replying = False
+        self.history.append(Turn("assistant", " ".join(s.text for s in self._spoken)))
+        if self._interrupted:
+            await self._trim()
+
+    async def _trim(self) -> None:
+        """Make the context and the history say only what the user heard of the last reply."""
+        if not self._spoken:
+            return
+        heard = await self.worker.run(self._trim_to_heard)
+        self._spoken = []  # trimmed once
+        assert self.history and self.history[-1].role == "assistant"
+        self.history.pop()
+        if heard:
+            self.history.append(Turn("assistant", heard))
+
+    def _trim_to_heard(self) -> str:
+        """Model thread: drop the reply sentences nobody heard and trim the one cut off; the text heard."""
+        played = self.speaker.played
+        heard: list[str] = []
+        for spoken in reversed(self._spoken):
+            frames_heard = min(max((played - spoken.queued_from) // FRAME, 0), spoken.frames)
+            if frames_heard == 0:
+                self.context.drop_last()
+                continue
+            if frames_heard < spoken.frames:
+                text = words_in_proportion(spoken.text, frames_heard / spoken.frames)
+                self.context.trim_last(frames_heard, text)
+                heard.insert(0, text)
+            else:
+                heard.insert(0, spoken.text)
+            # The sentences before this one were played in full (playback is in order).
+            heard[:0] = [s.text for s in self._spoken[: self._spoken.index(spoken)]]
+            break
+        return " ".join(t for t in heard if t)
+
+
+def _next_audio(utterance: Utterance, decoder: StreamingDecoder) -> np.ndarray | None:
+    """Model thread: the next frame of a reply, decoded; None when it has ended."""
+    frame = utterance.step()
+    return None if frame is None else decoder.step(frame)
+
+
+def words_in_proportion(text: str, fraction: float) -> str:
+    """The first `fraction` of `text`, cut at a word boundary: the part of a sentence that was heard.
+
+    Speech time is roughly proportional to text length, so this is an estimate, documented as such.
+    """
+    words = text.split()
+    return " ".join(words[: round(len(words) * max(0.0, min(fraction, 1.0)))])

@@ -1,0 +1,164 @@
+"""The conversation loop with scripted devices: a microphone whose "speech" follows a timeline, a speaker that
+plays in real time, the tiny random model and codec. (Real devices: tests/test_talk_devices.py.)
+
+The VAD here is a plain energy gate over the scripted signal (loud noise = speech, zeros = silence): these
+tests are about the loop's logic (turns, replies, barge-in, trimming), not about detecting speech.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+import pytest
+import trio
+
+from csmd.audio.mimi.model import Mimi
+from csmd.daemon.worker import ModelWorker
+from csmd.model.generator import Generator
+from csmd.model.loading import load_model
+from csmd.model.sampling import GenerationParams
+from csmd.speak import codec_for
+from csmd.talk.loop import Conversation, TalkConfig, words_in_proportion
+from csmd.talk.responder import Turn
+from csmd.talk.turns import TurnConfig
+
+RATE = 24_000
+
+
+class ScriptedMic:
+    """Real-time microphone whose signal is `speech(t)` (True: loud noise, False: silence)."""
+
+    def __init__(self, speech: Callable[[float], bool]):
+        self.speech = speech
+        self.start = time.monotonic()
+        self.sent = 0
+        self.rng = np.random.default_rng(0)
+
+    def read(self) -> np.ndarray:
+        due = int((time.monotonic() - self.start) * RATE)
+        n, self.sent = due - self.sent, due
+        t = (self.sent - n + np.arange(n)) / RATE
+        loud = np.array([self.speech(x) for x in t[::480]]).repeat(480)[:n] if n else np.zeros(0, bool)
+        return np.where(loud, 0.3 * self.rng.standard_normal(n), 0.0).astype(np.float32)
+
+
+class RealTimeSpeaker:
+    """Plays queued samples at 24 kHz of wall-clock time, like a device."""
+
+    def __init__(self) -> None:
+        self.queued = 0
+        self.cleared_at: list[float] = []
+        self._played_before = 0
+        self._since = time.monotonic()
+        self.audio: list[np.ndarray] = []
+
+    @property
+    def played(self) -> int:
+        return min(self.queued, self._played_before + int((time.monotonic() - self._since) * RATE))
+
+    def __call__(self, pcm: np.ndarray) -> None:
+        if self.played >= self.queued:  # idle: playback (re)starts now
+            self._played_before, self._since = self.queued, time.monotonic()
+        self.queued += pcm.size
+        self.audio.append(pcm)
+
+    def clear(self) -> int:
+        played = self.played
+        dropped, self.queued = self.queued - played, played
+        self._played_before, self._since = played, time.monotonic()
+        self.cleared_at.append(time.monotonic())
+        return dropped
+
+
+class EnergyGate:
+    frame_samples = 480
+
+    def __init__(self) -> None:
+        self._rest = np.zeros(0, np.float32)
+
+    def process(self, pcm: np.ndarray) -> list[bool]:
+        pcm = np.concatenate([self._rest, pcm])
+        n = pcm.size // self.frame_samples
+        self._rest = pcm[n * self.frame_samples :]
+        frames = pcm[: n * self.frame_samples].reshape(n, self.frame_samples)
+        return [bool(np.sqrt((f**2).mean()) > 0.05) for f in frames]
+
+
+class ScriptedResponder:
+    def __init__(self, sentences: list[str]):
+        self.sentences = sentences
+        self.seen: list[list[Turn]] = []
+
+    async def respond(self, history: list[Turn]) -> AsyncIterator[str]:
+        self.seen.append(list(history))
+        for sentence in self.sentences:
+            yield sentence
+
+
+@pytest.fixture(scope="module")
+def engine() -> tuple[Generator, Mimi]:
+    loaded = load_model("random:tiny")
+    assert loaded.tokenizer is not None
+    return Generator(loaded.model, loaded.tokenizer), codec_for(loaded, None)
+
+
+async def converse(
+    engine: tuple[Generator, Mimi], speech: Callable[[float], bool], sentences: list[str], seconds: float, frames: int
+) -> tuple[Conversation, RealTimeSpeaker, ScriptedResponder]:
+    generator, mimi = engine
+    worker = ModelWorker()
+    try:
+        context = await worker.run(lambda: generator.new_context())
+        speaker = RealTimeSpeaker()
+        responder = ScriptedResponder(sentences)
+        config = TalkConfig(
+            params=GenerationParams(max_frames=frames, seed=1),
+            turns=TurnConfig(min_speech=0.2, end_silence=0.4, barge_in_speech=0.1, grace=0.2),
+        )
+        talk = Conversation(generator, context, mimi, worker, ScriptedMic(speech), speaker, EnergyGate(),
+                            responder, config=config)  # fmt: skip
+        with trio.move_on_after(seconds):
+            await talk.run()
+    finally:
+        worker.close()
+    return talk, speaker, responder
+
+
+async def test_a_turn_gets_a_spoken_reply(engine: tuple[Generator, Mimi]) -> None:
+    talk, speaker, responder = await converse(
+        engine, lambda t: 0.2 < t < 1.0, ["Hello there.", "How are you?"], seconds=3.0, frames=6
+    )
+    assert talk.stats.turns == 1 and talk.stats.barge_ins == 0
+    assert [t.role for t in talk.history] == ["user", "assistant"]
+    assert talk.history[1].text == "Hello there. How are you?"
+    segments = talk.context.segments
+    assert [s.speaker for s in segments] == [0, 1, 1]
+    assert segments[0].codes is not None and 8 <= len(segments[0].codes) <= 16  # ~0.8 s + pre-roll, 80 ms frames
+    assert sum(p.size for p in speaker.audio) == sum(len(s.codes) for s in segments[1:]) * 1920  # type: ignore[arg-type]
+    assert responder.seen[0] == [Turn("user", "")]
+    assert talk.stats.first_audio_after_turn[0] < 1.0
+
+
+async def test_barge_in_stops_playback_and_keeps_what_was_heard(engine: tuple[Generator, Mimi]) -> None:
+    # The user talks (0.2-0.8 s), csmd answers with two 3.2 s sentences, the user cuts in at 2.8 s.
+    sentences = ["One two three four five six seven eight.", "Nine ten eleven twelve."]
+    talk, speaker, _ = await converse(
+        engine, lambda t: 0.2 < t < 0.8 or 2.8 < t < 3.4, sentences, seconds=5.0, frames=40
+    )
+    assert talk.stats.barge_ins == 1 and len(speaker.cleared_at) == 1
+    speakers = [s.speaker for s in talk.context.segments]
+    assert speakers[:3] == [0, 1, 0]  # the second sentence was made ahead but never heard: dropped
+    replies = [talk.context.segments[1]]
+    heard = replies[0]
+    assert heard.codes is not None and 10 < len(heard.codes) < 40  # about 1.5 s of 3.2 s was played
+    assert heard.text == words_in_proportion(sentences[0], len(heard.codes) / 40)
+    assert talk.history[1] == Turn("assistant", heard.text)
+    assert talk.stats.turns == 2  # the barge-in speech became the next user turn
+
+
+def test_words_in_proportion() -> None:
+    assert words_in_proportion("a b c d", 0.5) == "a b"
+    assert words_in_proportion("a b c d", 0.0) == ""
+    assert words_in_proportion("a b c d", 1.0) == "a b c d"
