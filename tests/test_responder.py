@@ -181,14 +181,19 @@ class Server:
 
 
 async def read_request(stream: trio.SocketStream) -> Request:
+    async def more() -> bytes:
+        if not (data := await stream.receive_some()):
+            raise ConnectionError("the client left in the middle of its request")
+        return data
+
     data = b""
     while b"\r\n\r\n" not in data:
-        data += await stream.receive_some()
+        data += await more()
     head, body = data.split(b"\r\n\r\n", 1)
     start, *lines = head.decode().split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
     while len(body) < int(headers.get("content-length", 0)):
-        body += await stream.receive_some()
+        body += await more()
     method, path, _ = start.split(" ")
     return Request(method, path, headers, body)
 
@@ -287,6 +292,7 @@ async def test_sentences_stream_out_as_soon_as_they_are_complete(chunked: bool, 
     [request] = server.requests
     assert (request.method, request.path) == ("POST", "/v1/chat/completions")
     assert request.headers["content-type"] == "application/json"
+    assert request.headers["accept"] == "text/event-stream"
     assert "authorization" not in request.headers
     assert request.json() == {
         "model": "test-model",

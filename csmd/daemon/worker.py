@@ -47,15 +47,16 @@ class ModelWorker:
 
         def job() -> None:
             result.append(outcome.capture(fn))
-            # If the event loop is gone (shutdown), nobody waits for this result.
+            # Schedule the wake-up without waiting for the loop to run it: the loop may itself be waiting
+            # for this thread (`close` joins it), and if the loop is gone nobody needs the result.
             with contextlib.suppress(trio.RunFinishedError):
-                trio.from_thread.run_sync(done.set, trio_token=token)
+                token.run_sync_soon(done.set)
 
         self._jobs.put(job)
         await done.wait()
         return result[0].unwrap()
 
     def close(self) -> None:
-        """Finish queued jobs, then stop the thread."""
+        """Finish queued jobs, then stop the thread. Safe from the trio thread: jobs never wait on it."""
         self._jobs.put(None)
         self._thread.join()

@@ -15,6 +15,7 @@ one being played keeps its played frames and the same fraction of its words. The
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -197,27 +198,29 @@ class Conversation:
     async def _reply(self, turn_done: float) -> None:
         self._spoken, self._interrupted, self._replying = [], False, True
         first_audio = True
-        async for sentence in self.responder.respond(self.history):
-            if self._interrupted:
-                break
-            spoken = _Spoken(sentence, self._queued)
-            self._spoken.append(spoken)
-            self.on_text("assistant", sentence)
-            start = partial(self.generator.start, self.context, sentence, self.config.assistant_speaker)
-            utterance = await self.worker.run(partial(start, self.config.params))
-            next_audio = partial(_next_audio, utterance, StreamingDecoder(self.mimi))
+        # aclosing: a barge-in leaves the loop early, and the responder (an HTTP stream) must close now.
+        async with contextlib.aclosing(self.responder.respond(self.history)) as sentences:
+            async for sentence in sentences:
+                if self._interrupted:
+                    break
+                spoken = _Spoken(sentence, self._queued)
+                self._spoken.append(spoken)
+                self.on_text("assistant", sentence)
+                start = partial(self.generator.start, self.context, sentence, self.config.assistant_speaker)
+                utterance = await self.worker.run(partial(start, self.config.params))
+                next_audio = partial(_next_audio, utterance, StreamingDecoder(self.mimi))
 
-            while not self._interrupted and (pcm := await self.worker.run(next_audio)) is not None:
-                if first_audio:
-                    self.stats.first_audio_after_turn.append(trio.current_time() - turn_done)
-                    first_audio = False
-                if not self._speaking:
-                    self._speaking = True
-                    self.taker.assistant_started(self._heard / RATE)
-                self.speaker(pcm)
-                self._queued += pcm.size
-                spoken.frames += 1
-            await self.worker.run(utterance.cancel)  # no-op if it ended by itself
+                while not self._interrupted and (pcm := await self.worker.run(next_audio)) is not None:
+                    if first_audio:
+                        self.stats.first_audio_after_turn.append(trio.current_time() - turn_done)
+                        first_audio = False
+                    if not self._speaking:
+                        self._speaking = True
+                        self.taker.assistant_started(self._heard / RATE)
+                    self.speaker(pcm)
+                    self._queued += pcm.size
+                    spoken.frames += 1
+                await self.worker.run(utterance.cancel)  # no-op if it ended by itself
         self._replying = False
         self.history.append(Turn("assistant", " ".join(s.text for s in self._spoken)))
         if self._interrupted:
