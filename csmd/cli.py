@@ -319,7 +319,14 @@ def cmd_talk(args: argparse.Namespace) -> int:
                 talk = Conversation(generator, context, mimi, worker, mic, speaker, VoiceActivityDetector(),
                                     responder, config=config, on_text=show)  # fmt: skip
                 print("listening; speak, then pause. Ctrl-C ends the conversation.", file=sys.stderr)
-                await talk.run()
+                try:
+                    await talk.run()
+                finally:
+                    s = talk.stats
+                    first = f"{1000 * sum(s.first_audio_after_turn) / len(s.first_audio_after_turn):.0f} ms" if (
+                        s.first_audio_after_turn) else "-"  # fmt: skip
+                    print(f"{s.turns} turns, {s.barge_ins} barge-ins, first reply audio after {first} on average, "
+                          f"{speaker.underruns} playback underruns", file=sys.stderr)  # fmt: skip
         finally:
             worker.close()
 
