@@ -352,6 +352,20 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_talk(args: argparse.Namespace) -> int:
+    from csmd.bench.talk import format_result, run
+    from csmd.model.generator import Generator
+    from csmd.model.loading import load_model
+    from csmd.speak import codec_for
+
+    _apply_runtime(args)
+    loaded = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
+    generator = Generator(loaded.model, loaded.tokenizer)
+    result = run(generator, codec_for(loaded, None), args.model, args.rounds, args.user_device, args.csmd_device)
+    print(json.dumps(result.as_dict()) if args.json else format_result(result))
+    return 0
+
+
 def cmd_bench_codec(args: argparse.Namespace) -> int:
     from csmd.audio.mimi.loading import load_mimi
     from csmd.bench.codec import format_result, run
@@ -450,6 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
     over_socket.add_argument("--runs", type=int, default=5, help="replies each way (default: 5)")
     over_socket.add_argument("--json", action="store_true", help="print one JSON object")
     over_socket.set_defaults(func=cmd_bench_daemon)
+    talk_bench = benches.add_parser(
+        "talk", parents=[run_opts, model_opts], help="a scripted conversation on real devices: turn and barge-in"
+    )
+    talk_bench.add_argument("--user-device", default="loopback", help="plays the user's voice into csmd's mic")
+    talk_bench.add_argument("--csmd-device", default="system", help="where csmd speaks (not heard back)")
+    talk_bench.add_argument("--rounds", type=int, default=3, help="rounds (default: 3)")
+    talk_bench.add_argument("--json", action="store_true", help="print one JSON object")
+    talk_bench.set_defaults(func=cmd_bench_talk)
     codec = benches.add_parser("codec", parents=[run_opts], help="Mimi streaming decode/encode per frame")
     codec.add_argument("--codec", default="random:mimi", help="Mimi weights (default: random:mimi, full size)")
     codec.add_argument("--frames", type=int, default=50, help="timed frames (default: 50)")

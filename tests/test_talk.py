@@ -64,6 +64,12 @@ class RealTimeSpeaker:
         self.queued += pcm.size
         self.audio.append(pcm)
 
+    def restart(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
     def clear(self) -> int:
         played = self.played
         dropped, self.queued = self.queued - played, played

@@ -201,7 +201,7 @@ class Speaker:
             self._queue.clear()
             self._offset = 0
             self._drained.set()
-            self._started = self.prebuffer == 0
+            self._finished = True  # what follows is silence by choice, not an underrun
         return dropped
 
     def restart(self) -> None:

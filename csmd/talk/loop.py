@@ -59,6 +59,8 @@ class AudioOut(Protocol):
 
     def __call__(self, pcm: np.ndarray) -> None: ...
     def clear(self) -> int: ...
+    def restart(self) -> None: ...  # a new reply begins: running dry counts as an underrun again
+    def finish(self) -> None: ...  # the reply's audio is all queued: running dry now is its end
 
 
 class Vad(Protocol):
@@ -197,6 +199,7 @@ class Conversation:
 
     async def _reply(self, turn_done: float) -> None:
         self._spoken, self._interrupted, self._replying = [], False, True
+        self.speaker.restart()
         first_audio = True
         # aclosing: a barge-in leaves the loop early, and the responder (an HTTP stream) must close now.
         async with contextlib.aclosing(self.responder.respond(self.history)) as sentences:
@@ -222,6 +225,7 @@ class Conversation:
                     spoken.frames += 1
                 await self.worker.run(utterance.cancel)  # no-op if it ended by itself
         self._replying = False
+        self.speaker.finish()
         self.history.append(Turn("assistant", " ".join(s.text for s in self._spoken)))
         if self._interrupted:
             await self._trim()

@@ -1,0 +1,149 @@
+"""`csmd bench talk`: a scripted conversation on real audio devices, measured.
+
+The user's voice is synthesized with espeak-ng and played into one device (e.g. JACK's `loopback`, whose
+output is wired to its input); csmd listens on that device's input and speaks to another (e.g. `system`), so
+it hears the user and not itself. Each round: the user asks, csmd answers, and one second into the answer
+the user cuts in. Measured: end of the user's turn to the first reply audio, user speech onset to playback
+stop (barge-in), and playback underruns per minute of reply audio.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import tempfile
+from collections.abc import AsyncGenerator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import trio
+
+from csmd.audio import io
+from csmd.audio.devices import Microphone, Speaker
+from csmd.audio.mimi.model import Mimi
+from csmd.audio.vad import VoiceActivityDetector
+from csmd.daemon.worker import ModelWorker
+from csmd.model.generator import Generator
+from csmd.model.sampling import GenerationParams
+from csmd.talk.loop import Conversation, TalkConfig
+from csmd.talk.responder import Turn
+from csmd.talk.turns import TurnConfig
+
+QUESTION = "Hello there, how are you doing today?"
+INTERRUPTION = "Wait, stop, I have a question."
+REPLY = ["This is the first of two long sentences.", "And this one should never be heard."]
+
+
+@dataclass
+class TalkRound:
+    first_audio_ms: float  # end of the user's turn (as detected) to the first reply audio queued
+    barge_in_ms: float  # onset of the interrupting speech to playback stopped
+    reply_frames: int  # frames of the reply kept in the context (what was heard)
+    underruns: int
+    reply_seconds: float
+
+
+@dataclass
+class TalkBenchResult:
+    model: str
+    rounds: int
+    first_audio_ms: float  # medians
+    barge_in_ms: float
+    underruns_per_minute: float
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class _Reply:
+    async def respond(self, history: list[Turn]) -> AsyncGenerator[str, None]:
+        for sentence in REPLY:
+            yield sentence
+
+
+def espeak(text: str, directory: Path) -> np.ndarray:
+    path = directory / "speech.wav"
+    try:
+        subprocess.run(["espeak-ng", "-w", str(path), text], check=True, capture_output=True)
+    except FileNotFoundError as exc:
+        raise RuntimeError("this benchmark needs espeak-ng for the user's voice (apt-get install espeak-ng)") from exc
+    return io.read_audio(path)
+
+
+async def one_round(
+    generator: Generator, mimi: Mimi, user_device: str, csmd_device: str, params: GenerationParams
+) -> tuple[TalkRound, Conversation]:
+    with tempfile.TemporaryDirectory() as tmp:
+        question = espeak(QUESTION, Path(tmp))
+        interruption = espeak(INTERRUPTION, Path(tmp))
+    worker = ModelWorker()
+    try:
+        context = await worker.run(generator.new_context)
+        config = TalkConfig(params=params, turns=TurnConfig(min_speech=0.25, end_silence=0.6, grace=0.3))
+        with (
+            Microphone(user_device) as mic,
+            Speaker(csmd_device) as speaker,
+            Speaker(user_device) as user,  # the user's mouth
+        ):
+            talk = Conversation(generator, context, mimi, worker, mic, speaker, VoiceActivityDetector(), _Reply(),
+                                config=config)  # fmt: skip
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(talk.run)
+                await trio.sleep(0.3)
+                user(question)
+                with trio.fail_after(60):
+                    while not talk._speaking:
+                        await trio.sleep(0.005)
+                await trio.sleep(1.0)
+                user(interruption)
+                onset = trio.current_time()
+                with trio.fail_after(10):
+                    while not talk.stats.barge_ins:
+                        await trio.sleep(0.002)
+                barge_in = trio.current_time() - onset
+                with trio.fail_after(60):
+                    while talk.stats.turns < 2:
+                        await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+    finally:
+        worker.close()
+    reply = next((s for s in context.segments if s.speaker == config.assistant_speaker), None)
+    frames = 0 if reply is None or reply.codes is None else len(reply.codes)
+    result = TalkRound(
+        first_audio_ms=1000 * talk.stats.first_audio_after_turn[0],
+        barge_in_ms=1000 * barge_in,
+        reply_frames=frames,
+        underruns=speaker.underruns,
+        reply_seconds=speaker.played / 24_000,
+    )
+    return result, talk
+
+
+def run(
+    generator: Generator, mimi: Mimi, name: str, rounds: int, user_device: str, csmd_device: str
+) -> TalkBenchResult:
+    params = GenerationParams(max_frames=60, seed=2)
+    results = []
+    for _ in range(rounds):
+        result, _ = trio.run(one_round, generator, mimi, user_device, csmd_device, params)
+        results.append(result)
+    minutes = sum(r.reply_seconds for r in results) / 60
+    return TalkBenchResult(
+        model=name,
+        rounds=rounds,
+        first_audio_ms=round(statistics.median(r.first_audio_ms for r in results), 1),
+        barge_in_ms=round(statistics.median(r.barge_in_ms for r in results), 1),
+        underruns_per_minute=round(sum(r.underruns for r in results) / minutes, 2) if minutes else 0.0,
+    )
+
+
+def format_result(r: TalkBenchResult) -> str:
+    return "\n".join(
+        [
+            f"model {r.model}: {r.rounds} scripted rounds on real devices; medians",
+            f"  end of user turn -> first reply audio  {r.first_audio_ms:8.1f} ms",
+            f"  user speech onset -> playback stopped  {r.barge_in_ms:8.1f} ms (barge-in)",
+            f"  playback underruns                     {r.underruns_per_minute:8.2f} per minute of reply audio",
+        ]
+    )
