@@ -150,7 +150,9 @@ class Conversation:
                         self._barge_in()
                     elif isinstance(event, TurnEnded):
                         self._turns_send.send_nowait((event.start, event.end))
-            if self._speaking and not self._spoken_pending():
+            # The reply is over when it is all made and all played; running dry while slow generation catches
+            # up is still the same reply (the user may still barge in).
+            if self._speaking and not self._replying and self.speaker.played >= self._queued:
                 self._speaking = False
                 self.taker.assistant_stopped(self._heard / RATE)
 
@@ -165,9 +167,6 @@ class Conversation:
         first = max(int((start - self.config.preroll) * RATE) - self._audio_start, 0)
         last = int(end * RATE) - self._audio_start
         return self._audio[first:last]
-
-    def _spoken_pending(self) -> bool:
-        return bool(self._spoken) and self.speaker.played < self._queued
 
     def _barge_in(self) -> None:
         started = trio.current_time()
