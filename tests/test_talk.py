@@ -48,6 +48,7 @@ class RealTimeSpeaker:
     """Plays queued samples at 24 kHz of wall-clock time, like a device."""
 
     def __init__(self) -> None:
+        self.prebuffer = 0
         self.queued = 0
         self.cleared_at: list[float] = []
         self._played_before = 0
@@ -145,6 +146,7 @@ async def test_a_turn_gets_a_spoken_reply(engine: tuple[Generator, Mimi]) -> Non
     assert sum(p.size for p in speaker.audio) == sum(len(s.codes) for s in segments[1:]) * 1920  # type: ignore[arg-type]
     assert responder.seen[0] == [Turn("user", "")]
     assert talk.stats.first_audio_after_turn[0] < 1.0
+    assert speaker.prebuffer == 1920  # faster than real time: playback starts after the first frame
 
 
 async def test_barge_in_stops_playback_and_keeps_what_was_heard(engine: tuple[Generator, Mimi]) -> None:

@@ -205,9 +205,10 @@ class Speaker:
         return dropped
 
     def restart(self) -> None:
-        """Ready for another utterance: the prebuffer applies again and running dry counts again."""
+        """Ready for another utterance: running dry counts again, and if nothing is playing any more the
+        prebuffer applies again (audio still playing keeps playing: no gap between sentences)."""
         with self._lock:
-            self._started = False
+            self._started = self._started and bool(self._queue)
             self._finished = False
 
     def finish(self) -> None:

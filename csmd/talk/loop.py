@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 import trio
 
+from csmd.audio.devices import prebuffer_for
 from csmd.audio.mimi.model import Mimi, StreamingDecoder
 from csmd.daemon.worker import ModelWorker
 from csmd.model.generator import Context, Generator, Segment, Utterance
@@ -56,6 +57,7 @@ class AudioIn(Protocol):
 
 class AudioOut(Protocol):
     played: int
+    prebuffer: int  # samples held back before an utterance starts sounding
 
     def __call__(self, pcm: np.ndarray) -> None: ...
     def clear(self) -> int: ...
@@ -128,6 +130,7 @@ class Conversation:
         self._speaking = False  # reply audio is queued or playing
         # User turns (start, end), and TRIM: "trim the last reply to what was heard", in the order they happen.
         self._turns_send, self._turns_receive = trio.open_memory_channel[tuple[float, float] | None](16)
+        self._frame_seconds: float | None = None  # measured time to make and decode one frame (moving average)
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -207,12 +210,16 @@ class Conversation:
                     break
                 spoken = _Spoken(sentence, self._queued)
                 self._spoken.append(spoken)
+                # Slower than real time: hold back enough of this sentence that it never runs dry once it
+                # starts (from the measured frame rate); faster: start after the first frame.
+                self.speaker.prebuffer = prebuffer_for(self._frame_seconds or 0.0, self.config.params.max_frames)
+                self.speaker.restart()
                 self.on_text("assistant", sentence)
                 start = partial(self.generator.start, self.context, sentence, self.config.assistant_speaker)
                 utterance = await self.worker.run(partial(start, self.config.params))
                 next_audio = partial(_next_audio, utterance, StreamingDecoder(self.mimi))
 
-                while not self._interrupted and (pcm := await self.worker.run(next_audio)) is not None:
+                while not self._interrupted and (pcm := await self._timed(next_audio)) is not None:
                     if first_audio:
                         self.stats.first_audio_after_turn.append(trio.current_time() - turn_done)
                         first_audio = False
@@ -223,11 +230,18 @@ class Conversation:
                     self._queued += pcm.size
                     spoken.frames += 1
                 await self.worker.run(utterance.cancel)  # no-op if it ended by itself
+                self.speaker.finish()  # the gap before the next sentence is not an underrun
         self._replying = False
-        self.speaker.finish()
         self.history.append(Turn("assistant", " ".join(s.text for s in self._spoken)))
         if self._interrupted:
             await self._trim()
+
+    async def _timed(self, make: Callable[[], np.ndarray | None]) -> np.ndarray | None:
+        started = trio.current_time()
+        pcm = await self.worker.run(make)
+        took = trio.current_time() - started
+        self._frame_seconds = took if self._frame_seconds is None else 0.8 * self._frame_seconds + 0.2 * took
+        return pcm
 
     async def _trim(self) -> None:
         """Make the context and the history say only what the user heard of the last reply."""
