@@ -441,3 +441,17 @@ async def test_session_limits_close_while_speaking_and_bad_audio(daemon: tuple[D
     await client.send(m.OpenSession(session="one-too-many"))
     error = await client.next()
     assert isinstance(error, m.Error) and error.code == "too_many_sessions"
+
+
+async def test_commands_queued_behind_a_close_find_no_session(daemon: tuple[Daemon, Path]) -> None:
+    _, path = daemon
+    client = await RawClient.connect(path)
+    for msg in (
+        m.OpenSession(session="c"),
+        m.CloseSession(session="c"),
+        m.AddContext(session="c", speaker=0, text="x"),
+    ):
+        await client.send(msg)
+    replies = [await client.next() for _ in range(3)]
+    assert isinstance(replies[0], m.SessionOpened) and isinstance(replies[1], m.SessionClosed)
+    assert isinstance(replies[2], m.Error) and replies[2].code == "unknown_session"

@@ -177,6 +177,8 @@ class ClientHandler:
             async with session.lock:
                 task_status.started()
                 started = True
+                if self.sessions.get(session.name) is not session:  # closed while this command waited
+                    raise CommandError("unknown_session", f"session {session.name!r} was closed")
                 if isinstance(msg, m.OpenSession):
                     await self._open(session)
                 elif isinstance(msg, m.CloseSession):
