@@ -385,8 +385,14 @@ def peer_is_allowed(sock: trio.socket.SocketType) -> bool:
 
 
 def default_socket_path() -> Path:
+    """$XDG_RUNTIME_DIR/csmd/csmd.sock, else /tmp/csmd-UID/csmd.sock; the directory must be private to us."""
     runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(runtime_dir) / "csmd" if runtime_dir else Path(f"/tmp/csmd-{os.getuid()}")
+    if base.exists():
+        st = base.lstat()
+        # In a shared /tmp someone else could have made the directory first: never put our socket in it.
+        if base.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise DaemonRunningError(f"{base} is not a private directory of this user; remove it or use --socket")
     return base / "csmd.sock"
 
 
