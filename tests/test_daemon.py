@@ -455,3 +455,16 @@ async def test_commands_queued_behind_a_close_find_no_session(daemon: tuple[Daem
     replies = [await client.next() for _ in range(3)]
     assert isinstance(replies[0], m.SessionOpened) and isinstance(replies[1], m.SessionClosed)
     assert isinstance(replies[2], m.Error) and replies[2].code == "unknown_session"
+
+
+async def test_default_socket_directory_must_be_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from csmd.daemon.server import default_socket_path
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert default_socket_path() == tmp_path / "csmd" / "csmd.sock"
+    (tmp_path / "csmd").mkdir(mode=0o755)
+    (tmp_path / "csmd").chmod(0o755)
+    with pytest.raises(DaemonRunningError, match="not a private directory"):
+        default_socket_path()
+    (tmp_path / "csmd").chmod(0o700)
+    assert default_socket_path() == tmp_path / "csmd" / "csmd.sock"
