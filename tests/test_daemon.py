@@ -468,3 +468,48 @@ async def test_default_socket_directory_must_be_private(tmp_path: Path, monkeypa
         default_socket_path()
     (tmp_path / "csmd").chmod(0o700)
     assert default_socket_path() == tmp_path / "csmd" / "csmd.sock"
+
+
+async def test_trim_keeps_only_the_heard_part_of_a_reply(
+    daemon: tuple[Daemon, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """context.trim: what `csmd talk` sends after a barge-in, through the daemon."""
+    d, path = daemon
+    contexts: list[Context] = []
+    original = d.generator.new_context
+    monkeypatch.setattr(d.generator, "new_context", lambda: contexts.append(original()) or contexts[-1])
+    client = await RawClient.connect(path)
+    await client.open("s")
+    await client.speak("s", "r1", max_frames=10)
+    await client.speak("s", "r2", max_frames=5)
+    (context,) = contexts
+    first = context.segments[0]
+    await client.send(m.TrimContext(session="s", request="r1", frames=4, text="Hello"))
+    trimmed = await client.next()
+    assert isinstance(trimmed, m.ContextTrimmed) and trimmed.rows == context.length
+    (kept,) = context.segments  # r2, made after r1, is gone
+    assert kept.text == "Hello" and first.codes is not None and np.array_equal(kept.codes, first.codes[:4])
+    await client.send(m.TrimContext(session="s", request="nope", frames=1, text=""))
+    error = await client.next()
+    assert isinstance(error, m.Error) and error.code == "no_such_request"
+    await client.send(m.TrimContext(session="s", request="r1", frames=9, text=""))
+    error = await client.next()
+    assert isinstance(error, m.Error) and error.code == "invalid_params" and "frames must be in 0..4" in error.message
+
+
+async def test_trio_client_against_the_daemon(daemon: tuple[Daemon, Path]) -> None:
+    """The trio client library end to end: context, speech, trim."""
+    from csmd.protocol import trio_client
+
+    _, path = daemon
+    async with await trio_client.connect(path, client="test") as client:
+        await client.open_session("c")
+        added = await client.add_context("c", 1, "Hi.", np.zeros(4800, np.float32), rate=24_000, pinned=True)
+        assert added.frames == 3
+        speech = await client.start_speaking("c", "Hello there.", 0, max_frames=6, seed=1, request="r")
+        chunks = [chunk async for chunk in speech]
+        assert speech.end is not None and len(chunks) == speech.end.frames == 6
+        assert all(c.pcm.shape == (1920,) for c in chunks)
+        trimmed = await client.trim_context("c", "r", 2, "Hello")
+        text_rows = len("[0]Hello".encode()) + 2  # random:tiny's byte tokenizer, plus BOS and EOS
+        assert trimmed.rows == added.rows + text_rows + 2 + 1  # the reply's text, 2 frames, the closing frame

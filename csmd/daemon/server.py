@@ -15,6 +15,7 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,7 +27,7 @@ from csmd.audio import io
 from csmd.audio.mimi.model import Mimi, StreamingDecoder
 from csmd.daemon.scheduler import Chunk, Scheduler, Speech
 from csmd.daemon.worker import ModelWorker
-from csmd.model.generator import Context, ContextBusyError, ContextOverflowError, Generator, Segment
+from csmd.model.generator import Context, ContextBusyError, ContextOverflowError, Generator, Segment, Utterance
 from csmd.model.sampling import GenerationParams
 from csmd.protocol import messages as m
 from csmd.protocol.connection import DEFAULT_MAX_MESSAGE, Connection, ConnectionClosed
@@ -36,6 +37,7 @@ from csmd.protocol.pcm import decode_pcm, encode_pcm
 log = logging.getLogger("csmd.daemon")
 T = TypeVar("T")
 RECEIVE_BYTES = 64 * 1024
+RECENT_REPLIES = 16  # per session, the replies a client may still trim (context.trim)
 
 
 class CommandError(Exception):
@@ -53,6 +55,7 @@ class Session:
     context: Context = field(init=False)  # made by the session.open command, which runs first under `lock`
     lock: trio.Lock = field(default_factory=trio.Lock)
     speech: Speech | None = None
+    replies: dict[str, Utterance] = field(default_factory=dict)  # for context.trim, by request id
 
 
 class Daemon:
@@ -190,6 +193,8 @@ class ClientHandler:
                     await self.send(m.ContextCleared(session=session.name))
                 elif isinstance(msg, m.Speak):
                     speech = await self._start_speaking(session, msg)
+                elif isinstance(msg, m.TrimContext):
+                    await self._trim(session, msg)
             if speech is not None:  # streaming happens outside the lock: a context.add meanwhile is "busy"
                 try:
                     await self._forward(speech, msg.format or "pcm_s16le")  # type: ignore[attr-defined]
@@ -239,6 +244,13 @@ class ClientHandler:
             raise
         await self.send(m.SessionOpened(session=session.name))
 
+    async def _trim(self, session: Session, msg: m.TrimContext) -> None:
+        utterance = session.replies.get(msg.request)
+        if utterance is None:
+            raise CommandError("no_such_request", f"no reply {msg.request!r} in session {session.name!r}")
+        await self._run(partial(session.context.trim_reply, utterance, msg.frames, msg.text))
+        await self.send(m.ContextTrimmed(session=session.name, rows=session.context.length))
+
     async def _close(self, session: Session) -> None:
         if session.speech is not None:
             await self._stop(session.speech, acknowledge=False)
@@ -277,6 +289,9 @@ class ClientHandler:
         generator = self.daemon.generator
         utterance = await self._run(lambda: generator.start(session.context, msg.text, msg.speaker, params))
         speech = Speech(msg.request, session.name, utterance, StreamingDecoder(self.daemon.mimi))
+        session.replies[msg.request] = utterance
+        while len(session.replies) > RECENT_REPLIES:  # only recent replies can be trimmed: memory stays bounded
+            del session.replies[next(iter(session.replies))]
         session.speech = speech
         self.speeches[msg.request] = speech
         await self.send(

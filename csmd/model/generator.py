@@ -120,9 +120,22 @@ class Context:
             raise ValueError(f"frames must be in 0..{len(last.codes)}, got {frames}")
         trimmed = Segment(last.speaker, text, last.codes[:frames], pinned=last.pinned)
         start = self.length - len(self._entries[-1].tokens)
-        self._entries[-1] = self._entry(trimmed)
+        rows = self._entry(trimmed)
+        entry = self._entries[-1]  # changed in place: an utterance keeps pointing at its own entry
+        entry.segment, entry.tokens, entry.mask = rows.segment, rows.tokens, rows.mask
         self._truncate(min(start, self.cached))
         return trimmed
+
+    def trim_reply(self, utterance: Utterance, frames: int, text: str) -> Segment:
+        """Cut the conversation back to what was heard of `utterance`: everything after it goes, and it keeps
+        its first `frames` frames and `text` (see `trim_last`)."""
+        self._check_idle()
+        index = next((i for i, e in enumerate(self._entries) if e is utterance._entry), None)
+        if index is None:
+            raise ValueError("that reply is no longer in the context (cleared, or dropped by window overflow)")
+        while len(self._entries) - 1 > index:
+            self.drop_last()
+        return self.trim_last(frames, text)
 
     def drop_last(self) -> Segment:
         """Remove the last segment (e.g. a reply sentence made ahead but never played)."""

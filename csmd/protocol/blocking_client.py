@@ -24,13 +24,20 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from csmd.protocol.client_core import Chunk, ClientCore, Pending, SessionReply, SpeechState, make_add_context
+from csmd.protocol.client_core import (
+    Chunk,
+    ClientCore,
+    Pending,
+    SessionCommand,
+    SessionReply,
+    SpeechState,
+    make_add_context,
+)
 from csmd.protocol.connection import DEFAULT_MAX_MESSAGE
 from csmd.protocol.errors import ConnectionLost, RequestError
 from csmd.protocol.messages import (
     PROTOCOL_VERSION,
     SAMPLE_RATE,
-    AddContext,
     AudioEnd,
     AudioStart,
     Cancelled,
@@ -38,11 +45,13 @@ from csmd.protocol.messages import (
     CloseSession,
     ContextAdded,
     ContextCleared,
+    ContextTrimmed,
     Format,
     OpenSession,
     SessionClosed,
     SessionOpened,
     Speak,
+    TrimContext,
     Welcome,
 )
 
@@ -134,6 +143,11 @@ class Client:
     def clear_context(self, session: str) -> ContextCleared:
         return self._command(ClearContext(session=session), ContextCleared)
 
+    def trim_context(self, session: str, request: str, frames: int, text: str) -> ContextTrimmed:
+        """Keep only the heard part of reply `request` (first `frames` frames, `text`); drop what came after."""
+        msg = TrimContext(session=session, request=request, frames=frames, text=text)
+        return self._command(msg, ContextTrimmed)
+
     # ---- speech ----
 
     def speak(
@@ -193,7 +207,7 @@ class Client:
         if self._core.lost is not None:
             raise ConnectionLost(self._core.lost.code, self._core.lost.message)
 
-    def _command(self, msg: OpenSession | CloseSession | AddContext | ClearContext, reply: type[R]) -> R:
+    def _command(self, msg: SessionCommand, reply: type[R]) -> R:
         pending, _ = self._send(lambda: self._core.command(msg))
         result = self._result(pending)
         assert isinstance(result, reply)  # routing matched the reply type

@@ -37,6 +37,7 @@ from csmd.protocol.messages import (
     CloseSession,
     ContextAdded,
     ContextCleared,
+    ContextTrimmed,
     Error,
     Format,
     Hello,
@@ -48,6 +49,7 @@ from csmd.protocol.messages import (
     SessionClosed,
     SessionOpened,
     Speak,
+    TrimContext,
     Welcome,
 )
 from csmd.protocol.pcm import decode_pcm, encode_pcm
@@ -56,14 +58,15 @@ log = logging.getLogger("csmd.protocol.client")
 
 T = TypeVar("T")
 
-SessionCommand = OpenSession | CloseSession | AddContext | ClearContext
-SessionReply = SessionOpened | SessionClosed | ContextAdded | ContextCleared
+SessionCommand = OpenSession | CloseSession | AddContext | ClearContext | TrimContext
+SessionReply = SessionOpened | SessionClosed | ContextAdded | ContextCleared | ContextTrimmed
 
 _REPLY_TYPE: dict[type[Message], type[Message]] = {
     OpenSession: SessionOpened,
     CloseSession: SessionClosed,
     AddContext: ContextAdded,
     ClearContext: ContextCleared,
+    TrimContext: ContextTrimmed,
 }
 
 
@@ -270,7 +273,7 @@ class ClientCore:
     def _route(self, msg: Message) -> None:
         if isinstance(msg, AudioStart | AudioChunk | AudioEnd):
             self._route_audio(msg)
-        elif isinstance(msg, SessionOpened | SessionClosed | ContextAdded | ContextCleared):
+        elif isinstance(msg, SessionOpened | SessionClosed | ContextAdded | ContextCleared | ContextTrimmed):
             self._route_session_reply(msg)
         elif isinstance(msg, Cancelled):
             for pending in self._cancels.pop(msg.request, []):

@@ -323,6 +323,22 @@ class ClearContext(Message):
 
 @_message
 @dataclasses.dataclass(frozen=True, slots=True, repr=False)
+class TrimContext(Message):
+    """Keep only what the listener heard of an interrupted reply: its first `frames` frames and `text`.
+
+    `request` names a reply of this session; any context added after it (later replies) is dropped too.
+    """
+
+    type: ClassVar[str] = "context.trim"
+    sender: ClassVar[Role] = Role.CLIENT
+    session: Id
+    request: Id
+    frames: Count
+    text: str
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, repr=False)
 class Speak(Message):
     """Generate `text` as `speaker`; sampling parameters left out take the daemon's defaults."""
 
@@ -409,6 +425,15 @@ class ContextCleared(Message):
     type: ClassVar[str] = "context.cleared"
     sender: ClassVar[Role] = Role.SERVER
     session: Id
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, repr=False)
+class ContextTrimmed(Message):
+    type: ClassVar[str] = "context.trimmed"
+    sender: ClassVar[Role] = Role.SERVER
+    session: Id
+    rows: Count  # the session's context length after trimming
 
 
 @_message

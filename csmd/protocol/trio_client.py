@@ -23,13 +23,20 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from csmd.protocol.client_core import Chunk, ClientCore, Pending, SessionReply, SpeechState, make_add_context
+from csmd.protocol.client_core import (
+    Chunk,
+    ClientCore,
+    Pending,
+    SessionCommand,
+    SessionReply,
+    SpeechState,
+    make_add_context,
+)
 from csmd.protocol.connection import DEFAULT_MAX_MESSAGE
 from csmd.protocol.errors import ConnectionLost, RequestError
 from csmd.protocol.messages import (
     PROTOCOL_VERSION,
     SAMPLE_RATE,
-    AddContext,
     AudioEnd,
     AudioStart,
     Cancelled,
@@ -37,11 +44,13 @@ from csmd.protocol.messages import (
     CloseSession,
     ContextAdded,
     ContextCleared,
+    ContextTrimmed,
     Format,
     OpenSession,
     SessionClosed,
     SessionOpened,
     Speak,
+    TrimContext,
     Welcome,
 )
 
@@ -160,6 +169,11 @@ class Client:
     async def clear_context(self, session: str) -> ContextCleared:
         return await self._command(ClearContext(session=session), ContextCleared)
 
+    async def trim_context(self, session: str, request: str, frames: int, text: str) -> ContextTrimmed:
+        """Keep only the heard part of reply `request` (first `frames` frames, `text`); drop what came after."""
+        msg = TrimContext(session=session, request=request, frames=frames, text=text)
+        return await self._command(msg, ContextTrimmed)
+
     # ---- speech ----
 
     def speak(
@@ -217,7 +231,7 @@ class Client:
 
     # ---- internals ----
 
-    async def _command(self, msg: OpenSession | CloseSession | AddContext | ClearContext, reply: type[R]) -> R:
+    async def _command(self, msg: SessionCommand, reply: type[R]) -> R:
         pending, _ = await self._send(lambda: self._core.command(msg))
         result = await self._result(pending)
         assert isinstance(result, reply)  # routing matched the reply type
