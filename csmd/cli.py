@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,9 @@ from csmd import runtime
 
 if TYPE_CHECKING:
     from csmd.model.sampling import GenerationParams
+    from csmd.talk.engine import Engine
+    from csmd.talk.loop import TalkConfig
+    from csmd.talk.responder import Responder
 
 
 def _runtime_options() -> argparse.ArgumentParser:
@@ -279,14 +283,9 @@ def cmd_bench_daemon(args: argparse.Namespace) -> int:
 def cmd_talk(args: argparse.Namespace) -> int:
     import trio
 
-    from csmd.audio.devices import Microphone, Speaker
-    from csmd.audio.vad import VoiceActivityDetector
-    from csmd.daemon.worker import ModelWorker
-    from csmd.model.generator import Generator
-    from csmd.model.loading import load_model
-    from csmd.speak import ContextClip, add_context, codec_for
-    from csmd.talk.loop import Conversation, TalkConfig
-    from csmd.talk.responder import OpenAIChatResponder, Responder, TypedResponder
+    from csmd.daemon.server import default_socket_path
+    from csmd.talk.loop import TalkConfig
+    from csmd.talk.responder import OpenAIChatResponder, TypedResponder
     from csmd.talk.turns import TurnConfig
 
     _apply_runtime(args)
@@ -299,42 +298,71 @@ def cmd_talk(args: argparse.Namespace) -> int:
         if args.llm
         else TypedResponder(lambda: input("csmd says> "))
     )
+    socket_path = Path(args.socket) if args.socket else default_socket_path()
+    use_daemon = not args.local and socket_path.is_socket()
+    try:
+        trio.run(_talk_via_daemon if use_daemon else _talk_in_process, args, config, responder, socket_path)
+    except KeyboardInterrupt:
+        print("\nbye", file=sys.stderr)
+    return 0
+
+
+async def _talk_in_process(args: argparse.Namespace, config: TalkConfig, responder: Responder, _: Path) -> None:
+    from csmd.daemon.worker import ModelWorker
+    from csmd.model.generator import Generator
+    from csmd.model.loading import load_model
+    from csmd.speak import ContextClip, add_context, codec_for
+    from csmd.talk.engine import LocalEngine
+
     loaded = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
     if loaded.random:
         print("note: random weights do not speak; replies will be noise", file=sys.stderr)
     mimi = codec_for(loaded, args.codec)
     generator = Generator(loaded.model, loaded.tokenizer)
-    context = generator.new_context()
-    if args.voice:
-        clip = ContextClip(Path(args.voice), args.voice_text, config.assistant_speaker)
-        add_context(context, mimi, clip)  # pinned: the voice stays the same however long the talk
+    worker = ModelWorker()
+    try:
+        context = await worker.run(generator.new_context)
+        if args.voice:  # pinned: the voice stays the same however long the talk
+            clip = ContextClip(Path(args.voice), args.voice_text, config.assistant_speaker)
+            await worker.run(lambda: add_context(context, mimi, clip))
+        await _converse(args, config, responder, LocalEngine(generator, context, mimi, worker))
+    finally:
+        worker.close()
+
+
+async def _talk_via_daemon(args: argparse.Namespace, config: TalkConfig, responder: Responder, path: Path) -> None:
+    from csmd.audio import io
+    from csmd.protocol import trio_client
+    from csmd.talk.engine import DaemonEngine
+
+    async with await trio_client.connect(path, client="csmd talk") as client:
+        print(f"csmd: talking through the daemon on {path} (model {client.welcome.model})", file=sys.stderr)
+        session = f"talk-{os.getpid()}"
+        await client.open_session(session)
+        if args.voice:
+            pcm = io.read_audio(args.voice)
+            await client.add_context(session, config.assistant_speaker, args.voice_text, pcm, pinned=True)
+        await _converse(args, config, responder, DaemonEngine(client, session))
+
+
+async def _converse(args: argparse.Namespace, config: TalkConfig, responder: Responder, engine: Engine) -> None:
+    from csmd.audio.devices import Microphone, Speaker
+    from csmd.audio.vad import VoiceActivityDetector
+    from csmd.talk.loop import Conversation
 
     def show(who: str, text: str) -> None:
         print(f"{who:>9}: {text or '(speech)'}", flush=True)
 
-    async def main() -> None:
-        worker = ModelWorker()
+    with Microphone(args.input_device) as mic, Speaker(args.output_device) as speaker:
+        talk = Conversation(engine, mic, speaker, VoiceActivityDetector(), responder, config=config, on_text=show)
+        print("listening; speak, then pause. Ctrl-C ends the conversation.", file=sys.stderr)
         try:
-            with Microphone(args.input_device) as mic, Speaker(args.output_device) as speaker:
-                talk = Conversation(generator, context, mimi, worker, mic, speaker, VoiceActivityDetector(),
-                                    responder, config=config, on_text=show)  # fmt: skip
-                print("listening; speak, then pause. Ctrl-C ends the conversation.", file=sys.stderr)
-                try:
-                    await talk.run()
-                finally:
-                    s = talk.stats
-                    first = f"{1000 * sum(s.first_audio_after_turn) / len(s.first_audio_after_turn):.0f} ms" if (
-                        s.first_audio_after_turn) else "-"  # fmt: skip
-                    print(f"{s.turns} turns, {s.barge_ins} barge-ins, first reply audio after {first} on average, "
-                          f"{speaker.underruns} playback underruns", file=sys.stderr)  # fmt: skip
+            await talk.run()
         finally:
-            worker.close()
-
-    try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        print("\nbye", file=sys.stderr)
-    return 0
+            s = talk.stats
+            first = f"{1000 * statistics.mean(s.first_audio_after_turn):.0f} ms" if s.first_audio_after_turn else "-"
+            print(f"{s.turns} turns, {s.barge_ins} barge-ins, first reply audio after {first} on average, "
+                  f"{speaker.underruns} playback underruns", file=sys.stderr)  # fmt: skip
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -414,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument("--end-silence", type=float, default=0.7, help="seconds of silence that end a turn")
     talk.add_argument("--echo-guard", action="store_true", help="ignore the microphone while csmd talks (no AEC)")
     talk.add_argument("--codec", help="Mimi weights (default: bundled with the model, else kyutai's release)")
+    talk.add_argument("--socket", help="the daemon's socket (default: where `csmd serve` puts it)")
+    talk.add_argument("--local", action="store_true", help="run the model in this process even if a daemon runs")
     talk.set_defaults(func=cmd_talk)
 
     devices = commands.add_parser("devices", help="list sound devices (names or indices for --output-device)")

@@ -511,5 +511,5 @@ async def test_trio_client_against_the_daemon(daemon: tuple[Daemon, Path]) -> No
         assert speech.end is not None and len(chunks) == speech.end.frames == 6
         assert all(c.pcm.shape == (1920,) for c in chunks)
         trimmed = await client.trim_context("c", "r", 2, "Hello")
-        text_rows = len("[0]Hello".encode()) + 2  # random:tiny's byte tokenizer, plus BOS and EOS
+        text_rows = len(b"[0]Hello") + 2  # random:tiny's byte tokenizer, plus BOS and EOS
         assert trimmed.rows == added.rows + text_rows + 2 + 1  # the reply's text, 2 frames, the closing frame

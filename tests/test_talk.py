@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import trio
 
 from csmd.audio.mimi.model import Mimi
+from csmd.daemon.server import Daemon
 from csmd.daemon.worker import ModelWorker
-from csmd.model.generator import Generator
+from csmd.model.generator import Context, Generator
 from csmd.model.loading import load_model
 from csmd.model.sampling import GenerationParams
+from csmd.protocol import trio_client
 from csmd.speak import codec_for
+from csmd.talk.engine import DaemonEngine, LocalEngine
 from csmd.talk.loop import Conversation, TalkConfig, words_in_proportion
 from csmd.talk.responder import Turn
 from csmd.talk.turns import TurnConfig
@@ -111,6 +115,13 @@ def engine() -> tuple[Generator, Mimi]:
     return Generator(loaded.model, loaded.tokenizer), codec_for(loaded, None)
 
 
+def talk_config(frames: int) -> TalkConfig:
+    return TalkConfig(
+        params=GenerationParams(max_frames=frames, seed=1),
+        turns=TurnConfig(min_speech=0.2, end_silence=0.4, barge_in_speech=0.1, grace=0.2),
+    )
+
+
 async def converse(
     engine: tuple[Generator, Mimi], speech: Callable[[float], bool], sentences: list[str], seconds: float, frames: int
 ) -> tuple[Conversation, RealTimeSpeaker, ScriptedResponder]:
@@ -120,12 +131,8 @@ async def converse(
         context = await worker.run(lambda: generator.new_context())
         speaker = RealTimeSpeaker()
         responder = ScriptedResponder(sentences)
-        config = TalkConfig(
-            params=GenerationParams(max_frames=frames, seed=1),
-            turns=TurnConfig(min_speech=0.2, end_silence=0.4, barge_in_speech=0.1, grace=0.2),
-        )
-        talk = Conversation(generator, context, mimi, worker, ScriptedMic(speech), speaker, EnergyGate(),
-                            responder, config=config)  # fmt: skip
+        local = LocalEngine(generator, context, mimi, worker)
+        talk = Conversation(local, ScriptedMic(speech), speaker, EnergyGate(), responder, config=talk_config(frames))
         with trio.move_on_after(seconds):
             await talk.run()
     finally:
@@ -140,7 +147,7 @@ async def test_a_turn_gets_a_spoken_reply(engine: tuple[Generator, Mimi]) -> Non
     assert talk.stats.turns == 1 and talk.stats.barge_ins == 0
     assert [t.role for t in talk.history] == ["user", "assistant"]
     assert talk.history[1].text == "Hello there. How are you?"
-    segments = talk.context.segments
+    segments = talk.engine.context.segments
     assert [s.speaker for s in segments] == [0, 1, 1]
     assert segments[0].codes is not None and 8 <= len(segments[0].codes) <= 16  # ~0.8 s + pre-roll, 80 ms frames
     assert sum(p.size for p in speaker.audio) == sum(len(s.codes) for s in segments[1:]) * 1920  # type: ignore[arg-type]
@@ -156,9 +163,9 @@ async def test_barge_in_stops_playback_and_keeps_what_was_heard(engine: tuple[Ge
         engine, lambda t: 0.2 < t < 0.8 or 2.8 < t < 3.4, sentences, seconds=5.0, frames=40
     )
     assert talk.stats.barge_ins == 1 and len(speaker.cleared_at) == 1
-    speakers = [s.speaker for s in talk.context.segments]
+    speakers = [s.speaker for s in talk.engine.context.segments]
     assert speakers[:3] == [0, 1, 0]  # the second sentence was made ahead but never heard: dropped
-    replies = [talk.context.segments[1]]
+    replies = [talk.engine.context.segments[1]]
     heard = replies[0]
     assert heard.codes is not None and 10 < len(heard.codes) < 40  # about 1.5 s of 3.2 s was played
     assert heard.text == words_in_proportion(sentences[0], len(heard.codes) / 40)
@@ -170,3 +177,36 @@ def test_words_in_proportion() -> None:
     assert words_in_proportion("a b c d", 0.5) == "a b"
     assert words_in_proportion("a b c d", 0.0) == ""
     assert words_in_proportion("a b c d", 1.0) == "a b c d"
+
+
+async def test_barge_in_through_the_daemon(
+    engine: tuple[Generator, Mimi], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`csmd talk` against a running daemon: the same scenario, the trimming done with context.trim."""
+    generator, mimi = engine
+    contexts: list[Context] = []
+    original = generator.new_context
+    monkeypatch.setattr(generator, "new_context", lambda: contexts.append(original()) or contexts[-1])
+    daemon = Daemon(generator, mimi, "random:tiny")
+    sentences = ["One two three four five six seven eight.", "Nine ten eleven twelve."]
+    try:
+        async with trio.open_nursery() as nursery:
+            path = await nursery.start(daemon.serve, tmp_path / "csmd.sock")
+            async with await trio_client.connect(path) as client:
+                await client.open_session("talk")
+                speaker = RealTimeSpeaker()
+                mic = ScriptedMic(lambda t: 0.2 < t < 0.8 or 2.8 < t < 3.4)
+                talk = Conversation(DaemonEngine(client, "talk"), mic, speaker, EnergyGate(),
+                                    ScriptedResponder(sentences), config=talk_config(40))  # fmt: skip
+                with trio.move_on_after(5.0):
+                    await talk.run()
+            nursery.cancel_scope.cancel()
+    finally:
+        daemon.close()
+    assert talk.stats.barge_ins == 1 and talk.stats.turns == 2
+    (context,) = contexts
+    speakers = [s.speaker for s in context.segments]
+    assert speakers[:3] == [0, 1, 0]  # the unheard second sentence was dropped on the daemon's side too
+    heard = context.segments[1]
+    assert heard.codes is not None and 10 < len(heard.codes) < 40
+    assert heard.text == words_in_proportion(sentences[0], len(heard.codes) / 40) == talk.history[1].text

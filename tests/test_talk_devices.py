@@ -57,7 +57,7 @@ async def test_a_spoken_turn_then_a_barge_in(engine) -> None:  # type: ignore[no
     result, talk = await one_round(generator, mimi, "loopback", "system", GenerationParams(max_frames=60, seed=2))
     assert talk.stats.turns == 2 and talk.stats.barge_ins == 1
     assert result.barge_in_ms < 600  # speech onset to playback stop: VAD evidence (0.15 s) + a 32 ms frame + polling
-    segments = talk.context.segments
+    segments = talk.engine.context.segments
     assert [s.speaker for s in segments[:3]] == [0, 1, 0]  # question, the heard part of the reply, interruption
     assert 0 < result.reply_frames < 60
     assert talk.history[1].role == "assistant" and "never" not in talk.history[1].text

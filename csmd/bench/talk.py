@@ -26,6 +26,7 @@ from csmd.audio.vad import VoiceActivityDetector
 from csmd.daemon.worker import ModelWorker
 from csmd.model.generator import Generator
 from csmd.model.sampling import GenerationParams
+from csmd.talk.engine import LocalEngine
 from csmd.talk.loop import Conversation, TalkConfig
 from csmd.talk.responder import Turn
 from csmd.talk.turns import TurnConfig
@@ -86,8 +87,8 @@ async def one_round(
             Speaker(csmd_device) as speaker,
             Speaker(user_device) as user,  # the user's mouth
         ):
-            talk = Conversation(generator, context, mimi, worker, mic, speaker, VoiceActivityDetector(), _Reply(),
-                                config=config)  # fmt: skip
+            engine = LocalEngine(generator, context, mimi, worker)
+            talk = Conversation(engine, mic, speaker, VoiceActivityDetector(), _Reply(), config=config)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(talk.run)
                 await trio.sleep(0.3)

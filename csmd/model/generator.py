@@ -126,15 +126,19 @@ class Context:
         self._truncate(min(start, self.cached))
         return trimmed
 
-    def trim_reply(self, utterance: Utterance, frames: int, text: str) -> Segment:
+    def trim_reply(self, utterance: Utterance, frames: int, text: str) -> Segment | None:
         """Cut the conversation back to what was heard of `utterance`: everything after it goes, and it keeps
-        its first `frames` frames and `text` (see `trim_last`)."""
+        its first `frames` frames and `text` (see `trim_last`). Nothing heard at all (0 frames, no text): the
+        reply goes too, and None is returned."""
         self._check_idle()
         index = next((i for i, e in enumerate(self._entries) if e is utterance._entry), None)
         if index is None:
             raise ValueError("that reply is no longer in the context (cleared, or dropped by window overflow)")
         while len(self._entries) - 1 > index:
             self.drop_last()
+        if frames == 0 and not text:
+            self.drop_last()
+            return None
         return self.trim_last(frames, text)
 
     def drop_last(self) -> Segment:

@@ -1,11 +1,12 @@
-"""`csmd talk`: a live conversation through the microphone and the speaker, in-process.
+"""`csmd talk`: a live conversation through the microphone and the speaker.
 
 Two tasks share one trio loop:
 - listening: every few ms the microphone's new audio goes through the VAD and the turn taker; the audio
   itself is kept (the last minute) so a finished user turn can be cut out of it, with a little pre-roll.
-- conversing: each finished user turn is Mimi-encoded into the context (with the recognizer's transcript),
-  the responder's reply comes sentence by sentence, and each sentence is spoken in the same context: frames
-  are made and decoded on the model thread and queued on the speaker as they come.
+- conversing: each finished user turn joins the conversation (Mimi-encoded, with the recognizer's
+  transcript), the responder's reply comes sentence by sentence, and each sentence is spoken in the same
+  conversation, its audio queued on the speaker frame by frame as it comes. Where the model runs is the
+  `Engine`'s business (engine.py): in this process, or in a daemon over its socket.
 
 Barge-in: user speech while csmd talks (after the grace window) clears the speaker at once, stops the reply
 at the next frame, and trims the conversation to what was heard: sentences never played are dropped, and the
@@ -19,17 +20,14 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Protocol
 
 import numpy as np
 import trio
 
 from csmd.audio.devices import prebuffer_for
-from csmd.audio.mimi.model import Mimi, StreamingDecoder
-from csmd.daemon.worker import ModelWorker
-from csmd.model.generator import Context, Generator, Segment, Utterance
 from csmd.model.sampling import GenerationParams
+from csmd.talk.engine import Engine, Sentence
 from csmd.talk.responder import Responder, Turn
 from csmd.talk.turns import BargeIn, TurnConfig, TurnEnded, TurnTaker
 
@@ -86,6 +84,7 @@ class _Spoken:
 
     text: str
     queued_from: int  # speaker sample index of its first sample
+    sentence: Sentence | None = None
     frames: int = 0
 
 
@@ -100,10 +99,7 @@ class Stats:
 class Conversation:
     def __init__(
         self,
-        generator: Generator,
-        context: Context,
-        mimi: Mimi,
-        worker: ModelWorker,
+        engine: Engine,
         mic: AudioIn,
         speaker: AudioOut,
         vad: Vad,
@@ -112,7 +108,7 @@ class Conversation:
         config: TalkConfig | None = None,
         on_text: Callable[[str, str], None] | None = None,
     ):
-        self.generator, self.context, self.mimi, self.worker = generator, context, mimi, worker
+        self.engine = engine
         self.mic, self.speaker, self.vad, self.responder = mic, speaker, vad, responder
         self.recognizer = recognizer or NoRecognizer()
         self.config = config or TalkConfig()
@@ -192,9 +188,7 @@ class Conversation:
             turn_done = trio.current_time()
             transcript = await self.recognizer.transcribe(user_audio)
             self.on_text("user", transcript)
-            codes = await self.worker.run(partial(self.mimi.encode, user_audio))
-            segment = Segment(self.config.user_speaker, transcript, codes.T)
-            await self.worker.run(partial(self.context.append, segment))
+            await self.engine.add_user_turn(user_audio, transcript, self.config.user_speaker)
             self.stats.turns += 1
             self.history.append(Turn("user", transcript))
             await self._reply(turn_done)
@@ -215,11 +209,10 @@ class Conversation:
                 self.speaker.prebuffer = prebuffer_for(self._frame_seconds or 0.0, self.config.params.max_frames)
                 self.speaker.restart()
                 self.on_text("assistant", sentence)
-                start = partial(self.generator.start, self.context, sentence, self.config.assistant_speaker)
-                utterance = await self.worker.run(partial(start, self.config.params))
-                next_audio = partial(_next_audio, utterance, StreamingDecoder(self.mimi))
+                voice = await self.engine.start(sentence, self.config.assistant_speaker, self.config.params)
+                spoken.sentence = voice
 
-                while not self._interrupted and (pcm := await self._timed(next_audio)) is not None:
+                while not self._interrupted and (pcm := await self._timed(voice)) is not None:
                     if first_audio:
                         self.stats.first_audio_after_turn.append(trio.current_time() - turn_done)
                         first_audio = False
@@ -229,56 +222,45 @@ class Conversation:
                     self.speaker(pcm)
                     self._queued += pcm.size
                     spoken.frames += 1
-                await self.worker.run(utterance.cancel)  # no-op if it ended by itself
+                await voice.cancel()  # a no-op if it ended by itself
                 self.speaker.finish()  # the gap before the next sentence is not an underrun
         self._replying = False
         self.history.append(Turn("assistant", " ".join(s.text for s in self._spoken)))
         if self._interrupted:
             await self._trim()
 
-    async def _timed(self, make: Callable[[], np.ndarray | None]) -> np.ndarray | None:
+    async def _timed(self, voice: Sentence) -> np.ndarray | None:
         started = trio.current_time()
-        pcm = await self.worker.run(make)
+        pcm = await voice.next_audio()
         took = trio.current_time() - started
         self._frame_seconds = took if self._frame_seconds is None else 0.8 * self._frame_seconds + 0.2 * took
         return pcm
 
     async def _trim(self) -> None:
-        """Make the context and the history say only what the user heard of the last reply."""
+        """Make the conversation and the history say only what the user heard of the last reply.
+
+        Playback is in order: the sentences before the first one not fully played were heard whole; that one
+        keeps its played frames and the same fraction of its words; everything after it goes.
+        """
         if not self._spoken:
             return
-        heard = await self.worker.run(self._trim_to_heard)
+        played = self.speaker.played
+        heard: list[str] = []
+        for spoken in self._spoken:
+            frames_heard = min(max((played - spoken.queued_from) // FRAME, 0), spoken.frames)
+            if frames_heard == spoken.frames:
+                heard.append(spoken.text)
+                continue
+            text = words_in_proportion(spoken.text, frames_heard / spoken.frames) if frames_heard else ""
+            if spoken.sentence is not None:
+                await self.engine.trim(spoken.sentence, frames_heard, text)
+            heard.append(text)
+            break
         self._spoken = []  # trimmed once
         assert self.history and self.history[-1].role == "assistant"
         self.history.pop()
-        if heard:
-            self.history.append(Turn("assistant", heard))
-
-    def _trim_to_heard(self) -> str:
-        """Model thread: drop the reply sentences nobody heard and trim the one cut off; the text heard."""
-        played = self.speaker.played
-        heard: list[str] = []
-        for spoken in reversed(self._spoken):
-            frames_heard = min(max((played - spoken.queued_from) // FRAME, 0), spoken.frames)
-            if frames_heard == 0:
-                self.context.drop_last()
-                continue
-            if frames_heard < spoken.frames:
-                text = words_in_proportion(spoken.text, frames_heard / spoken.frames)
-                self.context.trim_last(frames_heard, text)
-                heard.insert(0, text)
-            else:
-                heard.insert(0, spoken.text)
-            # The sentences before this one were played in full (playback is in order).
-            heard[:0] = [s.text for s in self._spoken[: self._spoken.index(spoken)]]
-            break
-        return " ".join(t for t in heard if t)
-
-
-def _next_audio(utterance: Utterance, decoder: StreamingDecoder) -> np.ndarray | None:
-    """Model thread: the next frame of a reply, decoded; None when it has ended."""
-    frame = utterance.step()
-    return None if frame is None else decoder.step(frame)
+        if text_heard := " ".join(t for t in heard if t):
+            self.history.append(Turn("assistant", text_heard))
 
 
 def words_in_proportion(text: str, fraction: float) -> str:
