@@ -16,7 +16,7 @@ from csmd.audio import io
 from csmd.audio.mimi.config import MIMI, from_hf_config
 from csmd.audio.mimi.loading import DEFAULT_CODEC, from_tensors, load_mimi
 from csmd.audio.mimi.model import Mimi, StreamingDecoder
-from csmd.model.generator import Context, Generator, Segment
+from csmd.model.generator import Context, Generator, Segment, Utterance
 from csmd.model.loading import LoadedModel
 from csmd.model.sampling import GenerationParams
 
@@ -72,6 +72,13 @@ def add_context(context: Context, mimi: Mimi, clip: ContextClip) -> None:
     context.append(Segment(clip.speaker, clip.text, codes.T, pinned=True))
 
 
+def next_audio(utterance: Utterance, decoder: StreamingDecoder) -> np.ndarray | None:
+    """The utterance's next frame, decoded to 1920 samples; None once it has ended. Model and codec work:
+    run it on the thread that owns them."""
+    frame = utterance.step()
+    return None if frame is None else decoder.step(frame)
+
+
 def speak(
     generator: Generator,
     context: Context,
@@ -88,8 +95,7 @@ def speak(
     first_audio = None
     utterance = generator.start(context, text, speaker, params)
     try:
-        for frame in utterance:
-            pcm = decoder.step(frame)
+        while (pcm := next_audio(utterance, decoder)) is not None:
             if first_audio is None:
                 first_audio = time.perf_counter() - start
             chunks.append(pcm)

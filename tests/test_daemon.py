@@ -24,9 +24,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import trio
+from captured import capture_contexts
 
 from csmd.daemon.server import Daemon, DaemonRunningError
-from csmd.model.generator import Context, Generator
+from csmd.model.generator import Generator
 from csmd.model.loading import load_model
 from csmd.protocol import messages as m
 from csmd.protocol.connection import Connection, ConnectionClosed
@@ -155,9 +156,7 @@ async def test_second_reply_prefills_only_new_rows(
     daemon: tuple[Daemon, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     d, path = daemon
-    contexts: list[Context] = []
-    original = d.generator.new_context
-    monkeypatch.setattr(d.generator, "new_context", lambda: contexts.append(original()) or contexts[-1])
+    contexts = capture_contexts(d.generator, monkeypatch)
     client = await RawClient.connect(path)
     await client.open("s")
     await client.send(m.AddContext(session="s", speaker=1, text="Some context."))
@@ -475,9 +474,7 @@ async def test_trim_keeps_only_the_heard_part_of_a_reply(
 ) -> None:
     """context.trim: what `csmd talk` sends after a barge-in, through the daemon."""
     d, path = daemon
-    contexts: list[Context] = []
-    original = d.generator.new_context
-    monkeypatch.setattr(d.generator, "new_context", lambda: contexts.append(original()) or contexts[-1])
+    contexts = capture_contexts(d.generator, monkeypatch)
     client = await RawClient.connect(path)
     await client.open("s")
     await client.speak("s", "r1", max_frames=10)

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trio
+from captured import capture_contexts
 
 from csmd.audio.mimi.model import Mimi
 from csmd.daemon.server import Daemon
 from csmd.daemon.worker import ModelWorker
-from csmd.model.generator import Context, Generator
+from csmd.model.generator import Generator
 from csmd.model.loading import load_model
 from csmd.model.sampling import GenerationParams
 from csmd.protocol import trio_client
@@ -184,9 +185,7 @@ async def test_barge_in_through_the_daemon(
 ) -> None:
     """`csmd talk` against a running daemon: the same scenario, the trimming done with context.trim."""
     generator, mimi = engine
-    contexts: list[Context] = []
-    original = generator.new_context
-    monkeypatch.setattr(generator, "new_context", lambda: contexts.append(original()) or contexts[-1])
+    contexts = capture_contexts(generator, monkeypatch)
     daemon = Daemon(generator, mimi, "random:tiny")
     sentences = ["One two three four five six seven eight.", "Nine ten eleven twelve."]
     try:

@@ -18,6 +18,7 @@ import trio
 from csmd.audio.mimi.model import StreamingDecoder
 from csmd.daemon.worker import ModelWorker
 from csmd.model.generator import Utterance
+from csmd.speak import next_audio
 
 AUDIO_BUFFER_FRAMES = 4  # per reply: 320 ms decoded ahead of the socket at most
 
@@ -64,10 +65,8 @@ class Speech:
 
     def step(self) -> Chunk | None:
         """Model thread: the next frame's audio, or None when the utterance has ended."""
-        frame = self.utterance.step()
-        if frame is None:
-            return None
-        return Chunk(len(self.utterance.frames) - 1, self.decoder.step(frame))
+        pcm = next_audio(self.utterance, self.decoder)
+        return None if pcm is None else Chunk(len(self.utterance.frames) - 1, pcm)
 
     def end(self, reason: EndReason, error: str | None = None) -> End:
         now = time.perf_counter()

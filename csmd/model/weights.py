@@ -172,8 +172,6 @@ def build_model(
     model = CSM(cfg)
     if quantization:
         quantize(model, **quantization)
-        # Quantized files keep their float parts (scales, norms) in the dtype they were written in.
-        params = cast_floats(params, dtype)
     check_params(params, model, source)
     model.update(tree_unflatten(list(cast_floats(params, dtype).items())))
     materialize(model)

@@ -17,6 +17,7 @@ from csmd.daemon.worker import ModelWorker
 from csmd.model.generator import Context, Generator, Segment, Utterance
 from csmd.model.sampling import GenerationParams
 from csmd.protocol import trio_client
+from csmd.speak import next_audio
 
 
 class Sentence(Protocol):
@@ -35,11 +36,7 @@ class LocalSentence:
         self.worker, self.utterance, self.decoder = worker, utterance, decoder
 
     async def next_audio(self) -> np.ndarray | None:
-        return await self.worker.run(self._step)
-
-    def _step(self) -> np.ndarray | None:
-        frame = self.utterance.step()
-        return None if frame is None else self.decoder.step(frame)
+        return await self.worker.run(partial(next_audio, self.utterance, self.decoder))
 
     async def cancel(self) -> None:
         await self.worker.run(self.utterance.cancel)  # a no-op if it ended by itself
