@@ -93,7 +93,6 @@ class Stats:
     turns: int = 0
     barge_ins: int = 0
     first_audio_after_turn: list[float] = field(default_factory=list)  # seconds, end of user turn -> first audio
-    barge_in_stop: list[float] = field(default_factory=list)  # seconds, detection -> speaker cleared
 
 
 class Conversation:
@@ -168,11 +167,9 @@ class Conversation:
         return self._audio[first:last]
 
     def _barge_in(self) -> None:
-        started = trio.current_time()
         self.speaker.clear()
         self._interrupted = True
         self.stats.barge_ins += 1
-        self.stats.barge_in_stop.append(trio.current_time() - started)
         if not self._replying:  # the reply was already made; only its playback was cut: trim it now
             self._turns_send.send_nowait(None)
 
