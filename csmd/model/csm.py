@@ -12,11 +12,31 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from csmd import kernels
 from csmd.model.config import CsmConfig
 from csmd.model.llama import KVCache, Transformer, make_cache
 
 # Picks codes from logits: (logits [B, vocab] float32, codebook index) -> ids [B].
 Sampler = Callable[[mx.array, int], mx.array]
+
+
+class QuantizedCodebookHeads(nn.Module):
+    """`audio_head` quantized: per codebook, a [vocab, decoder hidden] matrix grouped along the hidden axis.
+
+    The float head is stored [codebook, hidden, vocab] (Sesame's layout, used as `h @ head`); quantizing groups
+    the input axis, so the quantized copy is transposed to the layout `quantized_matmul` expects.
+    """
+
+    def __init__(self, heads: mx.array, group_size: int, bits: int):
+        super().__init__()
+        self.group_size = group_size
+        self.bits = bits
+        self.weight, self.scales, self.biases = mx.quantize(mx.swapaxes(heads, -1, -2), group_size, bits)
+
+    def __call__(self, x: mx.array, index: int) -> mx.array:
+        return kernels.quantized_matmul(
+            x, self.weight[index], self.scales[index], self.biases[index], self.group_size, self.bits
+        )
 
 
 class CSM(nn.Module):
@@ -58,14 +78,16 @@ class CSM(nn.Module):
         return self.backbone(self.embed_rows(tokens, mask), cache)[:, -1, :]
 
     def codebook0_logits(self, hidden: mx.array) -> mx.array:
-        return self.codebook0_head(hidden).astype(mx.float32)
+        return kernels.linear(hidden, self.codebook0_head).astype(mx.float32)
 
     def embed_code(self, codes: mx.array, codebook: int) -> mx.array:
         """Decoder input for `codes` ([B]) of one codebook: its audio embedding, projected."""
-        return self.projection(self.audio_embeddings(codes + codebook * self.config.audio_vocab_size))
+        return kernels.linear(self.audio_embeddings(codes + codebook * self.config.audio_vocab_size), self.projection)
 
     def decoder_logits(self, decoder_out: mx.array, codebook: int) -> mx.array:
         """Logits of `codebook` (1..N-1) from the decoder's last output row ([B, decoder hidden])."""
+        if isinstance(self.audio_head, QuantizedCodebookHeads):
+            return self.audio_head(decoder_out, codebook - 1).astype(mx.float32)
         return (decoder_out @ self.audio_head[codebook - 1]).astype(mx.float32)
 
     def decode_frame(self, hidden: mx.array, code0: mx.array, sample: Sampler, cache: list[KVCache]) -> mx.array:
@@ -76,7 +98,7 @@ class CSM(nn.Module):
         """
         for layer_cache in cache:
             layer_cache.offset = 0  # a fresh cache every frame: positions restart at 0
-        x = mx.stack([self.projection(hidden), self.embed_code(code0, 0)], axis=1)
+        x = mx.stack([kernels.linear(hidden, self.projection), self.embed_code(code0, 0)], axis=1)
         codes = [code0]
         for k in range(1, self.config.num_codebooks):
             out = self.decoder(x, cache)[:, -1, :]

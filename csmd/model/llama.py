@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from csmd import kernels
 from csmd.model.config import RopeScaling, TransformerConfig
 
 
@@ -40,8 +41,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        # mx.fast.rms_norm accumulates in fp32 whatever the input dtype.
-        return mx.fast.rms_norm(x, self.scale, self.eps)
+        # Accumulates in fp32 whatever the input dtype.
+        return kernels.rms_norm(x, self.scale, self.eps)
 
 
 class KVCache:
@@ -91,31 +92,22 @@ class Attention(nn.Module):
         self.output_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
         self._rope_periods = rope_periods  # leading underscore: not a parameter
 
-    def _rope(self, x: mx.array, offset: int) -> mx.array:
-        # Sesame's weights expect the interleaved (torchtune "traditional") layout; computed in fp32.
-        rotated = mx.fast.rope(
-            x.astype(mx.float32),
-            self.head_dim,
-            traditional=True,
-            base=None,
-            scale=1.0,
-            offset=offset,
-            freqs=self._rope_periods,
-        )
-        return rotated.astype(x.dtype)
+    def _heads(self, x: mx.array, count: int) -> mx.array:
+        """[B, T, count * head_dim] -> [B, count, T, head_dim]."""
+        batch, length, _ = x.shape
+        return x.reshape(batch, length, count, self.head_dim).transpose(0, 2, 1, 3)
 
     def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
         batch, length, _ = x.shape
-        q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q = self._rope(q, cache.offset)
-        k = self._rope(k, cache.offset)
+        q = self._heads(kernels.linear(x, self.q_proj), self.num_heads)
+        k = self._heads(kernels.linear(x, self.k_proj), self.num_kv_heads)
+        v = self._heads(kernels.linear(x, self.v_proj), self.num_kv_heads)
+        # Sesame's weights expect the interleaved (torchtune "traditional") RoPE layout.
+        q = kernels.rope_interleaved(q, cache.offset, self._rope_periods)
+        k = kernels.rope_interleaved(k, cache.offset, self._rope_periods)
         keys, values = cache.update(k, v)
-        # "causal" is aligned to the last key, which is what new rows appended after a cached prefix need.
-        mask = "causal" if length > 1 else None
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
-        return self.output_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+        out = kernels.attention(q, keys, values, self.scale, causal=length > 1)
+        return kernels.linear(out.transpose(0, 2, 1, 3).reshape(batch, length, -1), self.output_proj)
 
 
 class MLP(nn.Module):
@@ -128,7 +120,7 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(dims, hidden, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+        return kernels.linear(kernels.swiglu(kernels.linear(x, self.w1), kernels.linear(x, self.w3)), self.w2)
 
 
 class Block(nn.Module):

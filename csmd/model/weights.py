@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from csmd.arrays import materialize
 from csmd.model.config import CsmConfig
-from csmd.model.csm import CSM
+from csmd.model.csm import CSM, QuantizedCodebookHeads
 from csmd.model.errors import CheckpointError, check_shapes
 from csmd.model.torch_pickle import load_torch_state_dict
 
@@ -186,6 +186,9 @@ def quantize(model: CSM, bits: int, group_size: int = 64) -> None:
     if bits not in (4, 8):
         raise ValueError(f"quantize to 4 or 8 bits, not {bits}")
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_quantizable)
+    # The depth decoder reads one codebook head per step: 31 x 2.1 M weights a frame, worth quantizing too.
+    if model.config.decoder.hidden_size % group_size == 0:
+        model.audio_head = QuantizedCodebookHeads(model.audio_head, group_size, bits)
 
 
 def random_params(cfg: CsmConfig, dtype: mx.Dtype, seed: int = 0) -> dict[str, mx.array]:

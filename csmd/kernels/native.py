@@ -1,0 +1,69 @@
+"""The native CPU kernels (the optional `csmd_native` extension): whether they loaded, and why not.
+
+The extension is built against one exact MLX version and checks it at import. If it is missing or fails to
+load, csmd runs on the reference path and `csmd info` says so; nothing fails silently. `CSMD_KERNELS` picks:
+`auto` (native on the CPU when loaded), `native` (insist: an error if it did not load) or `reference`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from types import ModuleType
+from typing import Any
+
+import mlx.core as mx
+
+CHOICES = ("auto", "native", "reference")
+
+module: ModuleType | None = None
+load_error: str | None = None
+try:
+    import csmd_native as _native
+
+    module = _native
+except ImportError as exc:  # missing, or built for another MLX: both mean "reference path"
+    load_error = str(exc) or type(exc).__name__
+
+
+def choice() -> str:
+    value = os.environ.get("CSMD_KERNELS", "auto")
+    if value not in CHOICES:
+        raise ValueError(f"CSMD_KERNELS must be one of {', '.join(CHOICES)}, got {value!r}")
+    if value == "native" and module is None:
+        raise RuntimeError(f"CSMD_KERNELS=native, but the native kernels did not load: {load_error}")
+    return value
+
+
+def active(device: mx.Device | None = None) -> bool:
+    """Native kernels serve this device: the CPU, with the extension loaded and not switched off."""
+    device = device or mx.default_device()
+    return module is not None and device == mx.cpu and choice() != "reference"
+
+
+def cpu_features() -> dict[str, Any]:
+    """What the CPU offers (from the extension when loaded, else from the OS)."""
+    if module is not None:
+        return dict(module.cpu_features())
+    features: dict[str, Any] = {"arch": platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        flags = []
+    for name in ("avx2", "fma", "asimd"):
+        features[name] = name in flags
+    return features
+
+
+def describe() -> dict[str, Any]:
+    """The `csmd info` lines about kernels."""
+    info: dict[str, Any] = {"kernels": choice(), "cpu_features": cpu_features()}
+    if module is None:
+        info["native_extension"] = f"not loaded ({load_error}); the reference path runs"
+    else:
+        info["native_extension"] = (
+            f"loaded (built for mlx {module.mlx_version}, variant {module.cpu_features().get('variant')}, "
+            f"{module.num_threads()} threads)"
+        )
+    return info
