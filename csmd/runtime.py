@@ -8,6 +8,7 @@ from typing import Any
 import mlx.core as mx
 
 from csmd import _blas
+from csmd.kernels import native
 
 DEVICES = ("auto", "cpu", "gpu")
 
@@ -62,6 +63,7 @@ def describe() -> dict[str, Any]:
         "cache_limit_gb": _cache_limit_gb(),
         "active_memory_gb": round(mx.get_active_memory() / 2**30, 3),
         "peak_memory_gb": round(mx.get_peak_memory() / 2**30, 3),
+        **native.describe(),
     }
 
 

@@ -58,7 +58,9 @@ def cpu_features() -> dict[str, Any]:
 
 def describe() -> dict[str, Any]:
     """The `csmd info` lines about kernels."""
-    info: dict[str, Any] = {"kernels": choice(), "cpu_features": cpu_features()}
+    features = cpu_features()
+    present = [name for name, value in features.items() if value is True]
+    info: dict[str, Any] = {"kernels": choice(), "cpu": " ".join([str(features.get("arch")), *present])}
     if module is None:
         info["native_extension"] = f"not loaded ({load_error}); the reference path runs"
     else:
