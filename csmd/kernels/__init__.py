@@ -35,3 +35,35 @@ def linear(x: mx.array, layer: nn.Module) -> mx.array:
     if isinstance(layer, nn.QuantizedLinear) and getattr(layer, "mode", "affine") == "affine" and "bias" not in layer:
         return quantized_matmul(x, layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits)
     return layer(x)
+
+
+def fused_step_available(x: mx.array) -> bool:
+    """The native one-token transformer step can run here (CPU, extension loaded, one sequence)."""
+    return native.active() and hasattr(native.module, "transformer_step") and x.shape[0] == 1
+
+
+def transformer_step(
+    x: mx.array,
+    weights: list[mx.array],
+    cache_k: mx.array,
+    cache_v: mx.array,
+    position: int,
+    inv_freqs: mx.array,
+    num_heads: int,
+    num_kv_heads: int,
+    eps: float,
+    group_size: int,
+    bits: int,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Every layer of a Llama stack for one token at `position`, as one native primitive.
+
+    x: [1, hidden] float32; cache_k/v: [layers, kv heads, positions, head dim] float32. `weights` per layer:
+    sa_norm scale, q, k, v, o, mlp_norm scale, w1, w3, w2, each projection as (w, scales, biases) when
+    `bits` is 4 or 8, or one float32 [out, in] matrix when `bits` is 0. Returns the last layer's output
+    (before the final norm) and the caches with `position` written.
+    """
+    assert native.module is not None
+    h, k, v = native.module.transformer_step(
+        x, weights, cache_k, cache_v, position, inv_freqs, num_heads, num_kv_heads, eps, group_size, bits
+    )
+    return h, k, v

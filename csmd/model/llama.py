@@ -150,3 +150,35 @@ class Transformer(nn.Module):
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             x = layer(x, layer_cache)
         return self.norm(x)
+
+
+def fused_step_weights(stack: Transformer) -> tuple[list[mx.array], int, int] | None:
+    """The stack's weights in the order `kernels.transformer_step` takes them, with (group_size, bits).
+
+    None when the fused step cannot run this stack: it takes float32 matrices, or affine-quantized ones whose
+    scales are float32, all quantized alike.
+    """
+    weights: list[mx.array] = []
+    formats: set[tuple[int, int]] = set()
+    for layer in stack.layers:
+        projections = [layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj, layer.attn.output_proj]
+        for norm, linears in (
+            (layer.sa_norm, projections),
+            (layer.mlp_norm, [layer.mlp.w1, layer.mlp.w3, layer.mlp.w2]),
+        ):
+            weights.append(norm.scale)
+            for linear in linears:
+                if isinstance(linear, nn.QuantizedLinear):
+                    weights += [linear["weight"], linear["scales"], linear["biases"]]
+                    formats.add((linear.group_size, linear.bits))
+                    dtype = linear["scales"].dtype
+                else:
+                    weights.append(linear.weight)
+                    formats.add((0, 0))
+                    dtype = linear.weight.dtype
+                if dtype != mx.float32 or "bias" in linear or getattr(linear, "mode", "affine") != "affine":
+                    return None
+    if len(formats) != 1 or any(w.dtype not in (mx.float32, mx.uint32) for w in weights):
+        return None
+    group_size, bits = formats.pop()
+    return weights, group_size, bits

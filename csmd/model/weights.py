@@ -187,7 +187,7 @@ def quantize(model: CSM, bits: int, group_size: int = 64) -> None:
         raise ValueError(f"quantize to 4 or 8 bits, not {bits}")
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_quantizable)
     # The depth decoder reads one codebook head per step: 31 x 2.1 M weights a frame, worth quantizing too.
-    if model.config.decoder.hidden_size % group_size == 0:
+    if isinstance(model.audio_head, mx.array) and model.config.decoder.hidden_size % group_size == 0:
         model.audio_head = QuantizedCodebookHeads(model.audio_head, group_size, bits)
 
 
