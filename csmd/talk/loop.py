@@ -28,6 +28,7 @@ import trio
 from csmd.audio.devices import prebuffer_for
 from csmd.model.sampling import GenerationParams
 from csmd.talk.engine import Engine, Sentence
+from csmd.talk.recognizer import NoRecognizer, Recognizer
 from csmd.talk.responder import Responder, Turn
 from csmd.talk.turns import BargeIn, TurnConfig, TurnEnded, TurnTaker
 
@@ -36,17 +37,6 @@ FRAME = 1920
 RATE = 24_000
 POLL_SECONDS = 0.01
 KEEP_SECONDS = 60.0
-
-
-class Recognizer(Protocol):
-    async def transcribe(self, pcm: np.ndarray) -> str: ...
-
-
-class NoRecognizer:
-    """No speech recognizer: the user's turn joins the context as audio with an empty transcript."""
-
-    async def transcribe(self, pcm: np.ndarray) -> str:
-        return ""
 
 
 class AudioIn(Protocol):
