@@ -17,6 +17,7 @@ from csmd.audio import devices
 
 
 class ScriptedInputStream:
+    active = True
     opened: ClassVar[list[ScriptedInputStream]] = []
 
     def __init__(self, samplerate: int, channels: int, callback: Any, **_: Any) -> None:
@@ -30,10 +31,16 @@ class ScriptedInputStream:
 
 @pytest.fixture
 def device_at_48k(monkeypatch: pytest.MonkeyPatch) -> None:
-    description = {"name": "usb mic", "max_input_channels": 2, "max_output_channels": 0, "default_samplerate": 48000}
+    description = {
+        "name": "usb headset",
+        "max_input_channels": 2,
+        "max_output_channels": 2,
+        "default_samplerate": 48000,
+    }
     fake = SimpleNamespace(
         query_devices=lambda index=None, kind=None: description if index is not None else [description],
         InputStream=ScriptedInputStream,
+        OutputStream=ScriptedInputStream,  # the same script serves playback: only the callback matters here
         PortAudioError=RuntimeError,
     )
     monkeypatch.setattr(devices, "_sounddevice", lambda: fake)
@@ -46,7 +53,7 @@ def test_capture_at_48k_reaches_24k_with_the_same_pitch(device_at_48k: None) -> 
     left = 0.5 * np.sin(2 * np.pi * pitch * t)
     stereo = np.stack([left, left], axis=1).astype(np.float32)
     heard = []
-    with devices.Microphone("usb mic") as mic:
+    with devices.Microphone("usb headset") as mic:
         stream = ScriptedInputStream.opened[-1]
         assert (stream.samplerate, stream.channels) == (48_000, 2)  # opened at the device's own rate
         for start in range(0, len(stereo), 960):  # 20 ms blocks, read every 100 ms as the talk loop does
@@ -72,4 +79,26 @@ def test_a_device_rate_it_cannot_open_is_a_clear_error(monkeypatch: pytest.Monke
     fake = devices._sounddevice()
     monkeypatch.setattr(fake, "InputStream", refuse)
     with pytest.raises(devices.AudioDeviceError, match="cannot open the input device at 48000 Hz: Invalid sample rate"):
-        devices.Microphone("usb mic")
+        devices.Microphone("usb headset")
+
+
+def test_a_vanished_device_is_a_clear_error_not_a_hang(device_at_48k: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    with devices.Microphone("usb headset") as mic:
+        stream = ScriptedInputStream.opened[-1]
+        stream.callback(np.zeros((960, 2), np.float32), 960, None, None)
+        mic.read()  # a live device reads fine
+        monkeypatch.setattr(devices, "STALL_SECONDS", 0.0)  # no callback since: the device is gone
+        with pytest.raises(devices.AudioDeviceError, match="input device stopped delivering audio"):
+            mic.read()
+        monkeypatch.setattr(devices, "STALL_SECONDS", 1.0)
+        stream.active = False  # PortAudio itself stopped the stream
+        with pytest.raises(devices.AudioDeviceError, match="input device stopped"):
+            mic.read()
+
+
+def test_a_speaker_whose_device_vanished_refuses_audio(device_at_48k: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    with devices.Speaker("usb headset") as speaker:
+        speaker(np.zeros(1920, np.float32))
+        ScriptedInputStream.opened[-1].active = False
+        with pytest.raises(devices.AudioDeviceError, match="output device stopped"):
+            speaker(np.zeros(1920, np.float32))

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import math
 import threading
+import time as time_module  # the PortAudio callbacks take an argument named `time`
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 import soxr
 
 from csmd.audio.io import SAMPLE_RATE
+
+# A running stream whose callback has not run for this long has lost its device (unplugged, server gone).
+# PortAudio calls back every few ms; a second of nothing is never scheduling jitter.
+STALL_SECONDS = 1.0
 
 
 class AudioDeviceError(RuntimeError):
@@ -94,6 +100,7 @@ class Microphone:
         self._lock = threading.Lock()
         self.overflows = 0  # blocks PortAudio dropped because nobody read in time
         self._resampler = soxr.ResampleStream(self.device_rate, sample_rate, 1, dtype="float32", quality="HQ")
+        self._last_callback: float | None = None  # monotonic time of the last block; None when not running
         try:
             self._stream = sd.InputStream(
                 samplerate=self.device_rate,
@@ -108,14 +115,20 @@ class Microphone:
 
     def _capture(self, data: np.ndarray, frames: int, time: object, status: object) -> None:
         with self._lock:
+            self._last_callback = time_module.monotonic()
             self._blocks.append(data.mean(axis=1))  # mono mixdown
             if getattr(status, "input_overflow", False):
                 self.overflows += 1
 
     def read(self) -> np.ndarray:
-        """Everything captured since the last read, at `sample_rate` (may be empty)."""
+        """Everything captured since the last read, at `sample_rate` (may be empty).
+
+        Raises AudioDeviceError when the device has stopped delivering audio (see `STALL_SECONDS`).
+        """
         with self._lock:
             blocks, self._blocks = list(self._blocks), deque()
+            last = self._last_callback
+        _check_alive(self._stream, last, "input")
         pcm = np.concatenate(blocks).astype(np.float32) if blocks else np.zeros(0, np.float32)
         if self.device_rate == self.sample_rate:
             return pcm
@@ -123,11 +136,15 @@ class Microphone:
 
     def __enter__(self) -> Microphone:
         self._stream.start()
+        with self._lock:
+            self._last_callback = time_module.monotonic()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        with self._lock:
+            self._last_callback = None  # closed on purpose: what is left can still be read
         self._stream.stop()
         self._stream.close()
 
@@ -150,6 +167,7 @@ class Speaker:
         self._offset = 0  # samples of the queue's first chunk already played
         self._lock = threading.Lock()
         self._drained = threading.Event()
+        self._last_callback: float | None = None  # monotonic time of the last fill; None when not running
         try:
             self._stream = sd.OutputStream(
                 samplerate=sample_rate, channels=1, dtype="float32", device=find_device(device), callback=self._fill
@@ -161,6 +179,7 @@ class Speaker:
         """PortAudio's thread: copy queued audio into `out`, silence where there is none."""
         written = 0
         with self._lock:
+            self._last_callback = time_module.monotonic()
             queued = sum(c.size for c in self._queue) - self._offset
             if not self._started and (queued >= self.prebuffer or self._finished) and queued:
                 self._started = True
@@ -182,11 +201,17 @@ class Speaker:
 
     def __enter__(self) -> Speaker:
         self._stream.start()
+        with self._lock:
+            self._last_callback = time_module.monotonic()
         return self
 
     def __call__(self, pcm: np.ndarray) -> None:
+        """Queue a chunk; raises AudioDeviceError when the device has stopped taking audio."""
         # The model's output is not bounded: clip here, as before any integer conversion.
         chunk = np.clip(np.asarray(pcm, dtype=np.float32).reshape(-1), -1.0, 1.0)
+        with self._lock:
+            last = self._last_callback
+        _check_alive(self._stream, last, "output")
         with self._lock:
             self._queue.append(chunk)
             self._drained.clear()
@@ -226,6 +251,17 @@ class Speaker:
             self._drained.wait(timeout=pending / self._stream.samplerate + 2.0)
         self._stream.stop()  # plays what PortAudio already holds
         self._stream.close()
+
+
+def _check_alive(stream: Any, last_callback: float | None, kind: str) -> None:
+    """A started stream that PortAudio stopped, or whose callback went quiet, has lost its device."""
+    if last_callback is None:
+        return  # not running (not started yet, or closed)
+    if not stream.active:
+        raise AudioDeviceError(f"the {kind} device stopped (unplugged, or its sound server went away)")
+    silent = time_module.monotonic() - last_callback
+    if silent > STALL_SECONDS:
+        raise AudioDeviceError(f"the {kind} device stopped delivering audio ({silent:.1f} s without a callback)")
 
 
 def prebuffer_for(frame_seconds: float, max_frames: int, frame_samples: int = 1920, frame_audio: float = 0.08) -> int:
