@@ -1,0 +1,39 @@
+"""Native CPU kernels for csmd, built as an MLX C++ extension.
+
+The extension links against libmlx's C++ API, whose ABI changes between
+releases, so it refuses to load under any MLX other than the one it was built
+against (rebuild with ``pip install ./native``).
+"""
+
+import mlx.core as _mx
+
+from ._build_info import mlx_version
+
+if _mx.__version__ != mlx_version:
+    raise ImportError(
+        f"csmd_native was built against mlx {mlx_version} but mlx {_mx.__version__} is installed; "
+        "rebuild it (pip install --force-reinstall ./native) or install that mlx version"
+    )
+
+from ._ext import (
+    cpu_features,
+    get_matvec_mode,
+    num_threads,
+    quantized_matmul,
+    set_matvec_mode,
+    set_num_threads,
+    set_variant,
+    transformer_step,
+)
+
+__all__ = [
+    "cpu_features",
+    "get_matvec_mode",
+    "mlx_version",
+    "num_threads",
+    "quantized_matmul",
+    "set_matvec_mode",
+    "set_num_threads",
+    "set_variant",
+    "transformer_step",
+]

@@ -1,0 +1,72 @@
+// Python bindings of csmd_native (nanobind, NB_DOMAIN mlx).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include "qmatmul.h"
+#include "state.h"
+#include "transformer.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+namespace mx = mlx::core;
+
+NB_MODULE(_ext, m) {
+  m.doc() = "Native CPU kernels for csmd (MLX extension)";
+  m.attr("mlx_version") = CSMD_MLX_VERSION;
+
+  m.def("quantized_matmul", &csmd::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a,
+        "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "stream"_a = nb::none(),
+        "x @ dequantize(w, scales, biases).T for MLX's affine layout (transpose=True).\n\n"
+        "Same result as mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=...,\n"
+        "bits=...) on the CPU.  bits 4 or 8, group_size 32/64/128, x float32/bfloat16/float16\n"
+        "with any leading dims; the output has x's dtype.  Single rows use the matvec mode set by\n"
+        "set_matvec_mode ('exact' by default).");
+
+  m.def("cpu_features", []() {
+    nb::dict d;
+#if defined(__x86_64__) || defined(_M_X64)
+    d["arch"] = "x86_64";
+#elif defined(__aarch64__)
+    d["arch"] = "aarch64";
+#else
+    d["arch"] = "other";
+#endif
+    d["avx2"] = csmd::cpu_has_avx2();
+#if defined(__x86_64__)
+    d["fma"] = static_cast<bool>(__builtin_cpu_supports("fma"));
+#else
+    d["fma"] = false;
+#endif
+    d["neon"] = csmd::cpu_has_neon();
+    d["variant"] = csmd::variant_name(csmd::current_variant());
+    d["best_variant"] = csmd::variant_name(csmd::best_variant());
+    return d;
+  });
+  m.def("set_variant", &csmd::set_variant, "name"_a,
+        "Select the kernel variant: 'auto', 'scalar', 'avx2' or 'neon'.");
+  m.def("set_matvec_mode", &csmd::set_matvec_mode, "mode"_a,
+        "'int8' (x quantized to int8 per group, integer dot products) or 'exact' (default).");
+  m.def("get_matvec_mode", []() { return std::string(csmd::matvec_int8() ? "int8" : "exact"); });
+  m.def("num_threads", &csmd::num_threads);
+  m.def("set_num_threads", &csmd::set_num_threads, "n"_a);
+  m.def(
+      "transformer_step",
+      [](const mx::array& x, const std::vector<mx::array>& weights, const mx::array& cache_k,
+         const mx::array& cache_v, int position, const mx::array& inv_freqs, int num_heads,
+         int num_kv_heads, float eps, int group_size, int bits, mx::StreamOrDevice s) {
+        auto r = csmd::transformer_step(x, weights, cache_k, cache_v, position, inv_freqs, num_heads,
+                                        num_kv_heads, eps, group_size, bits, s);
+        return nb::make_tuple(r[0], r[1], r[2]);
+      },
+      "x"_a, "weights"_a, "cache_k"_a, "cache_v"_a, "position"_a, "inv_freqs"_a, "num_heads"_a,
+      "num_kv_heads"_a, "eps"_a = 1e-5f, "group_size"_a = 64, "bits"_a = 4, nb::kw_only(),
+      "stream"_a = nb::none(),
+      "One token through all layers of a Llama stack (pre-norm, SwiGLU, interleaved RoPE, GQA).\n\n"
+      "x: float32 [1, hidden]; cache_k/cache_v: float32 [layers, kv_heads, max_len, head_dim];\n"
+      "weights per layer: sa_norm, q, k, v, o, mlp_norm, w1, w3, w2 with every projection given as\n"
+      "(w, scales, biases) when bits is 4 or 8, or one float32 [out, in] array when bits == 0.\n"
+      "Returns (h before the final norm, new_cache_k, new_cache_v); position's keys/values are written.");
+}

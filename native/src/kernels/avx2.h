@@ -1,0 +1,291 @@
+// x86-64 AVX2+FMA kernels.  Each function carries
+// __attribute__((target("avx2,fma"))) so this header can be included in a
+// translation unit compiled for baseline x86-64; callers must check
+// __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") first.
+#pragma once
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define CSMD_HAVE_AVX2_KERNELS 1
+
+#include <immintrin.h>
+
+#include "common.h"
+
+#define CSMD_AVX2 __attribute__((target("avx2,fma")))
+
+namespace csmd {
+namespace avx2 {
+
+CSMD_AVX2 static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// acc += u8[0..16) * x[0..16)
+CSMD_AVX2 static inline __m256 fma16_u8(__m128i c, const float* x, __m256 acc) {
+  const __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
+  const __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
+  acc = _mm256_fmadd_ps(a, _mm256_loadu_ps(x), acc);
+  return _mm256_fmadd_ps(b, _mm256_loadu_ps(x + 8), acc);
+}
+
+CSMD_AVX2 static inline float dot_f(const uint8_t* w, const float* s,
+                                    const float* bias, const XPrep& p) {
+  const int K = p.K, G = p.G, ng = K / G;
+  float btot = 0.f;
+  for (int g = 0; g < ng; ++g) btot += bias[g] * p.gsum[g];
+  __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
+  if (p.bits == 4) {
+    const int nbytes = K / 2;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m128i m4s = _mm_set1_epi8(0x0F);
+    if (G == 32) {
+      int o = 0, g = 0;
+      for (; o + 32 <= nbytes; o += 32, g += 2) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(w + o));
+        const __m256i lo = _mm256_and_si256(v, m4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        const float* x = p.xf + 2 * o;
+        __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+        a = fma16_u8(_mm256_castsi256_si128(lo), x, a);
+        a = fma16_u8(_mm256_castsi256_si128(hi), x + 32, a);
+        b = fma16_u8(_mm256_extracti128_si256(lo, 1), x + 16, b);
+        b = fma16_u8(_mm256_extracti128_si256(hi, 1), x + 48, b);
+        tot0 = _mm256_fmadd_ps(a, _mm256_set1_ps(s[g]), tot0);
+        tot1 = _mm256_fmadd_ps(b, _mm256_set1_ps(s[g + 1]), tot1);
+      }
+      if (o < nbytes) {  // final 16-byte block (one group)
+        const __m128i v = _mm_loadu_si128((const __m128i*)(w + o));
+        const float* x = p.xf + 2 * o;
+        __m256 a = _mm256_setzero_ps();
+        a = fma16_u8(_mm_and_si128(v, m4s), x, a);
+        a = fma16_u8(_mm_and_si128(_mm_srli_epi16(v, 4), m4s), x + 16, a);
+        tot0 = _mm256_fmadd_ps(a, _mm256_set1_ps(s[g]), tot0);
+      }
+    } else {
+      const int gb = G / 2;  // bytes per group (32 or 64)
+      for (int g = 0; g < ng; ++g) {
+        __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+        for (int o = g * gb; o < (g + 1) * gb; o += 32) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(w + o));
+          const __m256i lo = _mm256_and_si256(v, m4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          const float* x = p.xf + 2 * o;
+          a = fma16_u8(_mm256_castsi256_si128(lo), x, a);
+          b = fma16_u8(_mm256_extracti128_si256(lo, 1), x + 16, b);
+          a = fma16_u8(_mm256_castsi256_si128(hi), x + 32, a);
+          b = fma16_u8(_mm256_extracti128_si256(hi, 1), x + 48, b);
+        }
+        tot0 = _mm256_fmadd_ps(_mm256_add_ps(a, b), _mm256_set1_ps(s[g]), tot0);
+      }
+    }
+  } else {
+    for (int g = 0; g < ng; ++g) {
+      __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+      for (int k = g * G; k < (g + 1) * G; k += 16) {
+        const __m128i c = _mm_loadu_si128((const __m128i*)(w + k));
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)),
+                            _mm256_loadu_ps(p.xf + k), a);
+        b = _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8))),
+            _mm256_loadu_ps(p.xf + k + 8), b);
+      }
+      tot0 = _mm256_fmadd_ps(_mm256_add_ps(a, b), _mm256_set1_ps(s[g]), tot0);
+    }
+  }
+  return hsum(_mm256_add_ps(tot0, tot1)) + btot;
+}
+
+CSMD_AVX2 static inline float dot_i(const uint8_t* w, const float* s,
+                                    const float* bias, const XPrep& p) {
+  const int K = p.K, G = p.G, ng = K / G;
+  float btot = 0.f;
+  for (int g = 0; g < ng; ++g) btot += bias[g] * p.gsum[g];
+  __m256 tot = _mm256_setzero_ps();
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  if (p.bits == 4) {
+    const int nbytes = K / 2;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    if (G == 32) {
+      int o = 0, g = 0;
+      for (; o + 32 <= nbytes; o += 32, g += 2) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(w + o));
+        const __m256i lo = _mm256_and_si256(v, m4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        const int8_t* x = p.xq + 2 * o;
+        const __m256i pr = _mm256_add_epi16(
+            _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)x)),
+            _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(x + 32))));
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(pr, ones16));
+        const __m256 sc = _mm256_set_m128(_mm_set1_ps(s[g + 1] * p.gdx[g + 1]),
+                                          _mm_set1_ps(s[g] * p.gdx[g]));
+        tot = _mm256_fmadd_ps(f, sc, tot);
+      }
+      float tail = 0.f;
+      if (o < nbytes) {
+        const __m128i m4s = _mm_set1_epi8(0x0F);
+        const __m128i v = _mm_loadu_si128((const __m128i*)(w + o));
+        const int8_t* x = p.xq + 2 * o;
+        const __m128i pr = _mm_add_epi16(
+            _mm_maddubs_epi16(_mm_and_si128(v, m4s), _mm_loadu_si128((const __m128i*)x)),
+            _mm_maddubs_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), m4s),
+                              _mm_loadu_si128((const __m128i*)(x + 16))));
+        __m128i i = _mm_madd_epi16(pr, _mm_set1_epi16(1));
+        i = _mm_add_epi32(i, _mm_shuffle_epi32(i, 0x4E));
+        i = _mm_add_epi32(i, _mm_shuffle_epi32(i, 0xB1));
+        tail = (s[g] * p.gdx[g]) * static_cast<float>(_mm_cvtsi128_si32(i));
+      }
+      return hsum(tot) + tail + btot;
+    }
+    const int gb = G / 2;
+    for (int g = 0; g < ng; ++g) {
+      __m256i acc = _mm256_setzero_si256();
+      for (int o = g * gb; o < (g + 1) * gb; o += 32) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(w + o));
+        const __m256i lo = _mm256_and_si256(v, m4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        const int8_t* x = p.xq + 2 * o;
+        const __m256i pr = _mm256_add_epi16(
+            _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)x)),
+            _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(x + 32))));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pr, ones16));
+      }
+      tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc),
+                            _mm256_set1_ps(s[g] * p.gdx[g]), tot);
+    }
+  } else {
+    for (int g = 0; g < ng; ++g) {
+      __m256i acc = _mm256_setzero_si256();
+      for (int k = g * G; k < (g + 1) * G; k += 16) {
+        const __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(w + k)));
+        acc = _mm256_add_epi32(
+            acc, _mm256_madd_epi16(q, _mm256_loadu_si256((const __m256i*)(p.xq16 + k))));
+      }
+      tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc),
+                            _mm256_set1_ps(s[g] * p.gdx[g]), tot);
+    }
+  }
+  return hsum(tot) + btot;
+}
+
+// out[0..16) = s * u8[0..16) + b
+CSMD_AVX2 static inline void deq16(__m128i c, float s, float b, float* out) {
+  const __m256 sv = _mm256_set1_ps(s), bv = _mm256_set1_ps(b);
+  _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), sv, bv));
+  _mm256_storeu_ps(out + 8, _mm256_fmadd_ps(
+      _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8))), sv, bv));
+}
+
+CSMD_AVX2 static inline void dequant(const uint8_t* w, const float* s,
+                                     const float* bias, int K, int G, int bits,
+                                     int k0, int kn, float* out) {
+  if (bits == 4) {
+    const int nbytes = K / 2;
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    for (int o = k0 / 2; o < (k0 + kn) / 2; o += 32) {
+      float* d = out + (2 * o - k0);
+      const int g = (2 * o) / G;
+      if (o + 32 <= nbytes) {
+        const int g2 = (2 * o + 32) / G;
+        const __m128i v0 = _mm_loadu_si128((const __m128i*)(w + o));
+        const __m128i v1 = _mm_loadu_si128((const __m128i*)(w + o + 16));
+        deq16(_mm_and_si128(v0, m4), s[g], bias[g], d);
+        deq16(_mm_and_si128(v1, m4), s[g2], bias[g2], d + 16);
+        deq16(_mm_and_si128(_mm_srli_epi16(v0, 4), m4), s[g], bias[g], d + 32);
+        deq16(_mm_and_si128(_mm_srli_epi16(v1, 4), m4), s[g2], bias[g2], d + 48);
+      } else {
+        const __m128i v0 = _mm_loadu_si128((const __m128i*)(w + o));
+        deq16(_mm_and_si128(v0, m4), s[g], bias[g], d);
+        deq16(_mm_and_si128(_mm_srli_epi16(v0, 4), m4), s[g], bias[g], d + 16);
+      }
+    }
+  } else {
+    for (int k = k0; k < k0 + kn; k += 16) {
+      const int g = k / G;
+      deq16(_mm_loadu_si128((const __m128i*)(w + k)), s[g], bias[g], out + (k - k0));
+    }
+  }
+}
+
+// Sums of 4 vectors -> one 128-bit vector [sum a0, sum a1, sum a2, sum a3].
+CSMD_AVX2 static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// 3x4 micro kernel (NR fixed 4), MR rows of X in 1..3.
+template <int MR>
+CSMD_AVX2 static inline void micro_4(const float* X, int ldx, const float* W,
+                                     int ldw, int KB, float* C, int ldc) {
+  __m256 acc[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < 4; ++n) acc[m][n] = _mm256_setzero_ps();
+  for (int k = 0; k < KB; k += 8) {
+    const __m256 w0 = _mm256_loadu_ps(W + k);
+    const __m256 w1 = _mm256_loadu_ps(W + ldw + k);
+    const __m256 w2 = _mm256_loadu_ps(W + 2 * ldw + k);
+    const __m256 w3 = _mm256_loadu_ps(W + 3 * ldw + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 x = _mm256_loadu_ps(X + m * ldx + k);
+      acc[m][0] = _mm256_fmadd_ps(x, w0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(x, w1, acc[m][1]);
+      acc[m][2] = _mm256_fmadd_ps(x, w2, acc[m][2]);
+      acc[m][3] = _mm256_fmadd_ps(x, w3, acc[m][3]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    float* c = C + m * ldc;
+    _mm_storeu_ps(c, _mm_add_ps(_mm_loadu_ps(c),
+                                hsum4(acc[m][0], acc[m][1], acc[m][2], acc[m][3])));
+  }
+}
+
+CSMD_AVX2 static inline void gemm_tile(const float* X, int M, int ldx,
+                                       const float* W, int NB, int ldw, int KB,
+                                       float* C, int ldc) {
+  int m = 0;
+  for (; m + 3 <= M; m += 3) {
+    int n = 0;
+    for (; n + 4 <= NB; n += 4)
+      micro_4<3>(X + m * ldx, ldx, W + n * ldw, ldw, KB, C + m * ldc + n, ldc);
+    for (; n < NB; ++n)
+      for (int i = 0; i < 3; ++i) {
+        __m256 a = _mm256_setzero_ps();
+        for (int k = 0; k < KB; k += 8)
+          a = _mm256_fmadd_ps(_mm256_loadu_ps(X + (m + i) * ldx + k),
+                              _mm256_loadu_ps(W + n * ldw + k), a);
+        C[(m + i) * ldc + n] += hsum(a);
+      }
+  }
+  for (; m < M; ++m) {
+    int n = 0;
+    for (; n + 4 <= NB; n += 4)
+      micro_4<1>(X + m * ldx, ldx, W + n * ldw, ldw, KB, C + m * ldc + n, ldc);
+    for (; n < NB; ++n) {
+      __m256 a = _mm256_setzero_ps();
+      for (int k = 0; k < KB; k += 8)
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(X + m * ldx + k),
+                            _mm256_loadu_ps(W + n * ldw + k), a);
+      C[m * ldc + n] += hsum(a);
+    }
+  }
+}
+
+CSMD_AVX2 static inline float dot_f32(const float* a, const float* b, int K) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int k = 0;
+  for (; k + 16 <= K; k += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
+  }
+  float r = hsum(_mm256_add_ps(s0, s1));
+  for (; k < K; ++k) r += a[k] * b[k];
+  return r;
+}
+
+}  // namespace avx2
+}  // namespace csmd
+
+#endif  // x86-64

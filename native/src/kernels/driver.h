@@ -1,0 +1,349 @@
+// Kernel dispatch, persistent thread pool and the quantized matmul driver.
+// Plain C++17 (std::thread), no MLX or Python.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "avx2.h"
+#include "common.h"
+#include "neon.h"
+#include "scalar.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define CSMD_CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define CSMD_CPU_RELAX() asm volatile("yield" ::: "memory")
+#else
+#define CSMD_CPU_RELAX() ((void)0)
+#endif
+
+namespace csmd {
+
+enum class Variant { Scalar = 0, AVX2 = 1, NEON = 2 };
+
+inline const char* variant_name(Variant v) {
+  switch (v) {
+    case Variant::AVX2: return "avx2";
+    case Variant::NEON: return "neon";
+    default: return "scalar";
+  }
+}
+
+struct Kernels {
+  float (*dot_f)(const uint8_t*, const float*, const float*, const XPrep&);
+  float (*dot_i)(const uint8_t*, const float*, const float*, const XPrep&);
+  void (*dequant)(const uint8_t*, const float*, const float*, int, int, int, int, int, float*);
+  void (*gemm_tile)(const float*, int, int, const float*, int, int, int, float*, int);
+  float (*dot_f32)(const float*, const float*, int);
+};
+
+inline bool cpu_has_avx2() {
+#if defined(CSMD_HAVE_AVX2_KERNELS)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+inline bool cpu_has_neon() {
+#if defined(CSMD_HAVE_NEON_KERNELS)
+  return true;  // NEON (ASIMD) is mandatory on AArch64
+#else
+  return false;
+#endif
+}
+
+inline bool variant_available(Variant v) {
+  switch (v) {
+    case Variant::Scalar: return true;
+    case Variant::AVX2: return cpu_has_avx2();
+    case Variant::NEON: return cpu_has_neon();
+  }
+  return false;
+}
+
+inline Variant best_variant() {
+  if (cpu_has_avx2()) return Variant::AVX2;
+  if (cpu_has_neon()) return Variant::NEON;
+  return Variant::Scalar;
+}
+
+inline Kernels kernels_for(Variant v) {
+  switch (v) {
+#if defined(CSMD_HAVE_AVX2_KERNELS)
+    case Variant::AVX2:
+      return {avx2::dot_f, avx2::dot_i, avx2::dequant, avx2::gemm_tile, avx2::dot_f32};
+#endif
+#if defined(CSMD_HAVE_NEON_KERNELS)
+    case Variant::NEON:
+      return {neon::dot_f, neon::dot_i, neon::dequant, neon::gemm_tile, neon::dot_f32};
+#endif
+    default:
+      return {scalar::dot_f, scalar::dot_i, scalar::dequant, scalar::gemm_tile, scalar::dot_f32};
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Scale / bias dtypes (converted per weight row, never for the whole matrix).
+
+enum class SBType { F32 = 0, F16 = 1, BF16 = 2 };
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F;
+  uint32_t man = h & 0x3FF;
+  uint32_t u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: renormalize
+      int e = -1;
+      do {
+        ++e;
+        man <<= 1;
+      } while ((man & 0x400) == 0);
+      u = sign | ((127 - 15 - e) << 23) | ((man & 0x3FF) << 13);
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7F800000 | (man << 13);
+  } else {
+    u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline void load_row(const void* base, SBType t, size_t offset, int n, float* out) {
+  switch (t) {
+    case SBType::F32: std::memcpy(out, static_cast<const float*>(base) + offset, 4 * n); break;
+    case SBType::BF16: {
+      const uint16_t* p = static_cast<const uint16_t*>(base) + offset;
+      for (int i = 0; i < n; ++i) out[i] = bf16_to_f32(p[i]);
+      break;
+    }
+    case SBType::F16: {
+      const uint16_t* p = static_cast<const uint16_t*>(base) + offset;
+      for (int i = 0; i < n; ++i) out[i] = f16_to_f32(p[i]);
+      break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Persistent thread pool.  run(fn) calls fn(i, n) for i in [0, n) with the
+// caller doing i = 0.  Idle workers spin briefly (low wake latency for the
+// back-to-back matvecs of a decode step) and then sleep on a condvar.
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int n) { start(n); }
+  ~ThreadPool() { stop(); }
+
+  int size() const { return n_; }
+
+  void resize(int n) {
+    std::lock_guard<std::mutex> run_lock(run_mu_);
+    stop();
+    start(n);
+  }
+
+  void run(const std::function<void(int, int)>& fn) {
+    std::unique_lock<std::mutex> run_lock(run_mu_, std::try_to_lock);
+    if (!run_lock.owns_lock() || n_ == 1) {  // busy (another caller) or serial
+      fn(0, 1);
+      return;
+    }
+    job_ = &fn;
+    pending_.store(n_ - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    std::exception_ptr err;
+    try {
+      fn(0, n_);
+    } catch (...) {
+      err = std::current_exception();
+    }
+    while (pending_.load(std::memory_order_acquire) != 0) CSMD_CPU_RELAX();
+    job_ = nullptr;
+    if (err) std::rethrow_exception(err);
+  }
+
+ private:
+  void start(int n) {
+    n_ = std::max(1, n);
+    quit_ = false;
+    // Workers start from the current generation (read here, not in the new
+    // thread: a job issued before the thread runs must not be missed).
+    const uint64_t g0 = gen_.load(std::memory_order_acquire);
+    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i, g0] { loop(i, g0); });
+  }
+
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      quit_ = true;
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+  }
+
+  void loop(int idx, uint64_t seen) {
+    for (;;) {
+      // spin up to ~200 us, then sleep
+      auto t0 = std::chrono::steady_clock::now();
+      int spins = 0;
+      while (gen_.load(std::memory_order_acquire) == seen) {
+        CSMD_CPU_RELAX();
+        if (++spins % 256 == 0 &&
+            std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(200)) {
+          std::unique_lock<std::mutex> lk(mu_);
+          cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+          break;
+        }
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      if (quit_) return;
+      try {
+        (*job_)(idx, n_);
+      } catch (...) {
+        // kernels do not throw; never let an exception escape a worker
+      }
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  int n_ = 1;
+  std::vector<std::thread> workers_;
+  std::mutex run_mu_, mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> pending_{0};
+  const std::function<void(int, int)>* job_ = nullptr;
+  bool quit_ = false;
+};
+
+inline void split_range(int n, int parts, int i, int& a, int& b) {
+  a = static_cast<int>(static_cast<long long>(n) * i / parts);
+  b = static_cast<int>(static_cast<long long>(n) * (i + 1) / parts);
+}
+
+// ---------------------------------------------------------------------------
+// Quantized matmul: out[m, n] = sum_k x[m, k] * (s[n, k/G] * q[n, k] + b[n, k/G])
+//   x: [M, K] float32 (natural order), w: [N, K*bits/8] bytes,
+//   scales/biases: [N, K/G] of type sbt, out: [M, N] float32.
+// int8_x selects the integer-dot matvec (x quantized per group to int8);
+// otherwise the exact float path is used.  M > 1 always uses the float
+// tile kernel (weights dequantized 16 rows x 256 columns at a time).
+
+struct QMatmulArgs {
+  const float* x = nullptr;
+  int M = 0, K = 0, N = 0, G = 64, bits = 4;
+  const uint8_t* w = nullptr;
+  const void* scales = nullptr;
+  const void* biases = nullptr;
+  SBType sbt = SBType::F32;
+  float* out = nullptr;
+};
+
+constexpr int kTileRows = 16;
+constexpr int kTileK = 256;
+
+inline void qmatmul(const QMatmulArgs& a, const Kernels& kern, bool int8_x, ThreadPool* pool) {
+  const int K = a.K, N = a.N, M = a.M, G = a.G, bits = a.bits, ng = K / G;
+  const size_t row_bytes = static_cast<size_t>(K) * bits / 8;
+  auto run = [&](const std::function<void(int, int)>& fn, size_t work_bytes) {
+    if (pool && pool->size() > 1 && work_bytes >= (64u << 10)) {
+      pool->run(fn);
+    } else {
+      fn(0, 1);
+    }
+  };
+
+  if (M == 1) {
+    std::vector<float> xf(K), gsum(ng), gdx(ng);
+    std::vector<int8_t> xq, tmp;
+    std::vector<int16_t> xq16;
+    XPrep p;
+    prep_x_float(a.x, K, G, bits, xf.data(), gsum.data(), p);
+    if (int8_x) {
+      tmp.resize(K);
+      if (bits == 4) xq.resize(K); else xq16.resize(K);
+      prep_x_int(a.x, K, G, bits, xq.data(), xq16.data(), tmp.data(), gdx.data(), p);
+    }
+    const auto dot = int8_x ? kern.dot_i : kern.dot_f;
+    std::function<void(int, int)> fn = [&](int i, int nt) {
+      int n0, n1;
+      split_range(N, nt, i, n0, n1);
+      std::vector<float> s(ng), b(ng);
+      for (int n = n0; n < n1; ++n) {
+        load_row(a.scales, a.sbt, static_cast<size_t>(n) * ng, ng, s.data());
+        load_row(a.biases, a.sbt, static_cast<size_t>(n) * ng, ng, b.data());
+        a.out[n] = dot(a.w + n * row_bytes, s.data(), b.data(), p);
+      }
+    };
+    run(fn, row_bytes * N);
+    return;
+  }
+
+  // M > 1: permute x rows once (4 bits), then tile over weight rows.
+  std::vector<float> xp;
+  const float* X = a.x;
+  if (bits == 4) {
+    xp.resize(static_cast<size_t>(M) * K);
+    for (int m = 0; m < M; ++m) permute4(a.x + static_cast<size_t>(m) * K, K, xp.data() + static_cast<size_t>(m) * K);
+    X = xp.data();
+  }
+  const int ntiles = (N + kTileRows - 1) / kTileRows;
+  std::function<void(int, int)> fn = [&](int i, int nt) {
+    int t0, t1;
+    split_range(ntiles, nt, i, t0, t1);
+    std::vector<float> wd(static_cast<size_t>(kTileRows) * kTileK);
+    std::vector<float> c(static_cast<size_t>(M) * kTileRows);
+    std::vector<float> s(static_cast<size_t>(kTileRows) * ng), b(static_cast<size_t>(kTileRows) * ng);
+    for (int t = t0; t < t1; ++t) {
+      const int n0 = t * kTileRows;
+      const int nr = std::min(kTileRows, N - n0);
+      std::fill(c.begin(), c.end(), 0.f);
+      for (int r = 0; r < nr; ++r) {
+        load_row(a.scales, a.sbt, static_cast<size_t>(n0 + r) * ng, ng, s.data() + r * ng);
+        load_row(a.biases, a.sbt, static_cast<size_t>(n0 + r) * ng, ng, b.data() + r * ng);
+      }
+      for (int k0 = 0; k0 < K; k0 += kTileK) {
+        const int kn = std::min(kTileK, K - k0);
+        for (int r = 0; r < nr; ++r)
+          kern.dequant(a.w + (n0 + r) * row_bytes, s.data() + r * ng, b.data() + r * ng, K, G,
+                       bits, k0, kn, wd.data() + r * kTileK);
+        kern.gemm_tile(X + k0, M, K, wd.data(), nr, kTileK, kn, c.data(), kTileRows);
+      }
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < nr; ++r) a.out[static_cast<size_t>(m) * N + n0 + r] = c[m * kTileRows + r];
+    }
+  };
+  run(fn, row_bytes * N * static_cast<size_t>(M));
+}
+
+}  // namespace csmd

@@ -1,0 +1,247 @@
+#include "qmatmul.h"
+
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "state.h"
+
+namespace csmd {
+
+// ---------------------------------------------------------------------------
+// Settings
+
+namespace {
+
+std::atomic<int> g_variant{-1};  // -1: not yet chosen
+std::atomic<bool> g_int8{false};  // default "exact"; "int8" is ~2x faster at 4 bits but lossier
+std::mutex g_pool_mu;
+std::unique_ptr<ThreadPool> g_pool;
+
+int default_threads() {
+  if (const char* env = std::getenv("CSMD_THREADS")) {
+    const int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  int n = static_cast<int>(std::thread::hardware_concurrency());
+  if (n <= 0) n = 1;
+  // Physical cores: halve when SMT is active (memory-bound kernels gain
+  // nothing from a second hyper-thread).
+  std::ifstream smt("/sys/devices/system/cpu/smt/active");
+  int active = 0;
+  if (smt >> active && active == 1 && n > 1) n /= 2;
+  return n;
+}
+
+Kernels g_kernels[3] = {kernels_for(Variant::Scalar), kernels_for(Variant::AVX2),
+                        kernels_for(Variant::NEON)};
+
+}  // namespace
+
+Variant current_variant() {
+  int v = g_variant.load(std::memory_order_relaxed);
+  if (v < 0) {
+    v = static_cast<int>(best_variant());
+    g_variant.store(v);
+  }
+  return static_cast<Variant>(v);
+}
+
+void set_variant(const std::string& name) {
+  Variant v;
+  if (name == "auto") {
+    v = best_variant();
+  } else if (name == "scalar") {
+    v = Variant::Scalar;
+  } else if (name == "avx2") {
+    v = Variant::AVX2;
+  } else if (name == "neon") {
+    v = Variant::NEON;
+  } else {
+    throw std::invalid_argument("set_variant: unknown variant '" + name +
+                                "' (expected 'auto', 'scalar', 'avx2' or 'neon')");
+  }
+  if (!variant_available(v))
+    throw std::invalid_argument(std::string("set_variant: variant '") + name +
+                                "' is not supported on this CPU");
+  g_variant.store(static_cast<int>(v));
+}
+
+const Kernels& current_kernels() { return g_kernels[static_cast<int>(current_variant())]; }
+
+bool matvec_int8() { return g_int8.load(std::memory_order_relaxed); }
+
+void set_matvec_mode(const std::string& mode) {
+  if (mode == "int8") {
+    g_int8.store(true);
+  } else if (mode == "exact") {
+    g_int8.store(false);
+  } else {
+    throw std::invalid_argument("set_matvec_mode: expected 'int8' or 'exact', got '" + mode + "'");
+  }
+}
+
+ThreadPool& pool() {
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  if (!g_pool) g_pool = std::make_unique<ThreadPool>(default_threads());
+  return *g_pool;
+}
+
+int num_threads() { return pool().size(); }
+
+void set_num_threads(int n) {
+  if (n < 1 || n > 256) throw std::invalid_argument("set_num_threads: n must be in [1, 256]");
+  pool().resize(n);
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+SBType sb_type(mx::Dtype t) {
+  if (t == mx::float32) return SBType::F32;
+  if (t == mx::bfloat16) return SBType::BF16;
+  return SBType::F16;
+}
+
+void to_float(const mx::array& a, float* out) {
+  const size_t n = a.size();
+  if (a.dtype() == mx::float32) {
+    std::memcpy(out, a.data<float>(), n * sizeof(float));
+  } else if (a.dtype() == mx::bfloat16) {
+    const auto* p = a.data<mx::bfloat16_t>();
+    for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(p[i]);
+  } else {
+    const auto* p = a.data<mx::float16_t>();
+    for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(p[i]);
+  }
+}
+
+namespace {
+
+bool is_float_type(mx::Dtype t) {
+  return t == mx::float32 || t == mx::bfloat16 || t == mx::float16;
+}
+
+std::string shape_str(const mx::array& a) {
+  std::ostringstream os;
+  os << "(";
+  for (int i = 0; i < static_cast<int>(a.ndim()); ++i) os << (i ? ", " : "") << a.shape(i);
+  os << (a.ndim() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+}  // namespace
+
+mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, int group_size, int bits,
+                           mx::StreamOrDevice s) {
+  auto fail = [](const std::string& msg) { throw std::invalid_argument("quantized_matmul: " + msg); };
+  if (bits != 4 && bits != 8) fail("bits must be 4 or 8, got " + std::to_string(bits));
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    fail("group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  if (!is_float_type(x.dtype())) fail("x must be float32, bfloat16 or float16");
+  if (x.ndim() < 1) fail("x must have at least one dimension");
+  if (w.dtype() != mx::uint32) fail("w must be uint32 (packed MLX affine quantization)");
+  if (w.ndim() != 2) fail("w must be 2-D [out, in*bits/32], got shape " + shape_str(w));
+  if (!is_float_type(scales.dtype()) || scales.dtype() != biases.dtype())
+    fail("scales and biases must share one dtype of float32, bfloat16 or float16");
+  const int K = x.shape(-1);
+  const int N = w.shape(0);
+  if (static_cast<long long>(w.shape(1)) * 32 / bits != K)
+    fail("x has " + std::to_string(K) + " input features but w " + shape_str(w) + " holds " +
+         std::to_string(static_cast<long long>(w.shape(1)) * 32 / bits) + " at " + std::to_string(bits) +
+         " bits");
+  if (K % group_size != 0)
+    fail("input features " + std::to_string(K) + " are not a multiple of group_size " +
+         std::to_string(group_size));
+  if (scales.ndim() != 2 || scales.shape(0) != N || scales.shape(1) != K / group_size)
+    fail("scales must have shape (" + std::to_string(N) + ", " + std::to_string(K / group_size) +
+         "), got " + shape_str(scales));
+  if (biases.shape() != scales.shape())
+    fail("biases must have the shape of scales " + shape_str(scales) + ", got " + shape_str(biases));
+  if (N == 0 || K == 0) fail("empty weight matrix");
+
+  auto st = mx::to_stream(s);
+  mx::Shape out_shape = x.shape();
+  out_shape.back() = N;
+  return mx::array(out_shape, x.dtype(), std::make_shared<QMatmul>(st, group_size, bits),
+                   {mx::contiguous(x, false, st), mx::contiguous(w, false, st),
+                    mx::contiguous(scales, false, st), mx::contiguous(biases, false, st)});
+}
+
+bool QMatmul::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const QMatmul&>(other);
+  return group_size_ == o.group_size_ && bits_ == o.bits_;
+}
+
+std::vector<mx::Shape> QMatmul::output_shapes(const std::vector<mx::array>& inputs) {
+  mx::Shape sh = inputs[0].shape();
+  sh.back() = inputs[1].shape(0);
+  return {sh};
+}
+
+void QMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(
+      "csmd_native.quantized_matmul runs on the CPU only; use mx.quantized_matmul on the GPU "
+      "(or pass stream=mx.cpu)");
+}
+
+void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) enc.set_input_array(a);
+  enc.set_output_array(out);
+  enc.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), w = mx::array::unsafe_weak_copy(inputs[1]),
+                sc = mx::array::unsafe_weak_copy(inputs[2]), bi = mx::array::unsafe_weak_copy(inputs[3]),
+                out = mx::array::unsafe_weak_copy(out), G = group_size_, bits = bits_]() mutable {
+    for (const auto* a : {&x, &w, &sc, &bi})
+      if (!a->flags().row_contiguous)
+        throw std::runtime_error("csmd_native.quantized_matmul: internal error, non-contiguous input");
+    const int K = x.shape(-1);
+    const int N = w.shape(0);
+    const int M = static_cast<int>(x.size() / K);
+    if (M == 0) return;
+    std::vector<float> xbuf, obuf;
+    const float* xf;
+    if (x.dtype() == mx::float32) {
+      xf = x.data<float>();
+    } else {
+      xbuf.resize(x.size());
+      to_float(x, xbuf.data());
+      xf = xbuf.data();
+    }
+    float* of;
+    if (out.dtype() == mx::float32) {
+      of = out.data<float>();
+    } else {
+      obuf.resize(out.size());
+      of = obuf.data();
+    }
+    QMatmulArgs a;
+    a.x = xf;
+    a.M = M;
+    a.K = K;
+    a.N = N;
+    a.G = G;
+    a.bits = bits;
+    a.w = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
+    a.scales = sc.data<void>();
+    a.biases = bi.data<void>();
+    a.sbt = sb_type(sc.dtype());
+    a.out = of;
+    qmatmul(a, current_kernels(), matvec_int8(), &pool());
+    if (out.dtype() == mx::bfloat16) {
+      auto* o = out.data<mx::bfloat16_t>();
+      for (size_t i = 0; i < obuf.size(); ++i) o[i] = static_cast<mx::bfloat16_t>(obuf[i]);
+    } else if (out.dtype() == mx::float16) {
+      auto* o = out.data<mx::float16_t>();
+      for (size_t i = 0; i < obuf.size(); ++i) o[i] = static_cast<mx::float16_t>(obuf[i]);
+    }
+  });
+}
+
+}  // namespace csmd

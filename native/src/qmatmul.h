@@ -1,0 +1,40 @@
+#pragma once
+
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+#include "kernels/driver.h"
+
+namespace csmd {
+
+namespace mx = mlx::core;
+
+// Validates inputs (std::invalid_argument -> ValueError) and returns a lazy
+// array computed by the QMatmul primitive.
+mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, int group_size, int bits,
+                           mx::StreamOrDevice s = {});
+
+class QMatmul : public mx::UnaryPrimitive {
+ public:
+  QMatmul(mx::Stream stream, int group_size, int bits)
+      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+
+  const char* name() const override { return "CsmdQuantizedMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+ private:
+  int group_size_;
+  int bits_;
+};
+
+// Helpers shared with the transformer step.
+SBType sb_type(mx::Dtype t);
+// Copy/convert a row-contiguous float32/bfloat16/float16 array to float.
+void to_float(const mx::array& a, float* out);
+
+}  // namespace csmd

@@ -1,0 +1,286 @@
+#include "transformer.h"
+
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "qmatmul.h"
+#include "state.h"
+
+namespace csmd {
+
+namespace {
+
+int per_layer(int bits) { return bits == 0 ? 9 : 23; }
+
+// Inputs of the primitive: x, cache_k, cache_v, inv_freqs, then the weights.
+constexpr int kFixedInputs = 4;
+
+struct Proj {
+  const mx::array* w = nullptr;
+  const mx::array* s = nullptr;
+  const mx::array* b = nullptr;
+  int in = 0, out = 0;
+};
+
+void fail(const std::string& msg) { throw std::invalid_argument("transformer_step: " + msg); }
+
+// y[out] = W x for a quantized or float32 projection.
+void matvec(const Proj& p, const float* x, float* y, int group_size, int bits) {
+  const Kernels& kern = current_kernels();
+  if (bits == 0) {
+    const float* w = p.w->data<float>();
+    const int K = p.in, N = p.out;
+    std::function<void(int, int)> fn = [&](int i, int nt) {
+      int n0, n1;
+      split_range(N, nt, i, n0, n1);
+      for (int n = n0; n < n1; ++n) y[n] = kern.dot_f32(w + static_cast<size_t>(n) * K, x, K);
+    };
+    if (static_cast<size_t>(N) * K * 4 >= (64u << 10))
+      pool().run(fn);
+    else
+      fn(0, 1);
+    return;
+  }
+  QMatmulArgs a;
+  a.x = x;
+  a.M = 1;
+  a.K = p.in;
+  a.N = p.out;
+  a.G = group_size;
+  a.bits = bits;
+  a.w = reinterpret_cast<const uint8_t*>(p.w->data<uint32_t>());
+  a.scales = p.s->data<void>();
+  a.biases = p.b->data<void>();
+  a.sbt = sb_type(p.s->dtype());
+  a.out = y;
+  qmatmul(a, kern, matvec_int8(), &pool());
+}
+
+void rmsnorm(const float* x, const mx::array& scale, float eps, int H, float* out) {
+  double ss = 0;
+  for (int i = 0; i < H; ++i) ss += static_cast<double>(x[i]) * x[i];
+  const float r = 1.f / std::sqrt(static_cast<float>(ss / H) + eps);
+  std::vector<float> sc(H);
+  to_float(scale, sc.data());
+  for (int i = 0; i < H; ++i) out[i] = x[i] * r * sc[i];
+}
+
+void rope(float* v, int D, const float* inv_freqs, int position) {
+  for (int i = 0; i < D / 2; ++i) {
+    const float a = static_cast<float>(position) * inv_freqs[i];
+    const float c = std::cos(a), s = std::sin(a);
+    const float x0 = v[2 * i], x1 = v[2 * i + 1];
+    v[2 * i] = x0 * c - x1 * s;
+    v[2 * i + 1] = x0 * s + x1 * c;
+  }
+}
+
+}  // namespace
+
+std::vector<mx::array> transformer_step(const mx::array& x, const std::vector<mx::array>& weights,
+                                        const mx::array& cache_k, const mx::array& cache_v,
+                                        int position, const mx::array& inv_freqs, int num_heads,
+                                        int num_kv_heads, float eps, int group_size, int bits,
+                                        mx::StreamOrDevice s) {
+  if (bits != 0 && bits != 4 && bits != 8) fail("bits must be 0 (float32 weights), 4 or 8");
+  if (bits && group_size != 32 && group_size != 64 && group_size != 128)
+    fail("group_size must be 32, 64 or 128");
+  if (x.dtype() != mx::float32 || x.ndim() != 2 || x.shape(0) != 1) fail("x must be float32 [1, hidden]");
+  const int H = x.shape(1);
+  if (cache_k.ndim() != 4 || cache_k.dtype() != mx::float32 || cache_v.shape() != cache_k.shape() ||
+      cache_v.dtype() != mx::float32)
+    fail("cache_k and cache_v must be float32 [num_layers, num_kv_heads, max_len, head_dim] of one shape");
+  const int L = cache_k.shape(0), T = cache_k.shape(2), D = cache_k.shape(3);
+  if (num_heads <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads)
+    fail("num_heads must be a positive multiple of num_kv_heads");
+  if (cache_k.shape(1) != num_kv_heads) fail("cache dim 1 must equal num_kv_heads");
+  if (D % 2) fail("head_dim must be even");
+  if (position < 0 || position >= T) fail("position must be in [0, max_len)");
+  if (inv_freqs.dtype() != mx::float32 || inv_freqs.size() != static_cast<size_t>(D / 2))
+    fail("inv_freqs must be float32 with head_dim/2 elements");
+  if (static_cast<int>(weights.size()) != L * per_layer(bits))
+    fail("expected " + std::to_string(L * per_layer(bits)) + " weight arrays (" +
+         std::to_string(per_layer(bits)) + " per layer for " + std::to_string(L) + " layers), got " +
+         std::to_string(weights.size()));
+  // shapes of every projection
+  const int qd = num_heads * D, kvd = num_kv_heads * D;
+  int inter = -1;
+  for (int l = 0; l < L; ++l) {
+    int i = l * per_layer(bits);
+    auto check_norm = [&](const mx::array& a, const char* what) {
+      if (a.ndim() != 1 || a.shape(0) != H) fail(std::string(what) + " must have shape [hidden]");
+    };
+    auto check_proj = [&](int out, int in, const char* what) {
+      const mx::array& w = weights[i];
+      std::string name = "layer " + std::to_string(l) + " " + what;
+      if (bits == 0) {
+        if (w.dtype() != mx::float32 || w.ndim() != 2) fail(name + ": weight must be float32 2-D");
+        if (out >= 0 && w.shape(0) != out) fail(name + ": wrong output dim");
+        if (w.shape(1) != in) fail(name + ": wrong input dim");
+        i += 1;
+      } else {
+        const mx::array &sc = weights[i + 1], &bi = weights[i + 2];
+        if (w.dtype() != mx::uint32 || w.ndim() != 2) fail(name + ": packed weight must be uint32 2-D");
+        if (out >= 0 && w.shape(0) != out) fail(name + ": wrong output dim");
+        if (static_cast<long long>(w.shape(1)) * 32 / bits != in) fail(name + ": wrong input dim");
+        if (in % group_size) fail(name + ": input dim not a multiple of group_size");
+        if (sc.ndim() != 2 || sc.shape(0) != w.shape(0) || sc.shape(1) != in / group_size ||
+            bi.shape() != sc.shape() || sc.dtype() != bi.dtype() ||
+            !(sc.dtype() == mx::float32 || sc.dtype() == mx::bfloat16 || sc.dtype() == mx::float16))
+          fail(name + ": bad scales/biases");
+        i += 3;
+      }
+      return w.shape(0);
+    };
+    check_norm(weights[i++], "sa_norm");
+    check_proj(qd, H, "q_proj");
+    check_proj(kvd, H, "k_proj");
+    check_proj(kvd, H, "v_proj");
+    check_proj(H, qd, "o_proj");
+    check_norm(weights[i++], "mlp_norm");
+    const int I = check_proj(inter, H, "w1");
+    if (inter < 0) inter = I;
+    if (I != inter) fail("w1 output dims differ between layers");
+    check_proj(inter, H, "w3");
+    check_proj(H, inter, "w2");
+  }
+  auto st = mx::to_stream(s);
+  StepConfig cfg{position, num_heads, num_kv_heads, eps, group_size, bits, L};
+  std::vector<mx::array> inputs = {x, mx::contiguous(cache_k, false, st), mx::contiguous(cache_v, false, st),
+                                   mx::contiguous(inv_freqs, false, st)};
+  for (const auto& w : weights) inputs.push_back(mx::contiguous(w, false, st));
+  return mx::array::make_arrays({x.shape(), cache_k.shape(), cache_v.shape()},
+                                {mx::float32, mx::float32, mx::float32},
+                                std::make_shared<TransformerStep>(st, cfg), inputs);
+}
+
+bool TransformerStep::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const TransformerStep&>(other).cfg_;
+  return cfg_.position == o.position && cfg_.num_heads == o.num_heads &&
+         cfg_.num_kv_heads == o.num_kv_heads && cfg_.eps == o.eps && cfg_.group_size == o.group_size &&
+         cfg_.bits == o.bits && cfg_.num_layers == o.num_layers;
+}
+
+std::vector<mx::Shape> TransformerStep::output_shapes(const std::vector<mx::array>& inputs) {
+  return {inputs[0].shape(), inputs[1].shape(), inputs[2].shape()};
+}
+
+void TransformerStep::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("csmd_native.transformer_step runs on the CPU only");
+}
+
+void TransformerStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& h_out = outputs[0];
+  h_out.set_data(mx::allocator::malloc(h_out.nbytes()));
+  bool copy_cache[2];
+  for (int c = 0; c < 2; ++c) {
+    const mx::array& in = inputs[1 + c];
+    mx::array& out = outputs[1 + c];
+    // Reuse the input cache buffer when nobody else holds it.
+    if (in.is_donatable() && in.flags().row_contiguous && in.data_size() == in.size()) {
+      out.copy_shared_buffer(in);
+      copy_cache[c] = false;
+    } else {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+      copy_cache[c] = true;
+    }
+  }
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) enc.set_input_array(a);
+  for (auto& a : outputs) enc.set_output_array(a);
+  std::vector<mx::array> ins;
+  for (auto& a : inputs) ins.push_back(mx::array::unsafe_weak_copy(a));
+  std::vector<mx::array> outs;
+  for (auto& a : outputs) outs.push_back(mx::array::unsafe_weak_copy(a));
+  enc.dispatch([ins = std::move(ins), outs = std::move(outs), cfg = cfg_, copy_cache0 = copy_cache[0],
+                copy_cache1 = copy_cache[1]]() mutable {
+    const mx::array& x = ins[0];
+    mx::array& ck = outs[1];
+    mx::array& cv = outs[2];
+    if (copy_cache0) std::memcpy(ck.data<float>(), ins[1].data<float>(), ck.nbytes());
+    if (copy_cache1) std::memcpy(cv.data<float>(), ins[2].data<float>(), cv.nbytes());
+    const float* inv = ins[3].data<float>();
+    const int H = x.shape(1), L = cfg.num_layers, T = ck.shape(2), D = ck.shape(3);
+    const int NH = cfg.num_heads, KVH = cfg.num_kv_heads, pos = cfg.position, rep = NH / KVH;
+    const int bits = cfg.bits, G = cfg.group_size;
+    float* h = outs[0].data<float>();
+    std::memcpy(h, x.data<float>(), sizeof(float) * H);
+
+    std::vector<float> n(H), q(NH * D), k(KVH * D), v(KVH * D), att(NH * D), o(H), sc(T);
+    std::vector<float> g, u;
+    const float scale = 1.f / std::sqrt(static_cast<float>(D));
+    size_t wi = kFixedInputs;
+    auto next_proj = [&](int in) {
+      Proj p;
+      p.w = &ins[wi];
+      p.out = ins[wi].shape(0);
+      p.in = in;
+      if (bits == 0) {
+        wi += 1;
+      } else {
+        p.s = &ins[wi + 1];
+        p.b = &ins[wi + 2];
+        wi += 3;
+      }
+      return p;
+    };
+    for (int l = 0; l < L; ++l) {
+      const mx::array& sa_norm = ins[wi++];
+      const Proj pq = next_proj(H), pk = next_proj(H), pv = next_proj(H), po = next_proj(NH * D);
+      const mx::array& mlp_norm = ins[wi++];
+      const Proj p1 = next_proj(H), p3 = next_proj(H);
+      const Proj p2 = next_proj(p1.out);
+
+      rmsnorm(h, sa_norm, cfg.eps, H, n.data());
+      matvec(pq, n.data(), q.data(), G, bits);
+      matvec(pk, n.data(), k.data(), G, bits);
+      matvec(pv, n.data(), v.data(), G, bits);
+      for (int j = 0; j < NH; ++j) rope(q.data() + j * D, D, inv, pos);
+      float* kc = ck.data<float>() + static_cast<size_t>(l) * KVH * T * D;
+      float* vc = cv.data<float>() + static_cast<size_t>(l) * KVH * T * D;
+      for (int j = 0; j < KVH; ++j) {
+        rope(k.data() + j * D, D, inv, pos);
+        std::memcpy(kc + (static_cast<size_t>(j) * T + pos) * D, k.data() + j * D, sizeof(float) * D);
+        std::memcpy(vc + (static_cast<size_t>(j) * T + pos) * D, v.data() + j * D, sizeof(float) * D);
+      }
+      for (int j = 0; j < NH; ++j) {
+        const float* kh = kc + static_cast<size_t>(j / rep) * T * D;
+        const float* vh = vc + static_cast<size_t>(j / rep) * T * D;
+        const float* qh = q.data() + j * D;
+        float mx_ = -INFINITY;
+        for (int t = 0; t <= pos; ++t) {
+          float d = 0.f;
+          for (int e = 0; e < D; ++e) d += qh[e] * kh[t * D + e];
+          sc[t] = d * scale;
+          mx_ = std::max(mx_, sc[t]);
+        }
+        float sum = 0.f;
+        for (int t = 0; t <= pos; ++t) {
+          sc[t] = std::exp(sc[t] - mx_);
+          sum += sc[t];
+        }
+        float* oh = att.data() + j * D;
+        std::fill(oh, oh + D, 0.f);
+        for (int t = 0; t <= pos; ++t) {
+          const float p = sc[t] / sum;
+          for (int e = 0; e < D; ++e) oh[e] += p * vh[t * D + e];
+        }
+      }
+      matvec(po, att.data(), o.data(), G, bits);
+      for (int i = 0; i < H; ++i) h[i] += o[i];
+
+      rmsnorm(h, mlp_norm, cfg.eps, H, n.data());
+      g.resize(p1.out);
+      u.resize(p3.out);
+      matvec(p1, n.data(), g.data(), G, bits);
+      matvec(p3, n.data(), u.data(), G, bits);
+      for (int i = 0; i < p1.out; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      matvec(p2, g.data(), o.data(), G, bits);
+      for (int i = 0; i < H; ++i) h[i] += o[i];
+    }
+  });
+}
+
+}  // namespace csmd

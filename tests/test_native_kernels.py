@@ -1,0 +1,437 @@
+"""csmd_native.quantized_matmul against mx.quantized_matmul and a float64 numpy reference.
+
+Tolerances (all scaled by ``mag = |x| @ |W|.T``, the sum of the magnitudes of the terms of each
+output, so they do not depend on cancellation):
+
+* float path ("exact" matvec mode, and every call with more than one row): fp32 accumulation in a
+  different order than the reference, so ``1e-5 * mag``; plus the rounding of the output to x's
+  dtype (bf16: 2**-8, fp16: 2**-11 relative) and, against mx.quantized_matmul, MLX's own rounding
+  in that dtype (same order again).
+* "int8" matvec mode (the default for one row): x is quantized per group with a symmetric step
+  ``dx = max|x_g| / 127`` (4-bit weights) or ``max|x_g| / 32767`` (8-bit weights); each element is
+  off by at most dx/2, so the error of an output is bounded by ``sum_g dx_g / 2 * sum_{k in g} |w_k|``.
+  The test asserts that bound (times 1.01, plus the float term above).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+if os.environ.get("CSMD_REQUIRE_NATIVE") == "1":
+    import csmd_native
+else:
+    csmd_native = pytest.importorskip("csmd_native")
+
+FLOAT_RTOL = 1e-5
+OUT_RTOL = {mx.float32: 0.0, mx.bfloat16: 2.0**-8, mx.float16: 2.0**-11}
+NP_DTYPE = {mx.float32: np.float32, mx.float16: np.float16}
+
+
+@pytest.fixture(autouse=True)
+def _defaults():
+    csmd_native.set_variant("auto")
+    csmd_native.set_matvec_mode("exact")
+    yield
+    csmd_native.set_variant("auto")
+    csmd_native.set_matvec_mode("exact")
+
+
+def make_weights(n: int, k: int, group_size: int, bits: int, dtype=mx.float32, seed: int = 0):
+    w = mx.random.normal((n, k), key=mx.random.key(seed)) * 0.05
+    wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    return wq, scales.astype(dtype), biases.astype(dtype)
+
+
+def dequant_f64(wq: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> np.ndarray:
+    words = np.array(wq).astype(np.uint64)
+    per = 32 // bits
+    shifts = (np.arange(per, dtype=np.uint64) * bits)[None, None, :]
+    q = ((words[:, :, None] >> shifts) & ((1 << bits) - 1)).reshape(words.shape[0], -1).astype(np.float64)
+    s = np.array(scales.astype(mx.float32)).astype(np.float64).repeat(group_size, axis=1)
+    b = np.array(biases.astype(mx.float32)).astype(np.float64).repeat(group_size, axis=1)
+    return s * q + b
+
+
+def as_f64(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32)).astype(np.float64)
+
+
+def make_x(shape, dtype=mx.float32, seed: int = 1) -> mx.array:
+    return mx.random.normal(shape, key=mx.random.key(seed)).astype(dtype)
+
+
+def check_float(y: mx.array, x: mx.array, wd: np.ndarray, extra_rtol: float = 0.0) -> None:
+    """y against the float64 reference with the float-path tolerance."""
+    xf = as_f64(x)
+    ref = xf @ wd.T
+    mag = np.abs(xf) @ np.abs(wd).T
+    tol = FLOAT_RTOL * mag + (OUT_RTOL[y.dtype] + extra_rtol) * np.abs(ref) + 1e-30
+    err = np.abs(as_f64(y) - ref)
+    assert np.all(err <= tol), f"max err/tol {np.max(err / tol):.3g}"
+
+
+# (rows, in, out): covers rows 1/3/17/300, in 64/192/1024/2048/8192, out 1/7/2051/4096
+SHAPES = [
+    (1, 64, 1),
+    (1, 192, 7),
+    (1, 1024, 2051),
+    (1, 2048, 4096),
+    (1, 8192, 7),
+    (1, 8192, 2051),
+    (3, 64, 7),
+    (3, 192, 2051),
+    (3, 2048, 1),
+    (3, 8192, 7),
+    (17, 1024, 7),
+    (17, 192, 4096),
+    (17, 8192, 2051),
+    (300, 64, 4096),
+    (300, 2048, 2051),
+    (300, 8192, 7),
+]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize(("rows", "k", "n"), SHAPES)
+def test_float_path_matches_reference(rows: int, k: int, n: int, group_size: int, bits: int) -> None:
+    if k % group_size:
+        pytest.skip("in dim not a multiple of the group size")
+    csmd_native.set_matvec_mode("exact")
+    wq, s, b = make_weights(n, k, group_size, bits, seed=k + n)
+    x = make_x((rows, k), seed=rows)
+    y = csmd_native.quantized_matmul(x, wq, s, b, group_size=group_size, bits=bits)
+    assert y.shape == (rows, n) and y.dtype == mx.float32
+    check_float(y, x, dequant_f64(wq, s, b, group_size, bits))
+    # and against MLX itself (fp32 in MLX too: same tolerance, twice)
+    r = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=group_size, bits=bits)
+    xf, wd = as_f64(x), dequant_f64(wq, s, b, group_size, bits)
+    mag = np.abs(xf) @ np.abs(wd).T
+    assert np.all(np.abs(as_f64(y) - as_f64(r)) <= 2 * FLOAT_RTOL * mag + 1e-30)
+
+
+def int_bound(x: mx.array, wd: np.ndarray, group_size: int, bits: int) -> np.ndarray:
+    xf = as_f64(x)
+    qmax = 127.0 if bits == 4 else 32767.0
+    rows, k = xf.shape
+    dx = np.abs(xf).reshape(rows, k // group_size, group_size).max(axis=2) / qmax  # [rows, groups]
+    wabs = np.abs(wd).reshape(wd.shape[0], k // group_size, group_size).sum(axis=2)  # [n, groups]
+    return 0.5 * dx @ wabs.T
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize(("k", "n"), [(64, 1), (192, 7), (1024, 2051), (2048, 4096), (8192, 7), (8192, 2051)])
+def test_int8_matvec_error_bound(k: int, n: int, group_size: int, bits: int) -> None:
+    if k % group_size:
+        pytest.skip("in dim not a multiple of the group size")
+    csmd_native.set_matvec_mode("int8")
+    wq, s, b = make_weights(n, k, group_size, bits, seed=k * 3 + n)
+    x = make_x((1, k), seed=k)
+    y = csmd_native.quantized_matmul(x, wq, s, b, group_size=group_size, bits=bits)
+    wd = dequant_f64(wq, s, b, group_size, bits)
+    xf = as_f64(x)
+    ref = xf @ wd.T
+    tol = 1.01 * int_bound(x, wd, group_size, bits) + FLOAT_RTOL * (np.abs(xf) @ np.abs(wd).T) + 1e-30
+    err = np.abs(as_f64(y) - ref)
+    assert np.all(err <= tol), f"max err/tol {np.max(err / tol):.3g}"
+
+
+@pytest.mark.parametrize("x_dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("sb_dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dtypes(x_dtype, sb_dtype, rows: int, bits: int) -> None:
+    csmd_native.set_matvec_mode("exact")
+    k, n, g = 512, 333, 64
+    wq, s, b = make_weights(n, k, g, bits, dtype=sb_dtype)
+    x = make_x((rows, k), dtype=x_dtype)
+    y = csmd_native.quantized_matmul(x, wq, s, b, group_size=g, bits=bits)
+    assert y.dtype == x_dtype
+    wd = dequant_f64(wq, s, b, g, bits)
+    check_float(y, x, wd)
+    # MLX's CPU kernel computes in x's dtype for half inputs (measured: up to 0.8% of mag for bf16 x with
+    # bf16 scales, while csmd_native is within 1e-5 of the float64 reference above): allow its rounding.
+    r = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=g, bits=bits).astype(mx.float32)
+    xf = as_f64(x)
+    mag = np.abs(xf) @ np.abs(wd).T
+    half = {mx.float32: 0.0, mx.bfloat16: 2.0**-5, mx.float16: 2.0**-8}[x_dtype]
+    assert np.all(np.abs(as_f64(y) - as_f64(r)) <= (2 * FLOAT_RTOL + half) * mag + 1e-30)
+
+
+def test_leading_dims_and_1d() -> None:
+    wq, s, b = make_weights(96, 256, 64, 4)
+    wd = dequant_f64(wq, s, b, 64, 4)
+    csmd_native.set_matvec_mode("exact")
+    x = make_x((2, 3, 256))
+    y = csmd_native.quantized_matmul(x, wq, s, b)
+    assert y.shape == (2, 3, 96)
+    check_float(y.reshape(6, 96), x.reshape(6, 256), wd)
+    x1 = make_x((256,))
+    y1 = csmd_native.quantized_matmul(x1, wq, s, b)
+    assert y1.shape == (96,)
+    check_float(y1[None], x1[None], wd)
+    # non-contiguous input (a transposed view)
+    xt = make_x((256, 4)).T
+    check_float(csmd_native.quantized_matmul(xt, wq, s, b), xt, wd)
+
+
+def available_simd() -> list[str]:
+    f = csmd_native.cpu_features()
+    return [v for v in ("avx2", "neon") if f[v] and (v != "avx2" or f["fma"])]
+
+
+@pytest.mark.parametrize("mode", ["exact", "int8"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 17])
+def test_scalar_and_simd_variants_agree(rows: int, group_size: int, bits: int, mode: str) -> None:
+    simd = available_simd()
+    if not simd:
+        pytest.skip("no SIMD variant on this CPU")
+    csmd_native.set_matvec_mode(mode)
+    k, n = 1088 if group_size != 128 else 1152, 135  # 1088/2 % 32 == 16: exercises the 16-byte tail
+    wq, s, b = make_weights(n, k, group_size, bits, dtype=mx.bfloat16)
+    x = make_x((rows, k))
+    csmd_native.set_variant("scalar")
+    ys = as_f64(csmd_native.quantized_matmul(x, wq, s, b, group_size=group_size, bits=bits))
+    wd = dequant_f64(wq, s, b, group_size, bits)
+    mag = np.abs(as_f64(x)) @ np.abs(wd).T
+    for v in simd:
+        csmd_native.set_variant(v)
+        assert csmd_native.cpu_features()["variant"] == v
+        yv = as_f64(csmd_native.quantized_matmul(x, wq, s, b, group_size=group_size, bits=bits))
+        assert np.all(np.abs(yv - ys) <= 2 * FLOAT_RTOL * mag + 1e-30)
+
+
+def test_threads_agree() -> None:
+    n0 = csmd_native.num_threads()
+    assert n0 >= 1
+    wq, s, b = make_weights(4096, 2048, 64, 4)
+    try:
+        out = []
+        for nt in (1, 2, 3):
+            csmd_native.set_num_threads(nt)
+            assert csmd_native.num_threads() == nt
+            for rows in (1, 9):
+                out.append(np.array(csmd_native.quantized_matmul(make_x((rows, 2048)), wq, s, b)))
+        for i in range(2, len(out)):
+            np.testing.assert_array_equal(out[i], out[i % 2])  # same rows -> bitwise equal
+    finally:
+        csmd_native.set_num_threads(n0)
+    with pytest.raises(ValueError):
+        csmd_native.set_num_threads(0)
+
+
+def test_inside_compile() -> None:
+    csmd_native.set_matvec_mode("exact")
+    wq, s, b = make_weights(300, 512, 32, 8)
+
+    def f(x):
+        h = csmd_native.quantized_matmul(x, wq, s, b, group_size=32, bits=8)
+        return mx.maximum(h, 0) * 2 + csmd_native.quantized_matmul(x, wq, s, b, group_size=32, bits=8)
+
+    cf = mx.compile(f)
+    for rows in (1, 4):
+        x = make_x((rows, 512), seed=rows)
+        np.testing.assert_allclose(np.array(cf(x)), np.array(f(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_lazy_graph_and_stream() -> None:
+    wq, s, b = make_weights(64, 128, 64, 4)
+    x = make_x((2, 128))
+    y = csmd_native.quantized_matmul(x + 1, wq, s, b, stream=mx.cpu)
+    z = csmd_native.quantized_matmul(x + 1, wq, s, b, stream=mx.default_stream(mx.cpu))
+    np.testing.assert_array_equal(np.array(y), np.array(z))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"bits": 3}, "bits"),
+        ({"group_size": 16}, "group_size"),
+        ({"x": mx.zeros((1, 100))}, "input features"),
+        ({"x": mx.zeros((1, 128), dtype=mx.int32)}, "x must be"),
+        ({"w": mx.zeros((8, 16), dtype=mx.float32)}, "uint32"),
+        ({"w": mx.zeros((1, 8, 16), dtype=mx.uint32)}, "2-D"),
+        ({"scales": mx.zeros((8, 3))}, "scales must have shape"),
+        ({"biases": mx.zeros((8, 2), dtype=mx.bfloat16)}, "share one dtype"),
+        ({"biases": mx.zeros((8, 1))}, "shape"),
+    ],
+)
+def test_bad_inputs_raise_value_error(kwargs: dict, match: str) -> None:
+    wq, s, b = make_weights(8, 128, 64, 4)
+    args = {"x": mx.zeros((1, 128)), "w": wq, "scales": s, "biases": b, "group_size": 64, "bits": 4}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        csmd_native.quantized_matmul(**args)
+
+
+def test_settings_and_features() -> None:
+    f = csmd_native.cpu_features()
+    assert set(f) >= {"arch", "avx2", "fma", "neon", "variant"}
+    assert f["variant"] in ("scalar", "avx2", "neon")
+    assert csmd_native.mlx_version == mx.__version__
+    with pytest.raises(ValueError):
+        csmd_native.set_variant("sse9")
+    unavailable = [v for v in ("avx2", "neon") if v not in available_simd()]
+    for v in unavailable:
+        with pytest.raises(ValueError):
+            csmd_native.set_variant(v)
+    with pytest.raises(ValueError):
+        csmd_native.set_matvec_mode("fast")
+    csmd_native.set_matvec_mode("exact")
+    assert csmd_native.get_matvec_mode() == "exact"
+
+
+# --------------------------------------------------------------------------------------------------
+# transformer_step: csmd_native.transformer_step against a pure-MLX Llama reference written here.
+#
+# Tolerance: the native step runs the same math in fp32 with different summation orders (and, for
+# quantized weights in the default "int8" matvec mode, x quantized per group to int8 for the 4-bit
+# projections: ~0.5% relative per projection; int16 for 8-bit ones).  h and the caches are compared
+# with ``rtol = 1e-4, atol = 1e-4 * max|h|`` for fp32 weights and "exact" mode; in "int8" mode only h,
+# by relative RMS error: 6e-2 (4-bit; measured 3-4% after 2-4 random layers) or 1e-3 (8-bit).
+
+
+def make_layers(n_layers, hidden, heads, kv_heads, head_dim, inter, seed=0):
+    keys = iter(mx.random.split(mx.random.key(seed), n_layers * 9))
+    layers = []
+    for _ in range(n_layers):
+
+        def lin(o, i):
+            return mx.random.normal((o, i), key=next(keys)) * (i**-0.5)
+
+        layers.append(
+            {
+                "sa": 1 + 0.1 * mx.random.normal((hidden,), key=next(keys)),
+                "q": lin(heads * head_dim, hidden),
+                "k": lin(kv_heads * head_dim, hidden),
+                "v": lin(kv_heads * head_dim, hidden),
+                "o": lin(hidden, heads * head_dim),
+                "mlp": 1 + 0.1 * mx.random.normal((hidden,), key=next(keys)),
+                "w1": lin(inter, hidden),
+                "w3": lin(inter, hidden),
+                "w2": lin(hidden, inter),
+            }
+        )
+    return layers
+
+
+def prepare(layers, bits, group_size):
+    """Flat weight list for the native step, and the dequantized float weights for the reference."""
+    flat, ref = [], []
+    for layer in layers:
+        rl = {}
+        for name in ("sa", "q", "k", "v", "o", "mlp", "w1", "w3", "w2"):
+            w = layer[name]
+            if name in ("sa", "mlp") or bits == 0:
+                flat.append(w)
+                rl[name] = w
+            else:
+                wq, s, b = mx.quantize(w, group_size=group_size, bits=bits)
+                flat += [wq, s, b]
+                rl[name] = mx.dequantize(wq, s, b, group_size=group_size, bits=bits)
+        ref.append(rl)
+    return flat, ref
+
+
+def reference_step(x, ref, ck, cv, pos, inv_freqs, heads, kv_heads, eps):
+    """Plain MLX ops, one token at `pos`; returns (h, ck, cv)."""
+    head_dim = ck.shape[-1]
+    h = x
+    ang = pos * inv_freqs
+    cos, sin = mx.cos(ang), mx.sin(ang)
+
+    def rope(t):  # t: [n, head_dim], interleaved pairs
+        t2 = t.reshape(t.shape[0], -1, 2)
+        a, b = t2[..., 0], t2[..., 1]
+        return mx.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(t.shape)
+
+    def norm(v, s):
+        return v * mx.rsqrt(mx.mean(v * v, axis=-1, keepdims=True) + eps) * s
+
+    new_k, new_v = [], []
+    for li, w in enumerate(ref):
+        n = norm(h, w["sa"])
+        q = rope((n @ w["q"].T).reshape(heads, head_dim))
+        k = rope((n @ w["k"].T).reshape(kv_heads, head_dim))
+        v = (n @ w["v"].T).reshape(kv_heads, head_dim)
+        lk = ck[li].at[:, pos].add(k - ck[li][:, pos])
+        lv = cv[li].at[:, pos].add(v - cv[li][:, pos])
+        new_k.append(lk)
+        new_v.append(lv)
+        rep = heads // kv_heads
+        kk = mx.repeat(lk[:, : pos + 1], rep, axis=0)  # [heads, pos+1, d]
+        vv = mx.repeat(lv[:, : pos + 1], rep, axis=0)
+        scores = (kk @ q[:, :, None])[..., 0] * head_dim**-0.5
+        p = mx.softmax(scores, axis=-1)
+        att = (p[:, None, :] @ vv)[:, 0, :].reshape(1, -1)
+        h = h + att @ w["o"].T
+        m = norm(h, w["mlp"])
+        g = m @ w["w1"].T
+        h = h + (g * mx.sigmoid(g) * (m @ w["w3"].T)) @ w["w2"].T
+    return h, mx.stack(new_k), mx.stack(new_v)
+
+
+CONFIGS = {
+    "tiny": {"n_layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "head_dim": 16, "inter": 128, "max_len": 8},
+    "depth": {"n_layers": 4, "hidden": 1024, "heads": 8, "kv_heads": 2, "head_dim": 128, "inter": 8192, "max_len": 32},
+}
+
+
+@pytest.mark.parametrize("bits", [0, 4, 8])
+@pytest.mark.parametrize("config", ["tiny", "depth"])
+@pytest.mark.parametrize("mode", ["exact", "int8"])
+def test_step_matches_mlx_reference(config: str, bits: int, mode: str) -> None:
+    if mode == "int8" and bits == 0:
+        pytest.skip("matvec mode only affects quantized weights")
+    c = CONFIGS[config]
+    csmd_native.set_matvec_mode(mode)
+    try:
+        layers = make_layers(c["n_layers"], c["hidden"], c["heads"], c["kv_heads"], c["head_dim"], c["inter"])
+        gs = 64 if config == "depth" else 32
+        flat, ref = prepare(layers, bits, gs)
+        d = c["head_dim"]
+        inv_freqs = 1.0 / (500000.0 ** (mx.arange(0, d, 2, dtype=mx.float32) / d))
+        shape = (c["n_layers"], c["kv_heads"], c["max_len"], d)
+        ck = mx.zeros(shape)
+        cv = mx.zeros(shape)
+        rk, rv = ck, cv
+        positions = list(range(4)) + ([c["max_len"] - 1] if config == "tiny" else [])
+        for i, pos in enumerate(positions):
+            x = mx.random.normal((1, c["hidden"]), key=mx.random.key(100 + i))
+            h, ck, cv = csmd_native.transformer_step(
+                x, flat, ck, cv, pos, inv_freqs, c["heads"], c["kv_heads"], 1e-5, gs, bits
+            )
+            rh, rk, rv = reference_step(x, ref, rk, rv, pos, inv_freqs, c["heads"], c["kv_heads"], 1e-5)
+            h, rh = np.array(h), np.array(rh)
+            if mode == "int8":
+                # x as int8 (4-bit) or int16 (8-bit) per group: relative RMS error of h
+                rel = 6e-2 if bits == 4 else 1e-3
+                assert np.sqrt(np.mean((h - rh) ** 2)) <= rel * np.sqrt(np.mean(rh**2))
+            else:
+                np.testing.assert_allclose(h, rh, rtol=1e-4, atol=1e-4 * np.max(np.abs(rh)))
+                np.testing.assert_allclose(np.array(ck), np.array(rk), rtol=1e-4, atol=1e-4)
+                np.testing.assert_allclose(np.array(cv), np.array(rv), rtol=1e-4, atol=1e-4)
+    finally:
+        csmd_native.set_matvec_mode("exact")
+
+
+def test_step_bad_inputs() -> None:
+    c = CONFIGS["tiny"]
+    layers = make_layers(c["n_layers"], c["hidden"], c["heads"], c["kv_heads"], c["head_dim"], c["inter"])
+    flat, _ = prepare(layers, 4, 32)
+    inv = mx.ones((c["head_dim"] // 2,))
+    ck = mx.zeros((c["n_layers"], c["kv_heads"], c["max_len"], c["head_dim"]))
+    x = mx.zeros((1, c["hidden"]))
+    with pytest.raises(ValueError, match="weight arrays"):
+        csmd_native.transformer_step(x, flat[:-1], ck, ck, 0, inv, 4, 2, 1e-5, 32, 4)
+    with pytest.raises(ValueError, match="position"):
+        csmd_native.transformer_step(x, flat, ck, ck, c["max_len"], inv, 4, 2, 1e-5, 32, 4)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        csmd_native.transformer_step(x, flat, ck, ck, 0, inv, 4, 3, 1e-5, 32, 4)
