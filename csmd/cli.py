@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from csmd.model.sampling import GenerationParams
     from csmd.talk.engine import Engine
     from csmd.talk.loop import TalkConfig
+    from csmd.talk.recognizer import Recognizer
     from csmd.talk.responder import Responder
 
 
@@ -101,7 +102,7 @@ def _tokenizer_file(explicit: str | None, src: Path) -> Path | None:
 
 
 def cmd_bench_frame(args: argparse.Namespace) -> int:
-    from csmd.bench.frame import format_result, run
+    from csmd.bench.frame import add_comparison, format_result, run
     from csmd.model.loading import load_model
 
     _apply_runtime(args)
@@ -112,7 +113,29 @@ def cmd_bench_frame(args: argparse.Namespace) -> int:
 
         quantize(loaded.model, args.quantize)
         name += f" (q{args.quantize})"
-    result = run(loaded.model, name, frames=args.frames, warmup=args.warmup, prefill_rows=args.prefill)
+    result = run(
+        loaded.model,
+        name,
+        frames=args.frames,
+        warmup=args.warmup,
+        prefill_rows=args.prefill,
+        prefill_repeats=args.prefill_repeats,
+    )
+    if args.compare_transformers:
+        from csmd.bench import transformers_frame
+
+        # The same shapes and frame counts; a quantized model is compared with transformers at its float dtype.
+        cfg = loaded.model.config
+        del loaded  # the torch copy needs the memory more than csmd's, whose run is over
+        theirs = transformers_frame.run(
+            cfg,
+            result.dtype,
+            frames=args.frames,
+            warmup=args.warmup,
+            prefill_rows=args.prefill,
+            prefill_repeats=args.prefill_repeats,
+        )
+        add_comparison(result, theirs)
     print(json.dumps(result.as_dict()) if args.json else format_result(result))
     return 0
 
@@ -298,16 +321,48 @@ def cmd_talk(args: argparse.Namespace) -> int:
         if args.llm
         else TypedResponder(lambda: input("csmd says> "))
     )
+    recognizer = _recognizer(args.asr, args.asr_language)  # before the model: a missing extra fails at once
     socket_path = Path(args.socket) if args.socket else default_socket_path()
     use_daemon = not args.local and socket_path.is_socket()
+    talk = _talk_via_daemon if use_daemon else _talk_in_process
     try:
-        trio.run(_talk_via_daemon if use_daemon else _talk_in_process, args, config, responder, socket_path)
+        trio.run(talk, args, config, responder, recognizer, socket_path)
     except KeyboardInterrupt:
         print("\nbye", file=sys.stderr)
     return 0
 
 
-async def _talk_in_process(args: argparse.Namespace, config: TalkConfig, responder: Responder, _: Path) -> None:
+ASR_KINDS = ("none", "typed", "whisper")
+
+
+def _asr_spec(value: str) -> str:
+    """--asr: none, typed, whisper or whisper:MODEL (a faster-whisper size name or a CTranslate2 directory)."""
+    kind, colon, model = value.partition(":")
+    if kind not in ASR_KINDS or (colon and (kind != "whisper" or not model)):
+        raise argparse.ArgumentTypeError(f"expected none, typed, whisper or whisper:MODEL, not {value!r}")
+    return value
+
+
+def _recognizer(spec: str, language: str | None) -> Recognizer:
+    from csmd.talk.recognizer import NoRecognizer, TypedRecognizer, WhisperRecognizer
+
+    kind, _, model = spec.partition(":")
+    if kind == "typed":
+        return TypedRecognizer()
+    if kind != "whisper":
+        return NoRecognizer()
+    english = language in (None, "en")
+    # English-only models are smaller for the same accuracy in English; other languages need a multilingual one.
+    model = model or ("base.en" if english else "base")
+    if model.endswith(".en") and not english:
+        raise ValueError(f"Whisper {model} only knows English; pick a multilingual model for --asr-language {language}")
+    print(f"csmd: loading Whisper {model} (the first use of a size name downloads it)", file=sys.stderr)
+    return WhisperRecognizer(model, language=language)
+
+
+async def _talk_in_process(
+    args: argparse.Namespace, config: TalkConfig, responder: Responder, recognizer: Recognizer, _: Path
+) -> None:
     from csmd.daemon.worker import ModelWorker
     from csmd.model.generator import Generator
     from csmd.model.loading import load_model
@@ -325,12 +380,14 @@ async def _talk_in_process(args: argparse.Namespace, config: TalkConfig, respond
         if args.voice:  # pinned: the voice stays the same however long the talk
             clip = ContextClip(Path(args.voice), args.voice_text, config.assistant_speaker)
             await worker.run(lambda: add_context(context, mimi, clip))
-        await _converse(args, config, responder, LocalEngine(generator, context, mimi, worker))
+        await _converse(args, config, responder, recognizer, LocalEngine(generator, context, mimi, worker))
     finally:
         worker.close()
 
 
-async def _talk_via_daemon(args: argparse.Namespace, config: TalkConfig, responder: Responder, path: Path) -> None:
+async def _talk_via_daemon(
+    args: argparse.Namespace, config: TalkConfig, responder: Responder, recognizer: Recognizer, path: Path
+) -> None:
     from csmd.audio import io
     from csmd.protocol import trio_client
     from csmd.talk.engine import DaemonEngine
@@ -342,10 +399,12 @@ async def _talk_via_daemon(args: argparse.Namespace, config: TalkConfig, respond
         if args.voice:
             pcm = io.read_audio(args.voice)
             await client.add_context(session, config.assistant_speaker, args.voice_text, pcm, pinned=True)
-        await _converse(args, config, responder, DaemonEngine(client, session))
+        await _converse(args, config, responder, recognizer, DaemonEngine(client, session))
 
 
-async def _converse(args: argparse.Namespace, config: TalkConfig, responder: Responder, engine: Engine) -> None:
+async def _converse(
+    args: argparse.Namespace, config: TalkConfig, responder: Responder, recognizer: Recognizer, engine: Engine
+) -> None:
     from csmd.audio.devices import Microphone, Speaker
     from csmd.audio.vad import VoiceActivityDetector
     from csmd.talk.loop import Conversation
@@ -354,7 +413,8 @@ async def _converse(args: argparse.Namespace, config: TalkConfig, responder: Res
         print(f"{who:>9}: {text or '(speech)'}", flush=True)
 
     with Microphone(args.input_device) as mic, Speaker(args.output_device) as speaker:
-        talk = Conversation(engine, mic, speaker, VoiceActivityDetector(), responder, config=config, on_text=show)
+        vad = VoiceActivityDetector()
+        talk = Conversation(engine, mic, speaker, vad, responder, recognizer, config=config, on_text=show)
         print("listening; speak, then pause. Ctrl-C ends the conversation.", file=sys.stderr)
         try:
             await talk.run()
@@ -444,6 +504,18 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument("--codec", help="Mimi weights (default: bundled with the model, else kyutai's release)")
     talk.add_argument("--socket", help="the daemon's socket (default: where `csmd serve` puts it)")
     talk.add_argument("--local", action="store_true", help="run the model in this process even if a daemon runs")
+    talk.add_argument(
+        "--asr",
+        type=_asr_spec,
+        default="none",
+        metavar="ASR",
+        help="transcripts of your turns: none (audio only; the default), typed (you type them after each turn), "
+        "whisper or whisper:MODEL (faster-whisper, default model base.en; MODEL is a size name such as small.en "
+        'or a CTranslate2 directory; needs pip install "csmd[whisper]")',
+    )
+    talk.add_argument(
+        "--asr-language", metavar="CODE", help="language you speak, for Whisper, e.g. en, de (default: detected)"
+    )
     talk.set_defaults(func=cmd_talk)
 
     devices = commands.add_parser("devices", help="list sound devices (names or indices for --output-device)")
@@ -484,7 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
     frame.add_argument("--frames", type=int, default=20, help="timed frames (default: 20)")
     frame.add_argument("--warmup", type=int, default=3, help="untimed frames first (default: 3)")
     frame.add_argument("--prefill", type=int, default=300, help="rows of context to prefill (default: 300)")
+    frame.add_argument("--prefill-repeats", type=int, default=3, help="timed prefills, median (default: 3)")
     frame.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the loaded weights first")
+    frame.add_argument(
+        "--compare-transformers",
+        action="store_true",
+        help="also time transformers' CsmForConditionalGeneration (torch CPU, random weights) in the same run",
+    )
     frame.add_argument("--json", action="store_true", help="print one JSON object")
     frame.set_defaults(func=cmd_bench_frame)
     over_socket = benches.add_parser(

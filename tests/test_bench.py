@@ -1,0 +1,94 @@
+"""csmd bench frame's floors: bytes per frame, prefill FLOPs, the machine's rates, the transformers comparison.
+
+Nothing here is timed: the benchmarks run on the tiny model and only their bookkeeping is checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from csmd.bench import budget, machine
+from csmd.bench.frame import run
+from csmd.cli import main
+from csmd.model.config import CSM_1B, TINY
+from csmd.model.loading import load_model
+from csmd.model.weights import quantize
+
+F32 = 4
+
+
+def q8(out: int, inputs: int) -> int:
+    """An MLX 8-bit linear [out, inputs], groups of 64: one byte per weight + fp32 scale and bias per group."""
+    return out * inputs + out * (inputs // 64) * 2 * F32
+
+
+def test_tiny_fp32_frame_bytes_match_a_hand_count() -> None:
+    model = load_model("random:tiny").model
+    # Backbone block (hidden 64, 4 heads / 2 KV heads of 16, MLP 128): q, k, v, o, w1, w2, w3, two norms.
+    block = 64 * 64 + 32 * 64 + 32 * 64 + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    backbone = 2 * block + 64 + 67 * 64 + (1 + 4) * 64  # 2 blocks, norm, codebook0 head, 1 text + 4 audio rows
+    # Decoder block (hidden 32, 2 heads / 1 KV head of 16, MLP 64).
+    dblock = 32 * 32 + 16 * 32 + 16 * 32 + 32 * 32 + 3 * 32 * 64 + 2 * 32
+    step = 2 * dblock + 32 + 32 * 64 + 32 * 67 + 64  # 2 blocks, norm, projection, audio_head[k], one code row
+    context = 20
+    kv = 2 * 2 * 2 * 16 * (context + 1) + 2 * 2 * 1 * 16 * (2 + 3 + 4)  # backbone; decoder steps see 2, 3, 4
+    got = budget.frame_budget(model, context)
+    assert got.backbone_bytes == backbone * F32
+    assert got.decoder_step_bytes == step * F32
+    assert got.kv_bytes == kv * F32
+    assert got.total_bytes == (backbone + 3 * step + 32 * 64 + kv) * F32  # + the backbone state's projection
+
+
+def test_quantized_frame_bytes_count_weights_scales_and_biases() -> None:
+    # A decoder 64 wide, so every linear, embedding and audio_head quantizes (groups of 64 along the input).
+    decoder = dataclasses.replace(TINY.decoder, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128)
+    model = load_model("random:tiny", config=dataclasses.replace(TINY, decoder=decoder)).model
+    quantize(model, 8)
+    block = q8(64, 64) + 2 * q8(32, 64) + q8(64, 64) + 2 * q8(128, 64) + q8(64, 128) + 2 * 64 * F32
+    backbone = 2 * block + 64 * F32 + q8(67, 64) + 5 * q8(1, 64)
+    step = 2 * block + 64 * F32 + q8(64, 64) + q8(67, 64) + q8(1, 64)  # same block shapes; audio_head[k] is 67x64
+    got = budget.frame_budget(model, 0)
+    assert got.backbone_bytes == backbone
+    assert got.decoder_step_bytes == step
+    assert got.total_bytes == backbone + 3 * step + q8(64, 64) + got.kv_bytes
+
+
+def test_prefill_flops() -> None:
+    linear = 64 * (2 * 64 + 2 * 32) + 3 * 64 * 128
+    attention = 4 * 4 * 16 * (10 * 11 // 2)  # QK^T and AV, 2 FLOPs each, over the causal pairs
+    assert budget.prefill_flops(TINY, 10) == 2 * (2 * 10 * linear + attention)
+    assert budget.linear_weights_per_layer(CSM_1B.backbone) == 60_817_408
+
+
+def test_machine_rates_are_positive_and_finite() -> None:
+    rates = machine.measure(buffer_mib=4, gemm_size=64, repeats=2)
+    for name, value in rates.as_dict().items():
+        assert isinstance(value, int | float) and math.isfinite(value) and value > 0, name
+    assert rates.bandwidth_gbs == max(rates.read_numpy_dot_gbs, rates.read_mlx_matvec_gbs, rates.read_mlx_sum_gbs)
+
+
+def test_frame_result_carries_floor_and_prefill_rate() -> None:
+    rates = machine.measure(buffer_mib=4, gemm_size=64, repeats=1)
+    model = load_model("random:tiny").model
+    r = run(model, "random:tiny", frames=2, warmup=1, prefill_rows=10, prefill_repeats=1, machine=rates)
+    assert r.bytes_per_frame == budget.frame_budget(model, 11).total_bytes
+    assert r.floor_ms == pytest.approx(r.bytes_per_frame / (rates.bandwidth_gbs * 1e9) * 1000, rel=1e-2, abs=1e-3)
+    assert r.prefill_gflop == round(budget.prefill_flops(model.config, 10) / 1e9, 3)
+    assert r.floor_ratio > 0 and r.prefill_gflops > 0 and r.prefill_gemm_ratio > 0
+    assert r.machine == rates.as_dict()
+
+
+def test_bench_frame_compare_transformers(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    args = ["bench", "frame", "--model", "random:tiny", "--frames", "2", "--warmup", "1", "--prefill", "10"]
+    assert main([*args, "--prefill-repeats", "1", "--compare-transformers", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    theirs = result["transformers"]
+    assert theirs["dtype"] == "float32" and theirs["frames"] == 2 and theirs["prefill_rows"] == 10
+    ratio = result["frame_ms"] / theirs["frame_ms"]
+    assert result["transformers_frame_ratio"] == pytest.approx(ratio, rel=1e-2, abs=1e-3)
+    assert result["transformers_prefill_ratio"] > 0
