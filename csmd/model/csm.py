@@ -77,7 +77,44 @@ class CSM(nn.Module):
 
     def backbone_step(self, tokens: mx.array, mask: mx.array, cache: list[KVCache]) -> mx.array:
         """Run new rows through the backbone; returns the final-norm state of the last row, [B, hidden]."""
-        return self.backbone(self.embed_rows(tokens, mask), cache)[:, -1, :]
+        x = self.embed_rows(tokens, mask)
+        if x.shape[1] == 1 and kernels.fused_step_available(x[:, 0]):
+            fused = fused_step_weights(self.backbone)
+            if fused is not None:
+                return self._backbone_step_fused(x[:, 0], cache, *fused)
+        return self.backbone(x, cache)[:, -1, :]
+
+    def _backbone_step_fused(
+        self, x: mx.array, cache: list[KVCache], weights: list[mx.array], group_size: int, bits: int
+    ) -> mx.array:
+        """One row through the whole backbone as one native primitive, writing the cache in place.
+
+        The stack's cache arrays are handed over (no other reference is kept), so the kernel may reuse
+        their buffers instead of copying the 16-layer cache every frame.
+        """
+        cfg = self.config.backbone
+        storage, position = cache[0].storage, cache[0].offset
+        if position + 1 > cache[0].max_len:
+            raise ValueError(f"KV cache overflow: {position + 1} positions requested, {cache[0].max_len} available")
+        layers, batch, heads, length, dims = storage.keys.shape
+        h, keys, values = kernels.transformer_step(
+            x.astype(mx.float32),
+            weights,
+            storage.keys.reshape(layers, heads, length, dims),
+            storage.values.reshape(layers, heads, length, dims),
+            position,
+            1.0 / self.backbone.layers[0].attn._rope_periods,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.rms_norm_eps,
+            group_size,
+            bits,
+        )
+        storage.keys = keys.reshape(layers, batch, heads, length, dims)
+        storage.values = values.reshape(layers, batch, heads, length, dims)
+        for layer_cache in cache:
+            layer_cache.offset = position + 1
+        return self.backbone.norm(h.astype(self.activation_dtype()))
 
     def codebook0_logits(self, hidden: mx.array) -> mx.array:
         return kernels.linear(hidden, self.codebook0_head).astype(mx.float32)

@@ -45,38 +45,58 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.scale, self.eps)
 
 
-class KVCache:
-    """Preallocated keys and values of one layer; `offset` is how many positions hold data."""
+class CacheStorage:
+    """Keys and values of every layer of a stack, [layers, B, kv heads, max_len, head_dim] each.
 
-    def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int, dtype: mx.Dtype):
-        self.keys = mx.zeros((batch, num_kv_heads, max_len, head_dim), dtype=dtype)
-        self.values = mx.zeros((batch, num_kv_heads, max_len, head_dim), dtype=dtype)
+    One array per stack (not per layer) so that a fused kernel can take the whole stack's cache in one
+    argument and write it in place.
+    """
+
+    def __init__(self, layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int, dtype: mx.Dtype):
+        self.keys = mx.zeros((layers, batch, num_kv_heads, max_len, head_dim), dtype=dtype)
+        self.values = mx.zeros((layers, batch, num_kv_heads, max_len, head_dim), dtype=dtype)
+
+
+class KVCache:
+    """One layer's view of its stack's `CacheStorage`; `offset` is how many positions hold data."""
+
+    def __init__(self, storage: CacheStorage, layer: int):
+        self.storage = storage
+        self.layer = layer
         self.offset = 0
 
     @property
     def max_len(self) -> int:
-        return int(self.keys.shape[2])
+        return int(self.storage.keys.shape[3])
+
+    @property
+    def keys(self) -> mx.array:
+        """This layer's keys, [B, kv heads, max_len, head_dim] (positions from `offset` on are stale)."""
+        return self.storage.keys[self.layer]
+
+    @property
+    def values(self) -> mx.array:
+        return self.storage.values[self.layer]
 
     def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Write `keys`/`values` ([B, H, T, D]) after the filled part; return everything filled so far."""
         end = self.offset + keys.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions requested, {self.max_len} available")
-        self.keys[:, :, self.offset : end, :] = keys
-        self.values[:, :, self.offset : end, :] = values
+        store, i = self.storage, self.layer
+        store.keys[i, :, :, self.offset : end, :] = keys
+        store.values[i, :, :, self.offset : end, :] = values
         self.offset = end
-        return self.keys[:, :, :end, :], self.values[:, :, :end, :]
+        return store.keys[i, :, :, :end, :], store.values[i, :, :, :end, :]
 
     def state(self) -> list[mx.array]:
         """The arrays to evaluate so pending writes are materialised."""
-        return [self.keys, self.values]
+        return [self.storage.keys, self.storage.values]
 
 
 def make_cache(cfg: TransformerConfig, batch: int, dtype: mx.Dtype, max_len: int | None = None) -> list[KVCache]:
-    return [
-        KVCache(batch, cfg.num_kv_heads, max_len or cfg.max_seq_len, cfg.dim_per_head, dtype)
-        for _ in range(cfg.num_layers)
-    ]
+    storage = CacheStorage(cfg.num_layers, batch, cfg.num_kv_heads, max_len or cfg.max_seq_len, cfg.dim_per_head, dtype)
+    return [KVCache(storage, layer) for layer in range(cfg.num_layers)]
 
 
 class Attention(nn.Module):
