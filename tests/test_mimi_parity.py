@@ -137,7 +137,7 @@ def test_streaming_state_stays_bounded() -> None:
     for t in range(40):
         decoder.step(codes[:, t])
         _, (position, pasts), _ = decoder.snapshot().state
-        sizes.append(max(k.shape[2] for k, _ in pasts))
+        sizes.append(max(k.shape[1] for k, _ in pasts))
     assert position == 80
     assert max(sizes) == sizes[-1] == mimi.config.transformer.context - 1
 

@@ -41,6 +41,7 @@ class Mimi(nn.Module):
         self.upsample = CausalConvTranspose1d(dims, dims, stride=2, bias=False, depthwise=True)
         self.decoder_transformer = MimiTransformer(cfg.transformer)
         self.decoder = SeanetDecoder(cfg.seanet)
+        self._compiled: dict[str, Any] = {}
 
     def load_tensors(self, tensors: dict[str, mx.array], source: str) -> None:
         """Load csmd-named fp32 tensors (see weights.py) and recompute everything derived from them."""
@@ -49,6 +50,20 @@ class Mimi(nn.Module):
         seanet.prepare(self)
         self.quantizer.prepare()
         materialize(self)
+        self._compiled = {}  # compiled steps hold the old weights as constants
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """Trace the compiled streaming steps now rather than on the first frame of the first stream.
+
+        The first trace also has MLX build (with g++) the CPU kernels of fused elementwise chains; it caches
+        them under the temp directory, but until then (a fresh machine, or after /tmp is cleared) this takes
+        seconds. Encoding a fresh stream and continuing one are two traces (see _encode_step).
+        """
+        codes = mx.zeros((1, self.num_codebooks, 1), dtype=mx.int32)
+        mx.eval(self.decode_step(codes, None))
+        _, state = self.encode_step(mx.zeros((1, self.frame_size)), None)
+        mx.eval(self.encode_step(mx.zeros((1, self.frame_size)), state))
 
     @property
     def frame_size(self) -> int:
@@ -59,9 +74,38 @@ class Mimi(nn.Module):
         return self.config.num_codebooks
 
     # -- one streaming step; state None starts a fresh stream -------------------------------------------
+    #
+    # At one frame per call a step is some 1500 small ops, whose dispatch costs more than their arithmetic.
+    # Each step therefore runs through mx.compile, which traces it once per input shape and then replays the
+    # graph with elementwise chains fused into single loops. The state is an
+    # explicit input and output, and has the same shapes at every step (see initial_decode_state), so one
+    # trace serves the whole stream. Weights are captured as constants: load_tensors drops the traces.
 
     def encode_step(self, pcm: mx.array, state: Any) -> tuple[mx.array, Any]:
         """pcm [B, n * frame_size] -> codes [B, num_codebooks, n]."""
+        return self._compile("encode", self._encode_step)(pcm, state)
+
+    def decode_step(self, codes: mx.array, state: Any) -> tuple[mx.array, Any]:
+        """codes [B, K, n] -> pcm [B, n * frame_size] (unclipped, as the model makes it)."""
+        if state is None:
+            state = self.initial_decode_state(codes.shape[0])
+        return self._compile("decode", self._decode_step)(codes, state)
+
+    def initial_decode_state(self, batch: int) -> Any:
+        """A fresh stream's decoder state: zeros of the shapes every later step has."""
+        return (
+            self.upsample.initial_state(batch),
+            self.decoder_transformer.initial_state(batch),
+            self.decoder.initial_state(batch),
+        )
+
+    def _compile(self, name: str, step: Any) -> Any:
+        if name not in self._compiled:
+            self._compiled[name] = mx.compile(step)
+        return self._compiled[name]
+
+    def _encode_step(self, pcm: mx.array, state: Any) -> tuple[mx.array, Any]:
+        # A fresh stream (state None) traces once more: the downsample pads with the stream's first step.
         s_seanet, s_transformer, s_down = state or (None, None, None)
         latent, s_seanet = self.encoder(pcm[:, :, None], s_seanet)
         latent, s_transformer = self.encoder_transformer(latent, s_transformer)
@@ -69,9 +113,8 @@ class Mimi(nn.Module):
         codes = self.quantizer.encode(latent, self.num_codebooks)
         return codes.transpose(0, 2, 1), (s_seanet, s_transformer, s_down)
 
-    def decode_step(self, codes: mx.array, state: Any) -> tuple[mx.array, Any]:
-        """codes [B, K, n] -> pcm [B, n * frame_size] (unclipped, as the model makes it)."""
-        s_up, s_transformer, s_seanet = state or (None, None, None)
+    def _decode_step(self, codes: mx.array, state: Any) -> tuple[mx.array, Any]:
+        s_up, s_transformer, s_seanet = state
         latent = self.quantizer.decode(codes.transpose(0, 2, 1))
         latent, s_up = self.upsample(latent, s_up)
         latent, s_transformer = self.decoder_transformer(latent, s_transformer)

@@ -51,6 +51,15 @@ class ResidualQuantizer(nn.Module):
         self.input_proj = Projection(latent, cfg.dimension)
         self.output_proj = Projection(cfg.dimension, latent)
         self.codebooks = [Codebook(cfg.bins, cfg.dimension) for _ in range(levels)]
+        self._tables = mx.zeros((levels, cfg.bins, cfg.dimension))
+
+    def prepare(self) -> None:
+        """Every level's codebook in one [levels, bins, dim] array, so decoding is a single gather."""
+        for codebook in self.codebooks:
+            codebook.prepare()
+        self._tables = mx.stack([codebook._embedding for codebook in self.codebooks])
+        for level, codebook in enumerate(self.codebooks):
+            codebook._embedding = self._tables[level]  # a view: the codebooks are held once
 
     def encode(self, x: mx.array, levels: int) -> mx.array:
         """[B, T, latent] -> codes [B, T, levels]."""
@@ -64,9 +73,8 @@ class ResidualQuantizer(nn.Module):
 
     def decode(self, codes: mx.array) -> mx.array:
         """codes [B, T, levels] -> [B, T, latent]; fewer levels just sum fewer vectors."""
-        total = sum(cb.decode(codes[..., i]) for i, cb in enumerate(self.codebooks[: codes.shape[-1]]))
-        assert isinstance(total, mx.array)
-        return self.output_proj(total)
+        levels = codes.shape[-1]
+        return self.output_proj(self._tables[mx.arange(levels), codes].sum(axis=-2))
 
 
 class SplitQuantizer(nn.Module):
@@ -77,8 +85,8 @@ class SplitQuantizer(nn.Module):
         self.acoustic = ResidualQuantizer(cfg.n_q - cfg.n_q_semantic, latent, cfg)
 
     def prepare(self) -> None:
-        for codebook in [*self.semantic.codebooks, *self.acoustic.codebooks]:
-            codebook.prepare()
+        self.semantic.prepare()
+        self.acoustic.prepare()
 
     def encode(self, x: mx.array, num_codebooks: int) -> mx.array:
         codes = self.semantic.encode(x, self.n_semantic)

@@ -17,25 +17,42 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from csmd.audio.mimi.config import SeanetConfig
+from csmd.audio.mimi.fastmath import elu
 
 State = Any  # a module's streaming state: None (fresh), an array, or a list of child states
 
 
 class CausalConv1d(nn.Module):
-    """Conv1d padded on the left only: output t sees inputs up to the end of its own stride."""
+    """Conv1d padded on the left only: output t sees inputs up to the end of its own stride.
+
+    Computed as one matmul over an unfolded window (im2col): at one frame per call the time axis is short, so
+    a single large matmul beats MLX's conv kernels, and it lets MLX fuse the bias into the product.
+    """
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, bias: bool = True, replicate: bool = False):
         super().__init__()
+        if kernel % stride:
+            raise ValueError(f"kernel {kernel} is not a multiple of the stride {stride}")
         self.weight = mx.zeros((cout, cin, kernel))
         if bias:
             self.bias = mx.zeros((cout,))
+        self.kernel = kernel
         self.stride = stride
         self.context = kernel - stride  # past inputs each call needs
         self.replicate = replicate  # pad a fresh stream with its first step instead of zeros (the downsample)
         self._w = self.weight
 
     def prepare(self) -> None:
-        self._w = self.weight.transpose(0, 2, 1)  # [out, in, k] -> MLX's [out, k, in]
+        # [out, (tap, in)], used transposed: BLAS reads a weight row per output, which for the few-step
+        # products of streaming is 2-3x faster than the [(tap, in), out] layout (see _WEIGHT_LAYOUT).
+        cout, cin, k = self.weight.shape
+        self._w = self.weight.transpose(0, 2, 1).reshape(cout, k * cin)
+
+    def initial_state(self, batch: int) -> State:
+        """Zeros, the left padding of a fresh stream; None for a replicate-padded conv (it needs the input)."""
+        if self.replicate or not self.context:
+            return None
+        return mx.zeros((batch, self.context, self.weight.shape[1]))
 
     def __call__(self, x: mx.array, state: State) -> tuple[mx.array, State]:
         if x.shape[1] % self.stride:
@@ -46,8 +63,23 @@ class CausalConv1d(nn.Module):
                 state = mx.repeat(first, self.context, axis=1)
             x = mx.concatenate([state, x], axis=1)
             state = x[:, -self.context :]
-        y = mx.conv1d(x, self._w, stride=self.stride)
-        return (y + self.bias if "bias" in self else y), state
+        windows = _unfold(x, self.kernel, self.stride)
+        return (mx.addmm(self.bias, windows, self._w.T) if "bias" in self else windows @ self._w.T), state
+
+
+def _unfold(x: mx.array, kernel: int, stride: int) -> mx.array:
+    """[B, L, C] -> [B, T, kernel * C]: row t holds inputs t * stride ... t * stride + kernel - 1, time-major.
+
+    With kernel a multiple of stride, the window of output t is kernel / stride consecutive blocks of
+    `stride` steps, so it is a concatenation of kernel / stride shifted views of the blocked input.
+    """
+    batch, length, channels = x.shape
+    blocks = x.reshape(batch, length // stride, stride * channels)
+    span = kernel // stride
+    steps = blocks.shape[1] - span + 1
+    if span == 1:
+        return blocks
+    return mx.concatenate([blocks[:, j : j + steps] for j in range(span)], axis=-1)
 
 
 class CausalConvTranspose1d(nn.Module):
@@ -69,18 +101,23 @@ class CausalConvTranspose1d(nn.Module):
     def prepare(self) -> None:
         if self.depthwise:
             self._w = self.weight[:, 0, :].T  # [k, channels]: a per-channel filter
-        else:
+        else:  # [(tap, out), in], used transposed, as CausalConv1d's
             cin, cout, k = self.weight.shape
-            self._w = self.weight.transpose(0, 2, 1).reshape(cin, k * cout)
+            self._w = self.weight.transpose(2, 1, 0).reshape(k * cout, cin)
+
+    def initial_state(self, batch: int) -> State:
+        """A fresh stream has no earlier step overlapping its first outputs."""
+        cout = self.weight.shape[0] if self.depthwise else self.weight.shape[1]
+        return mx.zeros((batch, 1, self.stride, cout))
 
     def __call__(self, x: mx.array, state: State) -> tuple[mx.array, State]:
         batch, steps, _ = x.shape
         s = self.stride
         # [B, T, 2s, C]: what each input step contributes to its own and the next output block
-        products = x[:, :, None, :] * self._w if self.depthwise else (x @ self._w).reshape(batch, steps, 2 * s, -1)
+        products = x[:, :, None, :] * self._w if self.depthwise else (x @ self._w.T).reshape(batch, steps, 2 * s, -1)
         head, tail = products[:, :, :s], products[:, :, s:]
-        previous = mx.zeros_like(tail[:, :1]) if state is None else state
-        overlap = mx.concatenate([previous, tail[:, :-1]], axis=1)
+        previous = self.initial_state(batch) if state is None else state
+        overlap = mx.concatenate([previous, tail[:, :-1]], axis=1) if steps > 1 else previous
         y = (head + overlap).reshape(batch, steps * s, -1)
         return (y + self.bias if "bias" in self else y), tail[:, -1:]
 
@@ -94,9 +131,12 @@ class ResBlock(nn.Module):
 
     def __call__(self, x: mx.array, state: State) -> tuple[mx.array, State]:
         state = state or [None, None]
-        h, first = self.block[1](nn.elu(x), state[0])
-        h, second = self.block[3](nn.elu(h), state[1])
+        h, first = self.block[1](elu(x), state[0])
+        h, second = self.block[3](elu(h), state[1])
         return x + h, [first, second]
+
+    def initial_state(self, batch: int) -> State:
+        return [self.block[1].initial_state(batch), self.block[3].initial_state(batch)]
 
 
 def _run(layers: list[nn.Module], x: mx.array, state: State) -> tuple[mx.array, State]:
@@ -105,12 +145,16 @@ def _run(layers: list[nn.Module], x: mx.array, state: State) -> tuple[mx.array, 
     new_state: list[State] = []
     for layer, layer_state in zip(layers, state, strict=True):
         if isinstance(layer, nn.ELU):
-            x = nn.elu(x)
+            x = elu(x)  # fastmath's: nn.elu's exp is slow on x86 (see fastmath.py)
             new_state.append(None)
         else:
             x, layer_state = layer(x, layer_state)
             new_state.append(layer_state)
     return x, new_state
+
+
+def _initial_state(layers: list[nn.Module], batch: int) -> State:
+    return [None if isinstance(layer, nn.ELU) else layer.initial_state(batch) for layer in layers]
 
 
 class SeanetEncoder(nn.Module):
@@ -133,6 +177,9 @@ class SeanetEncoder(nn.Module):
     def __call__(self, x: mx.array, state: State) -> tuple[mx.array, State]:
         return _run(self.layers, x, state)
 
+    def initial_state(self, batch: int) -> State:
+        return _initial_state(self.layers, batch)
+
 
 class SeanetDecoder(nn.Module):
     """Latent [B, T, dimension] -> waveform [B, T * hop, 1]."""
@@ -153,6 +200,9 @@ class SeanetDecoder(nn.Module):
 
     def __call__(self, x: mx.array, state: State) -> tuple[mx.array, State]:
         return _run(self.layers, x, state)
+
+    def initial_state(self, batch: int) -> State:
+        return _initial_state(self.layers, batch)
 
 
 def prepare(module: nn.Module) -> None:

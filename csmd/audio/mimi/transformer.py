@@ -2,50 +2,110 @@
 positions, and a causal window of `context` steps (each step sees itself and the 249 before it).
 
 Streaming state per layer: the keys and values of the last `context - 1` steps, plus the absolute position
-of the next step. That is all a new step can attend to, so memory stays flat however long the stream, and a
-step sees exactly what it would see offline: streaming equals offline at any length. (Kyutai's PyTorch ring
-holds `context` slots and is written before it is read, so for streams past the window the first of each
-pair of steps there sees one key fewer than offline; csmd follows the offline definition.)
+of the next step (an array, so a compiled step is reused at every position). That is all a new step can
+attend to, so memory stays flat however long the stream, and a step sees exactly what it would see offline:
+streaming equals offline at any length. The key/value buffers have that fixed size from the first step on
+(slots before the stream's start are zeros that the mask hides), so every step has the same shapes.
+(Kyutai's PyTorch ring holds `context` slots and is written before it is read, so for streams past the
+window the first of each pair of steps there sees one key fewer than offline; csmd follows the offline
+definition.)
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from csmd.audio.mimi.config import MimiTransformerConfig
+from csmd.audio.mimi.fastmath import gelu, softmax
+
+KeyValues = tuple[mx.array, mx.array]  # [B, context - 1, d_model] each: past keys, values (time-major)
+
+
+def attention_bias(position: mx.array, steps: int, past: int, context: int) -> mx.array:
+    """[steps, past + steps] additive mask: 0 where query may see key, a large negative number elsewhere.
+
+    Query i is at position + i; key j at position - past + j. Allowed: 0 <= q - k < context, and the key
+    must exist (position >= 0). Finite, not -inf: fastmath.softmax subtracts the row max first.
+    """
+    key_position = position - past + mx.arange(past + steps)
+    delta = (position + mx.arange(steps))[:, None] - key_position[None, :]
+    allowed = (delta >= 0) & (delta < context) & (key_position >= 0)[None, :]
+    return mx.where(allowed, 0.0, -1e9)
+
+
+def rope(x: mx.array, position: mx.array, max_period: float) -> mx.array:
+    """Interleaved rotary embedding of x [..., T, D] for steps position ... position + T - 1.
+
+    Kyutai's weights pair dims (2i, 2i+1) (the "traditional" layout), with angle (position + t) * f_i and
+    f_i = max_period^(-2i / D), all in fp32 as in moshi. Written as elementwise ops, which mx.compile fuses,
+    rather than mx.fast.rope, whose CPU version costs ~50 us a call.
+    """
+    steps, dims = x.shape[-2], x.shape[-1]
+    freqs = mx.exp(mx.arange(0, dims, 2, dtype=mx.float32) * (-math.log(max_period) / dims))
+    angles = (position + mx.arange(steps)).astype(mx.float32)[:, None] * freqs  # [T, D / 2]
+    cos = mx.repeat(mx.cos(angles), 2, axis=-1)  # [T, D]: each pair's angle twice
+    sin = mx.repeat(mx.sin(angles), 2, axis=-1) * mx.array([-1.0, 1.0] * (dims // 2))
+    swapped = x.reshape(*x.shape[:-1], dims // 2, 2)[..., ::-1].reshape(x.shape)  # (x1, x0) per pair
+    return x * cos + swapped * sin  # (x0 cos - x1 sin, x1 cos + x0 sin)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: MimiTransformerConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.context = cfg.context
         self.max_period = cfg.max_period
         self.in_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def __call__(self, x: mx.array, position: int, past: tuple[mx.array, mx.array] | None) -> tuple[mx.array, Any]:
+    def __call__(self, x: mx.array, position: mx.array, bias: mx.array, past: KeyValues) -> tuple[mx.array, KeyValues]:
         batch, steps, dims = x.shape
-        head_dim = dims // self.num_heads
-        qkv = self.in_proj(x).reshape(batch, steps, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        # Kyutai's weights pair dims (2i, 2i+1): the "traditional" layout; angles in fp32.
-        q = mx.fast.rope(q, head_dim, traditional=True, base=self.max_period, scale=1.0, offset=position)
-        k = mx.fast.rope(k, head_dim, traditional=True, base=self.max_period, scale=1.0, offset=position)
-        if past is not None:
-            k = mx.concatenate([past[0], k], axis=2)
-            v = mx.concatenate([past[1], v], axis=2)
-        # Query i is at position + i; key j at position - n_past + j. Allowed: 0 <= q - k < context.
-        n_past = k.shape[2] - steps
-        delta = mx.arange(steps)[:, None] + n_past - mx.arange(k.shape[2])[None, :]
-        mask = (delta >= 0) & (delta < self.context)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5, mask=mask)
-        keep = self.context - 1
-        new_past = (k[:, :, -keep:], v[:, :, -keep:]) if keep > 0 else None
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, steps, dims)), new_past
+        heads, head_dim = self.num_heads, dims // self.num_heads
+        qkv = self.in_proj(x).reshape(batch, steps, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+        q, k = rope(qkv[:2], position, self.max_period)
+        # Keys and values are kept time-major, [B, time, heads * head_dim], as in_proj makes them.
+        keys = mx.concatenate([past[0], k.transpose(0, 2, 1, 3).reshape(batch, steps, dims)], axis=1)
+        values = mx.concatenate([past[1], qkv[2].transpose(0, 2, 1, 3).reshape(batch, steps, dims)], axis=1)
+        attend = _attend_few if steps <= _FEW_STEPS else _attend_many
+        out = attend(q * head_dim**-0.5, keys, values, bias)  # [B, T, dims]
+        kept = past[0].shape[1]
+        return self.out_proj(out), (keys[:, keys.shape[1] - kept :], values[:, values.shape[1] - kept :])
+
+
+# Up to this many query steps (a streaming frame has 2), attention runs as two plain matmuls over all heads
+# at once; beyond it, as per-head batched matmuls.
+_FEW_STEPS = 8
+
+
+def _attend_few(q: mx.array, keys: mx.array, values: mx.array, bias: mx.array) -> mx.array:
+    """q [B, H, T, D], keys/values [B, S, H * D], bias [T, S] -> [B, T, H * D], for small T.
+
+    Per-head matmuls this small cost a BLAS call each (~20 us with its thread handoff, 16 per layer), so all
+    heads go through one matmul: q is spread block-diagonally over [B, H * T, H * D] (head h's row holds q in
+    head h's columns, zeros elsewhere), which against the time-major keys gives every head's scores. The
+    same product with the values gives each head's output in its own column block. 8x the (tiny) FLOPs.
+    """
+    batch, heads, steps, head_dim = q.shape
+    block = mx.eye(heads, dtype=q.dtype)[:, None, :, None]  # [H, 1, H, 1]: head h's rows x column blocks
+    q_blocks = (q[:, :, :, None, :] * block).reshape(batch, heads * steps, heads * head_dim)
+    scores = (q_blocks @ keys.swapaxes(1, 2)).reshape(batch, heads, steps, -1) + bias
+    mixed = softmax(scores).reshape(batch, heads * steps, -1) @ values  # [B, H * T, H * D]
+    out = (mixed.reshape(batch, heads, steps, heads, head_dim) * block).sum(axis=3)  # keep own head's block
+    return out.transpose(0, 2, 1, 3).reshape(batch, steps, heads * head_dim)
+
+
+def _attend_many(q: mx.array, keys: mx.array, values: mx.array, bias: mx.array) -> mx.array:
+    """As _attend_few, with one matmul per head: right when T is large (offline chunks)."""
+    batch, heads, steps, head_dim = q.shape
+
+    def by_head(a: mx.array) -> mx.array:
+        return a.reshape(batch, -1, heads, head_dim).transpose(0, 2, 1, 3)
+
+    out = softmax(q @ by_head(keys).swapaxes(-1, -2) + bias) @ by_head(values)
+    return out.transpose(0, 2, 1, 3).reshape(batch, steps, heads * head_dim)
 
 
 class MLP(nn.Module):
@@ -55,7 +115,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(cfg.dim_feedforward, cfg.d_model, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu(self.fc1(x)))  # exact (erf) GELU, as trained
+        return self.fc2(gelu(self.fc1(x)))  # exact (erf) GELU, as trained
 
 
 class Layer(nn.Module):
@@ -68,8 +128,8 @@ class Layer(nn.Module):
         self.mlp = MLP(cfg)
         self.layer_scale_2 = mx.ones((cfg.d_model,))
 
-    def __call__(self, x: mx.array, position: int, past: Any) -> tuple[mx.array, Any]:
-        h, past = self.attn(self.norm1(x), position, past)
+    def __call__(self, x: mx.array, position: mx.array, bias: mx.array, past: KeyValues) -> tuple[mx.array, KeyValues]:
+        h, past = self.attn(self.norm1(x), position, bias, past)
         x = x + self.layer_scale_1 * h
         return x + self.layer_scale_2 * self.mlp(self.norm2(x)), past
 
@@ -79,12 +139,19 @@ class MimiTransformer(nn.Module):
 
     def __init__(self, cfg: MimiTransformerConfig):
         super().__init__()
+        self.config = cfg
         self.layers = [Layer(cfg) for _ in range(cfg.num_layers)]
 
+    def initial_state(self, batch: int) -> Any:
+        cfg = self.config
+        shape = (batch, cfg.context - 1, cfg.d_model)
+        return mx.array(0, dtype=mx.int32), [(mx.zeros(shape), mx.zeros(shape)) for _ in self.layers]
+
     def __call__(self, x: mx.array, state: Any) -> tuple[mx.array, Any]:
-        position, pasts = state if state is not None else (0, [None] * len(self.layers))
+        position, pasts = state if state is not None else self.initial_state(x.shape[0])
+        bias = attention_bias(position, x.shape[1], pasts[0][0].shape[1], self.config.context)
         new_pasts = []
         for layer, past in zip(self.layers, pasts, strict=True):
-            x, past = layer(x, position, past)
+            x, past = layer(x, position, bias, past)
             new_pasts.append(past)
         return x, (position + x.shape[1], new_pasts)
