@@ -16,6 +16,7 @@ if _mx.__version__ != mlx_version:
     )
 
 from ._ext import (
+    _pool_roundtrip_us,
     cpu_features,
     get_matvec_mode,
     num_threads,

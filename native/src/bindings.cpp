@@ -1,4 +1,6 @@
 // Python bindings of csmd_native (nanobind, NB_DOMAIN mlx).
+#include <chrono>
+
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
@@ -23,7 +25,7 @@ NB_MODULE(_ext, m) {
         "Same result as mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=...,\n"
         "bits=...) on the CPU.  bits 4 or 8, group_size 32/64/128, x float32/bfloat16/float16\n"
         "with any leading dims; the output has x's dtype.  Single rows use the matvec mode set by\n"
-        "set_matvec_mode ('exact' by default).");
+        "set_matvec_mode ('int16' by default).");
 
   m.def("cpu_features", []() {
     nb::dict d;
@@ -48,8 +50,22 @@ NB_MODULE(_ext, m) {
   m.def("set_variant", &csmd::set_variant, "name"_a,
         "Select the kernel variant: 'auto', 'scalar', 'avx2' or 'neon'.");
   m.def("set_matvec_mode", &csmd::set_matvec_mode, "mode"_a,
-        "'int8' (x quantized to int8 per group, integer dot products) or 'exact' (default).");
-  m.def("get_matvec_mode", []() { return std::string(csmd::matvec_int8() ? "int8" : "exact"); });
+        "Single-row products: 'int16' (default; x quantized per group to int16, integer dot products,\n"
+        "~1e-5 relative error), 'int8' (int8 x for 4-bit weights: faster, ~0.5% per product) or 'exact'\n"
+        "(float unpacking).");
+  m.def("get_matvec_mode", []() { return std::string(csmd::matvec_mode_name()); });
+  m.def(
+      "_pool_roundtrip_us",
+      [](int iters) {
+        auto& p = csmd::pool();
+        const std::function<void(int, int)> noop = [](int, int) {};
+        p.run(noop);
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int i = 0; i < iters; ++i) p.run(noop);
+        const std::chrono::duration<double, std::micro> dt = std::chrono::steady_clock::now() - t0;
+        return dt.count() / std::max(1, iters);
+      },
+      "iters"_a = 10000, "Mean time of a no-op job on the thread pool (wake-up and barrier), in us.");
   m.def("num_threads", &csmd::num_threads);
   m.def("set_num_threads", &csmd::set_num_threads, "n"_a);
   m.def(

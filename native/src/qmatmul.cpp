@@ -18,7 +18,7 @@ namespace csmd {
 namespace {
 
 std::atomic<int> g_variant{-1};  // -1: not yet chosen
-std::atomic<bool> g_int8{false};  // default "exact"; "int8" is ~2x faster at 4 bits but lossier
+std::atomic<int> g_mode{static_cast<int>(MatvecMode::Int16)};
 std::mutex g_pool_mu;
 std::unique_ptr<ThreadPool> g_pool;
 
@@ -73,15 +73,25 @@ void set_variant(const std::string& name) {
 
 const Kernels& current_kernels() { return g_kernels[static_cast<int>(current_variant())]; }
 
-bool matvec_int8() { return g_int8.load(std::memory_order_relaxed); }
+MatvecMode matvec_mode() { return static_cast<MatvecMode>(g_mode.load(std::memory_order_relaxed)); }
+
+const char* matvec_mode_name() {
+  switch (matvec_mode()) {
+    case MatvecMode::Exact: return "exact";
+    case MatvecMode::Int8: return "int8";
+    default: return "int16";
+  }
+}
 
 void set_matvec_mode(const std::string& mode) {
-  if (mode == "int8") {
-    g_int8.store(true);
+  if (mode == "int16") {
+    g_mode.store(static_cast<int>(MatvecMode::Int16));
+  } else if (mode == "int8") {
+    g_mode.store(static_cast<int>(MatvecMode::Int8));
   } else if (mode == "exact") {
-    g_int8.store(false);
+    g_mode.store(static_cast<int>(MatvecMode::Exact));
   } else {
-    throw std::invalid_argument("set_matvec_mode: expected 'int8' or 'exact', got '" + mode + "'");
+    throw std::invalid_argument("set_matvec_mode: expected 'int16', 'int8' or 'exact', got '" + mode + "'");
   }
 }
 
@@ -233,7 +243,7 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     a.biases = bi.data<void>();
     a.sbt = sb_type(sc.dtype());
     a.out = of;
-    qmatmul(a, current_kernels(), matvec_int8(), &pool());
+    qmatmul(a, current_kernels(), matvec_mode(), &pool());
     if (out.dtype() == mx::bfloat16) {
       auto* o = out.data<mx::bfloat16_t>();
       for (size_t i = 0; i < obuf.size(); ++i) o[i] = static_cast<mx::bfloat16_t>(obuf[i]);

@@ -13,9 +13,11 @@ Variant current_variant();
 void set_variant(const std::string& name);
 const Kernels& current_kernels();
 
-// Matrix-vector products: "int8" (x quantized per group, integer dots) or
-// "exact" (float unpacking).
-bool matvec_int8();
+// Matrix-vector products: "int16" (default: x quantized per group to int16,
+// integer dots, ~1e-5 relative), "int8" (int8 x for 4-bit weights, lossier)
+// or "exact" (float unpacking).
+MatvecMode matvec_mode();
+const char* matvec_mode_name();
 void set_matvec_mode(const std::string& mode);
 
 ThreadPool& pool();

@@ -55,8 +55,26 @@ void matvec(const Proj& p, const float* x, float* y, int group_size, int bits) {
   a.biases = p.b->data<void>();
   a.sbt = sb_type(p.s->dtype());
   a.out = y;
-  qmatmul(a, kern, matvec_int8(), &pool());
+  qmatmul(a, kern, matvec_mode(), &pool());
 }
+
+QMatmulArgs qargs(const Proj& p, const float* x, float* y, int group_size, int bits) {
+  QMatmulArgs a;
+  a.x = x;
+  a.M = 1;
+  a.K = p.in;
+  a.N = p.out;
+  a.G = group_size;
+  a.bits = bits;
+  a.w = reinterpret_cast<const uint8_t*>(p.w->data<uint32_t>());
+  a.scales = p.s->data<void>();
+  a.biases = p.b->data<void>();
+  a.sbt = sb_type(p.s->dtype());
+  a.out = y;
+  return a;
+}
+
+inline float silu_mul(float g, float u) { return g / (1.f + std::exp(-g)) * u; }
 
 void rmsnorm(const float* x, const mx::array& scale, float eps, int H, float* out) {
   double ss = 0;
@@ -234,9 +252,16 @@ void TransformerStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector
       const Proj p2 = next_proj(p1.out);
 
       rmsnorm(h, sa_norm, cfg.eps, H, n.data());
-      matvec(pq, n.data(), q.data(), G, bits);
-      matvec(pk, n.data(), k.data(), G, bits);
-      matvec(pv, n.data(), v.data(), G, bits);
+      if (bits == 0) {
+        matvec(pq, n.data(), q.data(), G, bits);
+        matvec(pk, n.data(), k.data(), G, bits);
+        matvec(pv, n.data(), v.data(), G, bits);
+      } else {  // q, k, v share x: one pool job
+        const QMatmulArgs qkv[3] = {qargs(pq, n.data(), q.data(), G, bits),
+                                    qargs(pk, n.data(), k.data(), G, bits),
+                                    qargs(pv, n.data(), v.data(), G, bits)};
+        qmatvec_multi(qkv, 3, current_kernels(), matvec_mode(), &pool());
+      }
       for (int j = 0; j < NH; ++j) rope(q.data() + j * D, D, inv, pos);
       float* kc = ck.data<float>() + static_cast<size_t>(l) * KVH * T * D;
       float* vc = cv.data<float>() + static_cast<size_t>(l) * KVH * T * D;
@@ -274,9 +299,20 @@ void TransformerStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector
       rmsnorm(h, mlp_norm, cfg.eps, H, n.data());
       g.resize(p1.out);
       u.resize(p3.out);
-      matvec(p1, n.data(), g.data(), G, bits);
-      matvec(p3, n.data(), u.data(), G, bits);
-      for (int i = 0; i < p1.out; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      if (bits == 0) {
+        matvec(p1, n.data(), g.data(), G, bits);
+        matvec(p3, n.data(), u.data(), G, bits);
+        for (int i = 0; i < p1.out; ++i) g[i] = silu_mul(g[i], u[i]);
+      } else {  // w1, w3 and silu(g) * u as one pool job, split by row
+        const QMatmulArgs gu[2] = {qargs(p1, n.data(), g.data(), G, bits),
+                                   qargs(p3, n.data(), u.data(), G, bits)};
+        float* gp = g.data();
+        const float* up = u.data();
+        const std::function<void(int, int)> post = [gp, up](int n0, int n1) {
+          for (int i = n0; i < n1; ++i) gp[i] = silu_mul(gp[i], up[i]);
+        };
+        qmatvec_multi(gu, 2, current_kernels(), matvec_mode(), &pool(), true, &post);
+      }
       matvec(p2, g.data(), o.data(), G, bits);
       for (int i = 0; i < H; ++i) h[i] += o[i];
     }

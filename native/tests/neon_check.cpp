@@ -104,6 +104,16 @@ int main() {
           XPrep p;
           prep_x_float(x.data(), K, G, bits, xf.data(), gsum.data(), p);
           prep_x_int(x.data(), K, G, bits, xq.data(), xq16.data(), tmp.data(), gdx.data(), p);
+          // int16 x for 4 bits (word-permuted), its own XPrep
+          std::vector<int16_t> xw(K), tmpw(K);
+          std::vector<float> gdx16(ng), gsum16(ng);
+          XPrep p16;
+          prep_gsum(x.data(), K, G, bits, gsum16.data(), p16);
+          if (bits == 4) {
+            prep_x_i16_4(x.data(), K, G, xw.data(), tmpw.data(), gdx16.data(), p16);
+          } else {
+            p16 = p;
+          }
           double xnorm = 0;
           for (float v : x) xnorm += std::fabs(v);
           for (int n = 0; n < N; ++n) {
@@ -124,6 +134,11 @@ int main() {
             // int8 x: |x - xq*dx| <= dx/2 = max|x_g|/254 per element
             check(std::fabs(is - r) <= 5e-3 * scale, "scalar dot_i vs f64", K, N, 1, G, bits, is - r);
             check(std::fabs(iv - is) <= 1e-5 * scale, "simd dot_i vs scalar", K, N, 1, G, bits, iv - is);
+            // int16 x: |x - xq*dx| <= dx/2 = max|x_g|/65534 per element
+            const float js = ks.dot_i16(wb + n * rb, s, b, p16);
+            const float jv = kv.dot_i16(wb + n * rb, s, b, p16);
+            check(std::fabs(js - r) <= 1e-4 * scale, "scalar dot_i16 vs f64", K, N, 1, G, bits, js - r);
+            check(std::fabs(jv - js) <= 1e-5 * scale, "simd dot_i16 vs scalar", K, N, 1, G, bits, jv - js);
             // dequant: whole row in 256-chunks, compare elementwise
             for (int k0 = 0; k0 < K; k0 += kTileK) {
               const int kn = std::min(kTileK, K - k0);
@@ -141,7 +156,8 @@ int main() {
             std::vector<float> X(static_cast<size_t>(M) * K);
             for (auto& v : X) v = nd(rng);
             for (int sbt = 0; sbt < 2; ++sbt)
-              for (int int8 = 0; int8 < (M == 1 ? 2 : 1); ++int8) {
+              for (int mode = 0; mode < (M == 1 ? 3 : 1); ++mode) {
+                const bool int8 = mode == static_cast<int>(MatvecMode::Int8) && bits == 4;
                 std::vector<float> o1(static_cast<size_t>(M) * N), o2(o1.size());
                 QMatmulArgs a;
                 a.x = X.data(); a.M = M; a.K = K; a.N = N; a.G = G; a.bits = bits; a.w = wb;
@@ -149,9 +165,9 @@ int main() {
                 a.scales = sbt ? static_cast<const void*>(c.s16.data()) : c.s.data();
                 a.biases = sbt ? static_cast<const void*>(c.b16.data()) : c.b.data();
                 a.out = o1.data();
-                qmatmul(a, ks, int8, nullptr);
+                qmatmul(a, ks, static_cast<MatvecMode>(mode), nullptr);
                 a.out = o2.data();
-                qmatmul(a, kv, int8, &pool);
+                qmatmul(a, kv, static_cast<MatvecMode>(mode), &pool);
                 for (int m = 0; m < M; ++m)
                   for (int n = 0; n < N; ++n) {
                     const double r = ref_dot(c, n, X.data() + static_cast<size_t>(m) * K);
@@ -162,7 +178,7 @@ int main() {
                       wmax = std::fmax(wmax, std::fabs(c.s[n * ng + g]) * ((1 << bits) - 1) +
                                                  std::fabs(c.b[n * ng + g]));
                     const double scale = wmax * xn + 1e-6;
-                    const double tol = int8 ? 5e-3 : 1e-5;
+                    const double tol = int8 ? 5e-3 : (mode != 0 ? 1e-4 : 1e-5);
                     const float v1 = o1[m * N + n], v2 = o2[m * N + n];
                     check(std::fabs(v1 - r) <= tol * scale, "driver scalar vs f64", K, N, M, G, bits, v1 - r);
                     check(std::fabs(v2 - v1) <= 1e-5 * scale, "driver simd vs scalar", K, N, M, G, bits, v2 - v1);

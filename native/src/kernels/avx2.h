@@ -170,6 +170,100 @@ CSMD_AVX2 static inline float dot_i(const uint8_t* w, const float* s,
   return hsum(tot) + btot;
 }
 
+CSMD_AVX2 static inline float dot_f32(const float* a, const float* b, int K) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int k = 0;
+  for (; k + 16 <= K; k += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
+  }
+  float r = hsum(_mm256_add_ps(s0, s1));
+  for (; k < K; ++k) r += a[k] * b[k];
+  return r;
+}
+
+// Integer dot of one 32-byte 4-bit block (word layout, see permute4w) with
+// int16 x: 8 int32 lanes, lanes 0-3 from bytes 0-15, lanes 4-7 from 16-31.
+CSMD_AVX2 static inline __m256i blk_i16(const uint8_t* w, const int16_t* x) {
+  const __m256i m4 = _mm256_set1_epi16(0x000F);
+  const __m256i v = _mm256_loadu_si256((const __m256i*)w);
+  const __m256i q0 = _mm256_and_si256(v, m4);
+  const __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+  const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), m4);
+  const __m256i q3 = _mm256_srli_epi16(v, 12);
+  const __m256i a = _mm256_add_epi32(
+      _mm256_madd_epi16(q0, _mm256_loadu_si256((const __m256i*)x)),
+      _mm256_madd_epi16(q1, _mm256_loadu_si256((const __m256i*)(x + 16))));
+  const __m256i b = _mm256_add_epi32(
+      _mm256_madd_epi16(q2, _mm256_loadu_si256((const __m256i*)(x + 32))),
+      _mm256_madd_epi16(q3, _mm256_loadu_si256((const __m256i*)(x + 48))));
+  return _mm256_add_epi32(a, b);
+}
+
+// Same for a final 16-byte block: 4 int32 lanes.
+CSMD_AVX2 static inline __m128i blk16_i16(const uint8_t* w, const int16_t* x) {
+  const __m128i m4 = _mm_set1_epi16(0x000F);
+  const __m128i v = _mm_loadu_si128((const __m128i*)w);
+  const __m128i a = _mm_add_epi32(
+      _mm_madd_epi16(_mm_and_si128(v, m4), _mm_loadu_si128((const __m128i*)x)),
+      _mm_madd_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_loadu_si128((const __m128i*)(x + 8))));
+  const __m128i b = _mm_add_epi32(
+      _mm_madd_epi16(_mm_and_si128(_mm_srli_epi16(v, 8), m4), _mm_loadu_si128((const __m128i*)(x + 16))),
+      _mm_madd_epi16(_mm_srli_epi16(v, 12), _mm_loadu_si128((const __m128i*)(x + 24))));
+  return _mm_add_epi32(a, b);
+}
+
+// 4 bits, x as int16 per group (word-permuted xq16); 8 bits: dot_i.
+CSMD_AVX2 static inline float dot_i16(const uint8_t* w, const float* s,
+                                      const float* bias, const XPrep& p) {
+  if (p.bits != 4) return dot_i(w, s, bias, p);
+  const int K = p.K, G = p.G, ng = K / G, nbytes = K / 2;
+  const int16_t* xq = p.xq16;
+  const float* dx = p.gdx;
+  __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
+  float tail = 0.f;
+  if (G == 32) {  // a 32-byte block holds two groups: one per 128-bit half
+    int o = 0, g = 0;
+    for (; o + 64 <= nbytes; o += 64, g += 4) {
+      const __m256 f0 = _mm256_cvtepi32_ps(blk_i16(w + o, xq + 2 * o));
+      const __m256 f1 = _mm256_cvtepi32_ps(blk_i16(w + o + 32, xq + 2 * o + 64));
+      const __m256 sc0 = _mm256_set_m128(_mm_set1_ps(s[g + 1] * dx[g + 1]), _mm_set1_ps(s[g] * dx[g]));
+      const __m256 sc1 = _mm256_set_m128(_mm_set1_ps(s[g + 3] * dx[g + 3]), _mm_set1_ps(s[g + 2] * dx[g + 2]));
+      tot0 = _mm256_fmadd_ps(f0, sc0, tot0);
+      tot1 = _mm256_fmadd_ps(f1, sc1, tot1);
+    }
+    for (; o + 32 <= nbytes; o += 32, g += 2) {
+      const __m256 f0 = _mm256_cvtepi32_ps(blk_i16(w + o, xq + 2 * o));
+      const __m256 sc0 = _mm256_set_m128(_mm_set1_ps(s[g + 1] * dx[g + 1]), _mm_set1_ps(s[g] * dx[g]));
+      tot0 = _mm256_fmadd_ps(f0, sc0, tot0);
+    }
+    if (o < nbytes) {
+      __m128i i = blk16_i16(w + o, xq + 2 * o);
+      i = _mm_add_epi32(i, _mm_shuffle_epi32(i, 0x4E));
+      i = _mm_add_epi32(i, _mm_shuffle_epi32(i, 0xB1));
+      tail = (s[g] * dx[g]) * static_cast<float>(_mm_cvtsi128_si32(i));
+    }
+  } else if (G == 64) {  // one block per group
+    int g = 0;
+    for (; g + 2 <= ng; g += 2) {
+      const __m256 f0 = _mm256_cvtepi32_ps(blk_i16(w + 32 * g, xq + 64 * g));
+      const __m256 f1 = _mm256_cvtepi32_ps(blk_i16(w + 32 * g + 32, xq + 64 * g + 64));
+      tot0 = _mm256_fmadd_ps(f0, _mm256_set1_ps(s[g] * dx[g]), tot0);
+      tot1 = _mm256_fmadd_ps(f1, _mm256_set1_ps(s[g + 1] * dx[g + 1]), tot1);
+    }
+    if (g < ng)
+      tot0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(blk_i16(w + 32 * g, xq + 64 * g)),
+                             _mm256_set1_ps(s[g] * dx[g]), tot0);
+  } else {  // G == 128: two blocks per group
+    for (int g = 0; g < ng; ++g) {
+      const __m256i acc = _mm256_add_epi32(blk_i16(w + 64 * g, xq + 128 * g),
+                                           blk_i16(w + 64 * g + 32, xq + 128 * g + 64));
+      tot0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(s[g] * dx[g]), tot0);
+    }
+  }
+  return hsum(_mm256_add_ps(tot0, tot1)) + tail + dot_f32(bias, p.gsum, ng);
+}
+
 // out[0..16) = s * u8[0..16) + b
 CSMD_AVX2 static inline void deq16(__m128i c, float s, float b, float* out) {
   const __m256 sv = _mm256_set1_ps(s), bv = _mm256_set1_ps(b);
@@ -273,17 +367,6 @@ CSMD_AVX2 static inline void gemm_tile(const float* X, int M, int ldx,
   }
 }
 
-CSMD_AVX2 static inline float dot_f32(const float* a, const float* b, int K) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  int k = 0;
-  for (; k + 16 <= K; k += 16) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
-  }
-  float r = hsum(_mm256_add_ps(s0, s1));
-  for (; k < K; ++k) r += a[k] * b[k];
-  return r;
-}
 
 }  // namespace avx2
 }  // namespace csmd

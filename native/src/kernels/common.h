@@ -41,7 +41,8 @@ struct XPrep {
   const float* xf = nullptr;     // [K] x (permuted for 4 bits)
   const float* gsum = nullptr;   // [K/G] sum of x over each group (natural)
   const int8_t* xq = nullptr;    // [K] int8 quantized x (permuted, 4 bits)
-  const int16_t* xq16 = nullptr; // [K] int16 quantized x (8 bits)
+  const int16_t* xq16 = nullptr; // [K] int16 quantized x (8 bits: natural order;
+                                 //     4 bits: word-permuted, see permute4w)
   const float* gdx = nullptr;    // [K/G] quantization step of x per group
 };
 
@@ -56,6 +57,35 @@ inline void permute4(const T* x, int K, T* xp) {
       xp[2 * o + B + b] = x[2 * o + 2 * b + 1];
     }
   }
+}
+
+// 4-bit "word permutation" (the int16 matvec).  The kernels read a block of
+// B bytes (32, or a final 16) as W = B/2 little-endian 16-bit words; nibble j
+// (bits 4j..4j+3) of word i is element 4i+j of the block.  Shifting and masking
+// a word vector by nibble j gives the elements {4i+j}, which meet x at
+//     xp[2o + W*j + i] = x[2o + 4i + j]   (o: block start byte, i < W, j < 4)
+// so a 16-byte half of a 32-byte block (words 8h..8h+7) meets xp[2o + 16j + 8h ..].
+template <typename T>
+inline void permute4w(const T* x, int K, T* xp) {
+  const int nbytes = K / 2;
+  for (int o = 0; o < nbytes; o += 32) {
+    const int W = block4_bytes(o, nbytes) / 2;
+    for (int i = 0; i < W; ++i)
+      for (int j = 0; j < 4; ++j) xp[2 * o + W * j + i] = x[2 * o + 4 * i + j];
+  }
+}
+
+// Group sums of x only: gsum_buf [K/G].
+inline void prep_gsum(const float* x, int K, int G, int bits, float* gsum_buf, XPrep& p) {
+  p.K = K;
+  p.G = G;
+  p.bits = bits;
+  for (int g = 0; g < K / G; ++g) {
+    double s = 0.0;
+    for (int i = 0; i < G; ++i) s += x[g * G + i];
+    gsum_buf[g] = static_cast<float>(s);
+  }
+  p.gsum = gsum_buf;
 }
 
 // Fill the float part of an XPrep: xf (permuted if 4 bits) and gsum.
@@ -111,6 +141,31 @@ inline void prep_x_int(const float* x, int K, int G, int bits, int8_t* q_buf,
   } else {
     p.xq16 = q16_buf;
   }
+  p.gdx = gdx_buf;
+}
+
+// int16 x for 4-bit weights (the "int16" matvec mode): per group
+// dx = max|x| / 32767, x rounded to nearest even, then word-permuted
+// (permute4w).  Integer dot products of nibbles (<= 15) and int16 x are summed
+// per group in int32: at most 128 * 15 * 32767 < 2^26.
+// q16_buf, tmp: [K] int16, gdx_buf: [K/G].  Call prep_gsum (or prep_x_float)
+// too.
+inline void prep_x_i16_4(const float* x, int K, int G, int16_t* q16_buf, int16_t* tmp,
+                         float* gdx_buf, XPrep& p) {
+  for (int g = 0; g < K / G; ++g) {
+    float amax = 0.f;
+    for (int i = 0; i < G; ++i) amax = std::fmax(amax, std::fabs(x[g * G + i]));
+    const float dx = amax / 32767.f;
+    const float inv = dx > 0.f ? 1.f / dx : 0.f;
+    gdx_buf[g] = dx;
+    for (int i = 0; i < G; ++i) {
+      float v = std::nearbyint(x[g * G + i] * inv);
+      v = v > 32767.f ? 32767.f : (v < -32767.f ? -32767.f : v);
+      tmp[g * G + i] = static_cast<int16_t>(v);
+    }
+  }
+  permute4w(tmp, K, q16_buf);
+  p.xq16 = q16_buf;
   p.gdx = gdx_buf;
 }
 

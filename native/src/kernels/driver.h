@@ -42,6 +42,7 @@ inline const char* variant_name(Variant v) {
 struct Kernels {
   float (*dot_f)(const uint8_t*, const float*, const float*, const XPrep&);
   float (*dot_i)(const uint8_t*, const float*, const float*, const XPrep&);
+  float (*dot_i16)(const uint8_t*, const float*, const float*, const XPrep&);
   void (*dequant)(const uint8_t*, const float*, const float*, int, int, int, int, int, float*);
   void (*gemm_tile)(const float*, int, int, const float*, int, int, int, float*, int);
   float (*dot_f32)(const float*, const float*, int);
@@ -83,14 +84,14 @@ inline Kernels kernels_for(Variant v) {
   switch (v) {
 #if defined(CSMD_HAVE_AVX2_KERNELS)
     case Variant::AVX2:
-      return {avx2::dot_f, avx2::dot_i, avx2::dequant, avx2::gemm_tile, avx2::dot_f32};
+      return {avx2::dot_f, avx2::dot_i, avx2::dot_i16, avx2::dequant, avx2::gemm_tile, avx2::dot_f32};
 #endif
 #if defined(CSMD_HAVE_NEON_KERNELS)
     case Variant::NEON:
-      return {neon::dot_f, neon::dot_i, neon::dequant, neon::gemm_tile, neon::dot_f32};
+      return {neon::dot_f, neon::dot_i, neon::dot_i16, neon::dequant, neon::gemm_tile, neon::dot_f32};
 #endif
     default:
-      return {scalar::dot_f, scalar::dot_i, scalar::dequant, scalar::gemm_tile, scalar::dot_f32};
+      return {scalar::dot_f, scalar::dot_i, scalar::dot_i16, scalar::dequant, scalar::gemm_tile, scalar::dot_f32};
   }
 }
 
@@ -174,11 +175,15 @@ class ThreadPool {
     }
     job_ = &fn;
     pending_.store(n_ - 1, std::memory_order_relaxed);
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      gen_.fetch_add(1, std::memory_order_release);
+    // Spinning workers see the new generation without any lock; the mutex and
+    // the notify are only paid when a worker went to sleep (seq_cst on gen_
+    // and sleepers_: a worker either sees the new gen_ under mu_ before it
+    // waits, or is counted in sleepers_ here).
+    gen_.fetch_add(1, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      { std::lock_guard<std::mutex> lk(mu_); }
+      cv_.notify_all();
     }
-    cv_.notify_all();
     std::exception_ptr err;
     try {
       fn(0, n_);
@@ -221,7 +226,9 @@ class ThreadPool {
         if (++spins % 256 == 0 &&
             std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(200)) {
           std::unique_lock<std::mutex> lk(mu_);
-          cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          cv_.wait(lk, [&] { return gen_.load(std::memory_order_seq_cst) != seen; });
+          sleepers_.fetch_sub(1, std::memory_order_relaxed);
           break;
         }
       }
@@ -242,6 +249,7 @@ class ThreadPool {
   std::condition_variable cv_;
   std::atomic<uint64_t> gen_{0};
   std::atomic<int> pending_{0};
+  std::atomic<int> sleepers_{0};
   const std::function<void(int, int)>* job_ = nullptr;
   bool quit_ = false;
 };
@@ -255,9 +263,15 @@ inline void split_range(int n, int parts, int i, int& a, int& b) {
 // Quantized matmul: out[m, n] = sum_k x[m, k] * (s[n, k/G] * q[n, k] + b[n, k/G])
 //   x: [M, K] float32 (natural order), w: [N, K*bits/8] bytes,
 //   scales/biases: [N, K/G] of type sbt, out: [M, N] float32.
-// int8_x selects the integer-dot matvec (x quantized per group to int8);
-// otherwise the exact float path is used.  M > 1 always uses the float
-// tile kernel (weights dequantized 16 rows x 256 columns at a time).
+// mode selects the single-row (M == 1) path:
+//   Exact: float unpacking, fp32 accumulation (dot_f);
+//   Int16: x quantized per group to int16 (dx = max|x_g|/32767), integer dot
+//          products summed per group in int32 (dot_i16; ~1e-5 relative);
+//   Int8:  x quantized per group to int8 for 4 bits (dx = max|x_g|/127, about
+//          0.5% relative per product), int16 for 8 bits (dot_i).
+// For 8-bit weights Int16 and Int8 are the same (int16 x).  M > 1 always uses
+// the float tile kernel (weights dequantized 16 rows x 256 columns at a time).
+enum class MatvecMode { Exact = 0, Int8 = 1, Int16 = 2 };
 
 struct QMatmulArgs {
   const float* x = nullptr;
@@ -269,10 +283,61 @@ struct QMatmulArgs {
   float* out = nullptr;
 };
 
+// x of a matrix-vector product prepared once (for one or several matrices of
+// the same K, G and bits) and the row kernel of the chosen mode.
+struct MatvecPrep {
+  std::vector<float> xf, gsum, gdx;
+  std::vector<int8_t> xq, tmp;
+  std::vector<int16_t> xq16, tmp16;
+  XPrep p;
+  float (*dot)(const uint8_t*, const float*, const float*, const XPrep&) = nullptr;
+
+  MatvecPrep(const float* x, int K, int G, int bits, const Kernels& kern, MatvecMode mode)
+      : gsum(K / G), gdx(K / G) {
+    if (mode == MatvecMode::Int16 && bits == 4) {
+      xq16.resize(K);
+      tmp16.resize(K);
+      prep_gsum(x, K, G, bits, gsum.data(), p);
+      prep_x_i16_4(x, K, G, xq16.data(), tmp16.data(), gdx.data(), p);
+    } else {
+      xf.resize(K);
+      prep_x_float(x, K, G, bits, xf.data(), gsum.data(), p);
+      if (mode != MatvecMode::Exact) {
+        tmp.resize(K);
+        if (bits == 4) xq.resize(K); else xq16.resize(K);
+        prep_x_int(x, K, G, bits, xq.data(), xq16.data(), tmp.data(), gdx.data(), p);
+      }
+    }
+    dot = mode == MatvecMode::Exact ? kern.dot_f
+          : (mode == MatvecMode::Int16 ? kern.dot_i16 : kern.dot_i);
+  }
+
+  // a.out[n] for n in [n0, n1) (a.x is ignored: the prepared x is used).
+  void rows(const QMatmulArgs& a, int n0, int n1) const {
+    const int ng = p.K / p.G;
+    const size_t row_bytes = static_cast<size_t>(p.K) * p.bits / 8;
+    float s[8192 / 32], b[8192 / 32];  // up to K = 8192 at G = 32 on the stack
+    std::vector<float> sv, bv;
+    float* sp = s;
+    float* bp = b;
+    if (ng > 8192 / 32) {
+      sv.resize(ng);
+      bv.resize(ng);
+      sp = sv.data();
+      bp = bv.data();
+    }
+    for (int n = n0; n < n1; ++n) {
+      load_row(a.scales, a.sbt, static_cast<size_t>(n) * ng, ng, sp);
+      load_row(a.biases, a.sbt, static_cast<size_t>(n) * ng, ng, bp);
+      a.out[n] = dot(a.w + n * row_bytes, sp, bp, p);
+    }
+  }
+};
+
 constexpr int kTileRows = 16;
 constexpr int kTileK = 256;
 
-inline void qmatmul(const QMatmulArgs& a, const Kernels& kern, bool int8_x, ThreadPool* pool) {
+inline void qmatmul(const QMatmulArgs& a, const Kernels& kern, MatvecMode mode, ThreadPool* pool) {
   const int K = a.K, N = a.N, M = a.M, G = a.G, bits = a.bits, ng = K / G;
   const size_t row_bytes = static_cast<size_t>(K) * bits / 8;
   auto run = [&](const std::function<void(int, int)>& fn, size_t work_bytes) {
@@ -284,26 +349,11 @@ inline void qmatmul(const QMatmulArgs& a, const Kernels& kern, bool int8_x, Thre
   };
 
   if (M == 1) {
-    std::vector<float> xf(K), gsum(ng), gdx(ng);
-    std::vector<int8_t> xq, tmp;
-    std::vector<int16_t> xq16;
-    XPrep p;
-    prep_x_float(a.x, K, G, bits, xf.data(), gsum.data(), p);
-    if (int8_x) {
-      tmp.resize(K);
-      if (bits == 4) xq.resize(K); else xq16.resize(K);
-      prep_x_int(a.x, K, G, bits, xq.data(), xq16.data(), tmp.data(), gdx.data(), p);
-    }
-    const auto dot = int8_x ? kern.dot_i : kern.dot_f;
+    MatvecPrep mp(a.x, K, G, bits, kern, mode);
     std::function<void(int, int)> fn = [&](int i, int nt) {
       int n0, n1;
       split_range(N, nt, i, n0, n1);
-      std::vector<float> s(ng), b(ng);
-      for (int n = n0; n < n1; ++n) {
-        load_row(a.scales, a.sbt, static_cast<size_t>(n) * ng, ng, s.data());
-        load_row(a.biases, a.sbt, static_cast<size_t>(n) * ng, ng, b.data());
-        a.out[n] = dot(a.w + n * row_bytes, s.data(), b.data(), p);
-      }
+      mp.rows(a, n0, n1);
     };
     run(fn, row_bytes * N);
     return;
@@ -344,6 +394,43 @@ inline void qmatmul(const QMatmulArgs& a, const Kernels& kern, bool int8_x, Thre
     }
   };
   run(fn, row_bytes * N * static_cast<size_t>(M));
+}
+
+// Several single-row products of one x (count matrices of the same K, G and
+// bits; x prepared once) as one pool job.  paired == false: the rows of all
+// outputs are split over the threads together.  paired == true: all N are
+// equal; each thread computes rows [n0, n1) of every output and then calls
+// post(n0, n1) (if given) on them, e.g. an elementwise op joining the outputs.
+inline void qmatvec_multi(const QMatmulArgs* a, int count, const Kernels& kern, MatvecMode mode,
+                          ThreadPool* pool, bool paired = false,
+                          const std::function<void(int, int)>* post = nullptr) {
+  const int K = a[0].K;
+  MatvecPrep mp(a[0].x, K, a[0].G, a[0].bits, kern, mode);
+  size_t total = 0;
+  int rows = 0;
+  for (int c = 0; c < count; ++c) rows += a[c].N;
+  total = static_cast<size_t>(rows) * K * a[0].bits / 8;
+  std::function<void(int, int)> fn = [&](int i, int nt) {
+    if (paired) {
+      int n0, n1;
+      split_range(a[0].N, nt, i, n0, n1);
+      for (int c = 0; c < count; ++c) mp.rows(a[c], n0, n1);
+      if (post && n1 > n0) (*post)(n0, n1);
+      return;
+    }
+    int r0, r1;
+    split_range(rows, nt, i, r0, r1);
+    int base = 0;
+    for (int c = 0; c < count; ++c) {
+      const int lo = std::max(r0, base), hi = std::min(r1, base + a[c].N);
+      if (lo < hi) mp.rows(a[c], lo - base, hi - base);
+      base += a[c].N;
+    }
+  };
+  if (pool && pool->size() > 1 && total >= (64u << 10))
+    pool->run(fn);
+  else
+    fn(0, 1);
 }
 
 }  // namespace csmd

@@ -115,6 +115,46 @@ static inline float dot_i(const uint8_t* w, const float* s, const float* bias,
   return vaddvq_f32(tot) + btot;
 }
 
+// 4 bits with int16 x (word-permuted xq16, see permute4w); 8 bits: dot_i.
+// A 16-byte chunk c of a block is 8 words; nibble j of its words meets
+// xq16[2o + W*j + 8*(c%2) ..] (W = 16 for a full block, 8 for a final one).
+static inline float dot_i16(const uint8_t* w, const float* s, const float* bias,
+                            const XPrep& p) {
+  if (p.bits != 4) return dot_i(w, s, bias, p);
+  const int K = p.K, G = p.G, ng = K / G, nbytes = K / 2, gb = G / 2;
+  const uint16x8_t m4 = vdupq_n_u16(0x000F);
+  float32x4_t tot = vdupq_n_f32(0.f), bt = vdupq_n_f32(0.f);
+  int g4 = 0;
+  for (; g4 + 4 <= ng; g4 += 4) bt = vfmaq_f32(bt, vld1q_f32(bias + g4), vld1q_f32(p.gsum + g4));
+  float btot = vaddvq_f32(bt);
+  for (; g4 < ng; ++g4) btot += bias[g4] * p.gsum[g4];
+  for (int g = 0; g < ng; ++g) {
+    int32x4_t a0 = vdupq_n_s32(0), a1 = vdupq_n_s32(0);
+    for (int j = g * gb; j < (g + 1) * gb; j += 16) {
+      const int o = j & ~31;
+      const int W = block4_bytes(o, nbytes) / 2;
+      const int16_t* x = p.xq16 + 2 * o + (j - o) / 2;
+      const uint16x8_t v = vld1q_u16(reinterpret_cast<const uint16_t*>(w + j));
+      const int16x8_t q0 = vreinterpretq_s16_u16(vandq_u16(v, m4));
+      const int16x8_t q1 = vreinterpretq_s16_u16(vandq_u16(vshrq_n_u16(v, 4), m4));
+      const int16x8_t q2 = vreinterpretq_s16_u16(vandq_u16(vshrq_n_u16(v, 8), m4));
+      const int16x8_t q3 = vreinterpretq_s16_u16(vshrq_n_u16(v, 12));
+      const int16x8_t x0 = vld1q_s16(x), x1 = vld1q_s16(x + W);
+      const int16x8_t x2 = vld1q_s16(x + 2 * W), x3 = vld1q_s16(x + 3 * W);
+      a0 = vmlal_s16(a0, vget_low_s16(q0), vget_low_s16(x0));
+      a1 = vmlal_high_s16(a1, q0, x0);
+      a0 = vmlal_s16(a0, vget_low_s16(q1), vget_low_s16(x1));
+      a1 = vmlal_high_s16(a1, q1, x1);
+      a0 = vmlal_s16(a0, vget_low_s16(q2), vget_low_s16(x2));
+      a1 = vmlal_high_s16(a1, q2, x2);
+      a0 = vmlal_s16(a0, vget_low_s16(q3), vget_low_s16(x3));
+      a1 = vmlal_high_s16(a1, q3, x3);
+    }
+    tot = vfmaq_f32(tot, vcvtq_f32_s32(vaddq_s32(a0, a1)), vdupq_n_f32(s[g] * p.gdx[g]));
+  }
+  return vaddvq_f32(tot) + btot;
+}
+
 static inline void deq16(uint8x16_t c, float s, float b, float* out) {
   const float32x4_t sv = vdupq_n_f32(s), bv = vdupq_n_f32(b);
   const uint16x8_t l = vmovl_u8(vget_low_u8(c));

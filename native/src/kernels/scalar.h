@@ -72,6 +72,36 @@ inline float dot_i(const uint8_t* w, const float* s, const float* bias,
   return tot;
 }
 
+// Position of the low/high nibble of byte j of a 4-bit row in the word
+// permutation (permute4w).
+inline void q4w_pos(int nbytes, int j, int& p_lo, int& p_hi) {
+  const int o = j & ~31;
+  const int W = block4_bytes(o, nbytes) / 2;
+  const int i = (j - o) >> 1;
+  const int n = 2 * ((j - o) & 1);  // nibble index of the low nibble in its word
+  p_lo = 2 * o + W * n + i;
+  p_hi = 2 * o + W * (n + 1) + i;
+}
+
+// 4 bits with x quantized per group to int16 (word-permuted xq16); 8 bits:
+// same as dot_i (which already uses int16 x).
+inline float dot_i16(const uint8_t* w, const float* s, const float* bias,
+                     const XPrep& p) {
+  if (p.bits != 4) return dot_i(w, s, bias, p);
+  const int ng = p.K / p.G, nbytes = p.K / 2;
+  float tot = 0.f;
+  for (int g = 0; g < ng; ++g) {
+    int32_t acc = 0;
+    for (int j = g * p.G / 2; j < (g + 1) * p.G / 2; ++j) {
+      int pl, ph;
+      q4w_pos(nbytes, j, pl, ph);
+      acc += (w[j] & 15) * p.xq16[pl] + (w[j] >> 4) * p.xq16[ph];
+    }
+    tot += (s[g] * p.gdx[g]) * static_cast<float>(acc) + bias[g] * p.gsum[g];
+  }
+  return tot;
+}
+
 // Dequantize elements [k0, k0+kn) of a row (permuted order for 4 bits) into
 // out[0..kn).  k0 and kn are multiples of 64 (kn may end at K).
 inline void dequant(const uint8_t* w, const float* s, const float* bias, int K,

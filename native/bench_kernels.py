@@ -1,0 +1,134 @@
+"""Small benchmark of csmd_native: 4-bit matvec GB/s per mode, pool round trip, transformer_step vs floor.
+
+    OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 python native/bench_kernels.py [--rounds 10] [--backbone]
+
+Bandwidth reference: numpy's np.dot(x, x) over a 512 MiB float64 array (threads set by the env above),
+measured in the same run; every figure is repeated `rounds` times (best kept) since the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+# the installed package, not the source folder next to this script
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import csmd_native as cn  # noqa: E402
+
+
+def best(fn, n: int, rounds: int) -> float:
+    fn()
+    t = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t.append((time.perf_counter() - t0) / n)
+    return min(t)
+
+
+def best_modes(fn, n: int, rounds: int) -> dict[str, float]:
+    """Best time per call of fn() under each matvec mode, the modes interleaved round by round."""
+    out = {m: float("inf") for m in modes()}
+    for _ in range(rounds):
+        for m in out:
+            cn.set_matvec_mode(m)
+            out[m] = min(out[m], best(fn, n, 1))
+    return out
+
+
+def numpy_bw(rounds: int) -> float:
+    x = np.ones(512 << 17)  # 512 MiB of float64
+    return x.nbytes / best(lambda: np.dot(x, x), 3, rounds) / 1e9
+
+
+def qw(n: int, k: int, seed: int = 0):
+    w = mx.random.normal((n, k), key=mx.random.key(seed)) * k**-0.5
+    wq, s, b = mx.quantize(w, group_size=64, bits=4)
+    s, b = s.astype(mx.bfloat16), b.astype(mx.bfloat16)
+    mx.eval(wq, s, b)
+    return wq, s, b
+
+
+def nbytes(*arrays) -> int:
+    return sum(a.nbytes for a in arrays)
+
+
+def stack(n_layers, hidden, heads, kv_heads, head_dim, inter, max_len):
+    flat = []
+    for layer in range(n_layers):
+        flat.append(mx.ones((hidden,)))
+        for i, (o, k) in enumerate(
+            [(heads * head_dim, hidden), (kv_heads * head_dim, hidden), (kv_heads * head_dim, hidden),
+             (hidden, heads * head_dim)]
+        ):
+            flat += qw(o, k, 10 * layer + i)
+        flat.append(mx.ones((hidden,)))
+        for i, (o, k) in enumerate([(inter, hidden), (inter, hidden), (hidden, inter)]):
+            flat += qw(o, k, 10 * layer + 5 + i)
+    inv = 1.0 / (500000.0 ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim))
+    shape = (n_layers, kv_heads, max_len, head_dim)
+    return flat, inv, shape
+
+
+def bench_step(name, cfg, pos, rounds, bw):
+    flat, inv, shape = stack(**cfg)
+    wbytes = nbytes(*[a for a in flat if a.dtype != mx.float32])
+    x = mx.random.normal((1, cfg["hidden"]))
+    state = {"ck": mx.zeros(shape), "cv": mx.zeros(shape)}
+    mx.eval(x, state["ck"], state["cv"])
+
+    def step():
+        h, state["ck"], state["cv"] = cn.transformer_step(
+            x, flat, state["ck"], state["cv"], pos, inv, cfg["heads"], cfg["kv_heads"], 1e-5, 64, 4
+        )
+        mx.eval(h, state["ck"], state["cv"])
+
+    for mode, t in best_modes(step, 3, rounds).items():
+        floor = wbytes / (bw * 1e9)
+        print(f"  {name} step {mode:6s} {t * 1e3:7.2f} ms  floor {floor * 1e3:.2f} ms  ratio {t / floor:.2f}"
+              f"  ({wbytes / 1e6:.1f} MB weights)")
+
+
+def modes() -> list[str]:
+    out = ["exact", "int8"]
+    try:
+        cn.set_matvec_mode("int16")
+        out.append("int16")
+    except ValueError:
+        pass
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--backbone", action="store_true")
+    a = ap.parse_args()
+    print(f"threads {cn.num_threads()}, variant {cn.cpu_features()['variant']}")
+    bw = numpy_bw(max(3, a.rounds // 2))
+    print(f"numpy read bandwidth {bw:.1f} GB/s")
+    if hasattr(cn, "_pool_roundtrip_us"):
+        print(f"pool no-op round trip {min(cn._pool_roundtrip_us(20000) for _ in range(a.rounds)):.2f} us")
+    for n, k in [(8192, 2048), (2048, 8192)]:
+        wq, s, b = qw(n, k)
+        x = mx.random.normal((1, k))
+        mx.eval(x)
+        for mode, t in best_modes(lambda: mx.eval(cn.quantized_matmul(x, wq, s, b)), 10, a.rounds).items():
+            gbs = nbytes(wq, s, b) / t / 1e9
+            print(f"  {n}x{k} 4-bit {mode:6s} {t * 1e6:8.1f} us  {gbs:5.1f} GB/s  ({gbs / bw:.2f} of numpy)")
+    depth = dict(n_layers=4, hidden=1024, heads=8, kv_heads=2, head_dim=128, inter=8192, max_len=32)
+    bench_step("depth", depth, 16, a.rounds, bw)
+    if a.backbone:
+        bb = dict(n_layers=16, hidden=2048, heads=32, kv_heads=8, head_dim=64, inter=8192, max_len=2048)
+        bench_step("backbone", bb, 100, a.rounds, bw)
+    cn.set_matvec_mode("exact")
+
+
+if __name__ == "__main__":
+    main()
