@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -64,8 +65,12 @@ def stack(n_layers, hidden, heads, kv_heads, head_dim, inter, max_len):
     for layer in range(n_layers):
         flat.append(mx.ones((hidden,)))
         for i, (o, k) in enumerate(
-            [(heads * head_dim, hidden), (kv_heads * head_dim, hidden), (kv_heads * head_dim, hidden),
-             (hidden, heads * head_dim)]
+            [
+                (heads * head_dim, hidden),
+                (kv_heads * head_dim, hidden),
+                (kv_heads * head_dim, hidden),
+                (hidden, heads * head_dim),
+            ]
         ):
             flat += qw(o, k, 10 * layer + i)
         flat.append(mx.ones((hidden,)))
@@ -91,8 +96,10 @@ def bench_step(name, cfg, pos, rounds, bw):
 
     for mode, t in best_modes(step, 3, rounds).items():
         floor = wbytes / (bw * 1e9)
-        print(f"  {name} step {mode:6s} {t * 1e3:7.2f} ms  floor {floor * 1e3:.2f} ms  ratio {t / floor:.2f}"
-              f"  ({wbytes / 1e6:.1f} MB weights)")
+        print(
+            f"  {name} step {mode:6s} {t * 1e3:7.2f} ms  floor {floor * 1e3:.2f} ms  ratio {t / floor:.2f}"
+            f"  ({wbytes / 1e6:.1f} MB weights)"
+        )
 
 
 def modes() -> list[str]:
@@ -119,7 +126,8 @@ def main() -> None:
         wq, s, b = qw(n, k)
         x = mx.random.normal((1, k))
         mx.eval(x)
-        for mode, t in best_modes(lambda: mx.eval(cn.quantized_matmul(x, wq, s, b)), 10, a.rounds).items():
+        run = partial(cn.quantized_matmul, x, wq, s, b)
+        for mode, t in best_modes(lambda run=run: mx.eval(run()), 10, a.rounds).items():
             gbs = nbytes(wq, s, b) / t / 1e9
             print(f"  {n}x{k} 4-bit {mode:6s} {t * 1e6:8.1f} us  {gbs:5.1f} GB/s  ({gbs / bw:.2f} of numpy)")
     depth = dict(n_layers=4, hidden=1024, heads=8, kv_heads=2, head_dim=128, inter=8192, max_len=32)

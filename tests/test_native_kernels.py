@@ -422,9 +422,13 @@ def test_step_matches_mlx_reference(config: str, bits: int, mode: str) -> None:
         positions = list(range(4)) + ([c["max_len"] - 1] if config == "tiny" else [])
         for i, pos in enumerate(positions):
             x = mx.random.normal((1, c["hidden"]), key=mx.random.key(100 + i))
-            h, ck, cv = csmd_native.transformer_step(
+            h, new_k, new_v = csmd_native.transformer_step(
                 x, flat, ck, cv, pos, inv_freqs, c["heads"], c["kv_heads"], 1e-5, gs, bits
             )
+            assert new_k.shape == new_v.shape == (c["n_layers"], c["kv_heads"], d)
+            # The kernel only reads the cache; the caller stores the new position's rows.
+            ck[:, :, pos, :] = new_k
+            cv[:, :, pos, :] = new_v
             rh, rk, rv = reference_step(x, ref, rk, rv, pos, inv_freqs, c["heads"], c["kv_heads"], 1e-5)
             h, rh = np.array(h), np.array(rh)
 
@@ -432,8 +436,10 @@ def test_step_matches_mlx_reference(config: str, bits: int, mode: str) -> None:
                 return float(np.sqrt(np.mean((np.asarray(a) - np.asarray(b)) ** 2) / np.mean(np.asarray(b) ** 2)))
 
             if os.environ.get("CSMD_PRINT_STEP_ERR"):
-                print(f"\n{config} bits={bits} {mode} pos={pos}: rel rms h {rel_rms(h, rh):.2e}"
-                      f" k {rel_rms(ck, rk):.2e} v {rel_rms(cv, rv):.2e}")
+                print(
+                    f"\n{config} bits={bits} {mode} pos={pos}: rel rms h {rel_rms(h, rh):.2e}"
+                    f" k {rel_rms(ck, rk):.2e} v {rel_rms(cv, rv):.2e}"
+                )
             if mode == "int16":
                 assert rel_rms(h, rh) <= 3e-4
                 assert rel_rms(ck, rk) <= 3e-4 and rel_rms(cv, rv) <= 3e-4

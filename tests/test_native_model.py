@@ -69,3 +69,21 @@ def test_quantized_native_logits_match_the_reference(bits: int, monkeypatch: pyt
     for got, want in zip(seen["native"], seen["reference"], strict=True):
         # Both dequantize the same integers with the same scales; only the summation order differs (fp32).
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+def test_fused_backbone_step_after_a_long_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deep in a conversation: the step's attention runs its heads across threads and reads a long cache."""
+    wide_backbone = dataclasses.replace(TINY.backbone, num_heads=8, num_kv_heads=4, head_dim=64, max_seq_len=512)
+    cfg = dataclasses.replace(TINY, backbone=wide_backbone)
+    model = build_model(cfg, random_params(cfg, mx.float32, seed=6), mx.float32, "random")
+    rng = np.random.default_rng(1)
+    prompt = mx.array(rng.integers(0, 60, size=(1, 300, cfg.num_columns)))
+    row = mx.array(rng.integers(0, 60, size=(1, 1, cfg.num_columns)))
+    hidden = {}
+    for kernels in ("native", "reference"):
+        monkeypatch.setenv("CSMD_KERNELS", kernels)
+        cache = model.make_backbone_cache()
+        model.backbone_step(prompt, mx.ones(prompt.shape, dtype=mx.bool_), cache)  # prefill: many rows
+        hidden[kernels] = np.array(model.backbone_step(row, mx.ones(row.shape, dtype=mx.bool_), cache))
+        assert cache[0].offset == 301
+    np.testing.assert_allclose(hidden["native"], hidden["reference"], rtol=1e-4, atol=1e-4)

@@ -57,10 +57,11 @@ def transformer_step(
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Every layer of a Llama stack for one token at `position`, as one native primitive.
 
-    x: [1, hidden] float32; cache_k/v: [layers, kv heads, positions, head dim] float32. `weights` per layer:
-    sa_norm scale, q, k, v, o, mlp_norm scale, w1, w3, w2, each projection as (w, scales, biases) when
-    `bits` is 4 or 8, or one float32 [out, in] matrix when `bits` is 0. Returns the last layer's output
-    (before the final norm) and the caches with `position` written.
+    x: [1, hidden] float32; cache_k/v: [layers, kv heads, positions, head dim] float32, read for the
+    positions before `position`. `weights` per layer: sa_norm scale, q, k, v, o, mlp_norm scale, w1, w3, w2,
+    each projection as (w, scales, biases) when `bits` is 4 or 8, or one float32 [out, in] matrix when
+    `bits` is 0. Returns the last layer's output (before the final norm) and this position's keys and
+    values, [layers, kv heads, head dim], which the caller stores (in place, as a slice update).
     """
     assert native.module is not None
     h, k, v = native.module.transformer_step(

@@ -87,17 +87,17 @@ class CSM(nn.Module):
     def _backbone_step_fused(
         self, x: mx.array, cache: list[KVCache], weights: list[mx.array], group_size: int, bits: int
     ) -> mx.array:
-        """One row through the whole backbone as one native primitive, writing the cache in place.
+        """One row through the whole backbone as one native primitive.
 
-        The stack's cache arrays are handed over (no other reference is kept), so the kernel may reuse
-        their buffers instead of copying the 16-layer cache every frame.
+        The kernel only reads the cache; the new position's keys and values are written here as a slice
+        update, which MLX does in place, so the 16-layer cache is never copied.
         """
         cfg = self.config.backbone
         storage, position = cache[0].storage, cache[0].offset
         if position + 1 > cache[0].max_len:
             raise ValueError(f"KV cache overflow: {position + 1} positions requested, {cache[0].max_len} available")
-        layers, batch, heads, length, dims = storage.keys.shape
-        h, keys, values = kernels.transformer_step(
+        layers, _, heads, length, dims = storage.keys.shape
+        h, new_k, new_v = kernels.transformer_step(
             x.astype(mx.float32),
             weights,
             storage.keys.reshape(layers, heads, length, dims),
@@ -110,8 +110,11 @@ class CSM(nn.Module):
             group_size,
             bits,
         )
-        storage.keys = keys.reshape(layers, batch, heads, length, dims)
-        storage.values = values.reshape(layers, batch, heads, length, dims)
+        # Evaluated first so that nothing pending still reads the old cache arrays: only then does MLX write
+        # the rows below in place (a 16-layer cache of 2048 positions would otherwise be copied every frame).
+        mx.eval(h, new_k, new_v)
+        storage.keys[:, 0, :, position, :] = new_k
+        storage.values[:, 0, :, position, :] = new_v
         for layer_cache in cache:
             layer_cache.offset = position + 1
         return self.backbone.norm(h.astype(self.activation_dtype()))
@@ -166,11 +169,12 @@ class CSM(nn.Module):
         inv_freqs = 1.0 / self.decoder.layers[0].attn._rope_periods
 
         def step(x: mx.array, position: int) -> mx.array:
-            nonlocal cache_k, cache_v
-            h, cache_k, cache_v = kernels.transformer_step(
+            h, new_k, new_v = kernels.transformer_step(
                 x.astype(mx.float32), weights, cache_k, cache_v, position, inv_freqs,
                 cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, group_size, bits,
             )  # fmt: skip
+            cache_k[:, :, position, :] = new_k
+            cache_v[:, :, position, :] = new_v
             return self.decoder.norm(h.astype(dtype))
 
         step(kernels.linear(hidden, self.projection), 0)

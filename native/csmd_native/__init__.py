@@ -16,7 +16,7 @@ if _mx.__version__ != mlx_version:
     )
 
 from ._ext import (
-    _pool_roundtrip_us,
+    _pool_roundtrip_us,  # noqa: F401  (for native/bench_kernels.py)
     cpu_features,
     get_matvec_mode,
     num_threads,

@@ -84,5 +84,6 @@ NB_MODULE(_ext, m) {
       "x: float32 [1, hidden]; cache_k/cache_v: float32 [layers, kv_heads, max_len, head_dim];\n"
       "weights per layer: sa_norm, q, k, v, o, mlp_norm, w1, w3, w2 with every projection given as\n"
       "(w, scales, biases) when bits is 4 or 8, or one float32 [out, in] array when bits == 0.\n"
-      "Returns (h before the final norm, new_cache_k, new_cache_v); position's keys/values are written.");
+      "The cache is read (positions < position); returns (h before the final norm, new_k, new_v) where\n"
+      "new_k/new_v [layers, kv_heads, head_dim] are this position's keys/values, for the caller to store.");
 }

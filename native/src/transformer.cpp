@@ -95,6 +95,48 @@ void rope(float* v, int D, const float* inv_freqs, int position) {
   }
 }
 
+// One query row over positions 0..pos: cache rows before pos, the new k/v at pos. Heads run in parallel
+// (a long backbone context is 2048 positions x 32 heads), each with fp32 softmax.
+void attend(const float* q, const float* k_new, const float* v_new, const float* kc, const float* vc, int NH,
+            int rep, int T, int D, int pos, float* out) {
+  const Kernels& kern = current_kernels();
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const std::function<void(int, int)> heads = [&](int i, int nt) {
+    int j0, j1;
+    split_range(NH, nt, i, j0, j1);
+    std::vector<float> sc(pos + 1);
+    for (int j = j0; j < j1; ++j) {
+      const int kvh = j / rep;
+      const float* kh = kc + static_cast<size_t>(kvh) * T * D;
+      const float* vh = vc + static_cast<size_t>(kvh) * T * D;
+      const float* qh = q + j * D;
+      float top = -INFINITY;
+      for (int t = 0; t <= pos; ++t) {
+        const float* key = t < pos ? kh + static_cast<size_t>(t) * D : k_new + kvh * D;
+        sc[t] = kern.dot_f32(qh, key, D) * scale;
+        top = std::max(top, sc[t]);
+      }
+      float sum = 0.f;
+      for (int t = 0; t <= pos; ++t) {
+        sc[t] = std::exp(sc[t] - top);
+        sum += sc[t];
+      }
+      float* oh = out + j * D;
+      std::fill(oh, oh + D, 0.f);
+      for (int t = 0; t <= pos; ++t) {
+        const float p = sc[t] / sum;
+        const float* value = t < pos ? vh + static_cast<size_t>(t) * D : v_new + kvh * D;
+        for (int e = 0; e < D; ++e) oh[e] += p * value[e];
+      }
+    }
+  };
+  // Threads pay off only once there is real work: a short depth-decoder context stays on this thread.
+  if (static_cast<long long>(NH) * (pos + 1) * D >= (1 << 15))
+    pool().run(heads);
+  else
+    heads(0, 1);
+}
+
 }  // namespace
 
 std::vector<mx::array> transformer_step(const mx::array& x, const std::vector<mx::array>& weights,
@@ -169,8 +211,11 @@ std::vector<mx::array> transformer_step(const mx::array& x, const std::vector<mx
   std::vector<mx::array> inputs = {x, mx::contiguous(cache_k, false, st), mx::contiguous(cache_v, false, st),
                                    mx::contiguous(inv_freqs, false, st)};
   for (const auto& w : weights) inputs.push_back(mx::contiguous(w, false, st));
-  return mx::array::make_arrays({x.shape(), cache_k.shape(), cache_v.shape()},
-                                {mx::float32, mx::float32, mx::float32},
+  // The cache is only read; the new rows come out and the caller writes them (an in-place slice update).
+  // Handing the whole cache back instead would copy it every step: a multi-output primitive never gets to
+  // reuse its input buffer, since every output holds the inputs.
+  const mx::Shape rows = {L, num_kv_heads, D};
+  return mx::array::make_arrays({x.shape(), rows, rows}, {mx::float32, mx::float32, mx::float32},
                                 std::make_shared<TransformerStep>(st, cfg), inputs);
 }
 
@@ -182,7 +227,8 @@ bool TransformerStep::is_equivalent(const mx::Primitive& other) const {
 }
 
 std::vector<mx::Shape> TransformerStep::output_shapes(const std::vector<mx::array>& inputs) {
-  return {inputs[0].shape(), inputs[1].shape(), inputs[2].shape()};
+  const mx::Shape rows = {inputs[1].shape(0), inputs[1].shape(1), inputs[1].shape(3)};
+  return {inputs[0].shape(), rows, rows};
 }
 
 void TransformerStep::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
@@ -190,21 +236,7 @@ void TransformerStep::eval_gpu(const std::vector<mx::array>&, std::vector<mx::ar
 }
 
 void TransformerStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& h_out = outputs[0];
-  h_out.set_data(mx::allocator::malloc(h_out.nbytes()));
-  bool copy_cache[2];
-  for (int c = 0; c < 2; ++c) {
-    const mx::array& in = inputs[1 + c];
-    mx::array& out = outputs[1 + c];
-    // Reuse the input cache buffer when nobody else holds it.
-    if (in.is_donatable() && in.flags().row_contiguous && in.data_size() == in.size()) {
-      out.copy_shared_buffer(in);
-      copy_cache[c] = false;
-    } else {
-      out.set_data(mx::allocator::malloc(out.nbytes()));
-      copy_cache[c] = true;
-    }
-  }
+  for (auto& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
   auto& enc = mx::cpu::get_command_encoder(stream());
   for (auto& a : inputs) enc.set_input_array(a);
   for (auto& a : outputs) enc.set_output_array(a);
@@ -212,23 +244,21 @@ void TransformerStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   for (auto& a : inputs) ins.push_back(mx::array::unsafe_weak_copy(a));
   std::vector<mx::array> outs;
   for (auto& a : outputs) outs.push_back(mx::array::unsafe_weak_copy(a));
-  enc.dispatch([ins = std::move(ins), outs = std::move(outs), cfg = cfg_, copy_cache0 = copy_cache[0],
-                copy_cache1 = copy_cache[1]]() mutable {
+  enc.dispatch([ins = std::move(ins), outs = std::move(outs), cfg = cfg_]() mutable {
     const mx::array& x = ins[0];
-    mx::array& ck = outs[1];
-    mx::array& cv = outs[2];
-    if (copy_cache0) std::memcpy(ck.data<float>(), ins[1].data<float>(), ck.nbytes());
-    if (copy_cache1) std::memcpy(cv.data<float>(), ins[2].data<float>(), cv.nbytes());
+    const float* cache_k = ins[1].data<float>();
+    const float* cache_v = ins[2].data<float>();
+    float* new_k = outs[1].data<float>();
+    float* new_v = outs[2].data<float>();
     const float* inv = ins[3].data<float>();
-    const int H = x.shape(1), L = cfg.num_layers, T = ck.shape(2), D = ck.shape(3);
+    const int H = x.shape(1), L = cfg.num_layers, T = ins[1].shape(2), D = ins[1].shape(3);
     const int NH = cfg.num_heads, KVH = cfg.num_kv_heads, pos = cfg.position, rep = NH / KVH;
     const int bits = cfg.bits, G = cfg.group_size;
     float* h = outs[0].data<float>();
     std::memcpy(h, x.data<float>(), sizeof(float) * H);
 
-    std::vector<float> n(H), q(NH * D), k(KVH * D), v(KVH * D), att(NH * D), o(H), sc(T);
+    std::vector<float> n(H), q(NH * D), k(KVH * D), v(KVH * D), att(NH * D), o(H);
     std::vector<float> g, u;
-    const float scale = 1.f / std::sqrt(static_cast<float>(D));
     size_t wi = kFixedInputs;
     auto next_proj = [&](int in) {
       Proj p;
@@ -263,36 +293,13 @@ void TransformerStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector
         qmatvec_multi(qkv, 3, current_kernels(), matvec_mode(), &pool());
       }
       for (int j = 0; j < NH; ++j) rope(q.data() + j * D, D, inv, pos);
-      float* kc = ck.data<float>() + static_cast<size_t>(l) * KVH * T * D;
-      float* vc = cv.data<float>() + static_cast<size_t>(l) * KVH * T * D;
-      for (int j = 0; j < KVH; ++j) {
-        rope(k.data() + j * D, D, inv, pos);
-        std::memcpy(kc + (static_cast<size_t>(j) * T + pos) * D, k.data() + j * D, sizeof(float) * D);
-        std::memcpy(vc + (static_cast<size_t>(j) * T + pos) * D, v.data() + j * D, sizeof(float) * D);
-      }
-      for (int j = 0; j < NH; ++j) {
-        const float* kh = kc + static_cast<size_t>(j / rep) * T * D;
-        const float* vh = vc + static_cast<size_t>(j / rep) * T * D;
-        const float* qh = q.data() + j * D;
-        float mx_ = -INFINITY;
-        for (int t = 0; t <= pos; ++t) {
-          float d = 0.f;
-          for (int e = 0; e < D; ++e) d += qh[e] * kh[t * D + e];
-          sc[t] = d * scale;
-          mx_ = std::max(mx_, sc[t]);
-        }
-        float sum = 0.f;
-        for (int t = 0; t <= pos; ++t) {
-          sc[t] = std::exp(sc[t] - mx_);
-          sum += sc[t];
-        }
-        float* oh = att.data() + j * D;
-        std::fill(oh, oh + D, 0.f);
-        for (int t = 0; t <= pos; ++t) {
-          const float p = sc[t] / sum;
-          for (int e = 0; e < D; ++e) oh[e] += p * vh[t * D + e];
-        }
-      }
+      // Keys/values of positions < pos come from the cache; this position's are the new rows.
+      const float* kc = cache_k + static_cast<size_t>(l) * KVH * T * D;
+      const float* vc = cache_v + static_cast<size_t>(l) * KVH * T * D;
+      for (int j = 0; j < KVH; ++j) rope(k.data() + j * D, D, inv, pos);
+      std::memcpy(new_k + static_cast<size_t>(l) * KVH * D, k.data(), sizeof(float) * KVH * D);
+      std::memcpy(new_v + static_cast<size_t>(l) * KVH * D, v.data(), sizeof(float) * KVH * D);
+      attend(q.data(), k.data(), v.data(), kc, vc, NH, rep, T, D, pos, att.data());
       matvec(po, att.data(), o.data(), G, bits);
       for (int i = 0; i < H; ++i) h[i] += o[i];
 

@@ -20,7 +20,8 @@ struct StepConfig {
   int num_layers = 0;
 };
 
-// Returns (h, new_cache_k, new_cache_v); see bindings.cpp for the contract.
+// Returns (h, new_k, new_v): the stack's output and the keys/values of `position`, [layers, kv heads, head_dim];
+// the cache is only read. See bindings.cpp for the contract.
 std::vector<mx::array> transformer_step(const mx::array& x, const std::vector<mx::array>& weights,
                                         const mx::array& cache_k, const mx::array& cache_v,
                                         int position, const mx::array& inv_freqs, int num_heads,
