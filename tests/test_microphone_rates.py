@@ -102,3 +102,18 @@ def test_a_speaker_whose_device_vanished_refuses_audio(device_at_48k: None, monk
         ScriptedInputStream.opened[-1].active = False
         with pytest.raises(devices.AudioDeviceError, match="output device stopped"):
             speaker(np.zeros(1920, np.float32))
+
+
+def test_a_paused_speaker_sounds_silence_and_keeps_its_queue(device_at_48k: None) -> None:
+    with devices.Speaker("usb headset") as speaker:
+        fill = ScriptedInputStream.opened[-1].callback
+        speaker(np.full(1000, 0.5, np.float32))
+        out = np.zeros((256, 1), np.float32)
+        fill(out, 256, None, None)
+        assert speaker.played == 256 and np.all(out == 0.5)
+        speaker.pause()
+        fill(out, 256, None, None)
+        assert speaker.played == 256 and np.all(out == 0.0) and speaker.underruns == 0  # held, not dry
+        speaker.resume()
+        fill(out, 256, None, None)
+        assert speaker.played == 512 and np.all(out == 0.5)  # goes on where it stopped

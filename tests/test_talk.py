@@ -56,13 +56,24 @@ class RealTimeSpeaker:
         self.prebuffer = 0
         self.queued = 0
         self.cleared_at: list[float] = []
+        self.paused_at: list[float] = []
+        self.paused = False
         self._played_before = 0
         self._since = time.monotonic()
         self.audio: list[np.ndarray] = []
 
     @property
     def played(self) -> int:
+        if self.paused:
+            return self._played_before
         return min(self.queued, self._played_before + int((time.monotonic() - self._since) * RATE))
+
+    def pause(self) -> None:
+        self._played_before, self.paused = self.played, True
+        self.paused_at.append(time.monotonic())
+
+    def resume(self) -> None:
+        self._since, self.paused = time.monotonic(), False
 
     def __call__(self, pcm: np.ndarray) -> None:
         if self.played >= self.queued:  # idle: playback (re)starts now
@@ -71,7 +82,8 @@ class RealTimeSpeaker:
         self.audio.append(pcm)
 
     def restart(self) -> None:
-        pass
+        if self.paused:
+            self.resume()
 
     def finish(self) -> None:
         pass
@@ -79,7 +91,7 @@ class RealTimeSpeaker:
     def clear(self) -> int:
         played = self.played
         dropped, self.queued = self.queued - played, played
-        self._played_before, self._since = played, time.monotonic()
+        self._played_before, self._since, self.paused = played, time.monotonic(), False
         self.cleared_at.append(time.monotonic())
         return dropped
 
@@ -164,6 +176,8 @@ async def test_barge_in_stops_playback_and_keeps_what_was_heard(engine: tuple[Ge
         engine, lambda t: 0.2 < t < 0.8 or 2.8 < t < 3.4, sentences, seconds=5.0, frames=40
     )
     assert talk.stats.barge_ins == 1 and len(speaker.cleared_at) == 1
+    # Playback paused at the first frame of the interruption and was cleared once it lasted barge_in_speech.
+    assert talk.stats.holds == 1 and 0.05 < speaker.cleared_at[0] - speaker.paused_at[0] < 0.3
     speakers = [s.speaker for s in talk.engine.context.segments]
     assert speakers[:3] == [0, 1, 0]  # the second sentence was made ahead but never heard: dropped
     replies = [talk.engine.context.segments[1]]
@@ -178,6 +192,17 @@ def test_words_in_proportion() -> None:
     assert words_in_proportion("a b c d", 0.5) == "a b"
     assert words_in_proportion("a b c d", 0.0) == ""
     assert words_in_proportion("a b c d", 1.0) == "a b c d"
+
+
+async def test_a_cough_while_csmd_talks_only_pauses_playback(engine: tuple[Generator, Mimi]) -> None:
+    # 60 ms of "speech" at 2.0 s: shorter than barge_in_speech (0.1 s here), so no barge-in; the reply goes on.
+    talk, speaker, _ = await converse(
+        engine, lambda t: 0.2 < t < 0.8 or 2.0 < t < 2.06, ["One two three four five six."], seconds=5.0, frames=25
+    )
+    assert talk.stats.barge_ins == 0 and talk.stats.holds == 1 and not speaker.cleared_at
+    assert not speaker.paused  # resumed
+    assert speaker.played == speaker.queued == 25 * 1920  # every sample was played: the pause lost nothing
+    assert talk.stats.turns == 1
 
 
 async def test_barge_in_through_the_daemon(

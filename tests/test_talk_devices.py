@@ -56,7 +56,10 @@ async def test_a_spoken_turn_then_a_barge_in(engine) -> None:  # type: ignore[no
     generator, mimi = engine
     result, talk = await one_round(generator, mimi, "loopback", "system", GenerationParams(max_frames=60, seed=2))
     assert talk.stats.turns == 2 and talk.stats.barge_ins == 1
-    assert result.barge_in_ms < 600  # speech onset to playback stop: VAD evidence (0.15 s) + a 32 ms frame + polling
+    # Speech onset to playback stop: one 32 ms VAD frame + polling + a device callback, plus espeak-ng's own
+    # leading silence; generous for a loaded machine. The decision waits for 0.15 s of speech on top.
+    assert result.barge_in_ms < 400
+    assert result.barge_in_ms < result.barge_in_confirmed_ms < 800
     segments = talk.engine.context.segments
     assert [s.speaker for s in segments[:3]] == [0, 1, 0]  # question, the heard part of the reply, interruption
     assert 0 < result.reply_frames < 60

@@ -163,6 +163,7 @@ class Speaker:
         self.played = 0  # samples handed to the device so far
         self._started = False  # the prebuffer was reached (or `finish` was called)
         self._finished = False  # no more audio is coming: running dry now is the end, not an underrun
+        self._paused = False  # holding: silence out, the queue kept (a suspected barge-in)
         self._queue: deque[np.ndarray] = deque()
         self._offset = 0  # samples of the queue's first chunk already played
         self._lock = threading.Lock()
@@ -180,6 +181,9 @@ class Speaker:
         written = 0
         with self._lock:
             self._last_callback = time_module.monotonic()
+            if self._paused:
+                out[:] = 0.0
+                return
             queued = sum(c.size for c in self._queue) - self._offset
             if not self._started and (queued >= self.prebuffer or self._finished) and queued:
                 self._started = True
@@ -227,7 +231,18 @@ class Speaker:
             self._offset = 0
             self._drained.set()
             self._finished = True  # what follows is silence by choice, not an underrun
+            self._paused = False
         return dropped
+
+    def pause(self) -> None:
+        """Stop sounding at the next device callback, keeping everything queued (see `resume`)."""
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        """Go on from where `pause` stopped, as if nothing happened."""
+        with self._lock:
+            self._paused = False
 
     def restart(self) -> None:
         """Ready for another utterance: running dry counts again, and if nothing is playing any more the
@@ -235,6 +250,7 @@ class Speaker:
         with self._lock:
             self._started = self._started and bool(self._queue)
             self._finished = False
+            self._paused = False
 
     def finish(self) -> None:
         """No more audio is coming: play what is queued even if it is less than the prebuffer."""

@@ -39,7 +39,8 @@ REPLY = ["This is the first of two long sentences.", "And this one should never 
 @dataclass
 class TalkRound:
     first_audio_ms: float  # end of the user's turn (as detected) to the first reply audio queued
-    barge_in_ms: float  # onset of the interrupting speech to playback stopped
+    barge_in_ms: float  # onset of the interrupting speech to playback stopped (paused at the first speech frame)
+    barge_in_confirmed_ms: float  # onset to the barge-in decided (reply cleared, generation cancelled)
     reply_frames: int  # frames of the reply kept in the context (what was heard)
     underruns: int
     reply_seconds: float
@@ -51,6 +52,7 @@ class TalkBenchResult:
     rounds: int
     first_audio_ms: float  # medians
     barge_in_ms: float
+    barge_in_confirmed_ms: float
     underruns_per_minute: float
 
     def as_dict(self) -> dict[str, object]:
@@ -97,12 +99,14 @@ async def one_round(
                     while not talk._speaking:
                         await trio.sleep(0.005)
                 await trio.sleep(1.0)
+                holds_before = talk.stats.holds
                 user(interruption)
                 onset = trio.current_time()
                 with trio.fail_after(10):
                     while not talk.stats.barge_ins:
                         await trio.sleep(0.002)
-                barge_in = trio.current_time() - onset
+                confirmed = trio.current_time() - onset
+                stopped = next(t for t in talk.stats.held_at[holds_before:] if t >= onset) - onset
                 with trio.fail_after(60):
                     while talk.stats.turns < 2:
                         await trio.sleep(0.05)
@@ -113,7 +117,8 @@ async def one_round(
     frames = 0 if reply is None or reply.codes is None else len(reply.codes)
     result = TalkRound(
         first_audio_ms=1000 * talk.stats.first_audio_after_turn[0],
-        barge_in_ms=1000 * barge_in,
+        barge_in_ms=1000 * stopped,
+        barge_in_confirmed_ms=1000 * confirmed,
         reply_frames=frames,
         underruns=speaker.underruns,
         reply_seconds=speaker.played / 24_000,
@@ -135,6 +140,7 @@ def run(
         rounds=rounds,
         first_audio_ms=round(statistics.median(r.first_audio_ms for r in results), 1),
         barge_in_ms=round(statistics.median(r.barge_in_ms for r in results), 1),
+        barge_in_confirmed_ms=round(statistics.median(r.barge_in_confirmed_ms for r in results), 1),
         underruns_per_minute=round(sum(r.underruns for r in results) / minutes, 2) if minutes else 0.0,
     )
 
@@ -144,7 +150,8 @@ def format_result(r: TalkBenchResult) -> str:
         [
             f"model {r.model}: {r.rounds} scripted rounds on real devices; medians",
             f"  end of user turn -> first reply audio  {r.first_audio_ms:8.1f} ms",
-            f"  user speech onset -> playback stopped  {r.barge_in_ms:8.1f} ms (barge-in)",
+            f"  user speech onset -> playback stopped  {r.barge_in_ms:8.1f} ms (barge-in: paused at once)",
+            f"  user speech onset -> barge-in decided  {r.barge_in_confirmed_ms:8.1f} ms (reply cut, context trimmed)",
             f"  playback underruns                     {r.underruns_per_minute:8.2f} per minute of reply audio",
         ]
     )

@@ -49,6 +49,8 @@ class AudioOut(Protocol):
 
     def __call__(self, pcm: np.ndarray) -> None: ...
     def clear(self) -> int: ...
+    def pause(self) -> None: ...  # silence now, keep the queue (a suspected barge-in)
+    def resume(self) -> None: ...  # it was not one: go on where it stopped
     def restart(self) -> None: ...  # a new reply begins: running dry counts as an underrun again
     def finish(self) -> None: ...  # the reply's audio is all queued: running dry now is its end
 
@@ -82,6 +84,8 @@ class _Spoken:
 class Stats:
     turns: int = 0
     barge_ins: int = 0
+    holds: int = 0  # playback paused at the first frame of user speech (confirmed or not)
+    held_at: list[float] = field(default_factory=list)  # trio times of those pauses
     first_audio_after_turn: list[float] = field(default_factory=list)  # seconds, end of user turn -> first audio
 
 
@@ -113,6 +117,7 @@ class Conversation:
         self._interrupted = False  # the current reply was cut off by the user
         self._replying = False  # a reply is being generated
         self._speaking = False  # reply audio is queued or playing
+        self._holding = False  # playback is paused on suspicion of a barge-in
         # User turns (start, end), and TRIM: "trim the last reply to what was heard", in the order they happen.
         self._turns_send, self._turns_receive = trio.open_memory_channel[tuple[float, float] | None](16)
         self._frame_seconds: float | None = None  # measured time to make and decode one frame (moving average)
@@ -138,6 +143,7 @@ class Conversation:
                         self._barge_in()
                     elif isinstance(event, TurnEnded):
                         self._turns_send.send_nowait((event.start, event.end))
+                self._hold_for_possible_barge_in()
             # The reply is over when it is all made and all played; running dry while slow generation catches
             # up is still the same reply (the user may still barge in).
             if self._speaking and not self._replying and self.speaker.played >= self._queued:
@@ -155,6 +161,23 @@ class Conversation:
         first = max(int((start - self.config.preroll) * RATE) - self._audio_start, 0)
         last = int(end * RATE) - self._audio_start
         return self._audio[first:last]
+
+    def _hold_for_possible_barge_in(self) -> None:
+        """Pause playback at the first frame of user speech while csmd talks; resume if it stays short.
+
+        Deciding that speech is a barge-in takes `barge_in_speech` (0.15 s: a word, not a click), but the user
+        should hear csmd stop at once. So playback pauses on the first counted speech frame (one VAD frame
+        after onset), the barge-in then clears it, and speech too short to interrupt (a cough, "mm-hm") only
+        costs a pause: playback resumes where it stopped, nothing is lost.
+        """
+        suspect = self.taker.assistant_speaking and self.taker.speech_run_open and not self._interrupted
+        if suspect and not self._holding:
+            self.speaker.pause()
+            self.stats.holds += 1
+            self.stats.held_at.append(trio.current_time())
+        elif self._holding and not suspect and not self._interrupted:
+            self.speaker.resume()
+        self._holding = suspect
 
     def _barge_in(self) -> None:
         self.speaker.clear()

@@ -137,6 +137,11 @@ class TurnTaker:
         return self._assistant_since is not None
 
     @property
+    def speech_run_open(self) -> bool:
+        """The latest frame was counted speech (not silence, not suppressed as echo or within grace)."""
+        return self._run_start is not None
+
+    @property
     def turn_start(self) -> float | None:
         """Start of the open user turn, or None."""
         return self._turn_start
