@@ -298,7 +298,7 @@ def cmd_bench_daemon(args: argparse.Namespace) -> int:
     _apply_runtime(args)
     loaded = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
     generator = Generator(loaded.model, loaded.tokenizer)
-    result = run(generator, codec_for(loaded, None), args.model, frames=args.frames, runs=args.runs)
+    result = run(generator, codec_for(loaded, args.codec), args.model, frames=args.frames, runs=args.runs)
     print(json.dumps(result.as_dict()) if args.json else format_result(result))
     return 0
 
@@ -449,7 +449,7 @@ def cmd_bench_talk(args: argparse.Namespace) -> int:
     _apply_runtime(args)
     loaded = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
     generator = Generator(loaded.model, loaded.tokenizer)
-    result = run(generator, codec_for(loaded, None), args.model, args.rounds, args.user_device, args.csmd_device)
+    result = run(generator, codec_for(loaded, args.codec), args.model, args.rounds, args.user_device, args.csmd_device)
     print(json.dumps(result.as_dict()) if args.json else format_result(result))
     return 0
 
@@ -570,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     over_socket.add_argument("--frames", type=int, default=25, help="frames per reply (default: 25)")
     over_socket.add_argument("--runs", type=int, default=5, help="replies each way (default: 5)")
+    over_socket.add_argument("--codec", help="Mimi weights (default: bundled with the model, else kyutai's release)")
     over_socket.add_argument("--json", action="store_true", help="print one JSON object")
     over_socket.set_defaults(func=cmd_bench_daemon)
     talk_bench = benches.add_parser(
@@ -578,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     talk_bench.add_argument("--user-device", default="loopback", help="plays the user's voice into csmd's mic")
     talk_bench.add_argument("--csmd-device", default="system", help="where csmd speaks (not heard back)")
     talk_bench.add_argument("--rounds", type=int, default=3, help="rounds (default: 3)")
+    talk_bench.add_argument("--codec", help="Mimi weights (default: bundled with the model, else kyutai's release)")
     talk_bench.add_argument("--json", action="store_true", help="print one JSON object")
     talk_bench.set_defaults(func=cmd_bench_talk)
     codec = benches.add_parser("codec", parents=[run_opts], help="Mimi streaming decode/encode per frame")
