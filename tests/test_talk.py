@@ -234,3 +234,12 @@ async def test_barge_in_through_the_daemon(
     heard = context.segments[1]
     assert heard.codes is not None and 10 < len(heard.codes) < 40
     assert heard.text == words_in_proportion(sentences[0], len(heard.codes) / 40) == talk.history[1].text
+
+
+def test_expected_frames_bounds_the_prebuffer_by_the_sentence() -> None:
+    from csmd.talk.loop import expected_frames
+
+    # ~14 characters a second of speech, 12.5 frames a second, 1.5x margin, plus a little for the ending.
+    assert expected_frames("Hi.", 250) == 9
+    assert expected_frames("This is the first of two long sentences.", 250) == 58  # 40 characters
+    assert expected_frames("word " * 200, 250) == 250  # never beyond max_frames

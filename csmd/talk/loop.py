@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -37,6 +38,14 @@ FRAME = 1920
 RATE = 24_000
 POLL_SECONDS = 0.01
 KEEP_SECONDS = 60.0
+# How many frames a sentence may take, to size the playback prebuffer: English speech runs ~14 characters a
+# second (12.5 frames); the margin covers slow speakers and pauses. A sentence that runs longer may underrun
+# at its very end; one that ends sooner just started a little late.
+FRAMES_PER_CHARACTER = 1.5 * 12.5 / 14
+
+
+def expected_frames(sentence: str, max_frames: int) -> int:
+    return min(max_frames, math.ceil(len(sentence) * FRAMES_PER_CHARACTER) + 4)
 
 
 class AudioIn(Protocol):
@@ -215,8 +224,10 @@ class Conversation:
                 spoken = _Spoken(sentence, self._queued)
                 self._spoken.append(spoken)
                 # Slower than real time: hold back enough of this sentence that it never runs dry once it
-                # starts (from the measured frame rate); faster: start after the first frame.
-                self.speaker.prebuffer = prebuffer_for(self._frame_seconds or 0.0, self.config.params.max_frames)
+                # starts (from the measured frame rate, updated every frame until playback starts); faster:
+                # start after the first frame.
+                frames = expected_frames(sentence, self.config.params.max_frames)
+                self.speaker.prebuffer = prebuffer_for(self._frame_seconds or 0.0, frames)
                 self.speaker.restart()
                 self.on_text("assistant", sentence)
                 voice = await self.engine.start(sentence, self.config.assistant_speaker, self.config.params)
@@ -229,6 +240,9 @@ class Conversation:
                     if not self._speaking:
                         self._speaking = True
                         self.taker.assistant_started(self._heard / RATE)
+                    # Before anything of this sentence sounds, the latest frame rate decides how much to hold
+                    # back (the first reply has no earlier measurement); once it sounds this has no effect.
+                    self.speaker.prebuffer = prebuffer_for(self._frame_seconds or 0.0, frames)
                     self.speaker(pcm)
                     self._queued += pcm.size
                     spoken.frames += 1
