@@ -1,9 +1,11 @@
-"""Small benchmark of csmd_native: 4-bit matvec GB/s per mode, pool round trip, transformer_step vs floor.
+"""Small benchmark of csmd_native: 4-bit and bf16 matvec GB/s, pool round trip, transformer_step vs floor.
 
     OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 python native/bench_kernels.py [--rounds 10] [--backbone]
 
 Bandwidth reference: numpy's np.dot(x, x) over a 512 MiB float64 array (threads set by the env above),
 measured in the same run; every figure is repeated `rounds` times (best kept) since the machine is shared.
+The bf16 matvecs cycle over copies of the matrix totalling >= 256 MiB so that they stream from memory
+rather than the last-level cache.
 """
 
 from __future__ import annotations
@@ -60,7 +62,14 @@ def nbytes(*arrays) -> int:
     return sum(a.nbytes for a in arrays)
 
 
-def stack(n_layers, hidden, heads, kv_heads, head_dim, inter, max_len):
+def bw16(n: int, k: int, seed: int = 0):
+    w = (mx.random.normal((n, k), key=mx.random.key(seed)) * k**-0.5).astype(mx.bfloat16)
+    mx.eval(w)
+    return (w,)
+
+
+def stack(n_layers, hidden, heads, kv_heads, head_dim, inter, max_len, bits=4):
+    proj = bw16 if bits == 16 else qw
     flat = []
     for layer in range(n_layers):
         flat.append(mx.ones((hidden,)))
@@ -72,27 +81,34 @@ def stack(n_layers, hidden, heads, kv_heads, head_dim, inter, max_len):
                 (hidden, heads * head_dim),
             ]
         ):
-            flat += qw(o, k, 10 * layer + i)
+            flat += proj(o, k, 10 * layer + i)
         flat.append(mx.ones((hidden,)))
         for i, (o, k) in enumerate([(inter, hidden), (inter, hidden), (hidden, inter)]):
-            flat += qw(o, k, 10 * layer + 5 + i)
+            flat += proj(o, k, 10 * layer + 5 + i)
     inv = 1.0 / (500000.0 ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim))
     shape = (n_layers, kv_heads, max_len, head_dim)
     return flat, inv, shape
 
 
-def bench_step(name, cfg, pos, rounds, bw):
-    flat, inv, shape = stack(**cfg)
+def bench_step(name, cfg, pos, rounds, bw, bits=4):
+    flat, inv, shape = stack(**cfg, bits=bits)
     wbytes = nbytes(*[a for a in flat if a.dtype != mx.float32])
     x = mx.random.normal((1, cfg["hidden"]))
-    state = {"ck": mx.zeros(shape), "cv": mx.zeros(shape)}
-    mx.eval(x, state["ck"], state["cv"])
+    ck, cv = mx.zeros(shape), mx.zeros(shape)
+    mx.eval(x, ck, cv)
 
-    def step():
-        h, state["ck"], state["cv"] = cn.transformer_step(
-            x, flat, state["ck"], state["cv"], pos, inv, cfg["heads"], cfg["kv_heads"], 1e-5, 64, 4
+    def step():  # the cache is only read; the new position's rows are returned (not stored here)
+        h, new_k, new_v = cn.transformer_step(x, flat, ck, cv, pos, inv, cfg["heads"], cfg["kv_heads"], 1e-5, 64, bits)
+        mx.eval(h, new_k, new_v)
+
+    if bits == 16:  # the matvec mode only affects quantized weights
+        t = best(step, 3, rounds)
+        floor = wbytes / (bw * 1e9)
+        print(
+            f"  {name} step bf16   {t * 1e3:7.2f} ms  floor {floor * 1e3:.2f} ms  ratio {t / floor:.2f}"
+            f"  ({wbytes / 1e6:.1f} MB weights)"
         )
-        mx.eval(h, state["ck"], state["cv"])
+        return
 
     for mode, t in best_modes(step, 3, rounds).items():
         floor = wbytes / (bw * 1e9)
@@ -130,8 +146,26 @@ def main() -> None:
         for mode, t in best_modes(lambda run=run: mx.eval(run()), 10, a.rounds).items():
             gbs = nbytes(wq, s, b) / t / 1e9
             print(f"  {n}x{k} 4-bit {mode:6s} {t * 1e6:8.1f} us  {gbs:5.1f} GB/s  ({gbs / bw:.2f} of numpy)")
+    for n, k in [(4096, 4096), (8192, 2048)]:
+        copies = [bw16(n, k, seed)[0] for seed in range(max(1, (256 << 20) // (2 * n * k)))]
+        x = mx.random.normal((1, k))
+        mx.eval(x)
+        it = iter(range(1 << 62))
+
+        def run16(copies=copies, x=x, it=it):
+            mx.eval(cn.matmul(x, copies[next(it) % len(copies)]))
+
+        t = best(run16, 2 * len(copies), a.rounds)
+        gbs = 2 * n * k / t / 1e9
+        w0 = copies[0]
+        t_mlx = best(lambda w0=w0, x=x: mx.eval(x @ w0.T), 2, 2)
+        print(
+            f"  {n}x{k} bf16  native {t * 1e6:8.1f} us  {gbs:5.1f} GB/s  ({gbs / bw:.2f} of numpy)"
+            f"   mlx x @ w.T {t_mlx * 1e3:.1f} ms"
+        )
     depth = dict(n_layers=4, hidden=1024, heads=8, kv_heads=2, head_dim=128, inter=8192, max_len=32)
     bench_step("depth", depth, 16, a.rounds, bw)
+    bench_step("depth", depth, 16, a.rounds, bw, bits=16)
     if a.backbone:
         bb = dict(n_layers=16, hidden=2048, heads=32, kv_heads=8, head_dim=64, inter=8192, max_len=2048)
         bench_step("backbone", bb, 100, a.rounds, bw)

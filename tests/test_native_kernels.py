@@ -303,13 +303,141 @@ def test_default_matvec_mode_is_int16() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# csmd_native.matmul: x @ w.T for bfloat16 / float32 weights [out, in], fp32 arithmetic.  Tolerance: the
+# float-path bound above (``1e-5 * mag`` plus the rounding of the output to x's dtype), against a float64
+# numpy product of the same (bf16-rounded) weights.
+
+# (rows, in, out): odd in/out dims (in not a multiple of 8: the zero-padded tile tail), rows 1/3/17/300
+MATMUL_SHAPES = [
+    (1, 1, 1),
+    (1, 7, 3),
+    (1, 37, 129),
+    (1, 1001, 2051),
+    (1, 4096, 33),
+    (1, 8192, 7),
+    (3, 5, 17),
+    (3, 263, 2051),
+    (3, 2048, 1),
+    (17, 1, 9),
+    (17, 1001, 33),
+    (17, 256, 4096),
+    (300, 13, 257),
+    (300, 2047, 65),
+    (300, 8192, 7),
+]
+
+
+def make_w(n: int, k: int, dtype=mx.bfloat16, seed: int = 0) -> mx.array:
+    return (mx.random.normal((n, k), key=mx.random.key(seed)) * k**-0.5).astype(dtype)
+
+
+@pytest.mark.parametrize("w_dtype", [mx.bfloat16, mx.float32])
+@pytest.mark.parametrize(("rows", "k", "n"), MATMUL_SHAPES)
+def test_matmul_matches_reference(rows: int, k: int, n: int, w_dtype) -> None:
+    w = make_w(n, k, w_dtype, seed=k + n)
+    x = make_x((rows, k), seed=rows)
+    y = csmd_native.matmul(x, w)
+    assert y.shape == (rows, n) and y.dtype == mx.float32
+    check_float(y, x, as_f64(w))
+
+
+@pytest.mark.parametrize("x_dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_matmul_x_dtypes_and_dims(x_dtype, rows: int) -> None:
+    w = make_w(333, 517)
+    x = make_x((rows, 517), dtype=x_dtype)
+    y = csmd_native.matmul(x, w)
+    assert y.dtype == x_dtype and y.shape == (rows, 333)
+    check_float(y, x, as_f64(w))
+    # leading dims, 1-D x and a non-contiguous (transposed) x
+    x3 = make_x((2, 3, 517), dtype=x_dtype)
+    y3 = csmd_native.matmul(x3, w)
+    assert y3.shape == (2, 3, 333)
+    check_float(y3.reshape(6, 333), x3.reshape(6, 517), as_f64(w))
+    x1 = make_x((517,), dtype=x_dtype)
+    assert csmd_native.matmul(x1, w).shape == (333,)
+    check_float(csmd_native.matmul(x1, w)[None], x1[None], as_f64(w))
+    xt = make_x((517, 4), dtype=x_dtype).T
+    check_float(csmd_native.matmul(xt, w), xt, as_f64(w))
+    wt = make_w(517, 333).T  # non-contiguous weights are made contiguous
+    check_float(csmd_native.matmul(x, wt), x, as_f64(wt))
+
+
+@pytest.mark.parametrize("w_dtype", [mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("rows", [1, 3, 17, 300])
+def test_matmul_scalar_and_simd_variants_agree(rows: int, w_dtype) -> None:
+    simd = available_simd()
+    if not simd:
+        pytest.skip("no SIMD variant on this CPU")
+    k, n = 1091, 135  # k % 32 == 3: every tail of the SIMD loops
+    w = make_w(n, k, w_dtype)
+    x = make_x((rows, k))
+    csmd_native.set_variant("scalar")
+    ys = as_f64(csmd_native.matmul(x, w))
+    mag = np.abs(as_f64(x)) @ np.abs(as_f64(w)).T
+    for v in simd:
+        csmd_native.set_variant(v)
+        yv = as_f64(csmd_native.matmul(x, w))
+        assert np.all(np.abs(yv - ys) <= 2 * FLOAT_RTOL * mag + 1e-30)
+
+
+def test_matmul_threads_agree() -> None:
+    n0 = csmd_native.num_threads()
+    w = make_w(4096, 2048)
+    try:
+        out = []
+        for nt in (1, 2, 3):
+            csmd_native.set_num_threads(nt)
+            for rows in (1, 9):
+                out.append(np.array(csmd_native.matmul(make_x((rows, 2048)), w)))
+        for i in range(2, len(out)):
+            np.testing.assert_array_equal(out[i], out[i % 2])
+    finally:
+        csmd_native.set_num_threads(n0)
+
+
+def test_matmul_inside_compile_and_stream() -> None:
+    w = make_w(300, 515)
+
+    def f(x):
+        h = csmd_native.matmul(x, w)
+        return mx.maximum(h, 0) * 2 + csmd_native.matmul(x, w)
+
+    cf = mx.compile(f)
+    for rows in (1, 4):
+        x = make_x((rows, 515), seed=rows)
+        np.testing.assert_allclose(np.array(cf(x)), np.array(f(x)), rtol=1e-6, atol=1e-6)
+    x = make_x((2, 515))
+    np.testing.assert_array_equal(
+        np.array(csmd_native.matmul(x + 1, w, stream=mx.cpu)), np.array(csmd_native.matmul(x + 1, w))
+    )
+
+
+@pytest.mark.parametrize(
+    ("x", "w", "match"),
+    [
+        (mx.zeros((1, 100)), mx.zeros((8, 128), dtype=mx.bfloat16), "input features"),
+        (mx.zeros((1, 128), dtype=mx.int32), mx.zeros((8, 128), dtype=mx.bfloat16), "x must be"),
+        (mx.zeros((1, 128)), mx.zeros((8, 128), dtype=mx.float16), "w must be"),
+        (mx.zeros((1, 128)), mx.zeros((8, 16), dtype=mx.uint32), "w must be"),
+        (mx.zeros((1, 128)), mx.zeros((1, 8, 128), dtype=mx.bfloat16), "2-D"),
+        (mx.zeros((1, 128)), mx.zeros((0, 128), dtype=mx.bfloat16), "empty"),
+    ],
+)
+def test_matmul_bad_inputs_raise_value_error(x, w, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        csmd_native.matmul(x, w)
+
+
+# --------------------------------------------------------------------------------------------------
 # transformer_step: csmd_native.transformer_step against a pure-MLX Llama reference written here.
 #
 # Tolerance: the native step runs the same math in fp32 with different summation orders (and, for
 # quantized weights in the "int8" matvec mode, x quantized per group to int8 for the 4-bit
 # projections: ~0.5% relative per projection; int16 for 8-bit ones; in the default "int16" mode int16
 # for both).  h and the caches are compared with ``rtol = 1e-4, atol = 1e-4 * max|h|`` for fp32 weights
-# and "exact" mode; in the integer modes h by relative RMS error: "int8" 6e-2 (4-bit; measured 3-4% after
+# and bfloat16 weights (bits=16; the reference uses the same bf16 values cast to fp32) and "exact" mode;
+# in the integer modes h by relative RMS error: "int8" 6e-2 (4-bit; measured 3-4% after
 # 2-4 random layers) or 1e-3 (8-bit); "int16" 3e-4 (measured 0.9-1.6e-4 on these random
 # layers, 4-bit and 8-bit alike: x's rounding, ~2.5e-5 relative per product, adds up over 7 products
 # per layer), and the caches by relative RMS with the same bound.
@@ -340,13 +468,20 @@ def make_layers(n_layers, hidden, heads, kv_heads, head_dim, inter, seed=0):
 
 
 def prepare(layers, bits, group_size):
-    """Flat weight list for the native step, and the dequantized float weights for the reference."""
+    """Flat weight list for the native step, and the dequantized float weights for the reference.
+
+    bits 16: every projection in bfloat16 (the reference gets them cast back to float32); the attention norm
+    scale stays float32 and the MLP one is bfloat16 (both accepted)."""
     flat, ref = [], []
     for layer in layers:
         rl = {}
         for name in ("sa", "q", "k", "v", "o", "mlp", "w1", "w3", "w2"):
             w = layer[name]
-            if name in ("sa", "mlp") or bits == 0:
+            if bits == 16 and name != "sa":
+                wb = w.astype(mx.bfloat16)
+                flat.append(wb)
+                rl[name] = wb.astype(mx.float32)
+            elif name in ("sa", "mlp") or bits == 0:
                 flat.append(w)
                 rl[name] = w
             else:
@@ -401,11 +536,11 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("bits", [0, 4, 8])
+@pytest.mark.parametrize("bits", [0, 4, 8, 16])
 @pytest.mark.parametrize("config", ["tiny", "depth"])
 @pytest.mark.parametrize("mode", ["exact", "int8", "int16"])
 def test_step_matches_mlx_reference(config: str, bits: int, mode: str) -> None:
-    if mode != "exact" and bits == 0:
+    if mode != "exact" and bits in (0, 16):
         pytest.skip("matvec mode only affects quantized weights")
     c = CONFIGS[config]
     csmd_native.set_matvec_mode(mode)
@@ -468,3 +603,8 @@ def test_step_bad_inputs() -> None:
         csmd_native.transformer_step(x, flat, ck, ck, c["max_len"], inv, 4, 2, 1e-5, 32, 4)
     with pytest.raises(ValueError, match="num_kv_heads"):
         csmd_native.transformer_step(x, flat, ck, ck, 0, inv, 4, 3, 1e-5, 32, 4)
+    f32, _ = prepare(layers, 0, 32)
+    with pytest.raises(ValueError, match="bfloat16"):
+        csmd_native.transformer_step(x, f32, ck, ck, 0, inv, 4, 2, 1e-5, 32, 16)
+    with pytest.raises(ValueError, match="bits"):
+        csmd_native.transformer_step(x, f32, ck, ck, 0, inv, 4, 2, 1e-5, 32, 12)

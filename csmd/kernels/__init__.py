@@ -32,9 +32,25 @@ def quantized_matmul(
 
 def linear(x: mx.array, layer: nn.Module) -> mx.array:
     """A bias-free projection by a float `nn.Linear` or an affine-quantized `nn.QuantizedLinear`."""
-    if isinstance(layer, nn.QuantizedLinear) and getattr(layer, "mode", "affine") == "affine" and "bias" not in layer:
-        return quantized_matmul(x, layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits)
+    if "bias" in layer:
+        return layer(x)
+    if isinstance(layer, nn.QuantizedLinear):
+        if getattr(layer, "mode", "affine") == "affine":
+            return quantized_matmul(x, layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits)
+        return layer(x)
+    weight = layer["weight"]
+    if native.module is not None and native.active() and _native_dense(x, weight):
+        return native.module.matmul(x, weight)
     return layer(x)
+
+
+def _native_dense(x: mx.array, weight: mx.array) -> bool:
+    """bf16 weights always (MLX's CPU bf16 matmul runs on one core); fp32 weights for one row, where a
+    bandwidth-bound matvec beats BLAS's GEMM path; fp32 prefill stays with BLAS, which wins at GEMM."""
+    if weight.dtype == mx.bfloat16:
+        return True
+    rows = x.size // x.shape[-1] if x.ndim else 0
+    return weight.dtype == mx.float32 and rows == 1
 
 
 def fused_step_available(x: mx.array) -> bool:

@@ -78,7 +78,9 @@ class CSM(nn.Module):
     def backbone_step(self, tokens: mx.array, mask: mx.array, cache: list[KVCache]) -> mx.array:
         """Run new rows through the backbone; returns the final-norm state of the last row, [B, hidden]."""
         x = self.embed_rows(tokens, mask)
-        if x.shape[1] == 1 and kernels.fused_step_available(x[:, 0]):
+        # The fused step reads an fp32 cache; a bf16 model's backbone cache is bf16, so it goes op by op
+        # (each projection still on the native kernels).
+        if x.shape[1] == 1 and cache[0].storage.keys.dtype == mx.float32 and kernels.fused_step_available(x[:, 0]):
             fused = fused_step_weights(self.backbone)
             if fused is not None:
                 return self._backbone_step_fused(x[:, 0], cache, *fused)

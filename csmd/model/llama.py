@@ -172,11 +172,15 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
+# Dense weight dtypes the fused step reads directly, with the `bits` value that tells it so.
+_DENSE_BITS = {mx.float32: 0, mx.bfloat16: 16}
+
+
 def fused_step_weights(stack: Transformer) -> tuple[list[mx.array], int, int] | None:
     """The stack's weights in the order `kernels.transformer_step` takes them, with (group_size, bits).
 
-    None when the fused step cannot run this stack: it takes float32 matrices, or affine-quantized ones whose
-    scales are float32, all quantized alike.
+    None when the fused step cannot run this stack. It takes dense float32 or bfloat16 matrices (bits 0 or
+    16), or affine-quantized ones (bits 4 or 8), all projections alike, without biases.
     """
     weights: list[mx.array] = []
     formats: set[tuple[int, int]] = set()
@@ -188,17 +192,19 @@ def fused_step_weights(stack: Transformer) -> tuple[list[mx.array], int, int] | 
         ):
             weights.append(norm.scale)
             for linear in linears:
+                if "bias" in linear:
+                    return None
                 if isinstance(linear, nn.QuantizedLinear):
+                    if getattr(linear, "mode", "affine") != "affine":
+                        return None
                     weights += [linear["weight"], linear["scales"], linear["biases"]]
                     formats.add((linear.group_size, linear.bits))
-                    dtype = linear["scales"].dtype
-                else:
+                elif linear.weight.dtype in _DENSE_BITS:
                     weights.append(linear.weight)
-                    formats.add((0, 0))
-                    dtype = linear.weight.dtype
-                if dtype != mx.float32 or "bias" in linear or getattr(linear, "mode", "affine") != "affine":
+                    formats.add((0, _DENSE_BITS[linear.weight.dtype]))
+                else:
                     return None
-    if len(formats) != 1 or any(w.dtype not in (mx.float32, mx.uint32) for w in weights):
+    if len(formats) != 1:
         return None
     group_size, bits = formats.pop()
     return weights, group_size, bits

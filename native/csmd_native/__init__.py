@@ -19,6 +19,7 @@ from ._ext import (
     _pool_roundtrip_us,  # noqa: F401  (for native/bench_kernels.py)
     cpu_features,
     get_matvec_mode,
+    matmul,
     num_threads,
     quantized_matmul,
     set_matvec_mode,
@@ -30,6 +31,7 @@ from ._ext import (
 __all__ = [
     "cpu_features",
     "get_matvec_mode",
+    "matmul",
     "mlx_version",
     "num_threads",
     "quantized_matmul",

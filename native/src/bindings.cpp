@@ -7,6 +7,7 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "matmul.h"
 #include "qmatmul.h"
 #include "state.h"
 #include "transformer.h"
@@ -26,6 +27,12 @@ NB_MODULE(_ext, m) {
         "bits=...) on the CPU.  bits 4 or 8, group_size 32/64/128, x float32/bfloat16/float16\n"
         "with any leading dims; the output has x's dtype.  Single rows use the matvec mode set by\n"
         "set_matvec_mode ('int16' by default).");
+
+  m.def("matmul", &csmd::matmul, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x @ w.T for bfloat16 or float32 weights w [out, in] (Linear layout), in fp32.\n\n"
+        "x float32/bfloat16/float16 with any leading dims; the output has x's dtype.  One row is a\n"
+        "threaded matrix-vector product reading every weight byte once; several rows convert weight\n"
+        "tiles to fp32 and use the GEMM tile kernel.");
 
   m.def("cpu_features", []() {
     nb::dict d;
@@ -83,7 +90,9 @@ NB_MODULE(_ext, m) {
       "One token through all layers of a Llama stack (pre-norm, SwiGLU, interleaved RoPE, GQA).\n\n"
       "x: float32 [1, hidden]; cache_k/cache_v: float32 [layers, kv_heads, max_len, head_dim];\n"
       "weights per layer: sa_norm, q, k, v, o, mlp_norm, w1, w3, w2 with every projection given as\n"
-      "(w, scales, biases) when bits is 4 or 8, or one float32 [out, in] array when bits == 0.\n"
+      "(w, scales, biases) when bits is 4 or 8, one float32 [out, in] array when bits == 0, or one\n"
+      "bfloat16 [out, in] array when bits == 16 (computed in fp32; group_size is ignored for 0 and 16).\n"
+      "Norm scales may be float32, bfloat16 or float16.\n"
       "The cache is read (positions < position); returns (h before the final norm, new_k, new_v) where\n"
       "new_k/new_v [layers, kv_heads, head_dim] are this position's keys/values, for the caller to store.");
 }

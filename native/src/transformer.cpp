@@ -12,7 +12,9 @@ namespace csmd {
 
 namespace {
 
-int per_layer(int bits) { return bits == 0 ? 9 : 23; }
+// bits 0: float32 weights, 16: bfloat16 weights (one array per projection); 4/8: (w, scales, biases).
+bool float_weights(int bits) { return bits == 0 || bits == 16; }
+int per_layer(int bits) { return float_weights(bits) ? 9 : 23; }
 
 // Inputs of the primitive: x, cache_k, cache_v, inv_freqs, then the weights.
 constexpr int kFixedInputs = 4;
@@ -26,21 +28,23 @@ struct Proj {
 
 void fail(const std::string& msg) { throw std::invalid_argument("transformer_step: " + msg); }
 
-// y[out] = W x for a quantized or float32 projection.
+FMatmulArgs fargs(const Proj& p, const float* x, float* y) {
+  FMatmulArgs a;
+  a.x = x;
+  a.M = 1;
+  a.K = p.in;
+  a.N = p.out;
+  a.bf16 = p.w->dtype() == mx::bfloat16;
+  a.w = a.bf16 ? static_cast<const void*>(p.w->data<mx::bfloat16_t>()) : static_cast<const void*>(p.w->data<float>());
+  a.out = y;
+  return a;
+}
+
+// y[out] = W x for a quantized, bfloat16 or float32 projection.
 void matvec(const Proj& p, const float* x, float* y, int group_size, int bits) {
   const Kernels& kern = current_kernels();
-  if (bits == 0) {
-    const float* w = p.w->data<float>();
-    const int K = p.in, N = p.out;
-    std::function<void(int, int)> fn = [&](int i, int nt) {
-      int n0, n1;
-      split_range(N, nt, i, n0, n1);
-      for (int n = n0; n < n1; ++n) y[n] = kern.dot_f32(w + static_cast<size_t>(n) * K, x, K);
-    };
-    if (static_cast<size_t>(N) * K * 4 >= (64u << 10))
-      pool().run(fn);
-    else
-      fn(0, 1);
+  if (float_weights(bits)) {
+    fmatmul(fargs(p, x, y), kern, &pool());
     return;
   }
   QMatmulArgs a;
@@ -144,8 +148,9 @@ std::vector<mx::array> transformer_step(const mx::array& x, const std::vector<mx
                                         int position, const mx::array& inv_freqs, int num_heads,
                                         int num_kv_heads, float eps, int group_size, int bits,
                                         mx::StreamOrDevice s) {
-  if (bits != 0 && bits != 4 && bits != 8) fail("bits must be 0 (float32 weights), 4 or 8");
-  if (bits && group_size != 32 && group_size != 64 && group_size != 128)
+  if (bits != 0 && bits != 4 && bits != 8 && bits != 16)
+    fail("bits must be 0 (float32 weights), 4, 8 or 16 (bfloat16 weights)");
+  if (!float_weights(bits) && group_size != 32 && group_size != 64 && group_size != 128)
     fail("group_size must be 32, 64 or 128");
   if (x.dtype() != mx::float32 || x.ndim() != 2 || x.shape(0) != 1) fail("x must be float32 [1, hidden]");
   const int H = x.shape(1);
@@ -171,12 +176,15 @@ std::vector<mx::array> transformer_step(const mx::array& x, const std::vector<mx
     int i = l * per_layer(bits);
     auto check_norm = [&](const mx::array& a, const char* what) {
       if (a.ndim() != 1 || a.shape(0) != H) fail(std::string(what) + " must have shape [hidden]");
+      if (!(a.dtype() == mx::float32 || a.dtype() == mx::bfloat16 || a.dtype() == mx::float16))
+        fail(std::string(what) + " must be float32, bfloat16 or float16");
     };
     auto check_proj = [&](int out, int in, const char* what) {
       const mx::array& w = weights[i];
       std::string name = "layer " + std::to_string(l) + " " + what;
-      if (bits == 0) {
-        if (w.dtype() != mx::float32 || w.ndim() != 2) fail(name + ": weight must be float32 2-D");
+      if (float_weights(bits)) {
+        if (w.dtype() != (bits == 0 ? mx::float32 : mx::bfloat16) || w.ndim() != 2)
+          fail(name + (bits == 0 ? ": weight must be float32 2-D" : ": weight must be bfloat16 2-D"));
         if (out >= 0 && w.shape(0) != out) fail(name + ": wrong output dim");
         if (w.shape(1) != in) fail(name + ": wrong input dim");
         i += 1;
@@ -265,7 +273,7 @@ void TransformerStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector
       p.w = &ins[wi];
       p.out = ins[wi].shape(0);
       p.in = in;
-      if (bits == 0) {
+      if (float_weights(bits)) {
         wi += 1;
       } else {
         p.s = &ins[wi + 1];
@@ -282,10 +290,10 @@ void TransformerStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector
       const Proj p2 = next_proj(p1.out);
 
       rmsnorm(h, sa_norm, cfg.eps, H, n.data());
-      if (bits == 0) {
-        matvec(pq, n.data(), q.data(), G, bits);
-        matvec(pk, n.data(), k.data(), G, bits);
-        matvec(pv, n.data(), v.data(), G, bits);
+      if (float_weights(bits)) {  // q, k, v share x: one pool job
+        const FMatmulArgs qkv[3] = {fargs(pq, n.data(), q.data()), fargs(pk, n.data(), k.data()),
+                                    fargs(pv, n.data(), v.data())};
+        fmatvec_multi(qkv, 3, current_kernels(), &pool());
       } else {  // q, k, v share x: one pool job
         const QMatmulArgs qkv[3] = {qargs(pq, n.data(), q.data(), G, bits),
                                     qargs(pk, n.data(), k.data(), G, bits),
@@ -306,18 +314,18 @@ void TransformerStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector
       rmsnorm(h, mlp_norm, cfg.eps, H, n.data());
       g.resize(p1.out);
       u.resize(p3.out);
-      if (bits == 0) {
-        matvec(p1, n.data(), g.data(), G, bits);
-        matvec(p3, n.data(), u.data(), G, bits);
-        for (int i = 0; i < p1.out; ++i) g[i] = silu_mul(g[i], u[i]);
-      } else {  // w1, w3 and silu(g) * u as one pool job, split by row
+      // w1, w3 and silu(g) * u as one pool job, split by row
+      float* gp = g.data();
+      const float* up = u.data();
+      const std::function<void(int, int)> post = [gp, up](int n0, int n1) {
+        for (int i = n0; i < n1; ++i) gp[i] = silu_mul(gp[i], up[i]);
+      };
+      if (float_weights(bits)) {
+        const FMatmulArgs gu[2] = {fargs(p1, n.data(), g.data()), fargs(p3, n.data(), u.data())};
+        fmatvec_multi(gu, 2, current_kernels(), &pool(), true, &post);
+      } else {
         const QMatmulArgs gu[2] = {qargs(p1, n.data(), g.data(), G, bits),
                                    qargs(p3, n.data(), u.data(), G, bits)};
-        float* gp = g.data();
-        const float* up = u.data();
-        const std::function<void(int, int)> post = [gp, up](int n0, int n1) {
-          for (int i = n0; i < n1; ++i) gp[i] = silu_mul(gp[i], up[i]);
-        };
         qmatvec_multi(gu, 2, current_kernels(), matvec_mode(), &pool(), true, &post);
       }
       matvec(p2, g.data(), o.data(), G, bits);

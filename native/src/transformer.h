@@ -16,7 +16,7 @@ struct StepConfig {
   int num_kv_heads = 0;
   float eps = 1e-5f;
   int group_size = 64;
-  int bits = 4;  // 0: float32 weights
+  int bits = 4;  // 0: float32 weights, 16: bfloat16 weights
   int num_layers = 0;
 };
 

@@ -207,6 +207,69 @@ int main() {
         }
         ++cases;
       }
+  // bfloat16 weights: dot_bf16 / cvt_bf16 directly, and the float matmul driver (bf16 and float32
+  // weights, several M, K not a multiple of 8) against a float64 reference.
+  auto to_bf16 = [](float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return static_cast<uint16_t>(u >> 16);  // truncation: the reference uses the same values
+  };
+  for (int K : {1, 3, 7, 8, 15, 16, 17, 31, 32, 33, 100, 257, 1001, 2048}) {
+    for (int N : {1, 5, 17, 40}) {
+      std::vector<uint16_t> wb(static_cast<size_t>(N) * K);
+      std::vector<float> wf(wb.size());
+      for (size_t i = 0; i < wb.size(); ++i) {
+        wb[i] = to_bf16(nd(rng));
+        wf[i] = bf16_to_f32(wb[i]);
+      }
+      for (int M : {1, 2, 3, 4, 5, 17}) {
+        std::vector<float> X(static_cast<size_t>(M) * K);
+        for (auto& v : X) v = nd(rng);
+        if (M == 1) {
+          for (int n = 0; n < N; ++n) {
+            const uint16_t* row = wb.data() + static_cast<size_t>(n) * K;
+            double r = 0, mag = 0;
+            for (int k = 0; k < K; ++k) {
+              r += static_cast<double>(wf[static_cast<size_t>(n) * K + k]) * X[k];
+              mag += std::fabs(static_cast<double>(wf[static_cast<size_t>(n) * K + k]) * X[k]);
+            }
+            const float ds = ks.dot_bf16(row, X.data(), K), dv = kv.dot_bf16(row, X.data(), K);
+            check(std::fabs(ds - r) <= 1e-5 * mag + 1e-30, "scalar dot_bf16 vs f64", K, N, 1, 0, 16, ds - r);
+            check(std::fabs(dv - r) <= 1e-5 * mag + 1e-30, "simd dot_bf16 vs f64", K, N, 1, 0, 16, dv - r);
+            std::vector<float> c1(K), c2(K);
+            ks.cvt_bf16(row, K, c1.data());
+            kv.cvt_bf16(row, K, c2.data());
+            for (int k = 0; k < K; ++k)
+              check(c1[k] == wf[static_cast<size_t>(n) * K + k] && c2[k] == c1[k], "cvt_bf16", K, N, 1, 0, 16,
+                    c2[k] - c1[k]);
+          }
+        }
+        for (int bf : {1, 0}) {
+          std::vector<float> o1(static_cast<size_t>(M) * N), o2(o1.size());
+          FMatmulArgs a;
+          a.x = X.data(); a.M = M; a.K = K; a.N = N; a.bf16 = bf != 0;
+          a.w = bf ? static_cast<const void*>(wb.data()) : static_cast<const void*>(wf.data());
+          a.out = o1.data();
+          fmatmul(a, ks, nullptr);
+          a.out = o2.data();
+          fmatmul(a, kv, &pool);
+          for (int m = 0; m < M; ++m)
+            for (int n = 0; n < N; ++n) {
+              double r = 0, mag = 0;
+              for (int k = 0; k < K; ++k) {
+                const double p = static_cast<double>(wf[static_cast<size_t>(n) * K + k]) * X[static_cast<size_t>(m) * K + k];
+                r += p;
+                mag += std::fabs(p);
+              }
+              const float v1 = o1[m * N + n], v2 = o2[m * N + n];
+              check(std::fabs(v1 - r) <= 1e-5 * mag + 1e-30, "fmatmul scalar vs f64", K, N, M, 0, bf ? 16 : 32, v1 - r);
+              check(std::fabs(v2 - r) <= 1e-5 * mag + 1e-30, "fmatmul simd vs f64", K, N, M, 0, bf ? 16 : 32, v2 - r);
+            }
+        }
+        ++cases;
+      }
+    }
+  }
   std::printf("%d cases, %d failures (variant %s vs scalar)\n", cases, failures, variant_name(simd));
   return failures == 0 ? 0 : 1;
 }

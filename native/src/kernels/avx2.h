@@ -367,6 +367,33 @@ CSMD_AVX2 static inline void gemm_tile(const float* X, int M, int ldx,
   }
 }
 
+// 8 bfloat16 -> 8 float: zero-extend to 32 bits and shift into the upper half.
+CSMD_AVX2 static inline __m256 bf16x8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+CSMD_AVX2 static inline float dot_bf16(const uint16_t* w, const float* x, int K) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  __m256 s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  int k = 0;
+  for (; k + 32 <= K; k += 32) {
+    s0 = _mm256_fmadd_ps(bf16x8(w + k), _mm256_loadu_ps(x + k), s0);
+    s1 = _mm256_fmadd_ps(bf16x8(w + k + 8), _mm256_loadu_ps(x + k + 8), s1);
+    s2 = _mm256_fmadd_ps(bf16x8(w + k + 16), _mm256_loadu_ps(x + k + 16), s2);
+    s3 = _mm256_fmadd_ps(bf16x8(w + k + 24), _mm256_loadu_ps(x + k + 24), s3);
+  }
+  for (; k + 8 <= K; k += 8) s0 = _mm256_fmadd_ps(bf16x8(w + k), _mm256_loadu_ps(x + k), s0);
+  float r = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+  for (; k < K; ++k) r += bf16_to_f32(w[k]) * x[k];
+  return r;
+}
+
+CSMD_AVX2 static inline void cvt_bf16(const uint16_t* w, int n, float* out) {
+  int k = 0;
+  for (; k + 8 <= n; k += 8) _mm256_storeu_ps(out + k, bf16x8(w + k));
+  for (; k < n; ++k) out[k] = bf16_to_f32(w[k]);
+}
 
 }  // namespace avx2
 }  // namespace csmd

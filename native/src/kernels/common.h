@@ -28,6 +28,14 @@
 
 namespace csmd {
 
+// bfloat16 (the upper 16 bits of a float32) to float.
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 // Bytes of the block that starts at byte `o` of a 4-bit row of `nbytes` bytes.
 inline int block4_bytes(int o, int nbytes) {
   return (o + 32 <= nbytes) ? 32 : nbytes - o;

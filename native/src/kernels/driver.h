@@ -46,6 +46,8 @@ struct Kernels {
   void (*dequant)(const uint8_t*, const float*, const float*, int, int, int, int, int, float*);
   void (*gemm_tile)(const float*, int, int, const float*, int, int, int, float*, int);
   float (*dot_f32)(const float*, const float*, int);
+  float (*dot_bf16)(const uint16_t*, const float*, int);
+  void (*cvt_bf16)(const uint16_t*, int, float*);
 };
 
 inline bool cpu_has_avx2() {
@@ -84,14 +86,17 @@ inline Kernels kernels_for(Variant v) {
   switch (v) {
 #if defined(CSMD_HAVE_AVX2_KERNELS)
     case Variant::AVX2:
-      return {avx2::dot_f, avx2::dot_i, avx2::dot_i16, avx2::dequant, avx2::gemm_tile, avx2::dot_f32};
+      return {avx2::dot_f, avx2::dot_i, avx2::dot_i16, avx2::dequant, avx2::gemm_tile, avx2::dot_f32,
+              avx2::dot_bf16, avx2::cvt_bf16};
 #endif
 #if defined(CSMD_HAVE_NEON_KERNELS)
     case Variant::NEON:
-      return {neon::dot_f, neon::dot_i, neon::dot_i16, neon::dequant, neon::gemm_tile, neon::dot_f32};
+      return {neon::dot_f, neon::dot_i, neon::dot_i16, neon::dequant, neon::gemm_tile, neon::dot_f32,
+              neon::dot_bf16, neon::cvt_bf16};
 #endif
     default:
-      return {scalar::dot_f, scalar::dot_i, scalar::dot_i16, scalar::dequant, scalar::gemm_tile, scalar::dot_f32};
+      return {scalar::dot_f, scalar::dot_i, scalar::dot_i16, scalar::dequant, scalar::gemm_tile, scalar::dot_f32,
+              scalar::dot_bf16, scalar::cvt_bf16};
   }
 }
 
@@ -99,13 +104,6 @@ inline Kernels kernels_for(Variant v) {
 // Scale / bias dtypes (converted per weight row, never for the whole matrix).
 
 enum class SBType { F32 = 0, F16 = 1, BF16 = 2 };
-
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 inline float f16_to_f32(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
@@ -424,6 +422,134 @@ inline void qmatvec_multi(const QMatmulArgs* a, int count, const Kernels& kern, 
     for (int c = 0; c < count; ++c) {
       const int lo = std::max(r0, base), hi = std::min(r1, base + a[c].N);
       if (lo < hi) mp.rows(a[c], lo - base, hi - base);
+      base += a[c].N;
+    }
+  };
+  if (pool && pool->size() > 1 && total >= (64u << 10))
+    pool->run(fn);
+  else
+    fn(0, 1);
+}
+
+// ---------------------------------------------------------------------------
+// Float weights: out[m, n] = sum_k x[m, k] * w[n, k] with w bfloat16 or float32
+// [N, K] (Linear layout), fp32 arithmetic, any K.
+//   M == 1: rows split over the threads, each row one pass over its weights
+//           (dot_bf16 / dot_f32: every weight byte read once);
+//   M > 1:  16-row x 256-column weight tiles converted to fp32 scratch (zero
+//           padded to a multiple of 8 columns) and the gemm_tile micro-kernel.
+struct FMatmulArgs {
+  const float* x = nullptr;  // [M, K]
+  int M = 0, K = 0, N = 0;
+  const void* w = nullptr;   // [N, K] uint16 (bfloat16 bits) or float
+  bool bf16 = true;
+  float* out = nullptr;      // [M, N]
+};
+
+inline size_t fweight_bytes(const FMatmulArgs& a) {
+  return static_cast<size_t>(a.N) * a.K * (a.bf16 ? 2 : 4);
+}
+
+// a.out[n] = w[n] . a.x for n in [n0, n1).
+inline void fmatvec_rows(const FMatmulArgs& a, const Kernels& kern, int n0, int n1) {
+  const size_t K = static_cast<size_t>(a.K);
+  if (a.bf16) {
+    const uint16_t* w = static_cast<const uint16_t*>(a.w);
+    for (int n = n0; n < n1; ++n) a.out[n] = kern.dot_bf16(w + n * K, a.x, a.K);
+  } else {
+    const float* w = static_cast<const float*>(a.w);
+    for (int n = n0; n < n1; ++n) a.out[n] = kern.dot_f32(w + n * K, a.x, a.K);
+  }
+}
+
+inline void fmatmul(const FMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
+  const int K = a.K, N = a.N, M = a.M;
+  auto run = [&](const std::function<void(int, int)>& fn, size_t work_bytes) {
+    if (pool && pool->size() > 1 && work_bytes >= (64u << 10)) {
+      pool->run(fn);
+    } else {
+      fn(0, 1);
+    }
+  };
+  if (M == 1) {
+    std::function<void(int, int)> fn = [&](int i, int nt) {
+      int n0, n1;
+      split_range(N, nt, i, n0, n1);
+      fmatvec_rows(a, kern, n0, n1);
+    };
+    run(fn, fweight_bytes(a));
+    return;
+  }
+  // gemm_tile reads KB % 8 == 0 columns: pad x rows with zeros when K is not a multiple of 8.
+  const int Kp = (K + 7) & ~7;
+  std::vector<float> xp;
+  const float* X = a.x;
+  if (Kp != K) {
+    xp.assign(static_cast<size_t>(M) * Kp, 0.f);
+    for (int m = 0; m < M; ++m)
+      std::memcpy(xp.data() + static_cast<size_t>(m) * Kp, a.x + static_cast<size_t>(m) * K, sizeof(float) * K);
+    X = xp.data();
+  }
+  const bool direct = !a.bf16 && Kp == K;  // float32 weights used in place
+  const int ntiles = (N + kTileRows - 1) / kTileRows;
+  std::function<void(int, int)> fn = [&](int i, int nt) {
+    int t0, t1;
+    split_range(ntiles, nt, i, t0, t1);
+    std::vector<float> wd(direct ? 0 : static_cast<size_t>(kTileRows) * kTileK);
+    std::vector<float> c(static_cast<size_t>(M) * kTileRows);
+    for (int t = t0; t < t1; ++t) {
+      const int n0 = t * kTileRows;
+      const int nr = std::min(kTileRows, N - n0);
+      std::fill(c.begin(), c.end(), 0.f);
+      for (int k0 = 0; k0 < K; k0 += kTileK) {
+        const int kn = std::min(kTileK, K - k0), kn8 = (kn + 7) & ~7;
+        if (direct) {
+          kern.gemm_tile(X + k0, M, Kp, static_cast<const float*>(a.w) + static_cast<size_t>(n0) * K + k0, nr, K,
+                         kn, c.data(), kTileRows);
+          continue;
+        }
+        for (int r = 0; r < nr; ++r) {
+          const size_t off = static_cast<size_t>(n0 + r) * K + k0;
+          float* dst = wd.data() + r * kTileK;
+          if (a.bf16)
+            kern.cvt_bf16(static_cast<const uint16_t*>(a.w) + off, kn, dst);
+          else
+            std::memcpy(dst, static_cast<const float*>(a.w) + off, sizeof(float) * kn);
+          std::fill(dst + kn, dst + kn8, 0.f);
+        }
+        kern.gemm_tile(X + k0, M, Kp, wd.data(), nr, kTileK, kn8, c.data(), kTileRows);
+      }
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < nr; ++r) a.out[static_cast<size_t>(m) * N + n0 + r] = c[m * kTileRows + r];
+    }
+  };
+  run(fn, fweight_bytes(a) * static_cast<size_t>(M));
+}
+
+// Several single-row float products (same K; each a[c].x is used) as one pool
+// job; paired and post as in qmatvec_multi.
+inline void fmatvec_multi(const FMatmulArgs* a, int count, const Kernels& kern, ThreadPool* pool,
+                          bool paired = false, const std::function<void(int, int)>* post = nullptr) {
+  size_t total = 0;
+  int rows = 0;
+  for (int c = 0; c < count; ++c) {
+    rows += a[c].N;
+    total += fweight_bytes(a[c]);
+  }
+  std::function<void(int, int)> fn = [&](int i, int nt) {
+    if (paired) {
+      int n0, n1;
+      split_range(a[0].N, nt, i, n0, n1);
+      for (int c = 0; c < count; ++c) fmatvec_rows(a[c], kern, n0, n1);
+      if (post && n1 > n0) (*post)(n0, n1);
+      return;
+    }
+    int r0, r1;
+    split_range(rows, nt, i, r0, r1);
+    int base = 0;
+    for (int c = 0; c < count; ++c) {
+      const int lo = std::max(r0, base), hi = std::min(r1, base + a[c].N);
+      if (lo < hi) fmatvec_rows(a[c], kern, lo - base, hi - base);
       base += a[c].N;
     }
   };

@@ -255,6 +255,41 @@ static inline float dot_f32(const float* a, const float* b, int K) {
   return r;
 }
 
+// bfloat16 -> float: SHLL by 16 (the element size) widens and shifts into the upper half.
+static inline float32x4_t bf16_lo(uint16x8_t h) {
+  return vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16));
+}
+static inline float32x4_t bf16_hi(uint16x8_t h) {
+  return vreinterpretq_f32_u32(vshll_high_n_u16(h, 16));
+}
+
+static inline float dot_bf16(const uint16_t* w, const float* x, int K) {
+  float32x4_t s0 = vdupq_n_f32(0.f), s1 = vdupq_n_f32(0.f), s2 = vdupq_n_f32(0.f), s3 = vdupq_n_f32(0.f);
+  int k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const uint16x8_t a = vld1q_u16(w + k), b = vld1q_u16(w + k + 8);
+    s0 = vfmaq_f32(s0, bf16_lo(a), vld1q_f32(x + k));
+    s1 = vfmaq_f32(s1, bf16_hi(a), vld1q_f32(x + k + 4));
+    s2 = vfmaq_f32(s2, bf16_lo(b), vld1q_f32(x + k + 8));
+    s3 = vfmaq_f32(s3, bf16_hi(b), vld1q_f32(x + k + 12));
+  }
+  for (; k + 4 <= K; k += 4)
+    s0 = vfmaq_f32(s0, vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(w + k), 16)), vld1q_f32(x + k));
+  float r = vaddvq_f32(vaddq_f32(vaddq_f32(s0, s1), vaddq_f32(s2, s3)));
+  for (; k < K; ++k) r += bf16_to_f32(w[k]) * x[k];
+  return r;
+}
+
+static inline void cvt_bf16(const uint16_t* w, int n, float* out) {
+  int k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const uint16x8_t h = vld1q_u16(w + k);
+    vst1q_f32(out + k, bf16_lo(h));
+    vst1q_f32(out + k + 4, bf16_hi(h));
+  }
+  for (; k < n; ++k) out[k] = bf16_to_f32(w[k]);
+}
+
 }  // namespace neon
 }  // namespace csmd
 

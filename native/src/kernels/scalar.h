@@ -141,5 +141,17 @@ inline float dot_f32(const float* a, const float* b, int K) {
   return acc;
 }
 
+// fp32 dot product of a bfloat16 row w[0..K) with float x (any K).
+inline float dot_bf16(const uint16_t* w, const float* x, int K) {
+  float acc = 0.f;
+  for (int k = 0; k < K; ++k) acc += bf16_to_f32(w[k]) * x[k];
+  return acc;
+}
+
+// out[0..n) = float(w[0..n)) for bfloat16 w (any n).
+inline void cvt_bf16(const uint16_t* w, int n, float* out) {
+  for (int k = 0; k < n; ++k) out[k] = bf16_to_f32(w[k]);
+}
+
 }  // namespace scalar
 }  // namespace csmd

@@ -1,0 +1,102 @@
+#include "matmul.h"
+
+#include <sstream>
+#include <stdexcept>
+
+#include "kernels/driver.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "qmatmul.h"
+#include "state.h"
+
+namespace csmd {
+
+namespace {
+
+std::string shape_of(const mx::array& a) {
+  std::ostringstream os;
+  os << "(";
+  for (int i = 0; i < static_cast<int>(a.ndim()); ++i) os << (i ? ", " : "") << a.shape(i);
+  os << (a.ndim() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+}  // namespace
+
+mx::array matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s) {
+  auto fail = [](const std::string& msg) { throw std::invalid_argument("matmul: " + msg); };
+  if (!(x.dtype() == mx::float32 || x.dtype() == mx::bfloat16 || x.dtype() == mx::float16))
+    fail("x must be float32, bfloat16 or float16");
+  if (x.ndim() < 1) fail("x must have at least one dimension");
+  if (!(w.dtype() == mx::bfloat16 || w.dtype() == mx::float32)) fail("w must be bfloat16 or float32");
+  if (w.ndim() != 2) fail("w must be 2-D [out, in], got shape " + shape_of(w));
+  const int K = x.shape(-1);
+  if (w.shape(1) != K)
+    fail("x has " + std::to_string(K) + " input features but w " + shape_of(w) + " has " +
+         std::to_string(w.shape(1)));
+  if (w.shape(0) == 0 || K == 0) fail("empty weight matrix");
+  auto st = mx::to_stream(s);
+  mx::Shape out_shape = x.shape();
+  out_shape.back() = w.shape(0);
+  return mx::array(out_shape, x.dtype(), std::make_shared<FMatmul>(st),
+                   {mx::contiguous(x, false, st), mx::contiguous(w, false, st)});
+}
+
+std::vector<mx::Shape> FMatmul::output_shapes(const std::vector<mx::array>& inputs) {
+  mx::Shape sh = inputs[0].shape();
+  sh.back() = inputs[1].shape(0);
+  return {sh};
+}
+
+void FMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("csmd_native.matmul runs on the CPU only; use x @ w.T on the GPU (or pass stream=mx.cpu)");
+}
+
+void FMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) enc.set_input_array(a);
+  enc.set_output_array(out);
+  enc.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), w = mx::array::unsafe_weak_copy(inputs[1]),
+                out = mx::array::unsafe_weak_copy(out)]() mutable {
+    if (!x.flags().row_contiguous || !w.flags().row_contiguous)
+      throw std::runtime_error("csmd_native.matmul: internal error, non-contiguous input");
+    const int K = x.shape(-1);
+    const int N = w.shape(0);
+    const int M = static_cast<int>(x.size() / K);
+    if (M == 0) return;
+    std::vector<float> xbuf, obuf;
+    const float* xf;
+    if (x.dtype() == mx::float32) {
+      xf = x.data<float>();
+    } else {
+      xbuf.resize(x.size());
+      to_float(x, xbuf.data());
+      xf = xbuf.data();
+    }
+    float* of;
+    if (out.dtype() == mx::float32) {
+      of = out.data<float>();
+    } else {
+      obuf.resize(out.size());
+      of = obuf.data();
+    }
+    FMatmulArgs a;
+    a.x = xf;
+    a.M = M;
+    a.K = K;
+    a.N = N;
+    a.bf16 = w.dtype() == mx::bfloat16;
+    a.w = a.bf16 ? static_cast<const void*>(w.data<mx::bfloat16_t>()) : static_cast<const void*>(w.data<float>());
+    a.out = of;
+    fmatmul(a, current_kernels(), &pool());
+    if (out.dtype() == mx::bfloat16) {
+      auto* o = out.data<mx::bfloat16_t>();
+      for (size_t i = 0; i < obuf.size(); ++i) o[i] = static_cast<mx::bfloat16_t>(obuf[i]);
+    } else if (out.dtype() == mx::float16) {
+      auto* o = out.data<mx::float16_t>();
+      for (size_t i = 0; i < obuf.size(); ++i) o[i] = static_cast<mx::float16_t>(obuf[i]);
+    }
+  });
+}
+
+}  // namespace csmd
