@@ -58,7 +58,10 @@ class CSM(nn.Module):
         self._offsets = mx.arange(cfg.num_codebooks) * cfg.audio_vocab_size
 
     def make_backbone_cache(self, batch: int = 1, max_len: int | None = None) -> list[KVCache]:
-        return make_cache(self.config.backbone, batch, self.activation_dtype(), max_len)
+        # On the native kernels the cache is fp32 whatever the weights: the fused step reads fp32, and a
+        # bf16 model then keeps its keys and values at full precision too.
+        dtype = mx.float32 if kernels.native.active() else self.activation_dtype()
+        return make_cache(self.config.backbone, batch, dtype, max_len)
 
     def make_decoder_cache(self, batch: int = 1) -> list[KVCache]:
         return make_cache(self.config.decoder, batch, self.activation_dtype())
@@ -78,8 +81,7 @@ class CSM(nn.Module):
     def backbone_step(self, tokens: mx.array, mask: mx.array, cache: list[KVCache]) -> mx.array:
         """Run new rows through the backbone; returns the final-norm state of the last row, [B, hidden]."""
         x = self.embed_rows(tokens, mask)
-        # The fused step reads an fp32 cache; a bf16 model's backbone cache is bf16, so it goes op by op
-        # (each projection still on the native kernels).
+        # The fused step reads an fp32 cache (what `make_backbone_cache` makes when the native kernels run).
         if x.shape[1] == 1 and cache[0].storage.keys.dtype == mx.float32 and kernels.fused_step_available(x[:, 0]):
             fused = fused_step_weights(self.backbone)
             if fused is not None:
