@@ -65,21 +65,8 @@ void FMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     const int M = static_cast<int>(x.size() / K);
     if (M == 0) return;
     std::vector<float> xbuf, obuf;
-    const float* xf;
-    if (x.dtype() == mx::float32) {
-      xf = x.data<float>();
-    } else {
-      xbuf.resize(x.size());
-      to_float(x, xbuf.data());
-      xf = xbuf.data();
-    }
-    float* of;
-    if (out.dtype() == mx::float32) {
-      of = out.data<float>();
-    } else {
-      obuf.resize(out.size());
-      of = obuf.data();
-    }
+    const float* xf = fp32_input(x, xbuf);
+    float* of = fp32_output(out, obuf);
     FMatmulArgs a;
     a.x = xf;
     a.M = M;
@@ -89,13 +76,7 @@ void FMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     a.w = a.bf16 ? static_cast<const void*>(w.data<mx::bfloat16_t>()) : static_cast<const void*>(w.data<float>());
     a.out = of;
     fmatmul(a, current_kernels(), &pool());
-    if (out.dtype() == mx::bfloat16) {
-      auto* o = out.data<mx::bfloat16_t>();
-      for (size_t i = 0; i < obuf.size(); ++i) o[i] = static_cast<mx::bfloat16_t>(obuf[i]);
-    } else if (out.dtype() == mx::float16) {
-      auto* o = out.data<mx::float16_t>();
-      for (size_t i = 0; i < obuf.size(); ++i) o[i] = static_cast<mx::float16_t>(obuf[i]);
-    }
+    store_output(out, obuf);
   });
 }
 

@@ -130,6 +130,29 @@ void to_float(const mx::array& a, float* out) {
   }
 }
 
+const float* fp32_input(const mx::array& x, std::vector<float>& buf) {
+  if (x.dtype() == mx::float32) return x.data<float>();
+  buf.resize(x.size());
+  to_float(x, buf.data());
+  return buf.data();
+}
+
+float* fp32_output(mx::array& out, std::vector<float>& buf) {
+  if (out.dtype() == mx::float32) return out.data<float>();
+  buf.resize(out.size());
+  return buf.data();
+}
+
+void store_output(mx::array& out, const std::vector<float>& buf) {
+  if (out.dtype() == mx::bfloat16) {
+    auto* o = out.data<mx::bfloat16_t>();
+    for (size_t i = 0; i < buf.size(); ++i) o[i] = static_cast<mx::bfloat16_t>(buf[i]);
+  } else if (out.dtype() == mx::float16) {
+    auto* o = out.data<mx::float16_t>();
+    for (size_t i = 0; i < buf.size(); ++i) o[i] = static_cast<mx::float16_t>(buf[i]);
+  }
+}
+
 namespace {
 
 bool is_float_type(mx::Dtype t) {
@@ -216,21 +239,8 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     const int M = static_cast<int>(x.size() / K);
     if (M == 0) return;
     std::vector<float> xbuf, obuf;
-    const float* xf;
-    if (x.dtype() == mx::float32) {
-      xf = x.data<float>();
-    } else {
-      xbuf.resize(x.size());
-      to_float(x, xbuf.data());
-      xf = xbuf.data();
-    }
-    float* of;
-    if (out.dtype() == mx::float32) {
-      of = out.data<float>();
-    } else {
-      obuf.resize(out.size());
-      of = obuf.data();
-    }
+    const float* xf = fp32_input(x, xbuf);
+    float* of = fp32_output(out, obuf);
     QMatmulArgs a;
     a.x = xf;
     a.M = M;
@@ -244,13 +254,7 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     a.sbt = sb_type(sc.dtype());
     a.out = of;
     qmatmul(a, current_kernels(), matvec_mode(), &pool());
-    if (out.dtype() == mx::bfloat16) {
-      auto* o = out.data<mx::bfloat16_t>();
-      for (size_t i = 0; i < obuf.size(); ++i) o[i] = static_cast<mx::bfloat16_t>(obuf[i]);
-    } else if (out.dtype() == mx::float16) {
-      auto* o = out.data<mx::float16_t>();
-      for (size_t i = 0; i < obuf.size(); ++i) o[i] = static_cast<mx::float16_t>(obuf[i]);
-    }
+    store_output(out, obuf);
   });
 }
 

@@ -1,5 +1,7 @@
 #pragma once
 
+#include <vector>
+
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
 
@@ -36,5 +38,12 @@ class QMatmul : public mx::UnaryPrimitive {
 SBType sb_type(mx::Dtype t);
 // Copy/convert a row-contiguous float32/bfloat16/float16 array to float.
 void to_float(const mx::array& a, float* out);
+
+// The kernels compute in fp32. A primitive's input and output in another float dtype go through `buf`:
+// fp32_input returns x's own data when it is fp32, else x converted into buf; fp32_output returns out's own
+// data when it is fp32, else buf sized for it; store_output then converts buf into out (a no-op for fp32).
+const float* fp32_input(const mx::array& x, std::vector<float>& buf);
+float* fp32_output(mx::array& out, std::vector<float>& buf);
+void store_output(mx::array& out, const std::vector<float>& buf);
 
 }  // namespace csmd

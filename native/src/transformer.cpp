@@ -40,28 +40,6 @@ FMatmulArgs fargs(const Proj& p, const float* x, float* y) {
   return a;
 }
 
-// y[out] = W x for a quantized, bfloat16 or float32 projection.
-void matvec(const Proj& p, const float* x, float* y, int group_size, int bits) {
-  const Kernels& kern = current_kernels();
-  if (float_weights(bits)) {
-    fmatmul(fargs(p, x, y), kern, &pool());
-    return;
-  }
-  QMatmulArgs a;
-  a.x = x;
-  a.M = 1;
-  a.K = p.in;
-  a.N = p.out;
-  a.G = group_size;
-  a.bits = bits;
-  a.w = reinterpret_cast<const uint8_t*>(p.w->data<uint32_t>());
-  a.scales = p.s->data<void>();
-  a.biases = p.b->data<void>();
-  a.sbt = sb_type(p.s->dtype());
-  a.out = y;
-  qmatmul(a, kern, matvec_mode(), &pool());
-}
-
 QMatmulArgs qargs(const Proj& p, const float* x, float* y, int group_size, int bits) {
   QMatmulArgs a;
   a.x = x;
@@ -76,6 +54,14 @@ QMatmulArgs qargs(const Proj& p, const float* x, float* y, int group_size, int b
   a.sbt = sb_type(p.s->dtype());
   a.out = y;
   return a;
+}
+
+// y[out] = W x for a quantized, bfloat16 or float32 projection.
+void matvec(const Proj& p, const float* x, float* y, int group_size, int bits) {
+  if (float_weights(bits))
+    fmatmul(fargs(p, x, y), current_kernels(), &pool());
+  else
+    qmatmul(qargs(p, x, y, group_size, bits), current_kernels(), matvec_mode(), &pool());
 }
 
 inline float silu_mul(float g, float u) { return g / (1.f + std::exp(-g)) * u; }

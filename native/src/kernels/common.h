@@ -100,21 +100,13 @@ inline void prep_gsum(const float* x, int K, int G, int bits, float* gsum_buf, X
 // xf_buf: [K], gsum_buf: [K/G].
 inline void prep_x_float(const float* x, int K, int G, int bits, float* xf_buf,
                          float* gsum_buf, XPrep& p) {
-  p.K = K;
-  p.G = G;
-  p.bits = bits;
-  for (int g = 0; g < K / G; ++g) {
-    double s = 0.0;
-    for (int i = 0; i < G; ++i) s += x[g * G + i];
-    gsum_buf[g] = static_cast<float>(s);
-  }
+  prep_gsum(x, K, G, bits, gsum_buf, p);
   if (bits == 4) {
     permute4(x, K, xf_buf);
   } else {
     std::memcpy(xf_buf, x, sizeof(float) * K);
   }
   p.xf = xf_buf;
-  p.gsum = gsum_buf;
 }
 
 // Fill the integer part of an XPrep: x quantized per group with a symmetric

@@ -257,6 +257,14 @@ inline void split_range(int n, int parts, int i, int& a, int& b) {
   b = static_cast<int>(static_cast<long long>(n) * (i + 1) / parts);
 }
 
+// fn(i, n) across the pool when the job reads enough weight bytes to pay for waking it, else fn(0, 1) here.
+inline void run_split(ThreadPool* pool, const std::function<void(int, int)>& fn, size_t work_bytes) {
+  if (pool && pool->size() > 1 && work_bytes >= (64u << 10))
+    pool->run(fn);
+  else
+    fn(0, 1);
+}
+
 // ---------------------------------------------------------------------------
 // Quantized matmul: out[m, n] = sum_k x[m, k] * (s[n, k/G] * q[n, k] + b[n, k/G])
 //   x: [M, K] float32 (natural order), w: [N, K*bits/8] bytes,
@@ -338,13 +346,6 @@ constexpr int kTileK = 256;
 inline void qmatmul(const QMatmulArgs& a, const Kernels& kern, MatvecMode mode, ThreadPool* pool) {
   const int K = a.K, N = a.N, M = a.M, G = a.G, bits = a.bits, ng = K / G;
   const size_t row_bytes = static_cast<size_t>(K) * bits / 8;
-  auto run = [&](const std::function<void(int, int)>& fn, size_t work_bytes) {
-    if (pool && pool->size() > 1 && work_bytes >= (64u << 10)) {
-      pool->run(fn);
-    } else {
-      fn(0, 1);
-    }
-  };
 
   if (M == 1) {
     MatvecPrep mp(a.x, K, G, bits, kern, mode);
@@ -353,7 +354,7 @@ inline void qmatmul(const QMatmulArgs& a, const Kernels& kern, MatvecMode mode, 
       split_range(N, nt, i, n0, n1);
       mp.rows(a, n0, n1);
     };
-    run(fn, row_bytes * N);
+    run_split(pool, fn, row_bytes * N);
     return;
   }
 
@@ -391,7 +392,7 @@ inline void qmatmul(const QMatmulArgs& a, const Kernels& kern, MatvecMode mode, 
         for (int r = 0; r < nr; ++r) a.out[static_cast<size_t>(m) * N + n0 + r] = c[m * kTileRows + r];
     }
   };
-  run(fn, row_bytes * N * static_cast<size_t>(M));
+  run_split(pool, fn, row_bytes * N * static_cast<size_t>(M));
 }
 
 // Several single-row products of one x (count matrices of the same K, G and
@@ -425,10 +426,7 @@ inline void qmatvec_multi(const QMatmulArgs* a, int count, const Kernels& kern, 
       base += a[c].N;
     }
   };
-  if (pool && pool->size() > 1 && total >= (64u << 10))
-    pool->run(fn);
-  else
-    fn(0, 1);
+  run_split(pool, fn, total);
 }
 
 // ---------------------------------------------------------------------------
@@ -464,20 +462,13 @@ inline void fmatvec_rows(const FMatmulArgs& a, const Kernels& kern, int n0, int 
 
 inline void fmatmul(const FMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
   const int K = a.K, N = a.N, M = a.M;
-  auto run = [&](const std::function<void(int, int)>& fn, size_t work_bytes) {
-    if (pool && pool->size() > 1 && work_bytes >= (64u << 10)) {
-      pool->run(fn);
-    } else {
-      fn(0, 1);
-    }
-  };
   if (M == 1) {
     std::function<void(int, int)> fn = [&](int i, int nt) {
       int n0, n1;
       split_range(N, nt, i, n0, n1);
       fmatvec_rows(a, kern, n0, n1);
     };
-    run(fn, fweight_bytes(a));
+    run_split(pool, fn, fweight_bytes(a));
     return;
   }
   // gemm_tile reads KB % 8 == 0 columns: pad x rows with zeros when K is not a multiple of 8.
@@ -523,7 +514,7 @@ inline void fmatmul(const FMatmulArgs& a, const Kernels& kern, ThreadPool* pool)
         for (int r = 0; r < nr; ++r) a.out[static_cast<size_t>(m) * N + n0 + r] = c[m * kTileRows + r];
     }
   };
-  run(fn, fweight_bytes(a) * static_cast<size_t>(M));
+  run_split(pool, fn, fweight_bytes(a) * static_cast<size_t>(M));
 }
 
 // Several single-row float products (same K; each a[c].x is used) as one pool
@@ -553,10 +544,7 @@ inline void fmatvec_multi(const FMatmulArgs* a, int count, const Kernels& kern, 
       base += a[c].N;
     }
   };
-  if (pool && pool->size() > 1 && total >= (64u << 10))
-    pool->run(fn);
-  else
-    fn(0, 1);
+  run_split(pool, fn, total);
 }
 
 }  // namespace csmd
