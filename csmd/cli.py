@@ -319,7 +319,7 @@ def cmd_talk(args: argparse.Namespace) -> int:
     responder: Responder = (
         OpenAIChatResponder(args.llm, args.llm_model, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
         if args.llm
-        else TypedResponder(lambda: input("csmd says> "))
+        else TypedResponder()
     )
     recognizer = _recognizer(args.asr, args.asr_language)  # before the model: a missing extra fails at once
     socket_path = Path(args.socket) if args.socket else default_socket_path()

@@ -36,9 +36,9 @@ from csmd.talk.recognizer import (
     RecognizerError,
     TypedRecognizer,
     WhisperRecognizer,
-    read_stdin_line,
     to_whisper_rate,
 )
+from csmd.talk.terminal import read_stdin_line
 
 RATE = 24_000
 needs_whisper = pytest.mark.skipif(

@@ -140,21 +140,28 @@ def test_clean_for_speech_is_idempotent(text: str) -> None:
 # ------------------------------------------------------------------------------------------ typed replies
 
 
-async def test_typed_responder_reads_a_line_in_a_thread() -> None:
+async def test_typed_responder_reads_a_line_in_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     threads: list[threading.Thread] = []
+    prompts: list[str] = []
 
-    def read_line() -> str:
+    def read_line(prompt: str) -> str:
         threads.append(threading.current_thread())
+        prompts.append(prompt)
         return "Sure thing! I'll **do** it now. Bye 👋"
 
-    responder: Responder = TypedResponder(read_line)
+    monkeypatch.setattr("builtins.input", read_line)  # the default line source: the terminal
+    responder: Responder = TypedResponder()
     assert [s async for s in responder.respond([Turn("user", "Hi")])] == ["Sure thing!", "I'll do it now.", "Bye"]
     assert threads and threads[0] is not threading.main_thread()
+    assert prompts == ["csmd says> "]
 
 
 @pytest.mark.parametrize("line", ["", "   ", "🎉"])
 async def test_typed_responder_says_nothing_for_an_empty_line(line: str) -> None:
-    assert [s async for s in TypedResponder(lambda: line).respond([])] == []
+    async def read_line(prompt: str) -> str:
+        return line
+
+    assert [s async for s in TypedResponder(read_line).respond([])] == []
 
 
 # ------------------------------------------------------------------------------------- the chat server

@@ -17,6 +17,8 @@ import numpy as np
 import soxr
 import trio
 
+from csmd.talk.terminal import read_stdin_line
+
 INPUT_RATE = 24_000  # the conversation's audio (Mimi's rate)
 WHISPER_RATE = 16_000  # what Whisper's feature extractor expects; it does not resample arrays itself
 INSTALL_HINT = 'pip install "csmd[whisper]"'
@@ -35,19 +37,6 @@ class NoRecognizer:
 
     async def transcribe(self, pcm: np.ndarray) -> str:
         return ""
-
-
-async def read_stdin_line(prompt: str) -> str:
-    """One line typed on the terminal; "" at end of input."""
-
-    def read() -> str:
-        try:
-            return input(prompt)
-        except EOFError:
-            return ""
-
-    # abandon_on_cancel: a blocked input() cannot be interrupted, and Ctrl-C must still end the conversation.
-    return await trio.to_thread.run_sync(read, abandon_on_cancel=True)
 
 
 class TypedRecognizer:

@@ -13,12 +13,14 @@ import json
 import re
 import ssl
 import unicodedata
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import httpx
 import trio
+
+from csmd.talk.terminal import read_stdin_line
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly voice assistant in a spoken conversation. Reply conversationally, in a few short "
@@ -227,13 +229,17 @@ class OpenAIChatResponder:
 class TypedResponder:
     """The user types the reply (for trying `csmd talk` without a language model); an empty line says nothing.
 
-    `read_line` runs in a thread; cancelling waits for the line (a blocked `input()` cannot be interrupted).
+    `read_line(prompt)` is any async line source (the terminal by default, read in a thread), so tests can
+    inject one.
     """
 
-    def __init__(self, read_line: Callable[[], str] = input) -> None:
+    def __init__(
+        self, read_line: Callable[[str], Awaitable[str]] = read_stdin_line, prompt: str = "csmd says> "
+    ) -> None:
         self.read_line = read_line
+        self.prompt = prompt
 
     async def respond(self, history: list[Turn]) -> AsyncGenerator[str, None]:
-        sentences, rest = split_sentences(await trio.to_thread.run_sync(self.read_line))
+        sentences, rest = split_sentences(await self.read_line(self.prompt))
         for sentence in _speakable([*sentences, rest]):
             yield sentence
