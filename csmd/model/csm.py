@@ -98,8 +98,7 @@ class CSM(nn.Module):
         """
         cfg = self.config.backbone
         storage, position = cache[0].storage, cache[0].offset
-        if position + 1 > cache[0].max_len:
-            raise ValueError(f"KV cache overflow: {position + 1} positions requested, {cache[0].max_len} available")
+        cache[0].room_for(1)
         layers, _, heads, length, dims = storage.keys.shape
         h, new_k, new_v = kernels.transformer_step(
             x.astype(mx.float32),
@@ -107,7 +106,7 @@ class CSM(nn.Module):
             storage.keys.reshape(layers, heads, length, dims),
             storage.values.reshape(layers, heads, length, dims),
             position,
-            1.0 / self.backbone.layers[0].attn._rope_periods,
+            self.backbone._inv_freqs,
             cfg.num_heads,
             cfg.num_kv_heads,
             cfg.rms_norm_eps,
@@ -170,7 +169,7 @@ class CSM(nn.Module):
         dtype = self.activation_dtype()
         shape = (cfg.num_layers, cfg.num_kv_heads, self.config.num_codebooks, cfg.dim_per_head)
         cache_k, cache_v = mx.zeros(shape), mx.zeros(shape)
-        inv_freqs = 1.0 / self.decoder.layers[0].attn._rope_periods
+        inv_freqs = self.decoder._inv_freqs
 
         def step(x: mx.array, position: int) -> mx.array:
             h, new_k, new_v = kernels.transformer_step(

@@ -78,11 +78,16 @@ class KVCache:
     def values(self) -> mx.array:
         return self.storage.values[self.layer]
 
-    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Write `keys`/`values` ([B, H, T, D]) after the filled part; return everything filled so far."""
-        end = self.offset + keys.shape[2]
+    def room_for(self, rows: int) -> int:
+        """Where `rows` more positions would end; raises if they do not fit."""
+        end = self.offset + rows
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions requested, {self.max_len} available")
+        return end
+
+    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Write `keys`/`values` ([B, H, T, D]) after the filled part; return everything filled so far."""
+        end = self.room_for(keys.shape[2])
         store, i = self.storage, self.layer
         store.keys[i, :, :, self.offset : end, :] = keys
         store.values[i, :, :, self.offset : end, :] = values
@@ -163,7 +168,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         periods = mx.array(1.0 / rope_inverse_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling))
-        self.layers = [Block(cfg, periods.astype(mx.float32)) for _ in range(cfg.num_layers)]
+        periods = periods.astype(mx.float32)
+        self.layers = [Block(cfg, periods) for _ in range(cfg.num_layers)]
+        self._inv_freqs = 1.0 / periods  # what the fused step takes: the same angles as the ops path
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache: list[KVCache]) -> mx.array:
