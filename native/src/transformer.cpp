@@ -12,19 +12,10 @@ namespace csmd {
 
 namespace {
 
-// bits 0: float32 weights, 16: bfloat16 weights (one array per projection); 4/8: (w, scales, biases).
-bool float_weights(int bits) { return bits == 0 || bits == 16; }
 int per_layer(int bits) { return float_weights(bits) ? 9 : 23; }
 
 // Inputs of the primitive: x, cache_k, cache_v, inv_freqs, then the weights.
 constexpr int kFixedInputs = 4;
-
-struct Proj {
-  const mx::array* w = nullptr;
-  const mx::array* s = nullptr;
-  const mx::array* b = nullptr;
-  int in = 0, out = 0;
-};
 
 void fail(const std::string& msg) { throw std::invalid_argument("transformer_step: " + msg); }
 
@@ -56,6 +47,10 @@ QMatmulArgs qargs(const Proj& p, const float* x, float* y, int group_size, int b
   return a;
 }
 
+inline float silu_mul(float g, float u) { return g / (1.f + std::exp(-g)) * u; }
+
+}  // namespace
+
 // y[out] = W x for a quantized, bfloat16 or float32 projection.
 void matvec(const Proj& p, const float* x, float* y, int group_size, int bits) {
   if (float_weights(bits))
@@ -63,8 +58,6 @@ void matvec(const Proj& p, const float* x, float* y, int group_size, int bits) {
   else
     qmatmul(qargs(p, x, y, group_size, bits), current_kernels(), matvec_mode(), &pool());
 }
-
-inline float silu_mul(float g, float u) { return g / (1.f + std::exp(-g)) * u; }
 
 void rmsnorm(const float* x, const mx::array& scale, float eps, int H, float* out) {
   double ss = 0;
@@ -74,6 +67,8 @@ void rmsnorm(const float* x, const mx::array& scale, float eps, int H, float* ou
   to_float(scale, sc.data());
   for (int i = 0; i < H; ++i) out[i] = x[i] * r * sc[i];
 }
+
+namespace {
 
 void rope(float* v, int D, const float* inv_freqs, int position) {
   for (int i = 0; i < D / 2; ++i) {
@@ -129,28 +124,16 @@ void attend(const float* q, const float* k_new, const float* v_new, const float*
 
 }  // namespace
 
-std::vector<mx::array> transformer_step(const mx::array& x, const std::vector<mx::array>& weights,
-                                        const mx::array& cache_k, const mx::array& cache_v,
-                                        int position, const mx::array& inv_freqs, int num_heads,
-                                        int num_kv_heads, float eps, int group_size, int bits,
-                                        mx::StreamOrDevice s) {
+void validate_stack(const std::vector<mx::array>& weights, int L, int H, int num_heads, int num_kv_heads, int D,
+                    int group_size, int bits, const std::string& who) {
+  const auto fail = [&who](const std::string& msg) { throw std::invalid_argument(who + ": " + msg); };
   if (bits != 0 && bits != 4 && bits != 8 && bits != 16)
     fail("bits must be 0 (float32 weights), 4, 8 or 16 (bfloat16 weights)");
   if (!float_weights(bits) && group_size != 32 && group_size != 64 && group_size != 128)
     fail("group_size must be 32, 64 or 128");
-  if (x.dtype() != mx::float32 || x.ndim() != 2 || x.shape(0) != 1) fail("x must be float32 [1, hidden]");
-  const int H = x.shape(1);
-  if (cache_k.ndim() != 4 || cache_k.dtype() != mx::float32 || cache_v.shape() != cache_k.shape() ||
-      cache_v.dtype() != mx::float32)
-    fail("cache_k and cache_v must be float32 [num_layers, num_kv_heads, max_len, head_dim] of one shape");
-  const int L = cache_k.shape(0), T = cache_k.shape(2), D = cache_k.shape(3);
   if (num_heads <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads)
     fail("num_heads must be a positive multiple of num_kv_heads");
-  if (cache_k.shape(1) != num_kv_heads) fail("cache dim 1 must equal num_kv_heads");
   if (D % 2) fail("head_dim must be even");
-  if (position < 0 || position >= T) fail("position must be in [0, max_len)");
-  if (inv_freqs.dtype() != mx::float32 || inv_freqs.size() != static_cast<size_t>(D / 2))
-    fail("inv_freqs must be float32 with head_dim/2 elements");
   if (static_cast<int>(weights.size()) != L * per_layer(bits))
     fail("expected " + std::to_string(L * per_layer(bits)) + " weight arrays (" +
          std::to_string(per_layer(bits)) + " per layer for " + std::to_string(L) + " layers), got " +
@@ -175,15 +158,7 @@ std::vector<mx::array> transformer_step(const mx::array& x, const std::vector<mx
         if (w.shape(1) != in) fail(name + ": wrong input dim");
         i += 1;
       } else {
-        const mx::array &sc = weights[i + 1], &bi = weights[i + 2];
-        if (w.dtype() != mx::uint32 || w.ndim() != 2) fail(name + ": packed weight must be uint32 2-D");
-        if (out >= 0 && w.shape(0) != out) fail(name + ": wrong output dim");
-        if (static_cast<long long>(w.shape(1)) * 32 / bits != in) fail(name + ": wrong input dim");
-        if (in % group_size) fail(name + ": input dim not a multiple of group_size");
-        if (sc.ndim() != 2 || sc.shape(0) != w.shape(0) || sc.shape(1) != in / group_size ||
-            bi.shape() != sc.shape() || sc.dtype() != bi.dtype() ||
-            !(sc.dtype() == mx::float32 || sc.dtype() == mx::bfloat16 || sc.dtype() == mx::float16))
-          fail(name + ": bad scales/biases");
+        check_quantized(weights[i], weights[i + 1], weights[i + 2], out, in, group_size, bits, who + ": " + name);
         i += 3;
       }
       return w.shape(0);
@@ -200,6 +175,117 @@ std::vector<mx::array> transformer_step(const mx::array& x, const std::vector<mx
     check_proj(inter, H, "w3");
     check_proj(H, inter, "w2");
   }
+}
+
+void check_quantized(const mx::array& w, const mx::array& sc, const mx::array& bi, int out, int in, int group_size,
+                     int bits, const std::string& name) {
+  const auto fail = [&name](const std::string& msg) { throw std::invalid_argument(name + msg); };
+  if (w.dtype() != mx::uint32 || w.ndim() != 2) fail(": packed weight must be uint32 2-D");
+  if (out >= 0 && w.shape(0) != out) fail(": wrong output dim");
+  if (static_cast<long long>(w.shape(1)) * 32 / bits != in) fail(": wrong input dim");
+  if (in % group_size) fail(": input dim not a multiple of group_size");
+  if (sc.ndim() != 2 || sc.shape(0) != w.shape(0) || sc.shape(1) != in / group_size || bi.shape() != sc.shape() ||
+      sc.dtype() != bi.dtype() || !(sc.dtype() == mx::float32 || sc.dtype() == mx::bfloat16 || sc.dtype() == mx::float16))
+    fail(": bad scales/biases");
+}
+
+std::vector<LayerWeights> parse_stack(const std::vector<mx::array>& arrays, size_t first, int L, int H, int bits) {
+  size_t wi = first;
+  auto next_proj = [&](int in) {
+    Proj p;
+    p.w = &arrays[wi];
+    p.out = arrays[wi].shape(0);
+    p.in = in;
+    if (float_weights(bits)) {
+      wi += 1;
+    } else {
+      p.s = &arrays[wi + 1];
+      p.b = &arrays[wi + 2];
+      wi += 3;
+    }
+    return p;
+  };
+  std::vector<LayerWeights> layers(L);
+  for (auto& lw : layers) {
+    lw.sa_norm = &arrays[wi++];
+    lw.q = next_proj(H);
+    lw.k = next_proj(H);
+    lw.v = next_proj(H);
+    lw.o = next_proj(lw.q.out);
+    lw.mlp_norm = &arrays[wi++];
+    lw.w1 = next_proj(H);
+    lw.w3 = next_proj(H);
+    lw.w2 = next_proj(lw.w1.out);
+  }
+  return layers;
+}
+
+void run_stack(const std::vector<LayerWeights>& layers, const StepConfig& cfg, float* h, int H, const float* cache_k,
+               const float* cache_v, int T, int D, const float* inv, float* new_k, float* new_v) {
+  const int NH = cfg.num_heads, KVH = cfg.num_kv_heads, pos = cfg.position, rep = NH / KVH;
+  const int bits = cfg.bits, G = cfg.group_size;
+  std::vector<float> n(H), q(NH * D), k(KVH * D), v(KVH * D), att(NH * D), o(H);
+  std::vector<float> g, u;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const LayerWeights& lw = layers[l];
+    rmsnorm(h, *lw.sa_norm, cfg.eps, H, n.data());
+    if (float_weights(bits)) {  // q, k, v share x: one pool job
+      const FMatmulArgs qkv[3] = {fargs(lw.q, n.data(), q.data()), fargs(lw.k, n.data(), k.data()),
+                                  fargs(lw.v, n.data(), v.data())};
+      fmatvec_multi(qkv, 3, current_kernels(), &pool());
+    } else {  // q, k, v share x: one pool job
+      const QMatmulArgs qkv[3] = {qargs(lw.q, n.data(), q.data(), G, bits), qargs(lw.k, n.data(), k.data(), G, bits),
+                                  qargs(lw.v, n.data(), v.data(), G, bits)};
+      qmatvec_multi(qkv, 3, current_kernels(), matvec_mode(), &pool());
+    }
+    for (int j = 0; j < NH; ++j) rope(q.data() + j * D, D, inv, pos);
+    // Keys/values of positions < pos come from the cache; this position's are the new rows.
+    const float* kc = cache_k + l * KVH * T * D;
+    const float* vc = cache_v + l * KVH * T * D;
+    for (int j = 0; j < KVH; ++j) rope(k.data() + j * D, D, inv, pos);
+    std::memcpy(new_k + l * KVH * D, k.data(), sizeof(float) * KVH * D);
+    std::memcpy(new_v + l * KVH * D, v.data(), sizeof(float) * KVH * D);
+    attend(q.data(), k.data(), v.data(), kc, vc, NH, rep, T, D, pos, att.data());
+    matvec(lw.o, att.data(), o.data(), G, bits);
+    for (int i = 0; i < H; ++i) h[i] += o[i];
+
+    rmsnorm(h, *lw.mlp_norm, cfg.eps, H, n.data());
+    g.resize(lw.w1.out);
+    u.resize(lw.w3.out);
+    // w1, w3 and silu(g) * u as one pool job, split by row
+    float* gp = g.data();
+    const float* up = u.data();
+    const std::function<void(int, int)> post = [gp, up](int n0, int n1) {
+      for (int i = n0; i < n1; ++i) gp[i] = silu_mul(gp[i], up[i]);
+    };
+    if (float_weights(bits)) {
+      const FMatmulArgs gu[2] = {fargs(lw.w1, n.data(), g.data()), fargs(lw.w3, n.data(), u.data())};
+      fmatvec_multi(gu, 2, current_kernels(), &pool(), true, &post);
+    } else {
+      const QMatmulArgs gu[2] = {qargs(lw.w1, n.data(), g.data(), G, bits), qargs(lw.w3, n.data(), u.data(), G, bits)};
+      qmatvec_multi(gu, 2, current_kernels(), matvec_mode(), &pool(), true, &post);
+    }
+    matvec(lw.w2, g.data(), o.data(), G, bits);
+    for (int i = 0; i < H; ++i) h[i] += o[i];
+  }
+}
+
+std::vector<mx::array> transformer_step(const mx::array& x, const std::vector<mx::array>& weights,
+                                        const mx::array& cache_k, const mx::array& cache_v,
+                                        int position, const mx::array& inv_freqs, int num_heads,
+                                        int num_kv_heads, float eps, int group_size, int bits,
+                                        mx::StreamOrDevice s) {
+  if (x.dtype() != mx::float32 || x.ndim() != 2 || x.shape(0) != 1) fail("x must be float32 [1, hidden]");
+  const int H = x.shape(1);
+  if (cache_k.ndim() != 4 || cache_k.dtype() != mx::float32 || cache_v.shape() != cache_k.shape() ||
+      cache_v.dtype() != mx::float32)
+    fail("cache_k and cache_v must be float32 [num_layers, num_kv_heads, max_len, head_dim] of one shape");
+  const int L = cache_k.shape(0), T = cache_k.shape(2), D = cache_k.shape(3);
+  if (cache_k.shape(1) != num_kv_heads) fail("cache dim 1 must equal num_kv_heads");
+  if (position < 0 || position >= T) fail("position must be in [0, max_len)");
+  if (inv_freqs.dtype() != mx::float32 || inv_freqs.size() != static_cast<size_t>(D / 2))
+    fail("inv_freqs must be float32 with head_dim/2 elements");
+  validate_stack(weights, L, H, num_heads, num_kv_heads, D, group_size, bits, "transformer_step");
   auto st = mx::to_stream(s);
   StepConfig cfg{position, num_heads, num_kv_heads, eps, group_size, bits, L};
   std::vector<mx::array> inputs = {x, mx::contiguous(cache_k, false, st), mx::contiguous(cache_v, false, st),
@@ -245,78 +331,11 @@ void TransformerStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector
     float* new_k = outs[1].data<float>();
     float* new_v = outs[2].data<float>();
     const float* inv = ins[3].data<float>();
-    const int H = x.shape(1), L = cfg.num_layers, T = ins[1].shape(2), D = ins[1].shape(3);
-    const int NH = cfg.num_heads, KVH = cfg.num_kv_heads, pos = cfg.position, rep = NH / KVH;
-    const int bits = cfg.bits, G = cfg.group_size;
+    const int H = x.shape(1), T = ins[1].shape(2), D = ins[1].shape(3);
     float* h = outs[0].data<float>();
     std::memcpy(h, x.data<float>(), sizeof(float) * H);
-
-    std::vector<float> n(H), q(NH * D), k(KVH * D), v(KVH * D), att(NH * D), o(H);
-    std::vector<float> g, u;
-    size_t wi = kFixedInputs;
-    auto next_proj = [&](int in) {
-      Proj p;
-      p.w = &ins[wi];
-      p.out = ins[wi].shape(0);
-      p.in = in;
-      if (float_weights(bits)) {
-        wi += 1;
-      } else {
-        p.s = &ins[wi + 1];
-        p.b = &ins[wi + 2];
-        wi += 3;
-      }
-      return p;
-    };
-    for (int l = 0; l < L; ++l) {
-      const mx::array& sa_norm = ins[wi++];
-      const Proj pq = next_proj(H), pk = next_proj(H), pv = next_proj(H), po = next_proj(NH * D);
-      const mx::array& mlp_norm = ins[wi++];
-      const Proj p1 = next_proj(H), p3 = next_proj(H);
-      const Proj p2 = next_proj(p1.out);
-
-      rmsnorm(h, sa_norm, cfg.eps, H, n.data());
-      if (float_weights(bits)) {  // q, k, v share x: one pool job
-        const FMatmulArgs qkv[3] = {fargs(pq, n.data(), q.data()), fargs(pk, n.data(), k.data()),
-                                    fargs(pv, n.data(), v.data())};
-        fmatvec_multi(qkv, 3, current_kernels(), &pool());
-      } else {  // q, k, v share x: one pool job
-        const QMatmulArgs qkv[3] = {qargs(pq, n.data(), q.data(), G, bits),
-                                    qargs(pk, n.data(), k.data(), G, bits),
-                                    qargs(pv, n.data(), v.data(), G, bits)};
-        qmatvec_multi(qkv, 3, current_kernels(), matvec_mode(), &pool());
-      }
-      for (int j = 0; j < NH; ++j) rope(q.data() + j * D, D, inv, pos);
-      // Keys/values of positions < pos come from the cache; this position's are the new rows.
-      const float* kc = cache_k + static_cast<size_t>(l) * KVH * T * D;
-      const float* vc = cache_v + static_cast<size_t>(l) * KVH * T * D;
-      for (int j = 0; j < KVH; ++j) rope(k.data() + j * D, D, inv, pos);
-      std::memcpy(new_k + static_cast<size_t>(l) * KVH * D, k.data(), sizeof(float) * KVH * D);
-      std::memcpy(new_v + static_cast<size_t>(l) * KVH * D, v.data(), sizeof(float) * KVH * D);
-      attend(q.data(), k.data(), v.data(), kc, vc, NH, rep, T, D, pos, att.data());
-      matvec(po, att.data(), o.data(), G, bits);
-      for (int i = 0; i < H; ++i) h[i] += o[i];
-
-      rmsnorm(h, mlp_norm, cfg.eps, H, n.data());
-      g.resize(p1.out);
-      u.resize(p3.out);
-      // w1, w3 and silu(g) * u as one pool job, split by row
-      float* gp = g.data();
-      const float* up = u.data();
-      const std::function<void(int, int)> post = [gp, up](int n0, int n1) {
-        for (int i = n0; i < n1; ++i) gp[i] = silu_mul(gp[i], up[i]);
-      };
-      if (float_weights(bits)) {
-        const FMatmulArgs gu[2] = {fargs(p1, n.data(), g.data()), fargs(p3, n.data(), u.data())};
-        fmatvec_multi(gu, 2, current_kernels(), &pool(), true, &post);
-      } else {
-        const QMatmulArgs gu[2] = {qargs(p1, n.data(), g.data(), G, bits),
-                                   qargs(p3, n.data(), u.data(), G, bits)};
-        qmatvec_multi(gu, 2, current_kernels(), matvec_mode(), &pool(), true, &post);
-      }
-      matvec(p2, g.data(), o.data(), G, bits);
-      for (int i = 0; i < H; ++i) h[i] += o[i];
-    }
+    const auto layers = parse_stack(ins, kFixedInputs, cfg.num_layers, H, cfg.bits);
+    run_stack(layers, cfg, h, H, cache_k, cache_v, T, D, inv, new_k, new_v);
   });
 }
 

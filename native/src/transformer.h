@@ -1,6 +1,7 @@
 // Fused single-token step through a stack of Llama layers (CSM's depth decoder).
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "mlx/mlx.h"
@@ -19,6 +20,44 @@ struct StepConfig {
   int bits = 4;  // 0: float32 weights, 16: bfloat16 weights
   int num_layers = 0;
 };
+
+// bits 0: float32 weights, 16: bfloat16 weights (one array per projection); 4/8: (w, scales, biases).
+inline bool float_weights(int bits) { return bits == 0 || bits == 16; }
+
+// One projection of a stack: w [out, in] (float32/bfloat16), or packed w with scales and biases.
+struct Proj {
+  const mx::array* w = nullptr;
+  const mx::array* s = nullptr;
+  const mx::array* b = nullptr;
+  int in = 0, out = 0;
+};
+
+struct LayerWeights {
+  const mx::array* sa_norm = nullptr;
+  Proj q, k, v, o;
+  const mx::array* mlp_norm = nullptr;
+  Proj w1, w3, w2;
+};
+
+// Throws std::invalid_argument ("<who>: ...") unless `weights` is a stack of L layers in the order
+// transformer_step takes them (see bindings.cpp) with these dimensions.
+void validate_stack(const std::vector<mx::array>& weights, int L, int H, int num_heads, int num_kv_heads, int D,
+                    int group_size, int bits, const std::string& who);
+// Throws std::invalid_argument("<name>...") unless (w, scales, biases) is an MLX affine-quantized [out, in]
+// matrix (out < 0: any).
+void check_quantized(const mx::array& w, const mx::array& scales, const mx::array& biases, int out, int in,
+                     int group_size, int bits, const std::string& name);
+// Views of a validated stack's weights, which start at arrays[first].
+std::vector<LayerWeights> parse_stack(const std::vector<mx::array>& arrays, size_t first, int L, int H, int bits);
+// One token through the layers at cfg.position: h [H] in place (the last layer's output, before the final
+// norm). Reads the cache [L, KVH, T, D] below the position; writes this position's rows to new_k/new_v
+// [L, KVH, D].
+void run_stack(const std::vector<LayerWeights>& layers, const StepConfig& cfg, float* h, int H, const float* cache_k,
+               const float* cache_v, int T, int D, const float* inv_freqs, float* new_k, float* new_v);
+// y[out] = W x for a quantized, bfloat16 or float32 projection, threaded.
+void matvec(const Proj& p, const float* x, float* y, int group_size, int bits);
+// out = x / rms(x) * scale (scale float32/bfloat16/float16 [H]).
+void rmsnorm(const float* x, const mx::array& scale, float eps, int H, float* out);
 
 // Returns (h, new_k, new_v): the stack's output and the keys/values of `position`, [layers, kv heads, head_dim];
 // the cache is only read. See bindings.cpp for the contract.
