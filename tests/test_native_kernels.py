@@ -189,7 +189,7 @@ def test_leading_dims_and_1d() -> None:
 
 def available_simd() -> list[str]:
     f = csmd_native.cpu_features()
-    return [v for v in ("avx2", "neon") if f[v] and (v != "avx2" or f["fma"])]
+    return [v for v in ("avx2", "avx512vnni", "neon") if f[v] and (v != "avx2" or f["fma"])]
 
 
 @pytest.mark.parametrize("mode", ["exact", "int8", "int16"])
@@ -280,12 +280,12 @@ def test_bad_inputs_raise_value_error(kwargs: dict, match: str) -> None:
 
 def test_settings_and_features() -> None:
     f = csmd_native.cpu_features()
-    assert set(f) >= {"arch", "avx2", "fma", "neon", "variant"}
-    assert f["variant"] in ("scalar", "avx2", "neon")
+    assert set(f) >= {"arch", "avx2", "avx512vnni", "fma", "neon", "variant"}
+    assert f["variant"] in ("scalar", "avx2", "avx512vnni", "neon")
     assert csmd_native.mlx_version == mx.__version__
     with pytest.raises(ValueError):
         csmd_native.set_variant("sse9")
-    unavailable = [v for v in ("avx2", "neon") if v not in available_simd()]
+    unavailable = [v for v in ("avx2", "avx512vnni", "neon") if v not in available_simd()]
     for v in unavailable:
         with pytest.raises(ValueError):
             csmd_native.set_variant(v)

@@ -51,7 +51,7 @@ def cpu_features() -> dict[str, Any]:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
     except OSError:
         flags = []
-    for name in ("avx2", "fma", "asimd"):
+    for name in ("avx2", "fma", "avx512vnni", "asimd"):
         features[name] = name in flags
     return features
 

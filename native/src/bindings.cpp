@@ -49,13 +49,15 @@ NB_MODULE(_ext, m) {
 #else
     d["fma"] = false;
 #endif
+    d["avx512vnni"] = csmd::cpu_has_avx512vnni();
     d["neon"] = csmd::cpu_has_neon();
     d["variant"] = csmd::variant_name(csmd::current_variant());
     d["best_variant"] = csmd::variant_name(csmd::best_variant());
     return d;
   });
   m.def("set_variant", &csmd::set_variant, "name"_a,
-        "Select the kernel variant: 'auto', 'scalar', 'avx2' or 'neon'.");
+        "Select the kernel variant: 'auto', 'scalar', 'avx2', 'avx512vnni' (AVX2 with VNNI int16 dot products)\n"
+        "or 'neon'.");
   m.def("set_matvec_mode", &csmd::set_matvec_mode, "mode"_a,
         "Single-row products: 'int16' (default; x quantized per group to int16, integer dot products,\n"
         "~1e-5 relative error), 'int8' (int8 x for 4-bit weights: faster, ~0.5% per product) or 'exact'\n"

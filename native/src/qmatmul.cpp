@@ -37,8 +37,8 @@ int default_threads() {
   return n;
 }
 
-Kernels g_kernels[3] = {kernels_for(Variant::Scalar), kernels_for(Variant::AVX2),
-                        kernels_for(Variant::NEON)};
+Kernels g_kernels[kNumVariants] = {kernels_for(Variant::Scalar), kernels_for(Variant::AVX2),
+                                   kernels_for(Variant::NEON), kernels_for(Variant::AVX512VNNI)};
 
 }  // namespace
 
@@ -61,9 +61,11 @@ void set_variant(const std::string& name) {
     v = Variant::AVX2;
   } else if (name == "neon") {
     v = Variant::NEON;
+  } else if (name == "avx512vnni") {
+    v = Variant::AVX512VNNI;
   } else {
     throw std::invalid_argument("set_variant: unknown variant '" + name +
-                                "' (expected 'auto', 'scalar', 'avx2' or 'neon')");
+                                "' (expected 'auto', 'scalar', 'avx2', 'avx512vnni' or 'neon')");
   }
   if (!variant_available(v))
     throw std::invalid_argument(std::string("set_variant: variant '") + name +

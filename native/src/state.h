@@ -8,7 +8,7 @@
 namespace csmd {
 
 Variant current_variant();
-// "auto", "scalar", "avx2" or "neon"; throws std::invalid_argument if the
+// "auto", "scalar", "avx2", "avx512vnni" or "neon"; throws std::invalid_argument if the
 // variant is unknown or not supported by this CPU.
 void set_variant(const std::string& name);
 const Kernels& current_kernels();

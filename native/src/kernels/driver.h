@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "avx2.h"
+#include "avx512vnni.h"
 #include "common.h"
 #include "neon.h"
 #include "scalar.h"
@@ -29,12 +30,14 @@
 
 namespace csmd {
 
-enum class Variant { Scalar = 0, AVX2 = 1, NEON = 2 };
+enum class Variant { Scalar = 0, AVX2 = 1, NEON = 2, AVX512VNNI = 3 };
+constexpr int kNumVariants = 4;
 
 inline const char* variant_name(Variant v) {
   switch (v) {
     case Variant::AVX2: return "avx2";
     case Variant::NEON: return "neon";
+    case Variant::AVX512VNNI: return "avx512vnni";
     default: return "scalar";
   }
 }
@@ -59,6 +62,17 @@ inline bool cpu_has_avx2() {
 #endif
 }
 
+// AVX-512 VNNI with the 256-bit (VL) encodings, on top of AVX2+FMA.
+inline bool cpu_has_avx512vnni() {
+#if defined(CSMD_HAVE_AVX512VNNI_KERNELS)
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 inline bool cpu_has_neon() {
 #if defined(CSMD_HAVE_NEON_KERNELS)
   return true;  // NEON (ASIMD) is mandatory on AArch64
@@ -72,11 +86,13 @@ inline bool variant_available(Variant v) {
     case Variant::Scalar: return true;
     case Variant::AVX2: return cpu_has_avx2();
     case Variant::NEON: return cpu_has_neon();
+    case Variant::AVX512VNNI: return cpu_has_avx512vnni();
   }
   return false;
 }
 
 inline Variant best_variant() {
+  if (cpu_has_avx512vnni()) return Variant::AVX512VNNI;
   if (cpu_has_avx2()) return Variant::AVX2;
   if (cpu_has_neon()) return Variant::NEON;
   return Variant::Scalar;
@@ -87,6 +103,11 @@ inline Kernels kernels_for(Variant v) {
 #if defined(CSMD_HAVE_AVX2_KERNELS)
     case Variant::AVX2:
       return {avx2::dot_f, avx2::dot_i, avx2::dot_i16, avx2::dequant, avx2::gemm_tile, avx2::dot_f32,
+              avx2::dot_bf16, avx2::cvt_bf16};
+#endif
+#if defined(CSMD_HAVE_AVX512VNNI_KERNELS)
+    case Variant::AVX512VNNI:
+      return {avx2::dot_f, avx2::dot_i, avx512vnni::dot_i16, avx2::dequant, avx2::gemm_tile, avx2::dot_f32,
               avx2::dot_bf16, avx2::cvt_bf16};
 #endif
 #if defined(CSMD_HAVE_NEON_KERNELS)

@@ -1,0 +1,111 @@
+// x86-64 with AVX-512 VNNI (and VL): the int16 matvec with vpdpwssd, which multiplies int16 pairs and adds
+// them into int32 lanes in one instruction, where AVX2 needs vpmaddwd plus vpaddd. The 256-bit (VL) forms
+// are used: same layouts and results as avx2::dot_i16, one instruction fewer per 16 weights. Everything
+// else in this variant is the AVX2 code. Callers must check cpu_has_avx512vnni() first.
+#pragma once
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define CSMD_HAVE_AVX512VNNI_KERNELS 1
+
+#include <immintrin.h>
+
+#include "avx2.h"
+#include "common.h"
+
+#define CSMD_VNNI __attribute__((target("avx2,fma,avx512f,avx512vl,avx512vnni")))
+
+namespace csmd {
+namespace avx512vnni {
+
+// acc + the integer dot of one 32-byte 4-bit block (word layout, see permute4w) with int16 x: lanes 0-3
+// from bytes 0-15, lanes 4-7 from bytes 16-31.
+CSMD_VNNI static inline __m256i blk_i16(__m256i acc, const uint8_t* w, const int16_t* x) {
+  const __m256i m4 = _mm256_set1_epi16(0x000F);
+  const __m256i v = _mm256_loadu_si256((const __m256i*)w);
+  acc = _mm256_dpwssd_epi32(acc, _mm256_and_si256(v, m4), _mm256_loadu_si256((const __m256i*)x));
+  acc = _mm256_dpwssd_epi32(acc, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                            _mm256_loadu_si256((const __m256i*)(x + 16)));
+  acc = _mm256_dpwssd_epi32(acc, _mm256_and_si256(_mm256_srli_epi16(v, 8), m4),
+                            _mm256_loadu_si256((const __m256i*)(x + 32)));
+  return _mm256_dpwssd_epi32(acc, _mm256_srli_epi16(v, 12), _mm256_loadu_si256((const __m256i*)(x + 48)));
+}
+
+// Same for a final 16-byte block: 4 int32 lanes.
+CSMD_VNNI static inline __m128i blk16_i16(const uint8_t* w, const int16_t* x) {
+  const __m128i m4 = _mm_set1_epi16(0x000F);
+  const __m128i v = _mm_loadu_si128((const __m128i*)w);
+  __m128i acc = _mm_dpwssd_epi32(_mm_setzero_si128(), _mm_and_si128(v, m4), _mm_loadu_si128((const __m128i*)x));
+  acc = _mm_dpwssd_epi32(acc, _mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_loadu_si128((const __m128i*)(x + 8)));
+  acc = _mm_dpwssd_epi32(acc, _mm_and_si128(_mm_srli_epi16(v, 8), m4), _mm_loadu_si128((const __m128i*)(x + 16)));
+  return _mm_dpwssd_epi32(acc, _mm_srli_epi16(v, 12), _mm_loadu_si128((const __m128i*)(x + 24)));
+}
+
+// 8 bits: u8 weights widened to int16 against natural-order int16 x, G a multiple of 16.
+CSMD_VNNI static inline float dot_i16_8bit(const uint8_t* w, const float* s, const float* bias, const XPrep& p) {
+  const int K = p.K, G = p.G, ng = K / G;
+  __m256 tot = _mm256_setzero_ps();
+  for (int g = 0; g < ng; ++g) {
+    __m256i acc = _mm256_setzero_si256();
+    for (int k = g * G; k < (g + 1) * G; k += 16) {
+      const __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(w + k)));
+      acc = _mm256_dpwssd_epi32(acc, q, _mm256_loadu_si256((const __m256i*)(p.xq16 + k)));
+    }
+    tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(s[g] * p.gdx[g]), tot);
+  }
+  return avx2::hsum(tot) + avx2::dot_f32(bias, p.gsum, ng);
+}
+
+// Drop-in for avx2::dot_i16 (same XPrep, same integer sums).
+CSMD_VNNI static inline float dot_i16(const uint8_t* w, const float* s, const float* bias, const XPrep& p) {
+  if (p.bits != 4) return dot_i16_8bit(w, s, bias, p);
+  const int K = p.K, G = p.G, ng = K / G, nbytes = K / 2;
+  const int16_t* xq = p.xq16;
+  const float* dx = p.gdx;
+  const __m256i zero = _mm256_setzero_si256();
+  __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps();
+  float tail = 0.f;
+  if (G == 32) {  // a 32-byte block holds two groups: one per 128-bit half
+    int o = 0, g = 0;
+    for (; o + 64 <= nbytes; o += 64, g += 4) {
+      const __m256 f0 = _mm256_cvtepi32_ps(blk_i16(zero, w + o, xq + 2 * o));
+      const __m256 f1 = _mm256_cvtepi32_ps(blk_i16(zero, w + o + 32, xq + 2 * o + 64));
+      const __m256 sc0 = _mm256_set_m128(_mm_set1_ps(s[g + 1] * dx[g + 1]), _mm_set1_ps(s[g] * dx[g]));
+      const __m256 sc1 = _mm256_set_m128(_mm_set1_ps(s[g + 3] * dx[g + 3]), _mm_set1_ps(s[g + 2] * dx[g + 2]));
+      tot0 = _mm256_fmadd_ps(f0, sc0, tot0);
+      tot1 = _mm256_fmadd_ps(f1, sc1, tot1);
+    }
+    for (; o + 32 <= nbytes; o += 32, g += 2) {
+      const __m256 f0 = _mm256_cvtepi32_ps(blk_i16(zero, w + o, xq + 2 * o));
+      const __m256 sc0 = _mm256_set_m128(_mm_set1_ps(s[g + 1] * dx[g + 1]), _mm_set1_ps(s[g] * dx[g]));
+      tot0 = _mm256_fmadd_ps(f0, sc0, tot0);
+    }
+    if (o < nbytes) {
+      __m128i i = blk16_i16(w + o, xq + 2 * o);
+      i = _mm_add_epi32(i, _mm_shuffle_epi32(i, 0x4E));
+      i = _mm_add_epi32(i, _mm_shuffle_epi32(i, 0xB1));
+      tail = (s[g] * dx[g]) * static_cast<float>(_mm_cvtsi128_si32(i));
+    }
+  } else if (G == 64) {  // one block per group
+    int g = 0;
+    for (; g + 2 <= ng; g += 2) {
+      const __m256 f0 = _mm256_cvtepi32_ps(blk_i16(zero, w + 32 * g, xq + 64 * g));
+      const __m256 f1 = _mm256_cvtepi32_ps(blk_i16(zero, w + 32 * g + 32, xq + 64 * g + 64));
+      tot0 = _mm256_fmadd_ps(f0, _mm256_set1_ps(s[g] * dx[g]), tot0);
+      tot1 = _mm256_fmadd_ps(f1, _mm256_set1_ps(s[g + 1] * dx[g + 1]), tot1);
+    }
+    if (g < ng)
+      tot0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(blk_i16(zero, w + 32 * g, xq + 64 * g)),
+                             _mm256_set1_ps(s[g] * dx[g]), tot0);
+  } else {  // G == 128: two blocks per group, summed in the same int32 lanes
+    for (int g = 0; g < ng; ++g) {
+      const __m256i acc = blk_i16(blk_i16(zero, w + 64 * g, xq + 128 * g), w + 64 * g + 32, xq + 128 * g + 64);
+      tot0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(s[g] * dx[g]), tot0);
+    }
+  }
+  return avx2::hsum(_mm256_add_ps(tot0, tot1)) + tail + avx2::dot_f32(bias, p.gsum, ng);
+}
+
+}  // namespace avx512vnni
+}  // namespace csmd
+
+#endif  // x86-64
