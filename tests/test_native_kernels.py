@@ -234,6 +234,29 @@ def test_threads_agree() -> None:
         csmd_native.set_num_threads(0)
 
 
+def test_chunked_and_split_jobs_interleave_with_more_threads_than_cores() -> None:
+    """One-row products hand out chunks (run_chunks), several rows split the work statically (run): back to
+    back, with more pool threads than cores so that workers lag behind and wake up late, every result must
+    still be the one computed alone, and nothing may hang."""
+    n0 = csmd_native.num_threads()
+    wq, s, b = make_weights(2048, 1024, 64, 4)
+    x1, x9 = make_x((1, 1024)), make_x((9, 1024))
+    csmd_native.set_num_threads(1)
+    want1, want9 = (
+        np.array(csmd_native.quantized_matmul(x1, wq, s, b)),
+        np.array(csmd_native.quantized_matmul(x9, wq, s, b)),
+    )
+    try:
+        csmd_native.set_num_threads(2 * (os.cpu_count() or 1) + 1)
+        for _ in range(200):
+            got1, got9 = csmd_native.quantized_matmul(x1, wq, s, b), csmd_native.quantized_matmul(x9, wq, s, b)
+            mx.eval(got1, got9)
+            np.testing.assert_array_equal(np.array(got1), want1)
+            np.testing.assert_array_equal(np.array(got9), want9)
+    finally:
+        csmd_native.set_num_threads(n0)
+
+
 def test_inside_compile() -> None:
     csmd_native.set_matvec_mode("exact")
     wq, s, b = make_weights(300, 512, 32, 8)

@@ -86,9 +86,8 @@ void attend(const float* q, const float* k_new, const float* v_new, const float*
             int rep, int T, int D, int pos, float* out) {
   const Kernels& kern = current_kernels();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const std::function<void(int, int)> heads = [&](int i, int nt) {
-    int j0, j1;
-    split_range(NH, nt, i, j0, j1);
+  // Heads [j0, j1): each a chunk of work for run_chunks, or all of them on this thread.
+  const auto heads = [&](int j0, int j1) {
     std::vector<float> sc(pos + 1);
     for (int j = j0; j < j1; ++j) {
       const int kvh = j / rep;
@@ -117,9 +116,9 @@ void attend(const float* q, const float* k_new, const float* v_new, const float*
   };
   // Threads pay off only once there is real work: a short depth-decoder context stays on this thread.
   if (static_cast<long long>(NH) * (pos + 1) * D >= (1 << 15))
-    pool().run(heads);
+    pool().run_chunks(NH, [&](int j) { heads(j, j + 1); });
   else
-    heads(0, 1);
+    heads(0, NH);
 }
 
 }  // namespace

@@ -169,9 +169,16 @@ inline void load_row(const void* base, SBType t, size_t offset, int n, float* ou
 }
 
 // ---------------------------------------------------------------------------
-// Persistent thread pool.  run(fn) calls fn(i, n) for i in [0, n) with the
-// caller doing i = 0.  Idle workers spin briefly (low wake latency for the
-// back-to-back matvecs of a decode step) and then sleep on a condvar.
+// Persistent thread pool with two kinds of job:
+//   run(fn):           fn(i, n) for i in [0, n), the caller doing i = 0; every worker takes its part.
+//   run_chunks(c, fn): fn(k) for k in [0, c), chunks handed out one at a time to whichever threads are
+//                      running. A worker the OS has descheduled (another process on its core: the codec, the
+//                      audio callbacks) then holds back one chunk at most, not a fixed half of the job; a
+//                      worker that has not woken up yet when the chunks run out is not waited for at all.
+// Idle workers spin briefly (low wake latency for the back-to-back matvecs of a decode step) and then sleep
+// on a condvar.
+
+inline std::atomic<int> g_spin_us{200};
 
 class ThreadPool {
  public:
@@ -194,15 +201,7 @@ class ThreadPool {
     }
     job_ = &fn;
     pending_.store(n_ - 1, std::memory_order_relaxed);
-    // Spinning workers see the new generation without any lock; the mutex and
-    // the notify are only paid when a worker went to sleep (seq_cst on gen_
-    // and sleepers_: a worker either sees the new gen_ under mu_ before it
-    // waits, or is counted in sleepers_ here).
-    gen_.fetch_add(1, std::memory_order_seq_cst);
-    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
-      { std::lock_guard<std::mutex> lk(mu_); }
-      cv_.notify_all();
-    }
+    publish(false);
     std::exception_ptr err;
     try {
       fn(0, n_);
@@ -214,7 +213,82 @@ class ThreadPool {
     if (err) std::rethrow_exception(err);
   }
 
+  void run_chunks(int count, const std::function<void(int)>& fn) {
+    std::unique_lock<std::mutex> run_lock(run_mu_, std::try_to_lock);
+    if (!run_lock.owns_lock() || n_ == 1 || count <= 1) {
+      for (int k = 0; k < count; ++k) fn(k);
+      return;
+    }
+    chunk_fn_ = &fn;
+    chunk_count_ = count;
+    next_chunk_.store(0, std::memory_order_relaxed);
+    const uint64_t g = gen_.load(std::memory_order_relaxed) + 1;
+    entry_.store((g & 0xFFFFFFFFu) << 32, std::memory_order_release);  // open, nobody inside
+    publish(true);
+    std::exception_ptr err;
+    try {
+      take_chunks();
+    } catch (...) {
+      err = std::current_exception();
+      next_chunk_.store(count, std::memory_order_relaxed);  // stop handing out chunks
+    }
+    // Close the door (no worker enters after this), then wait for those inside to finish their chunk.
+    entry_.fetch_or(kClosed, std::memory_order_acq_rel);
+    // Spin first (a chunk takes microseconds), then yield: a worker preempted inside its chunk may be
+    // waiting for this very core.
+    for (int spins = 0; (entry_.load(std::memory_order_acquire) & kInsideMask) != 0; ++spins) {
+      if (spins < 2000)
+        CSMD_CPU_RELAX();
+      else
+        std::this_thread::yield();
+    }
+    chunk_fn_ = nullptr;
+    if (err) std::rethrow_exception(err);
+  }
+
  private:
+  static constexpr uint64_t kClosed = uint64_t{1} << 31;
+  static constexpr uint64_t kInsideMask = kClosed - 1;
+
+  // Make the job set up by the caller visible: its kind under the next generation, then the generation.
+  void publish(bool chunked) {
+    const uint64_t g = gen_.load(std::memory_order_relaxed) + 1;
+    job_kind_.store((g << 1) | (chunked ? 1 : 0), std::memory_order_release);
+    // Spinning workers see the new generation without any lock; the mutex and
+    // the notify are only paid when a worker went to sleep (seq_cst on gen_
+    // and sleepers_: a worker either sees the new gen_ under mu_ before it
+    // waits, or is counted in sleepers_ here).
+    gen_.fetch_add(1, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      { std::lock_guard<std::mutex> lk(mu_); }
+      cv_.notify_all();
+    }
+  }
+
+  void take_chunks() {
+    for (;;) {
+      const int k = next_chunk_.fetch_add(1, std::memory_order_relaxed);
+      if (k >= chunk_count_) return;
+      (*chunk_fn_)(k);
+    }
+  }
+
+  // A worker joins chunked job `g` only while its door is open and still that job's.
+  void join_chunks(uint64_t g) {
+    uint64_t st = entry_.load(std::memory_order_acquire);
+    while ((st >> 32) == (g & 0xFFFFFFFFu) && !(st & kClosed)) {
+      if (entry_.compare_exchange_weak(st, st + 1, std::memory_order_acq_rel)) {
+        try {
+          take_chunks();
+        } catch (...) {
+          // kernels do not throw; never let an exception escape a worker
+        }
+        entry_.fetch_sub(1, std::memory_order_acq_rel);
+        return;
+      }
+    }
+  }
+
   void start(int n) {
     n_ = std::max(1, n);
     quit_ = false;
@@ -243,7 +317,7 @@ class ThreadPool {
       while (gen_.load(std::memory_order_acquire) == seen) {
         CSMD_CPU_RELAX();
         if (++spins % 256 == 0 &&
-            std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(200)) {
+            std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(g_spin_us.load(std::memory_order_relaxed))) {
           std::unique_lock<std::mutex> lk(mu_);
           sleepers_.fetch_add(1, std::memory_order_seq_cst);
           cv_.wait(lk, [&] { return gen_.load(std::memory_order_seq_cst) != seen; });
@@ -253,6 +327,15 @@ class ThreadPool {
       }
       seen = gen_.load(std::memory_order_acquire);
       if (quit_) return;
+      const uint64_t kind = job_kind_.load(std::memory_order_acquire);
+      // A chunked job can be over, and the next job published, before a slow worker wakes: then the kind
+      // belongs to a newer generation, which the next turn of the loop picks up. (A plain job is never
+      // superseded before every worker has run its part.)
+      if ((kind >> 1) != seen) continue;
+      if (kind & 1) {
+        join_chunks(seen);
+        continue;
+      }
       try {
         (*job_)(idx, n_);
       } catch (...) {
@@ -267,9 +350,15 @@ class ThreadPool {
   std::mutex run_mu_, mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> gen_{0};
+  std::atomic<uint64_t> job_kind_{0};  // (generation << 1) | chunked
   std::atomic<int> pending_{0};
   std::atomic<int> sleepers_{0};
   const std::function<void(int, int)>* job_ = nullptr;
+  // chunked jobs
+  const std::function<void(int)>* chunk_fn_ = nullptr;
+  int chunk_count_ = 0;
+  std::atomic<int> next_chunk_{0};
+  std::atomic<uint64_t> entry_{0};  // (generation & 0xFFFFFFFF) << 32 | closed bit | threads inside
   bool quit_ = false;
 };
 
@@ -284,6 +373,32 @@ inline void run_split(ThreadPool* pool, const std::function<void(int, int)>& fn,
     pool->run(fn);
   else
     fn(0, 1);
+}
+
+// fn(n0, n1) over the rows [0, N) of a matrix-vector product, in chunks of about 64 KB of weights handed
+// out by run_chunks (at least 4 per thread, so a thread that falls behind leaves little to wait for); in one
+// call here when the job is too small to pay for waking the pool (see run_split).
+inline std::atomic<int> g_static_split{0};
+inline void run_rows(ThreadPool* pool, int N, size_t bytes_per_row, const std::function<void(int, int)>& fn) {
+  const size_t total = bytes_per_row * static_cast<size_t>(N);
+  if (!pool || pool->size() == 1 || total < (64u << 10) || N < 2) {
+    fn(0, N);
+    return;
+  }
+  if (g_static_split.load(std::memory_order_relaxed)) {
+    const std::function<void(int, int)> part = [&](int i, int nt) {
+      int n0, n1;
+      split_range(N, nt, i, n0, n1);
+      fn(n0, n1);
+    };
+    pool->run(part);
+    return;
+  }
+  int rows = static_cast<int>(std::max<size_t>(1, (64u << 10) / std::max<size_t>(1, bytes_per_row)));
+  rows = std::max(1, std::min(rows, N / (4 * pool->size())));
+  const int count = (N + rows - 1) / rows;
+  const std::function<void(int)> chunk = [&](int k) { fn(k * rows, std::min(N, (k + 1) * rows)); };
+  pool->run_chunks(count, chunk);
 }
 
 // ---------------------------------------------------------------------------
@@ -309,6 +424,8 @@ struct QMatmulArgs {
   SBType sbt = SBType::F32;
   float* out = nullptr;
 };
+
+inline std::atomic<int> g_pf_dist{0};
 
 // x of a matrix-vector product prepared once (for one or several matrices of
 // the same K, G and bits) and the row kernel of the chosen mode.
@@ -353,10 +470,15 @@ struct MatvecPrep {
       sp = sv.data();
       bp = bv.data();
     }
+    const int pf = g_pf_dist.load(std::memory_order_relaxed);
+    const uint8_t* end = a.w + static_cast<size_t>(n1) * row_bytes;
     for (int n = n0; n < n1; ++n) {
+      const uint8_t* row = a.w + n * row_bytes;
+      if (pf > 0)
+        for (size_t o = 0; o < row_bytes && row + pf + o < end; o += 64) __builtin_prefetch(row + pf + o, 0, 3);
       load_row(a.scales, a.sbt, static_cast<size_t>(n) * ng, ng, sp);
       load_row(a.biases, a.sbt, static_cast<size_t>(n) * ng, ng, bp);
-      a.out[n] = dot(a.w + n * row_bytes, sp, bp, p);
+      a.out[n] = dot(row, sp, bp, p);
     }
   }
 };
@@ -370,12 +492,7 @@ inline void qmatmul(const QMatmulArgs& a, const Kernels& kern, MatvecMode mode, 
 
   if (M == 1) {
     MatvecPrep mp(a.x, K, G, bits, kern, mode);
-    std::function<void(int, int)> fn = [&](int i, int nt) {
-      int n0, n1;
-      split_range(N, nt, i, n0, n1);
-      mp.rows(a, n0, n1);
-    };
-    run_split(pool, fn, row_bytes * N);
+    run_rows(pool, N, row_bytes, [&](int n0, int n1) { mp.rows(a, n0, n1); });
     return;
   }
 
@@ -426,28 +543,25 @@ inline void qmatvec_multi(const QMatmulArgs* a, int count, const Kernels& kern, 
                           const std::function<void(int, int)>* post = nullptr) {
   const int K = a[0].K;
   MatvecPrep mp(a[0].x, K, a[0].G, a[0].bits, kern, mode);
-  size_t total = 0;
-  int rows = 0;
-  for (int c = 0; c < count; ++c) rows += a[c].N;
-  total = static_cast<size_t>(rows) * K * a[0].bits / 8;
-  std::function<void(int, int)> fn = [&](int i, int nt) {
-    if (paired) {
-      int n0, n1;
-      split_range(a[0].N, nt, i, n0, n1);
+  const size_t row_bytes = static_cast<size_t>(K) * a[0].bits / 8;
+  if (paired) {  // all N equal: each chunk is rows [n0, n1) of every output, then post
+    run_rows(pool, a[0].N, row_bytes * count, [&](int n0, int n1) {
       for (int c = 0; c < count; ++c) mp.rows(a[c], n0, n1);
       if (post && n1 > n0) (*post)(n0, n1);
-      return;
-    }
-    int r0, r1;
-    split_range(rows, nt, i, r0, r1);
+    });
+    return;
+  }
+  int rows = 0;
+  for (int c = 0; c < count; ++c) rows += a[c].N;
+  // the outputs' rows one after another, chunked together
+  run_rows(pool, rows, row_bytes, [&](int r0, int r1) {
     int base = 0;
     for (int c = 0; c < count; ++c) {
       const int lo = std::max(r0, base), hi = std::min(r1, base + a[c].N);
       if (lo < hi) mp.rows(a[c], lo - base, hi - base);
       base += a[c].N;
     }
-  };
-  run_split(pool, fn, total);
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -484,12 +598,7 @@ inline void fmatvec_rows(const FMatmulArgs& a, const Kernels& kern, int n0, int 
 inline void fmatmul(const FMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
   const int K = a.K, N = a.N, M = a.M;
   if (M == 1) {
-    std::function<void(int, int)> fn = [&](int i, int nt) {
-      int n0, n1;
-      split_range(N, nt, i, n0, n1);
-      fmatvec_rows(a, kern, n0, n1);
-    };
-    run_split(pool, fn, fweight_bytes(a));
+    run_rows(pool, N, fweight_bytes(a) / N, [&](int n0, int n1) { fmatvec_rows(a, kern, n0, n1); });
     return;
   }
   // gemm_tile reads KB % 8 == 0 columns: pad x rows with zeros when K is not a multiple of 8.
@@ -542,30 +651,26 @@ inline void fmatmul(const FMatmulArgs& a, const Kernels& kern, ThreadPool* pool)
 // job; paired and post as in qmatvec_multi.
 inline void fmatvec_multi(const FMatmulArgs* a, int count, const Kernels& kern, ThreadPool* pool,
                           bool paired = false, const std::function<void(int, int)>* post = nullptr) {
-  size_t total = 0;
-  int rows = 0;
-  for (int c = 0; c < count; ++c) {
-    rows += a[c].N;
-    total += fweight_bytes(a[c]);
-  }
-  std::function<void(int, int)> fn = [&](int i, int nt) {
-    if (paired) {
-      int n0, n1;
-      split_range(a[0].N, nt, i, n0, n1);
+  if (paired) {  // all N equal: each chunk is rows [n0, n1) of every output, then post
+    size_t row_bytes = 0;
+    for (int c = 0; c < count; ++c) row_bytes += fweight_bytes(a[c]) / a[c].N;
+    run_rows(pool, a[0].N, row_bytes, [&](int n0, int n1) {
       for (int c = 0; c < count; ++c) fmatvec_rows(a[c], kern, n0, n1);
       if (post && n1 > n0) (*post)(n0, n1);
-      return;
-    }
-    int r0, r1;
-    split_range(rows, nt, i, r0, r1);
+    });
+    return;
+  }
+  int rows = 0;
+  for (int c = 0; c < count; ++c) rows += a[c].N;
+  // the outputs' rows one after another, chunked together (all of one K and dtype in the model)
+  run_rows(pool, rows, fweight_bytes(a[0]) / a[0].N, [&](int r0, int r1) {
     int base = 0;
     for (int c = 0; c < count; ++c) {
       const int lo = std::max(r0, base), hi = std::min(r1, base + a[c].N);
       if (lo < hi) fmatvec_rows(a[c], kern, lo - base, hi - base);
       base += a[c].N;
     }
-  };
-  run_split(pool, fn, total);
+  });
 }
 
 }  // namespace csmd
