@@ -98,6 +98,13 @@ SHAPES = [
     (300, 64, 4096),
     (300, 2048, 2051),
     (300, 8192, 7),
+    # the many-row GEMM's edges: 2..7 rows (one partial 6-row panel), over 192 rows (two passes over a
+    # weight panel), output columns past one 64-row chunk and not a multiple of the 16-wide panels
+    (2, 192, 33),
+    (6, 1024, 16),
+    (7, 2048, 17),
+    (197, 1024, 130),
+    (451, 2048, 80),
 ]
 
 
@@ -347,6 +354,9 @@ MATMUL_SHAPES = [
     (300, 13, 257),
     (300, 2047, 65),
     (300, 8192, 7),
+    (2, 9, 5),
+    (6, 513, 31),
+    (197, 300, 130),
 ]
 
 
@@ -631,3 +641,57 @@ def test_step_bad_inputs() -> None:
         csmd_native.transformer_step(x, f32, ck, ck, 0, inv, 4, 2, 1e-5, 32, 16)
     with pytest.raises(ValueError, match="bits"):
         csmd_native.transformer_step(x, f32, ck, ck, 0, inv, 4, 2, 1e-5, 32, 12)
+
+
+# --------------------------------------------------------------------------------------------------
+# csmd_native.causal_softmax and the prefill attention built on it (csmd.kernels.attention with causal=True),
+# against numpy in float64 and MLX's scaled_dot_product_attention.  The polynomial exp is within a few ulp,
+# so probabilities carry ~1e-6 relative error.
+
+
+def causal_softmax_f64(scores: np.ndarray) -> np.ndarray:
+    t, s = scores.shape[-2:]
+    allowed = np.arange(t)[:, None] + (s - t) >= np.arange(s)[None, :]
+    z = np.where(allowed, scores, -np.inf)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize(("t", "s"), [(1, 1), (1, 9), (5, 5), (7, 20), (33, 100), (300, 301)])
+def test_causal_softmax_matches_reference(t: int, s: int) -> None:
+    x = make_x((2, 3, t, s), seed=t + s) * 4
+    ref = causal_softmax_f64(as_f64(x))
+    for v in ["scalar", *available_simd()]:
+        csmd_native.set_variant(v)
+        y = csmd_native.causal_softmax(x)
+        assert y.shape == x.shape and y.dtype == mx.float32
+        np.testing.assert_allclose(as_f64(y), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_causal_softmax_dtypes_and_bad_inputs() -> None:
+    x = make_x((4, 6), seed=3)
+    y = csmd_native.causal_softmax(x.astype(mx.bfloat16))
+    assert y.dtype == mx.bfloat16
+    np.testing.assert_allclose(as_f64(y), causal_softmax_f64(as_f64(x.astype(mx.bfloat16))), rtol=2.0**-7)
+    with pytest.raises(ValueError, match="S >= T"):
+        csmd_native.causal_softmax(make_x((6, 4)))
+    with pytest.raises(ValueError, match="float32"):
+        csmd_native.causal_softmax(mx.zeros((2, 2), dtype=mx.int32))
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "t", "s", "dim"),
+    [(32, 8, 300, 300, 64), (32, 8, 100, 400, 64), (4, 1, 7, 19, 16), (8, 8, 5, 5, 32), (6, 2, 1, 11, 8)],
+)
+def test_prefill_attention_matches_reference(heads: int, kv_heads: int, t: int, s: int, dim: int) -> None:
+    from csmd import kernels
+    from csmd.kernels import reference
+
+    q = make_x((1, heads, t, dim), seed=1)
+    k = make_x((1, kv_heads, s, dim), seed=2)
+    v = make_x((1, kv_heads, s, dim), seed=3)
+    scale = dim**-0.5
+    y = kernels.attention(q, k, v, scale, causal=True)
+    r = reference.attention(q, k, v, scale, causal=True)
+    assert y.shape == r.shape == (1, heads, t, dim)
+    np.testing.assert_allclose(as_f64(y), as_f64(r), rtol=1e-4, atol=1e-5)

@@ -17,7 +17,6 @@ from csmd.kernels import native, reference
 
 rms_norm = reference.rms_norm
 rope_interleaved = reference.rope_interleaved
-attention = reference.attention
 swiglu = reference.swiglu
 
 
@@ -51,6 +50,32 @@ def _native_dense(x: mx.array, weight: mx.array) -> bool:
         return True
     rows = x.size // x.shape[-1] if x.ndim else 0
     return weight.dtype == mx.float32 and rows == 1
+
+
+def attention(q: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool) -> mx.array:
+    """Grouped-query attention of q [B, heads, T, D] over keys/values [B, kv heads, S, D]; "causal" is aligned
+    to the last key (new rows after a cached prefix)."""
+    if causal and q.dtype == mx.float32 and _native_has("causal_softmax"):
+        return _prefill_attention(q, keys, values, scale)
+    return reference.attention(q, keys, values, scale, causal)
+
+
+def _prefill_attention(q: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
+    """Causal attention as two batched matmuls (BLAS) around the native causal softmax. MLX's CPU fallback
+    for `scaled_dot_product_attention` computes the same products but spends most of its time in a slow
+    exp (about 35 of 50 ms for 300 rows and 32 heads)."""
+    batch, heads, rows, dim = q.shape
+    kv_heads = keys.shape[1]
+    # The query heads sharing one kv head (heads h * rep .. h * rep + rep - 1) become one [rep * rows, D] block.
+    grouped = (q * scale).reshape(batch, kv_heads, heads // kv_heads * rows, dim)
+    assert native.module is not None
+    scores = (grouped @ keys.swapaxes(-1, -2)).reshape(batch, kv_heads, heads // kv_heads, rows, -1)
+    probs = native.module.causal_softmax(scores).reshape(batch, kv_heads, heads // kv_heads * rows, -1)
+    return (probs @ values).reshape(batch, heads, rows, dim)
+
+
+def _native_has(name: str) -> bool:
+    return native.module is not None and native.active() and hasattr(native.module, name)
 
 
 def fused_step_available(x: mx.array) -> bool:

@@ -17,6 +17,7 @@ if _mx.__version__ != mlx_version:
 
 from ._ext import (
     _pool_roundtrip_us,  # noqa: F401  (for native/bench_kernels.py)
+    causal_softmax,
     cpu_features,
     get_matvec_mode,
     matmul,
@@ -29,6 +30,7 @@ from ._ext import (
 )
 
 __all__ = [
+    "causal_softmax",
     "cpu_features",
     "get_matvec_mode",
     "matmul",

@@ -7,6 +7,7 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "attention.h"
 #include "matmul.h"
 #include "qmatmul.h"
 #include "state.h"
@@ -32,7 +33,12 @@ NB_MODULE(_ext, m) {
         "x @ w.T for bfloat16 or float32 weights w [out, in] (Linear layout), in fp32.\n\n"
         "x float32/bfloat16/float16 with any leading dims; the output has x's dtype.  One row is a\n"
         "threaded matrix-vector product reading every weight byte once; several rows convert weight\n"
-        "tiles to fp32 and use the GEMM tile kernel.");
+        "blocks to fp32 for the blocked GEMM (kernels/gemm.h).");
+
+  m.def("causal_softmax", &csmd::causal_softmax, "scores"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "Softmax of prefill attention scores [..., T, S] (S >= T) under the causal mask aligned to the\n"
+        "last key: in each block of T rows, row i sees keys 0 .. S - T + i and is 0 past them.\n"
+        "Computed in fp32 across the thread pool; the output has the scores' dtype.");
 
   m.def("cpu_features", []() {
     nb::dict d;

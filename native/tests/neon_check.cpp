@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "kernels/driver.h"
@@ -140,8 +141,8 @@ int main() {
             check(std::fabs(js - r) <= 1e-4 * scale, "scalar dot_i16 vs f64", K, N, 1, G, bits, js - r);
             check(std::fabs(jv - js) <= 1e-5 * scale, "simd dot_i16 vs scalar", K, N, 1, G, bits, jv - js);
             // dequant: whole row in 256-chunks, compare elementwise
-            for (int k0 = 0; k0 < K; k0 += kTileK) {
-              const int kn = std::min(kTileK, K - k0);
+            for (int k0 = 0; k0 < K; k0 += kGemmKC) {
+              const int kn = std::min(kGemmKC, K - k0);
               std::vector<float> d1(kn), d2(kn);
               ks.dequant(wb + n * rb, s, b, K, G, bits, k0, kn, d1.data());
               kv.dequant(wb + n * rb, s, b, K, G, bits, k0, kn, d2.data());
@@ -187,26 +188,99 @@ int main() {
           }
         }
       }
-  // gemm_tile and dot_f32 directly, with odd M / NB
-  for (int M : {1, 2, 3, 4, 6, 7})
-    for (int NB : {1, 3, 4, 5, 16})
-      for (int KB : {8, 64, 256}) {
-        std::vector<float> X(M * KB), W(NB * KB), C1(M * NB, 1.f), C2(M * NB, 1.f);
+  // the many-row GEMM past its blocks: M over kGemmMC rows (two passes, a partial x panel), N over
+  // kGemmNC rows (several chunks, a partial column panel), K over kGemmKC (a partial K block).
+  for (int bits : {4, 8})
+    for (const auto& kg : {std::pair<int, int>{1056, 32}, {1088, 64}, {1152, 128}})
+      for (const auto& mn : {std::pair<int, int>{197, 130}, {200, 80}}) {
+        const int K = kg.first, G = kg.second, M = mn.first, N = mn.second, ng = K / G;
+        Case c = make_case(rng, K, N, G, bits);
+        std::vector<float> X(static_cast<size_t>(M) * K), o1(static_cast<size_t>(M) * N), o2(o1.size());
         for (auto& v : X) v = nd(rng);
-        for (auto& v : W) v = nd(rng);
-        ks.gemm_tile(X.data(), M, KB, W.data(), NB, KB, KB, C1.data(), NB);
-        kv.gemm_tile(X.data(), M, KB, W.data(), NB, KB, KB, C2.data(), NB);
-        for (int i = 0; i < M * NB; ++i)
-          check(std::fabs(C1[i] - C2[i]) <= 1e-4 * KB, "gemm_tile", KB, NB, M, 0, 0, C1[i] - C2[i]);
-        for (int K : {1, 7, 8, 17, 64, 1023}) {
-          std::vector<float> a(K), b(K);
-          for (auto& v : a) v = nd(rng);
-          for (auto& v : b) v = nd(rng);
-          const float r1 = ks.dot_f32(a.data(), b.data(), K), r2 = kv.dot_f32(a.data(), b.data(), K);
-          check(std::fabs(r1 - r2) <= 1e-4 * K, "dot_f32", K, 1, 1, 0, 0, r1 - r2);
+        QMatmulArgs a;
+        a.x = X.data(); a.M = M; a.K = K; a.N = N; a.G = G; a.bits = bits;
+        a.w = reinterpret_cast<const uint8_t*>(c.w.data());
+        a.sbt = SBType::BF16;
+        a.scales = c.s16.data();
+        a.biases = c.b16.data();
+        a.out = o1.data();
+        qmatmul(a, ks, MatvecMode::Exact, nullptr);
+        a.out = o2.data();
+        qmatmul(a, kv, MatvecMode::Exact, &pool);
+        for (int n = 0; n < N; ++n) {
+          double wmax = 0;
+          for (int g = 0; g < ng; ++g)
+            wmax = std::fmax(wmax, std::fabs(c.s[n * ng + g]) * ((1 << bits) - 1) + std::fabs(c.b[n * ng + g]));
+          for (int m = 0; m < M; m += (n % 7 == 0 ? 1 : 13)) {  // every row of some columns
+            const float* x = X.data() + static_cast<size_t>(m) * K;
+            double xn = 0;
+            for (int k = 0; k < K; ++k) xn += std::fabs(x[k]);
+            const double r = ref_dot(c, n, x), scale = wmax * xn + 1e-6;
+            const float v1 = o1[static_cast<size_t>(m) * N + n], v2 = o2[static_cast<size_t>(m) * N + n];
+            check(std::fabs(v1 - r) <= 1e-5 * scale, "big driver scalar vs f64", K, N, M, G, bits, v1 - r);
+            check(std::fabs(v2 - r) <= 1e-5 * scale, "big driver simd vs f64", K, N, M, G, bits, v2 - r);
+          }
         }
         ++cases;
       }
+  // gemm_micro directly: partial tiles (mr < 6, nr < 16), any kc, overwrite and accumulate, against a
+  // float64 reference; C entries outside the mr x nr tile must stay untouched.
+  for (int mr = 1; mr <= kGemmMR; ++mr)
+    for (int nr : {1, 5, 8, 15, 16})
+      for (int kc : {1, 7, 8, 256}) {
+        std::vector<float> xp(kGemmMR * kc), wp(kGemmNR * kc);
+        for (auto& v : xp) v = nd(rng);
+        for (auto& v : wp) v = nd(rng);
+        const int ldc = kGemmNR + 3;
+        for (int acc : {0, 1}) {
+          std::vector<float> C1(kGemmMR * ldc, 1.f), C2(C1);
+          ks.gemm.micro(xp.data(), wp.data(), kc, C1.data(), ldc, mr, nr, acc != 0);
+          kv.gemm.micro(xp.data(), wp.data(), kc, C2.data(), ldc, mr, nr, acc != 0);
+          for (int m = 0; m < kGemmMR; ++m)
+            for (int n = 0; n < ldc; ++n) {
+              double r = 1.0, mag = 1.0;
+              if (m < mr && n < nr) {
+                r = acc ? 1.0 : 0.0;
+                for (int k = 0; k < kc; ++k) {
+                  r += static_cast<double>(xp[k * kGemmMR + m]) * wp[k * kGemmNR + n];
+                  mag += std::fabs(static_cast<double>(xp[k * kGemmMR + m]) * wp[k * kGemmNR + n]);
+                }
+              }
+              const float v1 = C1[m * ldc + n], v2 = C2[m * ldc + n];
+              check(std::fabs(v1 - r) <= 1e-5 * mag, "scalar gemm_micro vs f64", kc, nr, mr, 0, 0, v1 - r);
+              check(std::fabs(v2 - r) <= 1e-5 * mag, "simd gemm_micro vs f64", kc, nr, mr, 0, 0, v2 - r);
+            }
+        }
+        ++cases;
+      }
+  // softmax_row (prefill attention): SIMD exp against std::exp, causal limits n <= S
+  for (int S : {1, 3, 4, 8, 9, 64, 301})
+    for (int n : {1, 2, 5, 8, 64, 300, 301}) {
+      if (n > S) continue;
+      std::vector<float> x(S), o1(S, -1.f), o2(S, -1.f);
+      for (auto& v : x) v = 8.f * nd(rng);
+      ks.softmax_row(x.data(), n, S, o1.data());
+      kv.softmax_row(x.data(), n, S, o2.data());
+      double mx = -1e30, sum = 0;
+      for (int j = 0; j < n; ++j) mx = std::fmax(mx, x[j]);
+      for (int j = 0; j < n; ++j) sum += std::exp(static_cast<double>(x[j]) - mx);
+      for (int j = 0; j < S; ++j) {
+        const double r = j < n ? std::exp(static_cast<double>(x[j]) - mx) / sum : 0.0;
+        check(std::fabs(o1[j] - r) <= 1e-5 * r + 1e-9, "scalar softmax_row vs f64", S, n, 1, 0, 0, o1[j] - r);
+        check(std::fabs(o2[j] - r) <= 1e-5 * r + 1e-9, "simd softmax_row vs f64", S, n, 1, 0, 0, o2[j] - r);
+      }
+      ++cases;
+    }
+  // dot_f32 directly
+  for (int rep = 0; rep < 8; ++rep)
+    for (int K : {1, 7, 8, 17, 64, 1023}) {
+      std::vector<float> a(K), b(K);
+      for (auto& v : a) v = nd(rng);
+      for (auto& v : b) v = nd(rng);
+      const float r1 = ks.dot_f32(a.data(), b.data(), K), r2 = kv.dot_f32(a.data(), b.data(), K);
+      check(std::fabs(r1 - r2) <= 1e-4 * K, "dot_f32", K, 1, 1, 0, 0, r1 - r2);
+      ++cases;
+    }
   // bfloat16 weights: dot_bf16 / cvt_bf16 directly, and the float matmul driver (bf16 and float32
   // weights, several M, K not a multiple of 8) against a float64 reference.
   auto to_bf16 = [](float f) {

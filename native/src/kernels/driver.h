@@ -16,8 +16,10 @@
 #include "avx2.h"
 #include "avx512vnni.h"
 #include "common.h"
+#include "gemm.h"
 #include "neon.h"
 #include "scalar.h"
+#include "softmax.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -47,10 +49,11 @@ struct Kernels {
   float (*dot_i)(const uint8_t*, const float*, const float*, const XPrep&);
   float (*dot_i16)(const uint8_t*, const float*, const float*, const XPrep&);
   void (*dequant)(const uint8_t*, const float*, const float*, int, int, int, int, int, float*);
-  void (*gemm_tile)(const float*, int, int, const float*, int, int, int, float*, int);
+  GemmKernels gemm;
   float (*dot_f32)(const float*, const float*, int);
   float (*dot_bf16)(const uint16_t*, const float*, int);
   void (*cvt_bf16)(const uint16_t*, int, float*);
+  void (*softmax_row)(const float*, int, int, float*);
 };
 
 inline bool cpu_has_avx2() {
@@ -102,8 +105,8 @@ inline Kernels kernels_for(Variant v) {
   switch (v) {
 #if defined(CSMD_HAVE_AVX2_KERNELS)
     case Variant::AVX2:
-      return {avx2::dot_f, avx2::dot_i, avx2::dot_i16, avx2::dequant, avx2::gemm_tile, avx2::dot_f32,
-              avx2::dot_bf16, avx2::cvt_bf16};
+      return {avx2::dot_f, avx2::dot_i, avx2::dot_i16, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w}, avx2::dot_f32,
+              avx2::dot_bf16, avx2::cvt_bf16, avx2::softmax_row};
 #endif
 #if defined(CSMD_HAVE_AVX512VNNI_KERNELS)
     case Variant::AVX512VNNI:
@@ -112,12 +115,12 @@ inline Kernels kernels_for(Variant v) {
 #endif
 #if defined(CSMD_HAVE_NEON_KERNELS)
     case Variant::NEON:
-      return {neon::dot_f, neon::dot_i, neon::dot_i16, neon::dequant, neon::gemm_tile, neon::dot_f32,
-              neon::dot_bf16, neon::cvt_bf16};
+      return {neon::dot_f, neon::dot_i, neon::dot_i16, neon::dequant, {neon::gemm_micro, neon::gemm_pack_w}, neon::dot_f32,
+              neon::dot_bf16, neon::cvt_bf16, neon::softmax_row};
 #endif
     default:
-      return {scalar::dot_f, scalar::dot_i, scalar::dot_i16, scalar::dequant, scalar::gemm_tile, scalar::dot_f32,
-              scalar::dot_bf16, scalar::cvt_bf16};
+      return {scalar::dot_f, scalar::dot_i, scalar::dot_i16, scalar::dequant, {scalar::gemm_micro, scalar::gemm_pack_w}, scalar::dot_f32,
+              scalar::dot_bf16, scalar::cvt_bf16, scalar::softmax_row};
   }
 }
 
@@ -412,7 +415,7 @@ inline void run_rows(ThreadPool* pool, int N, size_t bytes_per_row, const std::f
 //   Int8:  x quantized per group to int8 for 4 bits (dx = max|x_g|/127, about
 //          0.5% relative per product), int16 for 8 bits (dot_i).
 // For 8-bit weights Int16 and Int8 are the same (int16 x).  M > 1 always uses
-// the float tile kernel (weights dequantized 16 rows x 256 columns at a time).
+// the fp32 GEMM (gemm.h) on weights dequantized block by block (qgemm).
 enum class MatvecMode { Exact = 0, Int8 = 1, Int16 = 2 };
 
 struct QMatmulArgs {
@@ -483,11 +486,64 @@ struct MatvecPrep {
   }
 };
 
-constexpr int kTileRows = 16;
-constexpr int kTileK = 256;
+// ---------------------------------------------------------------------------
+// Many-row products (M > 1): the blocked fp32 GEMM of gemm.h.
+
+// x packed for gemm_part (gemm_pack_x), the panels split over the pool.
+inline void gemm_packed_x(const float* x, int M, int K, bool permute, ThreadPool* pool, std::vector<float>& xp) {
+  xp.resize(gemm_packed_x_size(M, K));
+  const int panels = gemm_padded_rows(M) / kGemmMR;
+  std::function<void(int, int)> fn = [&](int i, int nt) {
+    int p0, p1;
+    split_range(panels, nt, i, p0, p1);
+    gemm_pack_x(x, M, K, permute, p0, p1, xp.data());
+  };
+  run_split(pool, fn, xp.size() * sizeof(float));
+}
+
+// gemm_part's weight rows of an affine-quantized matrix, dequantized to fp32 (4 bits: in the permuted order
+// of common.h, which gemm_pack_x gives x too).  One per thread: it holds the scales and biases of a chunk.
+struct QuantFill {
+  const QMatmulArgs& a;
+  const Kernels& kern;
+  std::vector<float> s, b;
+  int n0 = 0, nrows = 0;
+
+  QuantFill(const QMatmulArgs& args, const Kernels& k)
+      : a(args), kern(k), s(static_cast<size_t>(kGemmNC) * (args.K / args.G)), b(s.size()) {}
+
+  void rows(int first, int count) {
+    const int ng = a.K / a.G;
+    n0 = first;
+    nrows = count;
+    for (int r = 0; r < count; ++r) {
+      load_row(a.scales, a.sbt, static_cast<size_t>(n0 + r) * ng, ng, s.data() + r * ng);
+      load_row(a.biases, a.sbt, static_cast<size_t>(n0 + r) * ng, ng, b.data() + r * ng);
+    }
+  }
+
+  void operator()(int k0, int kc, float* dst, int ldd) const {
+    const int ng = a.K / a.G;
+    const size_t row_bytes = static_cast<size_t>(a.K) * a.bits / 8;
+    for (int r = 0; r < nrows; ++r)
+      kern.dequant(a.w + (n0 + r) * row_bytes, s.data() + r * ng, b.data() + r * ng, a.K, a.G, a.bits, k0, kc,
+                   dst + static_cast<size_t>(r) * ldd);
+  }
+};
+
+inline void qgemm(const QMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
+  std::vector<float> xp;
+  gemm_packed_x(a.x, a.M, a.K, a.bits == 4, pool, xp);
+  const GemmArgs g{a.M, a.N, a.K, xp.data(), a.out, kern.gemm};
+  std::function<void(int, int)> fn = [&](int i, int nt) {
+    QuantFill fill(a, kern);
+    gemm_part(g, fill, i, nt);
+  };
+  run_split(pool, fn, static_cast<size_t>(a.K) * a.bits / 8 * a.N * a.M);
+}
 
 inline void qmatmul(const QMatmulArgs& a, const Kernels& kern, MatvecMode mode, ThreadPool* pool) {
-  const int K = a.K, N = a.N, M = a.M, G = a.G, bits = a.bits, ng = K / G;
+  const int K = a.K, N = a.N, M = a.M, G = a.G, bits = a.bits;
   const size_t row_bytes = static_cast<size_t>(K) * bits / 8;
 
   if (M == 1) {
@@ -496,41 +552,7 @@ inline void qmatmul(const QMatmulArgs& a, const Kernels& kern, MatvecMode mode, 
     return;
   }
 
-  // M > 1: permute x rows once (4 bits), then tile over weight rows.
-  std::vector<float> xp;
-  const float* X = a.x;
-  if (bits == 4) {
-    xp.resize(static_cast<size_t>(M) * K);
-    for (int m = 0; m < M; ++m) permute4(a.x + static_cast<size_t>(m) * K, K, xp.data() + static_cast<size_t>(m) * K);
-    X = xp.data();
-  }
-  const int ntiles = (N + kTileRows - 1) / kTileRows;
-  std::function<void(int, int)> fn = [&](int i, int nt) {
-    int t0, t1;
-    split_range(ntiles, nt, i, t0, t1);
-    std::vector<float> wd(static_cast<size_t>(kTileRows) * kTileK);
-    std::vector<float> c(static_cast<size_t>(M) * kTileRows);
-    std::vector<float> s(static_cast<size_t>(kTileRows) * ng), b(static_cast<size_t>(kTileRows) * ng);
-    for (int t = t0; t < t1; ++t) {
-      const int n0 = t * kTileRows;
-      const int nr = std::min(kTileRows, N - n0);
-      std::fill(c.begin(), c.end(), 0.f);
-      for (int r = 0; r < nr; ++r) {
-        load_row(a.scales, a.sbt, static_cast<size_t>(n0 + r) * ng, ng, s.data() + r * ng);
-        load_row(a.biases, a.sbt, static_cast<size_t>(n0 + r) * ng, ng, b.data() + r * ng);
-      }
-      for (int k0 = 0; k0 < K; k0 += kTileK) {
-        const int kn = std::min(kTileK, K - k0);
-        for (int r = 0; r < nr; ++r)
-          kern.dequant(a.w + (n0 + r) * row_bytes, s.data() + r * ng, b.data() + r * ng, K, G,
-                       bits, k0, kn, wd.data() + r * kTileK);
-        kern.gemm_tile(X + k0, M, K, wd.data(), nr, kTileK, kn, c.data(), kTileRows);
-      }
-      for (int m = 0; m < M; ++m)
-        for (int r = 0; r < nr; ++r) a.out[static_cast<size_t>(m) * N + n0 + r] = c[m * kTileRows + r];
-    }
-  };
-  run_split(pool, fn, row_bytes * N * static_cast<size_t>(M));
+  qgemm(a, kern, pool);
 }
 
 // Several single-row products of one x (count matrices of the same K, G and
@@ -569,8 +591,8 @@ inline void qmatvec_multi(const QMatmulArgs* a, int count, const Kernels& kern, 
 // [N, K] (Linear layout), fp32 arithmetic, any K.
 //   M == 1: rows split over the threads, each row one pass over its weights
 //           (dot_bf16 / dot_f32: every weight byte read once);
-//   M > 1:  16-row x 256-column weight tiles converted to fp32 scratch (zero
-//           padded to a multiple of 8 columns) and the gemm_tile micro-kernel.
+//   M > 1:  the blocked fp32 GEMM of gemm.h on weight blocks converted to fp32
+//           (fgemm).
 struct FMatmulArgs {
   const float* x = nullptr;  // [M, K]
   int M = 0, K = 0, N = 0;
@@ -595,56 +617,47 @@ inline void fmatvec_rows(const FMatmulArgs& a, const Kernels& kern, int n0, int 
   }
 }
 
+// gemm_part's weight rows of a bfloat16 or float32 matrix, as fp32.
+struct FloatFill {
+  const FMatmulArgs& a;
+  const Kernels& kern;
+  int n0 = 0, nrows = 0;
+
+  void rows(int first, int count) {
+    n0 = first;
+    nrows = count;
+  }
+
+  void operator()(int k0, int kc, float* dst, int ldd) const {
+    for (int r = 0; r < nrows; ++r) {
+      const size_t off = static_cast<size_t>(n0 + r) * a.K + k0;
+      float* d = dst + static_cast<size_t>(r) * ldd;
+      if (a.bf16)
+        kern.cvt_bf16(static_cast<const uint16_t*>(a.w) + off, kc, d);
+      else
+        std::memcpy(d, static_cast<const float*>(a.w) + off, sizeof(float) * kc);
+    }
+  }
+};
+
+inline void fgemm(const FMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
+  std::vector<float> xp;
+  gemm_packed_x(a.x, a.M, a.K, false, pool, xp);
+  const GemmArgs g{a.M, a.N, a.K, xp.data(), a.out, kern.gemm};
+  std::function<void(int, int)> fn = [&](int i, int nt) {
+    FloatFill fill{a, kern};
+    gemm_part(g, fill, i, nt);
+  };
+  run_split(pool, fn, fweight_bytes(a) * static_cast<size_t>(a.M));
+}
+
 inline void fmatmul(const FMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
-  const int K = a.K, N = a.N, M = a.M;
+  const int N = a.N, M = a.M;
   if (M == 1) {
     run_rows(pool, N, fweight_bytes(a) / N, [&](int n0, int n1) { fmatvec_rows(a, kern, n0, n1); });
     return;
   }
-  // gemm_tile reads KB % 8 == 0 columns: pad x rows with zeros when K is not a multiple of 8.
-  const int Kp = (K + 7) & ~7;
-  std::vector<float> xp;
-  const float* X = a.x;
-  if (Kp != K) {
-    xp.assign(static_cast<size_t>(M) * Kp, 0.f);
-    for (int m = 0; m < M; ++m)
-      std::memcpy(xp.data() + static_cast<size_t>(m) * Kp, a.x + static_cast<size_t>(m) * K, sizeof(float) * K);
-    X = xp.data();
-  }
-  const bool direct = !a.bf16 && Kp == K;  // float32 weights used in place
-  const int ntiles = (N + kTileRows - 1) / kTileRows;
-  std::function<void(int, int)> fn = [&](int i, int nt) {
-    int t0, t1;
-    split_range(ntiles, nt, i, t0, t1);
-    std::vector<float> wd(direct ? 0 : static_cast<size_t>(kTileRows) * kTileK);
-    std::vector<float> c(static_cast<size_t>(M) * kTileRows);
-    for (int t = t0; t < t1; ++t) {
-      const int n0 = t * kTileRows;
-      const int nr = std::min(kTileRows, N - n0);
-      std::fill(c.begin(), c.end(), 0.f);
-      for (int k0 = 0; k0 < K; k0 += kTileK) {
-        const int kn = std::min(kTileK, K - k0), kn8 = (kn + 7) & ~7;
-        if (direct) {
-          kern.gemm_tile(X + k0, M, Kp, static_cast<const float*>(a.w) + static_cast<size_t>(n0) * K + k0, nr, K,
-                         kn, c.data(), kTileRows);
-          continue;
-        }
-        for (int r = 0; r < nr; ++r) {
-          const size_t off = static_cast<size_t>(n0 + r) * K + k0;
-          float* dst = wd.data() + r * kTileK;
-          if (a.bf16)
-            kern.cvt_bf16(static_cast<const uint16_t*>(a.w) + off, kn, dst);
-          else
-            std::memcpy(dst, static_cast<const float*>(a.w) + off, sizeof(float) * kn);
-          std::fill(dst + kn, dst + kn8, 0.f);
-        }
-        kern.gemm_tile(X + k0, M, Kp, wd.data(), nr, kTileK, kn8, c.data(), kTileRows);
-      }
-      for (int m = 0; m < M; ++m)
-        for (int r = 0; r < nr; ++r) a.out[static_cast<size_t>(m) * N + n0 + r] = c[m * kTileRows + r];
-    }
-  };
-  run_split(pool, fn, fweight_bytes(a) * static_cast<size_t>(M));
+  fgemm(a, kern, pool);
 }
 
 // Several single-row float products (same K; each a[c].x is used) as one pool
@@ -671,6 +684,22 @@ inline void fmatvec_multi(const FMatmulArgs* a, int count, const Kernels& kern, 
       base += a[c].N;
     }
   });
+}
+
+// ---------------------------------------------------------------------------
+// Causal softmax of prefill attention scores: in/out [rows, S], row r holds query r % T of T new rows
+// whose last one is key S - 1, so query i sees keys [0, S - T + i] (S >= T).  Rows split over the pool.
+inline void causal_softmax_rows(const float* in, float* out, int rows, int T, int S, const Kernels& kern,
+                           ThreadPool* pool) {
+  std::function<void(int, int)> fn = [&](int i, int nt) {
+    int r0, r1;
+    split_range(rows, nt, i, r0, r1);
+    for (int r = r0; r < r1; ++r) {
+      const size_t off = static_cast<size_t>(r) * S;
+      kern.softmax_row(in + off, S - T + r % T + 1, S, out + off);
+    }
+  };
+  run_split(pool, fn, static_cast<size_t>(rows) * S * sizeof(float));
 }
 
 }  // namespace csmd

@@ -187,62 +187,6 @@ static inline void dequant(const uint8_t* w, const float* s, const float* bias,
   }
 }
 
-template <int MR>
-static inline void micro_4(const float* X, int ldx, const float* W, int ldw,
-                           int KB, float* C, int ldc) {
-  float32x4_t acc[MR][4];
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < 4; ++n) acc[m][n] = vdupq_n_f32(0.f);
-  for (int k = 0; k < KB; k += 4) {
-    const float32x4_t w0 = vld1q_f32(W + k);
-    const float32x4_t w1 = vld1q_f32(W + ldw + k);
-    const float32x4_t w2 = vld1q_f32(W + 2 * ldw + k);
-    const float32x4_t w3 = vld1q_f32(W + 3 * ldw + k);
-    for (int m = 0; m < MR; ++m) {
-      const float32x4_t x = vld1q_f32(X + m * ldx + k);
-      acc[m][0] = vfmaq_f32(acc[m][0], x, w0);
-      acc[m][1] = vfmaq_f32(acc[m][1], x, w1);
-      acc[m][2] = vfmaq_f32(acc[m][2], x, w2);
-      acc[m][3] = vfmaq_f32(acc[m][3], x, w3);
-    }
-  }
-  for (int m = 0; m < MR; ++m) {
-    // pairwise adds -> [sum a0, sum a1, sum a2, sum a3]
-    const float32x4_t t = vpaddq_f32(vpaddq_f32(acc[m][0], acc[m][1]),
-                                     vpaddq_f32(acc[m][2], acc[m][3]));
-    float* c = C + m * ldc;
-    vst1q_f32(c, vaddq_f32(vld1q_f32(c), t));
-  }
-}
-
-static inline void gemm_tile(const float* X, int M, int ldx, const float* W,
-                             int NB, int ldw, int KB, float* C, int ldc) {
-  int m = 0;
-  for (; m + 3 <= M; m += 3) {
-    int n = 0;
-    for (; n + 4 <= NB; n += 4)
-      micro_4<3>(X + m * ldx, ldx, W + n * ldw, ldw, KB, C + m * ldc + n, ldc);
-    for (; n < NB; ++n)
-      for (int i = 0; i < 3; ++i) {
-        float32x4_t a = vdupq_n_f32(0.f);
-        for (int k = 0; k < KB; k += 4)
-          a = vfmaq_f32(a, vld1q_f32(X + (m + i) * ldx + k), vld1q_f32(W + n * ldw + k));
-        C[(m + i) * ldc + n] += vaddvq_f32(a);
-      }
-  }
-  for (; m < M; ++m) {
-    int n = 0;
-    for (; n + 4 <= NB; n += 4)
-      micro_4<1>(X + m * ldx, ldx, W + n * ldw, ldw, KB, C + m * ldc + n, ldc);
-    for (; n < NB; ++n) {
-      float32x4_t a = vdupq_n_f32(0.f);
-      for (int k = 0; k < KB; k += 4)
-        a = vfmaq_f32(a, vld1q_f32(X + m * ldx + k), vld1q_f32(W + n * ldw + k));
-      C[m * ldc + n] += vaddvq_f32(a);
-    }
-  }
-}
-
 static inline float dot_f32(const float* a, const float* b, int K) {
   float32x4_t s0 = vdupq_n_f32(0.f), s1 = vdupq_n_f32(0.f);
   int k = 0;

@@ -123,17 +123,6 @@ inline void dequant(const uint8_t* w, const float* s, const float* bias, int K,
   }
 }
 
-// C[m*ldc + n] += sum_{k<KB} X[m*ldx + k] * W[n*ldw + k]; KB % 8 == 0.
-inline void gemm_tile(const float* X, int M, int ldx, const float* W, int NB,
-                      int ldw, int KB, float* C, int ldc) {
-  for (int m = 0; m < M; ++m)
-    for (int n = 0; n < NB; ++n) {
-      float acc = 0.f;
-      for (int k = 0; k < KB; ++k) acc += X[m * ldx + k] * W[n * ldw + k];
-      C[m * ldc + n] += acc;
-    }
-}
-
 // Plain fp32 dot product.
 inline float dot_f32(const float* a, const float* b, int K) {
   float acc = 0.f;
