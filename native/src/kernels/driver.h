@@ -110,8 +110,8 @@ inline Kernels kernels_for(Variant v) {
 #endif
 #if defined(CSMD_HAVE_AVX512VNNI_KERNELS)
     case Variant::AVX512VNNI:
-      return {avx2::dot_f, avx2::dot_i, avx512vnni::dot_i16, avx2::dequant, avx2::gemm_tile, avx2::dot_f32,
-              avx2::dot_bf16, avx2::cvt_bf16};
+      return {avx2::dot_f, avx2::dot_i, avx512vnni::dot_i16, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w},
+              avx2::dot_f32, avx2::dot_bf16, avx2::cvt_bf16, avx2::softmax_row};
 #endif
 #if defined(CSMD_HAVE_NEON_KERNELS)
     case Variant::NEON:
@@ -531,15 +531,28 @@ struct QuantFill {
   }
 };
 
+// part(k, count) for the parts of a GEMM over N: a few per thread (each at least one weight block), handed
+// out by run_chunks so that a thread that falls behind does not hold up the product; one part here when the
+// job is too small to pay for waking the pool.
+inline void run_gemm_parts(ThreadPool* pool, int N, size_t work_bytes, const std::function<void(int, int)>& part) {
+  if (!pool || pool->size() == 1 || work_bytes < (64u << 10)) {
+    part(0, 1);
+    return;
+  }
+  const int blocks = (N + kGemmNC - 1) / kGemmNC;
+  const int count = std::max(1, std::min(blocks, 4 * pool->size()));
+  const std::function<void(int)> chunk = [&](int k) { part(k, count); };
+  pool->run_chunks(count, chunk);
+}
+
 inline void qgemm(const QMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
   std::vector<float> xp;
   gemm_packed_x(a.x, a.M, a.K, a.bits == 4, pool, xp);
   const GemmArgs g{a.M, a.N, a.K, xp.data(), a.out, kern.gemm};
-  std::function<void(int, int)> fn = [&](int i, int nt) {
+  run_gemm_parts(pool, a.N, static_cast<size_t>(a.K) * a.bits / 8 * a.N * a.M, [&](int part, int parts) {
     QuantFill fill(a, kern);
-    gemm_part(g, fill, i, nt);
-  };
-  run_split(pool, fn, static_cast<size_t>(a.K) * a.bits / 8 * a.N * a.M);
+    gemm_part(g, fill, part, parts);
+  });
 }
 
 inline void qmatmul(const QMatmulArgs& a, const Kernels& kern, MatvecMode mode, ThreadPool* pool) {
@@ -644,11 +657,10 @@ inline void fgemm(const FMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
   std::vector<float> xp;
   gemm_packed_x(a.x, a.M, a.K, false, pool, xp);
   const GemmArgs g{a.M, a.N, a.K, xp.data(), a.out, kern.gemm};
-  std::function<void(int, int)> fn = [&](int i, int nt) {
+  run_gemm_parts(pool, a.N, fweight_bytes(a) * static_cast<size_t>(a.M), [&](int part, int parts) {
     FloatFill fill{a, kern};
-    gemm_part(g, fill, i, nt);
-  };
-  run_split(pool, fn, fweight_bytes(a) * static_cast<size_t>(a.M));
+    gemm_part(g, fill, part, parts);
+  });
 }
 
 inline void fmatmul(const FMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
