@@ -136,8 +136,8 @@ def test_streaming_state_stays_bounded() -> None:
     sizes = []
     for t in range(40):
         decoder.step(codes[:, t])
-        _, (position, pasts), _ = decoder.snapshot().state
-        sizes.append(max(k.shape[1] for k, _ in pasts))
+        _, (position, past_k, past_v), _ = decoder.snapshot().state
+        sizes.append(max(past_k.shape[2], past_v.shape[2]))
     assert position == 80
     assert max(sizes) == sizes[-1] == mimi.config.transformer.context - 1
 

@@ -8,6 +8,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "matmul.h"
+#include "mimi.h"
 #include "qmatmul.h"
 #include "state.h"
 #include "transformer.h"
@@ -30,9 +31,9 @@ NB_MODULE(_ext, m) {
 
   m.def("matmul", &csmd::matmul, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x @ w.T for bfloat16 or float32 weights w [out, in] (Linear layout), in fp32.\n\n"
-        "x float32/bfloat16/float16 with any leading dims; the output has x's dtype.  One row is a\n"
-        "threaded matrix-vector product reading every weight byte once; several rows convert weight\n"
-        "tiles to fp32 and use the GEMM tile kernel.");
+        "x float32/bfloat16/float16 with any leading dims; the output has x's dtype.  Up to 16 rows\n"
+        "read every weight row once for all rows (threaded over output features); more rows convert\n"
+        "weight tiles to fp32 and use the GEMM tile kernel.");
 
   m.def("cpu_features", []() {
     nb::dict d;
@@ -75,6 +76,23 @@ NB_MODULE(_ext, m) {
       "iters"_a = 10000, "Mean time of a no-op job on the thread pool (wake-up and barrier), in us.");
   m.def("num_threads", &csmd::num_threads);
   m.def("set_num_threads", &csmd::set_num_threads, "n"_a);
+  m.def(
+      "mimi_transformer",
+      [](const mx::array& x, const std::vector<mx::array>& weights, const mx::array& past_k,
+         const mx::array& past_v, const mx::array& position, const mx::array& inv_freqs, int num_heads,
+         int context, float eps, mx::StreamOrDevice s) {
+        auto r = csmd::mimi_transformer(x, weights, past_k, past_v, position, inv_freqs, num_heads, context, eps, s);
+        return nb::make_tuple(r[0], r[1], r[2]);
+      },
+      "x"_a, "weights"_a, "past_k"_a, "past_v"_a, "position"_a, "inv_freqs"_a, "num_heads"_a, "context"_a,
+      "eps"_a = 1e-5f, nb::kw_only(), "stream"_a = nb::none(),
+      "Mimi's transformer stack (LayerNorm, interleaved RoPE, windowed attention, LayerScale, GELU MLP)\n"
+      "for the T steps of x: float32 [B, T, D], from int32 `position` on.\n\n"
+      "weights: 10 per layer: norm1 weight, norm1 bias, in_proj [3D, D], out_proj [D, D], layer_scale_1,\n"
+      "norm2 weight, norm2 bias, fc1 [F, D], fc2 [D, F], layer_scale_2 (projections float32 or bfloat16).\n"
+      "past_k/past_v: float32 [layers, B, context - 1, D], the keys/values of the steps before `position`.\n"
+      "Returns (y, new_past_k, new_past_v), the pasts shifted by T.  Projections read the weights once\n"
+      "for all B * T rows, so this is meant for a few rows (streaming).");
   m.def(
       "transformer_step",
       [](const mx::array& x, const std::vector<mx::array>& weights, const mx::array& cache_k,

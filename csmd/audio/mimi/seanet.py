@@ -18,6 +18,7 @@ import mlx.nn as nn
 
 from csmd.audio.mimi.config import SeanetConfig
 from csmd.audio.mimi.fastmath import elu
+from csmd.kernels import FEW_ROWS, dense
 
 State = Any  # a module's streaming state: None (fresh), an array, or a list of child states
 
@@ -64,7 +65,11 @@ class CausalConv1d(nn.Module):
             x = mx.concatenate([state, x], axis=1)
             state = x[:, -self.context :]
         windows = _unfold(x, self.kernel, self.stride)
-        return (mx.addmm(self.bias, windows, self._w.T) if "bias" in self else windows @ self._w.T), state
+        if "bias" not in self:
+            return dense(windows, self._w), state
+        if windows.size // windows.shape[-1] <= FEW_ROWS:  # weight-bound: the native product (kernels.dense)
+            return dense(windows, self._w) + self.bias, state
+        return mx.addmm(self.bias, windows, self._w.T), state
 
 
 def _unfold(x: mx.array, kernel: int, stride: int) -> mx.array:
@@ -114,7 +119,7 @@ class CausalConvTranspose1d(nn.Module):
         batch, steps, _ = x.shape
         s = self.stride
         # [B, T, 2s, C]: what each input step contributes to its own and the next output block
-        products = x[:, :, None, :] * self._w if self.depthwise else (x @ self._w.T).reshape(batch, steps, 2 * s, -1)
+        products = x[:, :, None, :] * self._w if self.depthwise else dense(x, self._w).reshape(batch, steps, 2 * s, -1)
         head, tail = products[:, :, :s], products[:, :, s:]
         previous = self.initial_state(batch) if state is None else state
         overlap = mx.concatenate([previous, tail[:, :-1]], axis=1) if steps > 1 else previous

@@ -1,0 +1,255 @@
+// Mimi's transformer stack for a few streaming steps (2 per 80 ms frame), all layers in one primitive.
+//
+// Per layer (pre-norm, as csmd/audio/mimi/transformer.py, which is the reference):
+//   x += ls1 * out_proj(attention(rope(in_proj(layernorm1(x)))))
+//   x += ls2 * fc2(gelu(fc1(layernorm2(x))))
+// with interleaved RoPE on q and k, and each step attending to itself and the context - 1 steps before it.
+// The past keys/values are time-major [L, B, P, D] with P = context - 1 (slots before the stream's start are
+// masked by position); the primitive returns them shifted by the new steps.
+//
+// Why native: at 2 rows the MLX graph of a layer is ~40 small ops whose dispatch costs more than their
+// arithmetic, and the projections are bound by reading the weights, which fewrows.h does at close to the
+// memory bandwidth.
+#include "mimi.h"
+
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/axpy.h"
+#include "kernels/fewrows.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "state.h"
+
+namespace csmd {
+
+namespace {
+
+// Inputs of the primitive: x, past_k, past_v, position, inv_freqs, then the weights.
+constexpr int kFixedInputs = 5;
+
+void fail(const std::string& msg) { throw std::invalid_argument("mimi_transformer: " + msg); }
+
+bool is_projection(int i) {
+  const int j = i % kMimiWeightsPerLayer;
+  return j == 2 || j == 3 || j == 7 || j == 8;
+}
+
+void layer_norm(const float* x, const float* w, const float* b, float eps, int D, float* out) {
+  float mean = 0.f;
+  for (int i = 0; i < D; ++i) mean += x[i];
+  mean /= static_cast<float>(D);
+  float var = 0.f;
+  for (int i = 0; i < D; ++i) var += (x[i] - mean) * (x[i] - mean);
+  const float r = 1.f / std::sqrt(var / static_cast<float>(D) + eps);
+  for (int i = 0; i < D; ++i) out[i] = (x[i] - mean) * r * w[i] + b[i];
+}
+
+// Interleaved rotary embedding of one head vector: pairs (2i, 2i+1) turn by position * inv_freqs[i].
+void rope(float* v, int head_dim, const float* inv_freqs, int position) {
+  for (int i = 0; i < head_dim / 2; ++i) {
+    const float a = static_cast<float>(position) * inv_freqs[i];
+    const float c = std::cos(a), s = std::sin(a);
+    const float x0 = v[2 * i], x1 = v[2 * i + 1];
+    v[2 * i] = x0 * c - x1 * s;
+    v[2 * i + 1] = x1 * c + x0 * s;
+  }
+}
+
+// out[R, N] = x[R, K] @ w[N, K].T, weights read once for all R rows, over the pool's threads.
+void project(const mx::array& w, const float* x, int R, float* out) {
+  FewRowsArgs a;
+  a.x = x;
+  a.M = R;
+  a.K = w.shape(1);
+  a.N = w.shape(0);
+  a.bf16 = w.dtype() == mx::bfloat16;
+  a.w = a.bf16 ? static_cast<const void*>(w.data<mx::bfloat16_t>()) : static_cast<const void*>(w.data<float>());
+  a.out = out;
+  fewrows_matmul(a, fewrows_kernel(current_variant()), &pool());
+}
+
+struct Shapes {
+  int L, B, T, P, D, H, hd, F;
+};
+
+// Attention of the T new steps of batch b over its past and themselves, every head; q pre-scaled.
+// qkv rows hold [q | k | v] of the new steps (after RoPE); out rows get the heads' outputs side by side.
+void attend(const Shapes& s, int context, int position, const float* past_k, const float* past_v,
+            const float* qkv, float* out, const Kernels& kern, AxpyFn axpy) {
+  const int S = s.P + s.T;  // keys: the P past slots, then the T new steps
+  std::vector<float> scores(S);
+  auto key = [&](int j, int h) {
+    return j < s.P ? past_k + static_cast<size_t>(j) * s.D + h * s.hd
+                   : qkv + static_cast<size_t>(j - s.P) * 3 * s.D + s.D + h * s.hd;
+  };
+  auto value = [&](int j, int h) {
+    return j < s.P ? past_v + static_cast<size_t>(j) * s.D + h * s.hd
+                   : qkv + static_cast<size_t>(j - s.P) * 3 * s.D + 2 * s.D + h * s.hd;
+  };
+  for (int t = 0; t < s.T; ++t) {
+    // Key j sits at position - P + j; step t may see it when 0 <= t + P - j < context and it exists.
+    const int first = std::max({0, s.P - position, t + s.P - context + 1});
+    const int last = t + s.P;  // inclusive
+    for (int h = 0; h < s.H; ++h) {
+      const float* q = qkv + static_cast<size_t>(t) * 3 * s.D + h * s.hd;
+      float top = -INFINITY;
+      for (int j = first; j <= last; ++j) {
+        scores[j] = kern.dot_f32(q, key(j, h), s.hd);
+        top = std::max(top, scores[j]);
+      }
+      float sum = 0.f;
+      for (int j = first; j <= last; ++j) {
+        scores[j] = std::exp(scores[j] - top);
+        sum += scores[j];
+      }
+      float* o = out + static_cast<size_t>(t) * s.D + h * s.hd;
+      std::fill(o, o + s.hd, 0.f);
+      for (int j = first; j <= last; ++j) axpy(scores[j] / sum, value(j, h), s.hd, o);
+    }
+  }
+}
+
+// new_past = the last P rows of [past (P rows); the T new rows at stride `stride`].
+void shift_in(const float* past, const float* fresh, size_t stride, int P, int T, int D, float* new_past) {
+  const int keep = std::max(0, P - T);
+  std::memcpy(new_past, past + static_cast<size_t>(P - keep) * D, sizeof(float) * keep * D);
+  for (int r = keep; r < P; ++r)
+    std::memcpy(new_past + static_cast<size_t>(r) * D, fresh + static_cast<size_t>(T - (P - r)) * stride,
+                sizeof(float) * D);
+}
+
+}  // namespace
+
+std::vector<mx::array> mimi_transformer(const mx::array& x, const std::vector<mx::array>& weights,
+                                        const mx::array& past_k, const mx::array& past_v,
+                                        const mx::array& position, const mx::array& inv_freqs, int num_heads,
+                                        int context, float eps, mx::StreamOrDevice s) {
+  if (x.dtype() != mx::float32 || x.ndim() != 3) fail("x must be float32 [B, T, D]");
+  const int B = x.shape(0), T = x.shape(1), D = x.shape(2);
+  if (weights.empty() || weights.size() % kMimiWeightsPerLayer)
+    fail("weights must hold " + std::to_string(kMimiWeightsPerLayer) + " arrays per layer");
+  const int L = static_cast<int>(weights.size()) / kMimiWeightsPerLayer;
+  if (num_heads <= 0 || D % num_heads || (D / num_heads) % 2) fail("D must split into heads of even size");
+  if (context < 1) fail("context must be at least 1");
+  const int P = context - 1;
+  for (const auto* kv : {&past_k, &past_v})
+    if (kv->dtype() != mx::float32 || kv->shape() != mx::Shape{L, B, P, D})
+      fail("past keys/values must be float32 [layers, B, context - 1, D]");
+  if (position.size() != 1 || position.dtype() != mx::int32) fail("position must be one int32");
+  if (inv_freqs.dtype() != mx::float32 || inv_freqs.size() != static_cast<size_t>(D / num_heads / 2))
+    fail("inv_freqs must be float32 [head_dim / 2]");
+  const int F = weights[7].shape(0);
+  for (int i = 0; i < static_cast<int>(weights.size()); ++i) {
+    const auto& w = weights[i];
+    const int j = i % kMimiWeightsPerLayer;
+    if (is_projection(i)) {
+      const mx::Shape want = j == 2 ? mx::Shape{3 * D, D} : j == 3 ? mx::Shape{D, D} : j == 7 ? mx::Shape{F, D}
+                                                                                           : mx::Shape{D, F};
+      if (!(w.dtype() == mx::float32 || w.dtype() == mx::bfloat16) || w.shape() != want)
+        fail("weight " + std::to_string(i) + " must be a float32 or bfloat16 projection of the layer's shape");
+    } else if (w.dtype() != mx::float32 || w.size() != static_cast<size_t>(D)) {
+      fail("weight " + std::to_string(i) + " must be float32 [D]");
+    }
+  }
+  auto st = mx::to_stream(s);
+  std::vector<mx::array> inputs = {mx::contiguous(x, false, st), mx::contiguous(past_k, false, st),
+                                   mx::contiguous(past_v, false, st), mx::contiguous(position, false, st),
+                                   mx::contiguous(inv_freqs, false, st)};
+  for (const auto& w : weights) inputs.push_back(mx::contiguous(w, false, st));
+  MimiStackConfig cfg{L, num_heads, context, eps};
+  return mx::array::make_arrays({x.shape(), past_k.shape(), past_v.shape()},
+                                {mx::float32, mx::float32, mx::float32},
+                                std::make_shared<MimiTransformer>(st, cfg), inputs);
+}
+
+std::vector<mx::Shape> MimiTransformer::output_shapes(const std::vector<mx::array>& inputs) {
+  return {inputs[0].shape(), inputs[1].shape(), inputs[2].shape()};
+}
+
+bool MimiTransformer::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const MimiTransformer&>(other);
+  return cfg_.num_layers == o.cfg_.num_layers && cfg_.num_heads == o.cfg_.num_heads &&
+         cfg_.context == o.cfg_.context && cfg_.eps == o.cfg_.eps;
+}
+
+void MimiTransformer::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("csmd_native.mimi_transformer runs on the CPU only");
+}
+
+void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) enc.set_input_array(a);
+  for (auto& a : outputs) enc.set_output_array(a);
+  std::vector<mx::array> ins;
+  for (auto& a : inputs) ins.push_back(mx::array::unsafe_weak_copy(a));
+  std::vector<mx::array> outs;
+  for (auto& a : outputs) outs.push_back(mx::array::unsafe_weak_copy(a));
+  enc.dispatch([ins = std::move(ins), outs = std::move(outs), cfg = cfg_]() mutable {
+    const mx::array& x = ins[0];
+    Shapes s;
+    s.L = cfg.num_layers;
+    s.B = x.shape(0);
+    s.T = x.shape(1);
+    s.D = x.shape(2);
+    s.P = cfg.context - 1;
+    s.H = cfg.num_heads;
+    s.hd = s.D / s.H;
+    s.F = ins[kFixedInputs + 7].shape(0);
+    const int R = s.B * s.T;  // rows through the projections
+    const int position = ins[3].data<int32_t>()[0];
+    const float* inv_freqs = ins[4].data<float>();
+    const Kernels& kern = current_kernels();
+    const AxpyFn axpy = axpy_kernel(current_variant());
+    const size_t layer_kv = static_cast<size_t>(s.B) * s.P * s.D, batch_kv = static_cast<size_t>(s.P) * s.D;
+
+    float* y = outs[0].data<float>();
+    std::memcpy(y, x.data<float>(), sizeof(float) * R * s.D);
+    std::vector<float> h(static_cast<size_t>(R) * s.D), qkv(static_cast<size_t>(R) * 3 * s.D);
+    std::vector<float> att(static_cast<size_t>(R) * s.D), o(static_cast<size_t>(R) * s.D);
+    std::vector<float> f(static_cast<size_t>(R) * s.F);
+    const float q_scale = 1.f / std::sqrt(static_cast<float>(s.hd));
+
+    for (int l = 0; l < s.L; ++l) {
+      const mx::array* w = &ins[kFixedInputs + l * kMimiWeightsPerLayer];
+      // Attention block.
+      for (int r = 0; r < R; ++r)
+        layer_norm(y + r * s.D, w[0].data<float>(), w[1].data<float>(), cfg.eps, s.D, h.data() + r * s.D);
+      project(w[2], h.data(), R, qkv.data());
+      for (int r = 0; r < R; ++r) {
+        float* row = qkv.data() + static_cast<size_t>(r) * 3 * s.D;
+        const int pos = position + r % s.T;
+        for (int hh = 0; hh < s.H; ++hh) {
+          rope(row + hh * s.hd, s.hd, inv_freqs, pos);         // q
+          rope(row + s.D + hh * s.hd, s.hd, inv_freqs, pos);   // k
+        }
+        for (int i = 0; i < s.D; ++i) row[i] *= q_scale;
+      }
+      for (int b = 0; b < s.B; ++b) {
+        const size_t kv = l * layer_kv + b * batch_kv;
+        const float* rows = qkv.data() + static_cast<size_t>(b) * s.T * 3 * s.D;
+        attend(s, cfg.context, position, ins[1].data<float>() + kv, ins[2].data<float>() + kv, rows,
+               att.data() + static_cast<size_t>(b) * s.T * s.D, kern, axpy);
+        shift_in(ins[1].data<float>() + kv, rows + s.D, 3 * s.D, s.P, s.T, s.D, outs[1].data<float>() + kv);
+        shift_in(ins[2].data<float>() + kv, rows + 2 * s.D, 3 * s.D, s.P, s.T, s.D, outs[2].data<float>() + kv);
+      }
+      project(w[3], att.data(), R, o.data());
+      const float* ls1 = w[4].data<float>();
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < s.D; ++i) y[r * s.D + i] += ls1[i] * o[r * s.D + i];
+      // MLP block: exact (erf) GELU, as trained.
+      for (int r = 0; r < R; ++r)
+        layer_norm(y + r * s.D, w[5].data<float>(), w[6].data<float>(), cfg.eps, s.D, h.data() + r * s.D);
+      project(w[7], h.data(), R, f.data());
+      for (auto& v : f) v = 0.5f * v * (1.f + std::erf(v * static_cast<float>(M_SQRT1_2)));
+      project(w[8], f.data(), R, o.data());
+      const float* ls2 = w[9].data<float>();
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < s.D; ++i) y[r * s.D + i] += ls2[i] * o[r * s.D + i];
+    }
+  });
+}
+
+}  // namespace csmd

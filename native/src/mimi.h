@@ -1,0 +1,46 @@
+// Mimi's codec transformer (encoder or decoder stack) for a few streaming steps, as one primitive.
+#pragma once
+
+#include <vector>
+
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace csmd {
+
+namespace mx = mlx::core;
+
+struct MimiStackConfig {
+  int num_layers = 0;
+  int num_heads = 0;
+  int context = 0;  // each step attends to itself and the context - 1 steps before it
+  float eps = 1e-5f;
+};
+
+// Weights per layer, in this order (kMimiWeightsPerLayer): norm1 weight, norm1 bias, in_proj [3D, D],
+// out_proj [D, D], layer_scale_1, norm2 weight, norm2 bias, fc1 [F, D], fc2 [D, F], layer_scale_2.
+// Projections float32 or bfloat16 (computed in fp32), the rest float32 [D].
+constexpr int kMimiWeightsPerLayer = 10;
+
+// Returns (y [B, T, D], new_past_k, new_past_v [L, B, P, D]); see bindings.cpp for the contract.
+std::vector<mx::array> mimi_transformer(const mx::array& x, const std::vector<mx::array>& weights,
+                                        const mx::array& past_k, const mx::array& past_v,
+                                        const mx::array& position, const mx::array& inv_freqs, int num_heads,
+                                        int context, float eps, mx::StreamOrDevice s = {});
+
+class MimiTransformer : public mx::Primitive {
+ public:
+  MimiTransformer(mx::Stream stream, MimiStackConfig cfg) : mx::Primitive(stream), cfg_(cfg) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+
+  const char* name() const override { return "CsmdMimiTransformer"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+ private:
+  MimiStackConfig cfg_;
+};
+
+}  // namespace csmd
