@@ -1,0 +1,128 @@
+"""The native kernels of Mimi's streaming codec against their references.
+
+* csmd_native.matmul with 2..16 rows (kernels/fewrows.h) against a float64 numpy product: fp32 accumulation
+  in another order, so within 1e-5 of the sum of the magnitudes of each output's terms.
+* csmd_native.mimi_transformer against the MLX layers of csmd/audio/mimi/transformer.py (the path that the
+  parity tests hold to moshi and transformers), over more steps than the attention window, batched.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+from csmd.audio.mimi.config import MimiTransformerConfig
+from csmd.audio.mimi.transformer import MimiTransformer
+
+if os.environ.get("CSMD_REQUIRE_NATIVE") == "1":
+    import csmd_native
+else:
+    csmd_native = pytest.importorskip("csmd_native")
+
+VARIANTS = ["scalar", "auto"]
+
+
+@pytest.fixture(autouse=True)
+def _auto_variant():
+    yield
+    csmd_native.set_variant("auto")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize(("rows", "k", "n"), [(2, 512, 96), (3, 37, 5), (5, 100, 33), (16, 64, 130), (4, 8, 1)])
+def test_few_row_matmul(variant: str, dtype: mx.Dtype, rows: int, k: int, n: int) -> None:
+    csmd_native.set_variant(variant)
+    rng = np.random.default_rng(rows * 1000 + k)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(dtype)
+    w64 = np.array(w.astype(mx.float32)).astype(np.float64)  # the weights as stored (bf16-rounded)
+    out = np.array(csmd_native.matmul(mx.array(x), w))
+    expected = x.astype(np.float64) @ w64.T
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(w64).T
+    assert out.shape == (rows, n)
+    assert np.all(np.abs(out - expected) <= 1e-5 * magnitude + 1e-30)
+
+
+def _stack(cfg: MimiTransformerConfig, seed: int, weights: mx.Dtype) -> MimiTransformer:
+    """A transformer with random weights of realistic scale (LayerScale and norms not at their init)."""
+    stack = MimiTransformer(cfg)
+    params = {}
+    for i, (name, value) in enumerate(tree_flatten(stack.parameters())):
+        noise = mx.random.normal(value.shape, key=mx.random.key(seed * 1000 + i))
+        if name.endswith("weight") and value.ndim == 2:  # projections
+            params[name] = (noise * value.shape[1] ** -0.5).astype(weights)
+        elif "norm" in name and name.endswith("weight"):
+            params[name] = 1.0 + 0.1 * noise
+        else:  # norm biases, layer scales
+            params[name] = 0.1 * noise
+    stack.update(tree_unflatten(list(params.items())))
+    mx.eval(stack.parameters())
+    return stack
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("batch", "steps"), [(1, 2), (2, 1), (2, 3)])
+def test_mimi_transformer_matches_mlx_layers(variant: str, batch: int, steps: int) -> None:
+    csmd_native.set_variant(variant)
+    cfg = MimiTransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=128, context=10)
+    stack = _stack(cfg, seed=batch * 10 + steps, weights=mx.float32)
+    rng = np.random.default_rng(batch * 10 + steps)
+    state = stack.initial_state(batch)
+    for _ in range(9):  # 9 calls of up to 3 steps: well past the 10-step window
+        x = mx.array(rng.standard_normal((batch, steps, cfg.d_model)).astype(np.float32))
+        position, past_k, past_v = state
+        inv_freqs = mx.exp(mx.arange(0, 16, 2, dtype=mx.float32) * (-np.log(cfg.max_period) / 16))
+        y, new_k, new_v = csmd_native.mimi_transformer(
+            x, stack.native_weights(), past_k, past_v, position, inv_freqs, cfg.num_heads, cfg.context, cfg.norm_eps
+        )
+        reference, state = _mlx_layers(stack, x, state)
+        np.testing.assert_allclose(np.array(y), np.array(reference), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.array(new_k), np.array(state[1]), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.array(new_v), np.array(state[2]), rtol=1e-4, atol=1e-5)
+
+
+def _mlx_layers(stack: MimiTransformer, x: mx.array, state: tuple) -> tuple[mx.array, tuple]:
+    """The stack's MLX path, whatever the extension: CSMD_KERNELS=reference for the call."""
+    previous = os.environ.get("CSMD_KERNELS")
+    os.environ["CSMD_KERNELS"] = "reference"
+    try:
+        y, new_state = stack(x, state)
+        mx.eval(y, new_state)
+    finally:
+        if previous is None:
+            del os.environ["CSMD_KERNELS"]
+        else:
+            os.environ["CSMD_KERNELS"] = previous
+    return y, new_state
+
+
+def test_mimi_transformer_bf16_weights_close_to_fp32() -> None:
+    """bfloat16 projections (computed in fp32) stay within bf16's rounding of the fp32 result."""
+    cfg = MimiTransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=128, context=10)
+    stack = _stack(cfg, seed=3, weights=mx.float32)
+    weights = stack.native_weights()
+    halves = [w.astype(mx.bfloat16) if w.ndim == 2 else w for w in weights]
+    state = stack.initial_state(1)
+    x = mx.array(np.random.default_rng(3).standard_normal((1, 2, cfg.d_model)).astype(np.float32))
+    inv_freqs = mx.exp(mx.arange(0, 16, 2, dtype=mx.float32) * (-np.log(cfg.max_period) / 16))
+    args = (state[1], state[2], state[0], inv_freqs, cfg.num_heads, cfg.context)
+    full = np.array(csmd_native.mimi_transformer(x, weights, *args)[0])
+    half = np.array(csmd_native.mimi_transformer(x, halves, *args)[0])
+    assert np.linalg.norm(half - full) / np.linalg.norm(full) < 2e-2
+
+
+def test_mimi_transformer_rejects_bad_shapes() -> None:
+    cfg = MimiTransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=128, context=10)
+    stack = _stack(cfg, seed=0, weights=mx.float32)
+    position, past_k, past_v = stack.initial_state(1)
+    x = mx.zeros((1, 2, 64))
+    inv_freqs = mx.zeros((8,))
+    with pytest.raises(ValueError, match="10 arrays per layer"):
+        csmd_native.mimi_transformer(x, stack.native_weights()[:-1], past_k, past_v, position, inv_freqs, 4, 10)
+    with pytest.raises(ValueError, match="past keys/values"):
+        csmd_native.mimi_transformer(x, stack.native_weights(), past_k[:, :, 1:], past_v, position, inv_freqs, 4, 10)
