@@ -69,7 +69,7 @@ class CausalConv1d(nn.Module):
             return dense(windows, self._w), state
         if windows.size // windows.shape[-1] <= FEW_ROWS:  # weight-bound: the native product (kernels.dense)
             return dense(windows, self._w) + self.bias, state
-        return mx.addmm(self.bias, windows, self._w.T), state
+        return mx.addmm(self.bias, windows, self._w.T.astype(windows.dtype)), state  # (bf16 weights: fp32)
 
 
 def _unfold(x: mx.array, kernel: int, stride: int) -> mx.array:
