@@ -31,7 +31,7 @@ NB_MODULE(_ext, m) {
 
   m.def("matmul", &csmd::matmul, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x @ w.T for bfloat16 or float32 weights w [out, in] (Linear layout), in fp32.\n\n"
-        "x float32/bfloat16/float16 with any leading dims; the output has x's dtype.  Up to 16 rows\n"
+        "x float32/bfloat16/float16 with any leading dims; the output has x's dtype.  Up to 8 rows\n"
         "read every weight row once for all rows (threaded over output features); more rows convert\n"
         "weight tiles to fp32 and use the GEMM tile kernel.");
 

@@ -14,7 +14,7 @@ namespace csmd {
 namespace {
 
 // Up to this many rows of x, products read each weight row once for all of them (kernels/fewrows.h).
-constexpr int kFewRowsMax = 16;
+constexpr int kFewRowsMax = 8;
 
 std::string shape_of(const mx::array& a) {
   std::ostringstream os;

@@ -141,7 +141,7 @@ class Layer(nn.Module):
 # Up to this many rows (batch x steps; a streaming frame has 2), the whole stack runs as one native
 # primitive when the extension is loaded: at 2 rows the ~40 MLX ops of a layer cost more to dispatch than
 # their arithmetic. Longer (offline) chunks run the MLX layers, whose matmuls are real GEMMs.
-_NATIVE_ROWS = 16
+_NATIVE_ROWS = 8
 
 
 class MimiTransformer(nn.Module):

@@ -1,10 +1,10 @@
 // Products of a few rows of x with a float32 or bfloat16 weight matrix in Linear layout:
 //   out[m, n] = sum_k w[n, k] * x[m, k]   for m < M (a handful), n in [n0, n1).
 //
-// With two to eight rows (Mimi's streaming codec: 2 latent steps per 80 ms frame, 16 after the first
-// upsampling) the product is bound by reading the weights, as a matrix-vector product is. So each weight
-// row is read from memory once and dotted with every x row while it sits in L1, instead of converting
-// weight tiles for a GEMM micro kernel (the many-row path of fmatmul) or letting BLAS pack them.
+// With two to eight rows (Mimi's streaming codec: 2 latent steps per 80 ms frame) the product is bound by
+// reading the weights, as a matrix-vector product is. So each weight row is read from memory once and dotted
+// with every x row while it sits in L1, instead of converting weight tiles for a GEMM micro kernel (the
+// many-row path of fmatmul) or letting BLAS pack them.
 //
 // Scalar, AVX2+FMA and NEON variants with the same signature; fewrows_kernel() picks one for a Variant.
 // Plain C++17 like the other kernel headers.
