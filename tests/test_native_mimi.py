@@ -129,3 +129,21 @@ def test_mimi_transformer_rejects_bad_shapes() -> None:
         csmd_native.mimi_transformer(x, stack.native_weights()[:-1], past_k, past_v, position, inv_freqs, 4, 10)
     with pytest.raises(ValueError, match="past keys/values"):
         csmd_native.mimi_transformer(x, stack.native_weights(), past_k[:, :, 1:], past_v, position, inv_freqs, 4, 10)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_few_row_matmul_threaded_jobs(threads: int) -> None:
+    """Many back-to-back products split into chunks that the threads claim: each chunk done exactly once."""
+    before = csmd_native.num_threads()
+    csmd_native.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(threads)
+        w = rng.standard_normal((4096, 64)).astype(np.float32)  # 16 chunks of 64 KB: 4 per thread and more
+        x = rng.standard_normal((3, 64)).astype(np.float32)
+        expected = x.astype(np.float64) @ w.astype(np.float64).T
+        outs = [csmd_native.matmul(mx.array(x), mx.array(w)) for _ in range(50)]
+        mx.eval(outs)
+        for out in outs:
+            np.testing.assert_allclose(np.array(out), expected, rtol=1e-4, atol=1e-4)
+    finally:
+        csmd_native.set_num_threads(before)

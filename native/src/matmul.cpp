@@ -3,6 +3,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "claim.h"
 #include "kernels/driver.h"
 #include "kernels/fewrows.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -80,7 +81,7 @@ void FMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       f.bf16 = w.dtype() == mx::bfloat16;
       f.w = f.bf16 ? static_cast<const void*>(w.data<mx::bfloat16_t>()) : static_cast<const void*>(w.data<float>());
       f.out = of;
-      fewrows_matmul(f, fewrows_kernel(current_variant()), &pool());
+      fewrows_matmul(f, fewrows_kernel(current_variant()), claim_pool());
       store_output(out, obuf);
       return;
     }

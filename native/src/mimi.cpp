@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "claim.h"
 #include "kernels/axpy.h"
 #include "kernels/fewrows.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -67,7 +68,7 @@ void project(const mx::array& w, const float* x, int R, float* out) {
   a.bf16 = w.dtype() == mx::bfloat16;
   a.w = a.bf16 ? static_cast<const void*>(w.data<mx::bfloat16_t>()) : static_cast<const void*>(w.data<float>());
   a.out = out;
-  fewrows_matmul(a, fewrows_kernel(current_variant()), &pool());
+  fewrows_matmul(a, fewrows_kernel(current_variant()), claim_pool());
 }
 
 struct Shapes {

@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "claim_pool.h"
 #include "common.h"
 #include "driver.h"
 
@@ -213,14 +214,18 @@ inline FewRowsFn fewrows_kernel(Variant v) {
   }
 }
 
-// The whole product, its weight rows split over the pool's threads.
-inline void fewrows_matmul(const FewRowsArgs& a, FewRowsFn kernel, ThreadPool* pool) {
-  const std::function<void(int, int)> fn = [&](int i, int nt) {
+// The whole product, its weight rows cut into chunks of at least 64 KB of weights (a few per thread, so a
+// late thread's share is picked up by the others) that the pool's threads claim.
+inline void fewrows_matmul(const FewRowsArgs& a, FewRowsFn kernel, ClaimPool& pool) {
+  const size_t row_bytes = static_cast<size_t>(a.K) * (a.bf16 ? 2 : 4);
+  const int min_rows = static_cast<int>(std::max<size_t>(1, (64u << 10) / std::max<size_t>(1, row_bytes)));
+  const int chunks = std::max(1, std::min(4 * pool.size(), a.N / min_rows));
+  const std::function<void(int)> fn = [&](int c) {
     int n0, n1;
-    split_range(a.N, nt, i, n0, n1);
+    split_range(a.N, chunks, c, n0, n1);
     kernel(a, n0, n1);
   };
-  run_split(pool, fn, static_cast<size_t>(a.N) * a.K * (a.bf16 ? 2 : 4));
+  pool.run(chunks, fn);
 }
 
 }  // namespace csmd
