@@ -2,6 +2,8 @@
 
 * csmd_native.matmul with 2..8 rows (kernels/fewrows.h) against a float64 numpy product: fp32 accumulation
   in another order, so within 1e-5 of the sum of the magnitudes of each output's terms.
+* csmd_native.panel_matmul (kernels/panel_gemm.h, weights packed by csmd.kernels.pack_panels) against the
+  same float64 product, with and without a bias.
 * csmd_native.mimi_transformer against the MLX layers of csmd/audio/mimi/transformer.py (the path that the
   parity tests hold to moshi and transformers), over more steps than the attention window, batched.
 """
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
+from csmd import kernels
 from csmd.audio.mimi.config import MimiTransformerConfig
 from csmd.audio.mimi.transformer import MimiTransformer
 
@@ -147,3 +150,54 @@ def test_few_row_matmul_threaded_jobs(threads: int) -> None:
             np.testing.assert_allclose(np.array(out), expected, rtol=1e-4, atol=1e-4)
     finally:
         csmd_native.set_num_threads(before)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(("rows", "k", "n"), [(1, 5, 3), (7, 33, 17), (96, 256, 160), (1922, 64, 32), (13, 8, 48)])
+def test_panel_matmul(variant: str, with_bias: bool, rows: int, k: int, n: int) -> None:
+    csmd_native.set_variant(variant)
+    rng = np.random.default_rng(rows + k + n)
+    x = rng.standard_normal((1, rows, k)).astype(np.float32)  # leading dims pass through
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
+    packed = kernels.pack_panels(mx.array(w))
+    assert packed is not None and packed.shape == (-(-n // 16), k, 16)
+    out = np.array(csmd_native.panel_matmul(mx.array(x), packed, n, None if bias is None else mx.array(bias)))
+    expected = x.astype(np.float64) @ w.astype(np.float64).T + (0.0 if bias is None else bias)
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T + (0.0 if bias is None else np.abs(bias))
+    assert out.shape == (1, rows, n)
+    assert np.all(np.abs(out - expected) <= 1e-5 * magnitude + 1e-30)
+
+
+def test_panel_matmul_rejects_a_mispacked_weight() -> None:
+    w = mx.zeros((20, 8))
+    with pytest.raises(ValueError, match="ceil"):
+        csmd_native.panel_matmul(mx.zeros((3, 8)), w, 20)
+    with pytest.raises(ValueError, match="bias"):
+        csmd_native.panel_matmul(mx.zeros((3, 8)), kernels.pack_panels(w), 20, mx.zeros((19,)))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    ("batch", "length", "channels", "kernel", "stride", "n"),
+    [(1, 1922, 64, 3, 1, 32), (2, 40, 12, 8, 4, 20), (1, 9, 5, 1, 1, 7)],
+)
+def test_panel_conv_equals_unfolded_product(
+    variant: str, batch: int, length: int, channels: int, kernel: int, stride: int, n: int
+) -> None:
+    """panel_conv reads each output's window in place: the same as the product of the unfolded windows."""
+    csmd_native.set_variant(variant)
+    rng = np.random.default_rng(length + kernel)
+    x = rng.standard_normal((batch, length, channels)).astype(np.float32)
+    w = rng.standard_normal((n, kernel * channels)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    out = np.array(
+        csmd_native.panel_conv(mx.array(x), kernels.pack_panels(mx.array(w)), n, mx.array(bias), kernel, stride)
+    )
+    steps = (length - kernel) // stride + 1
+    windows = np.stack([x[:, t * stride : t * stride + kernel].reshape(batch, -1) for t in range(steps)], axis=1)
+    expected = windows.astype(np.float64) @ w.astype(np.float64).T + bias
+    magnitude = np.abs(windows).astype(np.float64) @ np.abs(w).astype(np.float64).T + np.abs(bias)
+    assert out.shape == (batch, steps, n)
+    assert np.all(np.abs(out - expected) <= 1e-5 * magnitude + 1e-30)

@@ -133,3 +133,37 @@ def mimi_transformer(
     assert native.module is not None
     y, k, v = native.module.mimi_transformer(x, weights, past_k, past_v, position, inv_freqs, num_heads, context, eps)
     return y, k, v
+
+
+PANEL = 16  # output columns per packed panel (native/src/kernels/panel_gemm.h)
+
+
+def pack_panels(weight: mx.array) -> mx.array | None:
+    """A constant float32 weight [N, K] packed for `panel_matmul`, [ceil(N / 16), K, 16] with zero rows past
+    N; None when the native kernels do not serve this device (then nothing is packed)."""
+    if not (native_available() and hasattr(native.module, "panel_matmul")):
+        return None
+    n, k = weight.shape
+    panels = -(-n // PANEL)
+    padded = mx.pad(weight.astype(mx.float32), [(0, panels * PANEL - n), (0, 0)])
+    return mx.contiguous(padded.reshape(panels, PANEL, k).transpose(0, 2, 1))
+
+
+def panel_matmul(x: mx.array, packed: mx.array, n: int, bias: mx.array | None = None) -> mx.array:
+    """x [..., K] @ W.T (+ bias) -> [..., n] for W packed by `pack_panels`, as one native product.
+
+    For many-row products with constant weights (Mimi's SEANet convolutions), where it measured faster than
+    BLAS and, on a busy machine, does not wait for threads that the OS has not scheduled.
+    """
+    assert native.module is not None
+    out: mx.array = native.module.panel_matmul(x, packed, n, bias)
+    return out
+
+
+def panel_conv(x: mx.array, packed: mx.array, n: int, bias: mx.array | None, kernel: int, stride: int) -> mx.array:
+    """A causal convolution of x [B, L, C] (its left context already prepended) -> [B, T, n]: the product of
+    each output's window (kernel * C consecutive floats of the time-major input) with W [n, kernel * C],
+    packed by `pack_panels`, without unfolding the windows into a copy."""
+    assert native.module is not None
+    out: mx.array = native.module.panel_conv(x, packed, n, bias, kernel, stride)
+    return out

@@ -2,6 +2,7 @@
 #include <chrono>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
@@ -93,6 +94,16 @@ NB_MODULE(_ext, m) {
       "past_k/past_v: float32 [layers, B, context - 1, D], the keys/values of the steps before `position`.\n"
       "Returns (y, new_past_k, new_past_v), the pasts shifted by T.  Projections read the weights once\n"
       "for all B * T rows, so this is meant for a few rows (streaming).");
+  m.def("panel_matmul", &csmd::panel_matmul, "x"_a, "wp"_a, "n"_a, "bias"_a = nb::none(), nb::kw_only(),
+        "stream"_a = nb::none(),
+        "x @ W.T (+ bias) for W [n, K] packed in panels of 16 rows: wp[p, k, j] = W[16 p + j, k],\n"
+        "float32 [ceil(n / 16), K, 16] (zeros past n).  x float32 [..., K]; for many-row products with\n"
+        "constant weights (Mimi's SEANet convolutions).");
+  m.def("panel_conv", &csmd::panel_conv, "x"_a, "wp"_a, "n"_a, "bias"_a = nb::none(), "kernel"_a = 1,
+        "stride"_a = 1, nb::kw_only(), "stream"_a = nb::none(),
+        "A causal convolution of x float32 [B, L, C] (left context included) with `kernel` and `stride`:\n"
+        "panel_matmul of each output's window (kernel * C consecutive floats, taps major) without\n"
+        "unfolding them.  wp packs W [n, kernel * C] as for panel_matmul.  -> [B, (L - kernel) / stride + 1, n].");
   m.def(
       "transformer_step",
       [](const mx::array& x, const std::vector<mx::array>& weights, const mx::array& cache_k,

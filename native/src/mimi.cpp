@@ -20,6 +20,7 @@
 #include "claim.h"
 #include "kernels/axpy.h"
 #include "kernels/fewrows.h"
+#include "kernels/panel_gemm.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "state.h"
 
@@ -112,11 +113,16 @@ void attend(const Shapes& s, int context, int position, const float* past_k, con
   }
 }
 
-// new_past = the last P rows of [past (P rows); the T new rows at stride `stride`].
-void shift_in(const float* past, const float* fresh, size_t stride, int P, int T, int D, float* new_past) {
+// new_past = the last P rows of [past (P rows); the T new rows], in two parts: keep_past moves the past rows
+// that stay (the bulk: all layers' are copied at once, over the pool's threads), append_new writes the new
+// rows (at stride `stride` in `fresh`) once a layer has made them.
+void keep_past(const float* past, int P, int T, int D, float* new_past) {
   const int keep = std::max(0, P - T);
   std::memcpy(new_past, past + static_cast<size_t>(P - keep) * D, sizeof(float) * keep * D);
-  for (int r = keep; r < P; ++r)
+}
+
+void append_new(const float* fresh, size_t stride, int P, int T, int D, float* new_past) {
+  for (int r = std::max(0, P - T); r < P; ++r)
     std::memcpy(new_past + static_cast<size_t>(r) * D, fresh + static_cast<size_t>(T - (P - r)) * stride,
                 sizeof(float) * D);
 }
@@ -213,6 +219,14 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
     std::vector<float> f(static_cast<size_t>(R) * s.F);
     const float q_scale = 1.f / std::sqrt(static_cast<float>(s.hd));
 
+    // Keys then values, every layer and batch: [2, L * B] blocks of P rows.
+    const std::function<void(int)> keep = [&](int c) {
+      const size_t block = static_cast<size_t>(c % (s.L * s.B)) * batch_kv;
+      const int which = 1 + c / (s.L * s.B);
+      keep_past(ins[which].data<float>() + block, s.P, s.T, s.D, outs[which].data<float>() + block);
+    };
+    claim_pool().run(2 * s.L * s.B, keep);
+
     for (int l = 0; l < s.L; ++l) {
       const mx::array* w = &ins[kFixedInputs + l * kMimiWeightsPerLayer];
       // Attention block.
@@ -233,8 +247,8 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
         const float* rows = qkv.data() + static_cast<size_t>(b) * s.T * 3 * s.D;
         attend(s, cfg.context, position, ins[1].data<float>() + kv, ins[2].data<float>() + kv, rows,
                att.data() + static_cast<size_t>(b) * s.T * s.D, kern, axpy);
-        shift_in(ins[1].data<float>() + kv, rows + s.D, 3 * s.D, s.P, s.T, s.D, outs[1].data<float>() + kv);
-        shift_in(ins[2].data<float>() + kv, rows + 2 * s.D, 3 * s.D, s.P, s.T, s.D, outs[2].data<float>() + kv);
+        append_new(rows + s.D, 3 * s.D, s.P, s.T, s.D, outs[1].data<float>() + kv);
+        append_new(rows + 2 * s.D, 3 * s.D, s.P, s.T, s.D, outs[2].data<float>() + kv);
       }
       project(w[3], att.data(), R, o.data());
       const float* ls1 = w[4].data<float>();
@@ -249,6 +263,91 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
       const float* ls2 = w[9].data<float>();
       for (int r = 0; r < R; ++r)
         for (int i = 0; i < s.D; ++i) y[r * s.D + i] += ls2[i] * o[r * s.D + i];
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// panel_matmul
+
+mx::array panel_matmul(const mx::array& x, const mx::array& wp, int n, const std::optional<mx::array>& bias,
+                       mx::StreamOrDevice s) {
+  auto bad = [](const std::string& msg) { throw std::invalid_argument("panel_matmul: " + msg); };
+  if (x.dtype() != mx::float32 || x.ndim() < 1) bad("x must be float32 [..., K]");
+  const int K = x.shape(-1);
+  if (n < 1) bad("n must be positive");
+  if (wp.dtype() != mx::float32 || wp.shape() != mx::Shape{(n + kPanel - 1) / kPanel, K, kPanel})
+    bad("wp must be float32 [ceil(n / 16), K, 16] for x's K");
+  if (bias && (bias->dtype() != mx::float32 || bias->shape() != mx::Shape{n})) bad("bias must be float32 [n]");
+  auto st = mx::to_stream(s);
+  std::vector<mx::array> inputs = {mx::contiguous(x, false, st), mx::contiguous(wp, false, st)};
+  if (bias) inputs.push_back(mx::contiguous(*bias, false, st));
+  mx::Shape shape = x.shape();
+  shape.back() = n;
+  return mx::array(shape, mx::float32, std::make_shared<PanelMatmul>(st, n), inputs);
+}
+
+mx::array panel_conv(const mx::array& x, const mx::array& wp, int n, const std::optional<mx::array>& bias,
+                     int kernel, int stride, mx::StreamOrDevice s) {
+  auto bad = [](const std::string& msg) { throw std::invalid_argument("panel_conv: " + msg); };
+  if (x.dtype() != mx::float32 || x.ndim() != 3) bad("x must be float32 [B, L, C]");
+  if (kernel < 1 || stride < 1) bad("kernel and stride must be positive");
+  if (x.shape(1) < kernel || (x.shape(1) - kernel) % stride) bad("L - kernel must be a multiple of the stride");
+  const int K = kernel * x.shape(2);
+  if (n < 1 || wp.dtype() != mx::float32 || wp.shape() != mx::Shape{(n + kPanel - 1) / kPanel, K, kPanel})
+    bad("wp must be float32 [ceil(n / 16), kernel * C, 16]");
+  if (bias && (bias->dtype() != mx::float32 || bias->shape() != mx::Shape{n})) bad("bias must be float32 [n]");
+  auto st = mx::to_stream(s);
+  std::vector<mx::array> inputs = {mx::contiguous(x, false, st), mx::contiguous(wp, false, st)};
+  if (bias) inputs.push_back(mx::contiguous(*bias, false, st));
+  const mx::Shape shape = {x.shape(0), (x.shape(1) - kernel) / stride + 1, n};
+  return mx::array(shape, mx::float32, std::make_shared<PanelMatmul>(st, n, kernel, stride), inputs);
+}
+
+std::vector<mx::Shape> PanelMatmul::output_shapes(const std::vector<mx::array>& inputs) {
+  mx::Shape shape = inputs[0].shape();
+  if (kernel_) shape[1] = (shape[1] - kernel_) / stride_ + 1;
+  shape.back() = n_;
+  return {shape};
+}
+
+void PanelMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("csmd_native.panel_matmul runs on the CPU only");
+}
+
+void PanelMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) enc.set_input_array(a);
+  enc.set_output_array(out);
+  std::vector<mx::array> ins;
+  for (auto& a : inputs) ins.push_back(mx::array::unsafe_weak_copy(a));
+  enc.dispatch([ins = std::move(ins), out = mx::array::unsafe_weak_copy(out), n = n_, kernel = kernel_,
+                stride = stride_]() mutable {
+    const mx::array& x = ins[0];
+    PanelArgs a;
+    a.N = n;
+    a.wp = ins[1].data<float>();
+    a.bias = ins.size() > 2 ? ins[2].data<float>() : nullptr;
+    const PanelFn tile = panel_kernel(current_variant());
+    if (!kernel) {  // a plain product of every row
+      a.K = x.shape(-1);
+      a.ldx = static_cast<size_t>(a.K);
+      a.M = static_cast<int>(x.size() / std::max(1, a.K));
+      a.x = x.data<float>();
+      a.out = out.data<float>();
+      if (a.M > 0) panel_gemm(a, tile, claim_pool());
+      return;
+    }
+    // A convolution: per batch, output t's window is the kernel * C floats from x[b, t * stride].
+    const int B = x.shape(0), L = x.shape(1), C = x.shape(2);
+    a.K = kernel * C;
+    a.ldx = static_cast<size_t>(stride) * C;
+    a.M = out.shape(1);
+    for (int b = 0; b < B; ++b) {
+      a.x = x.data<float>() + static_cast<size_t>(b) * L * C;
+      a.out = out.data<float>() + static_cast<size_t>(b) * a.M * n;
+      if (a.M > 0) panel_gemm(a, tile, claim_pool());
     }
   });
 }

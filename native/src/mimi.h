@@ -1,6 +1,7 @@
 // Mimi's codec transformer (encoder or decoder stack) for a few streaming steps, as one primitive.
 #pragma once
 
+#include <optional>
 #include <vector>
 
 #include "mlx/mlx.h"
@@ -41,6 +42,37 @@ class MimiTransformer : public mx::Primitive {
 
  private:
   MimiStackConfig cfg_;
+};
+
+// x float32 [..., K] @ W.T (+ bias) -> [..., n] for W [n, K] packed as kernels/panel_gemm.h describes:
+// wp float32 [ceil(n / 16), K, 16]; bias float32 [n] or an empty optional. For SEANet's convolutions.
+mx::array panel_matmul(const mx::array& x, const mx::array& wp, int n, const std::optional<mx::array>& bias,
+                       mx::StreamOrDevice s = {});
+
+// The causal convolution of x float32 [B, L, C] (its left context already prepended) with kernel k and
+// stride s, as panel_matmul of its windows without unfolding them: W [n, k C] packed as for panel_matmul
+// (taps major, as CausalConv1d lays them out) -> [B, (L - k) / s + 1, n].
+mx::array panel_conv(const mx::array& x, const mx::array& wp, int n, const std::optional<mx::array>& bias,
+                     int kernel, int stride, mx::StreamOrDevice s = {});
+
+class PanelMatmul : public mx::UnaryPrimitive {
+ public:
+  // kernel 0: a plain product; else a convolution with that kernel and stride (see panel_conv).
+  PanelMatmul(mx::Stream stream, int n, int kernel = 0, int stride = 1)
+      : mx::UnaryPrimitive(stream), n_(n), kernel_(kernel), stride_(stride) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+
+  const char* name() const override { return "CsmdPanelMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const PanelMatmul&>(other);
+    return n_ == o.n_ && kernel_ == o.kernel_ && stride_ == o.stride_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+ private:
+  int n_, kernel_, stride_;
 };
 
 }  // namespace csmd
