@@ -4,6 +4,7 @@
   in another order, so within 1e-5 of the sum of the magnitudes of each output's terms.
 * csmd_native.panel_matmul (kernels/panel_gemm.h, weights packed by csmd.kernels.pack_panels) against the
   same float64 product, with and without a bias.
+* csmd_native.elu against float64 expm1 and fastmath.elu (the MLX reference, same formula).
 * csmd_native.mimi_transformer against the MLX layers of csmd/audio/mimi/transformer.py (the path that the
   parity tests hold to moshi and transformers), over more steps than the attention window, batched.
 """
@@ -18,6 +19,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from csmd import kernels
+from csmd.audio.mimi import fastmath
 from csmd.audio.mimi.config import MimiTransformerConfig
 from csmd.audio.mimi.transformer import MimiTransformer
 
@@ -201,3 +203,18 @@ def test_panel_conv_equals_unfolded_product(
     magnitude = np.abs(windows).astype(np.float64) @ np.abs(w).astype(np.float64).T + np.abs(bias)
     assert out.shape == (batch, steps, n)
     assert np.all(np.abs(out - expected) <= 1e-5 * magnitude + 1e-30)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("size", [1, 7, 8, 1000, 300_001])  # SIMD tails, and enough to split over threads
+def test_elu_matches_float64_and_fastmath(variant: str, size: int) -> None:
+    csmd_native.set_variant(variant)
+    rng = np.random.default_rng(size)
+    x = (rng.standard_normal(size) * 10).astype(np.float32)
+    x[: min(size, 4)] = [-200.0, -0.0, 0.0, 3.0][: min(size, 4)]  # below the clamp, both zeros, positive
+    y = np.array(csmd_native.elu(mx.array(x)))
+    x64 = x.astype(np.float64)
+    bound = 2e-7 * np.maximum(1.0, np.abs(x64))
+    assert np.all(np.abs(y - np.where(x64 > 0, x64, np.expm1(x64))) <= bound)
+    assert np.all(np.abs(y - np.array(fastmath.elu(mx.array(x)))) <= bound)
+    assert np.array_equal(y[x > 0], x[x > 0])  # exact where x > 0

@@ -167,3 +167,15 @@ def panel_conv(x: mx.array, packed: mx.array, n: int, bias: mx.array | None, ker
     assert native.module is not None
     out: mx.array = native.module.panel_conv(x, packed, n, bias, kernel, stride)
     return out
+
+
+def native_has(name: str) -> bool:
+    """The native kernels serve this device and the loaded extension has `name` (older builds may not)."""
+    return native_available() and hasattr(native.module, name)
+
+
+def native_elu(x: mx.array) -> mx.array:
+    """ELU (alpha 1) of float32 x as one native SIMD loop; csmd/audio/mimi/fastmath.elu is the reference."""
+    assert native.module is not None
+    out: mx.array = native.module.elu(x)
+    return out

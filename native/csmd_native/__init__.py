@@ -18,6 +18,7 @@ if _mx.__version__ != mlx_version:
 from ._ext import (
     _pool_roundtrip_us,  # noqa: F401  (for native/bench_kernels.py)
     cpu_features,
+    elu,
     get_matvec_mode,
     matmul,
     mimi_transformer,
@@ -33,6 +34,7 @@ from ._ext import (
 
 __all__ = [
     "cpu_features",
+    "elu",
     "get_matvec_mode",
     "matmul",
     "mimi_transformer",

@@ -104,6 +104,8 @@ NB_MODULE(_ext, m) {
         "A causal convolution of x float32 [B, L, C] (left context included) with `kernel` and `stride`:\n"
         "panel_matmul of each output's window (kernel * C consecutive floats, taps major) without\n"
         "unfolding them.  wp packs W [n, kernel * C] as for panel_matmul.  -> [B, (L - kernel) / stride + 1, n].");
+  m.def("elu", &csmd::elu, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "ELU (alpha 1) of float32 x: x where x > 0, exp(x) - 1 elsewhere (exp within 1e-7 relative).");
   m.def(
       "transformer_step",
       [](const mx::array& x, const std::vector<mx::array>& weights, const mx::array& cache_k,

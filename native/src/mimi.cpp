@@ -19,6 +19,7 @@
 
 #include "claim.h"
 #include "kernels/axpy.h"
+#include "kernels/elu.h"
 #include "kernels/fewrows.h"
 #include "kernels/panel_gemm.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -364,6 +365,38 @@ void PanelMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
       a.out = out.data<float>() + static_cast<size_t>(b) * a.M * n;
       if (a.M > 0) panel_gemm(a, tile, claim_pool());
     }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// elu
+
+mx::array elu(const mx::array& x, mx::StreamOrDevice s) {
+  if (x.dtype() != mx::float32) throw std::invalid_argument("elu: x must be float32");
+  auto st = mx::to_stream(s);
+  return mx::array(x.shape(), mx::float32, std::make_shared<Elu>(st), {mx::contiguous(x, false, st)});
+}
+
+void Elu::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("csmd_native.elu runs on the CPU only");
+}
+
+void Elu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  enc.set_input_array(inputs[0]);
+  enc.set_output_array(out);
+  enc.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), out = mx::array::unsafe_weak_copy(out)]() mutable {
+    const int n = static_cast<int>(x.size());
+    const EluFn kernel = elu_kernel(current_variant());
+    // ~1 ns per 8 values: only large arrays are worth a pool job.
+    const int chunks = std::max(1, std::min(2 * claim_pool().size(), n / (128 << 10)));
+    const std::function<void(int)> fn = [&](int c) {
+      int i0, i1;
+      split_range(n, chunks, c, i0, i1);
+      kernel(x.data<float>() + i0, i1 - i0, out.data<float>() + i0);
+    };
+    claim_pool().run(chunks, fn);
   });
 }
 

@@ -75,4 +75,19 @@ class PanelMatmul : public mx::UnaryPrimitive {
   int n_, kernel_, stride_;
 };
 
+// ELU (alpha 1) of float32 x, any shape: kernels/elu.h.
+mx::array elu(const mx::array& x, mx::StreamOrDevice s = {});
+
+class Elu : public mx::UnaryPrimitive {
+ public:
+  explicit Elu(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+
+  const char* name() const override { return "CsmdElu"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+};
+
 }  // namespace csmd
