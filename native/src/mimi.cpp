@@ -223,6 +223,7 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
     const float* inv_freqs = ins[4].data<float>();
     const Kernels& kern = current_kernels();
     const AxpyFn axpy = axpy_kernel(current_variant());
+    const GeluFn gelu = gelu_kernel(current_variant());
     const size_t layer_kv = static_cast<size_t>(s.B) * s.P * s.D, batch_kv = static_cast<size_t>(s.P) * s.D;
 
     float* y = outs[0].data<float>();
@@ -274,7 +275,7 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
       for (int r = 0; r < R; ++r)
         layer_norm(y + r * s.D, w[5].data<float>(), w[6].data<float>(), cfg.eps, s.D, h.data() + r * s.D);
       project(w[7], h.data(), R, f.data());
-      for (auto& v : f) v = 0.5f * v * (1.f + std::erf(v * static_cast<float>(M_SQRT1_2)));  // exact GELU
+      gelu(f.data(), static_cast<int>(f.size()));  // exact (erf) GELU, as trained
       project(w[8], f.data(), R, o.data());
       const float* ls2 = w[9].data<float>();
       for (int r = 0; r < R; ++r)

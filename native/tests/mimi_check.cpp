@@ -1,4 +1,4 @@
-// Standalone check of the Mimi kernels' SIMD variants (fewrows.h, panel_gemm.h, elu.h, axpy.h) against their
+// Standalone check of the Mimi kernels' SIMD variants (fewrows.h, panel_gemm.h, elu.h (ELU, GELU), axpy.h) against their
 // scalar versions, and of the scalar versions against a float64 reference; the threaded drivers run through a
 // 3-thread ClaimPool. Built for aarch64 it checks NEON, for x86-64 AVX2 (when the CPU has it). Exit code 0 on
 // success.
@@ -140,6 +140,13 @@ static void check_elu_axpy(std::mt19937& rng, Variant v) {
       std::vector<float> y(n);
       elu_kernel(var)(x.data(), n, y.data());
       expect_close(var == Variant::Scalar ? "elu scalar" : "elu simd", y, want, scale, 2e-7);
+    }
+    std::vector<double> want_gelu(n);
+    for (int i = 0; i < n; ++i) want_gelu[i] = 0.5 * x[i] * (1.0 + std::erf(x[i] / std::sqrt(2.0)));
+    for (Variant var : {Variant::Scalar, v}) {
+      std::vector<float> y = x;
+      gelu_kernel(var)(y.data(), n);
+      expect_close(var == Variant::Scalar ? "gelu scalar" : "gelu simd", y, want_gelu, scale, 1e-6);
     }
     auto y0 = normal(rng, n);
     std::vector<double> want_axpy(n), scale_axpy(n);
