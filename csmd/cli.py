@@ -460,7 +460,10 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
 
     _apply_runtime(args)
     mimi = load_mimi(args.codec)
-    result = run(mimi, args.codec, frames=args.frames, warmup=args.warmup, compare_moshi=args.compare_moshi)
+    if args.bf16:
+        mimi.use_bf16_weights()
+    name = args.codec + (" (bf16 weights)" if args.bf16 else "")
+    result = run(mimi, name, frames=args.frames, warmup=args.warmup, compare_moshi=args.compare_moshi)
     print(json.dumps(result.as_dict()) if args.json else format_result(result))
     return 0
 
@@ -587,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     codec.add_argument("--frames", type=int, default=50, help="timed frames (default: 50)")
     codec.add_argument("--warmup", type=int, default=5, help="untimed frames first (default: 5)")
     codec.add_argument("--compare-moshi", action="store_true", help="also time moshi's PyTorch decoder")
+    codec.add_argument("--bf16", action="store_true", help="bfloat16 weight-bound matrices (Mimi.use_bf16_weights)")
     codec.add_argument("--json", action="store_true", help="print one JSON object")
     codec.set_defaults(func=cmd_bench_codec)
     return parser

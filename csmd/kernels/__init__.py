@@ -43,6 +43,23 @@ def linear(x: mx.array, layer: nn.Module) -> mx.array:
     return layer(x)
 
 
+# Up to this many rows, the native product that reads each weight row once for all rows (fewrows.h) beats
+# BLAS; beyond, BLAS's packed GEMM wins (BENCHMARKS.md, "Mimi codec").
+FEW_ROWS = 4
+
+
+def dense(x: mx.array, weight: mx.array) -> mx.array:
+    """x @ weight.T for a float32 or bfloat16 weight [out, in], in fp32 when x is fp32.
+
+    Mimi's streaming steps multiply 2 rows by large matrices: that is bound by reading the weights, which
+    the native kernel does at close to the memory bandwidth and BLAS (packing for a GEMM) at about half.
+    """
+    rows = x.size // x.shape[-1] if x.ndim else 0
+    if native.module is not None and native.active() and 1 <= rows <= FEW_ROWS:
+        return native.module.matmul(x, weight)
+    return x @ weight.T.astype(x.dtype)
+
+
 def _native_dense(x: mx.array, weight: mx.array) -> bool:
     """bf16 weights always (MLX's CPU bf16 matmul runs on one core); fp32 weights for one row, where a
     bandwidth-bound matvec beats BLAS's GEMM path; fp32 prefill stays with BLAS, which wins at GEMM."""
@@ -109,3 +126,81 @@ def transformer_step(
         x, weights, cache_k, cache_v, position, inv_freqs, num_heads, num_kv_heads, eps, group_size, bits
     )
     return h, k, v
+
+
+def native_available() -> bool:
+    """The native kernels serve the current device (CPU, extension loaded, not switched off)."""
+    return native.module is not None and native.active()
+
+
+def mimi_transformer_available() -> bool:
+    """The native Mimi stack can run here (an older build of the extension may lack it)."""
+    return native_available() and hasattr(native.module, "mimi_transformer")
+
+
+def mimi_transformer(
+    x: mx.array,
+    weights: list[mx.array],
+    past_k: mx.array,
+    past_v: mx.array,
+    position: mx.array,
+    inv_freqs: mx.array,
+    num_heads: int,
+    context: int,
+    eps: float,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Mimi's whole transformer stack for the few steps of x [B, T, D], as one native primitive.
+
+    past_k/past_v: [layers, B, context - 1, D], the steps before `position` (int32); returns the output and
+    the pasts shifted by T. See csmd_native.mimi_transformer for the weight order; csmd/audio/mimi/
+    transformer.py's MLX layers are the reference.
+    """
+    assert native.module is not None
+    y, k, v = native.module.mimi_transformer(x, weights, past_k, past_v, position, inv_freqs, num_heads, context, eps)
+    return y, k, v
+
+
+PANEL = 16  # output columns per packed panel (native/src/kernels/panel_gemm.h)
+
+
+def pack_panels(weight: mx.array) -> mx.array | None:
+    """A constant float32 weight [N, K] packed for `panel_matmul`, [ceil(N / 16), K, 16] with zero rows past
+    N; None when the native kernels do not serve this device (then nothing is packed)."""
+    if not (native_available() and hasattr(native.module, "panel_matmul")):
+        return None
+    n, k = weight.shape
+    panels = -(-n // PANEL)
+    padded = mx.pad(weight.astype(mx.float32), [(0, panels * PANEL - n), (0, 0)])
+    return mx.contiguous(padded.reshape(panels, PANEL, k).transpose(0, 2, 1))
+
+
+def panel_matmul(x: mx.array, packed: mx.array, n: int, bias: mx.array | None = None) -> mx.array:
+    """x [..., K] @ W.T (+ bias) -> [..., n] for W packed by `pack_panels`, as one native product.
+
+    For many-row products with constant weights (Mimi's SEANet convolutions), where it measured faster than
+    BLAS and, on a busy machine, does not wait for threads that the OS has not scheduled.
+    """
+    assert native.module is not None
+    out: mx.array = native.module.panel_matmul(x, packed, n, bias)
+    return out
+
+
+def panel_conv(x: mx.array, packed: mx.array, n: int, bias: mx.array | None, kernel: int, stride: int) -> mx.array:
+    """A causal convolution of x [B, L, C] (its left context already prepended) -> [B, T, n]: the product of
+    each output's window (kernel * C consecutive floats of the time-major input) with W [n, kernel * C],
+    packed by `pack_panels`, without unfolding the windows into a copy."""
+    assert native.module is not None
+    out: mx.array = native.module.panel_conv(x, packed, n, bias, kernel, stride)
+    return out
+
+
+def native_has(name: str) -> bool:
+    """The native kernels serve this device and the loaded extension has `name` (older builds may not)."""
+    return native_available() and hasattr(native.module, name)
+
+
+def native_elu(x: mx.array) -> mx.array:
+    """ELU (alpha 1) of float32 x as one native SIMD loop; csmd/audio/mimi/fastmath.elu is the reference."""
+    assert native.module is not None
+    out: mx.array = native.module.elu(x)
+    return out

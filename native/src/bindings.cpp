@@ -2,6 +2,7 @@
 #include <chrono>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
@@ -9,6 +10,7 @@
 
 #include "attention.h"
 #include "matmul.h"
+#include "mimi.h"
 #include "qmatmul.h"
 #include "state.h"
 #include "transformer.h"
@@ -31,9 +33,9 @@ NB_MODULE(_ext, m) {
 
   m.def("matmul", &csmd::matmul, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x @ w.T for bfloat16 or float32 weights w [out, in] (Linear layout), in fp32.\n\n"
-        "x float32/bfloat16/float16 with any leading dims; the output has x's dtype.  One row is a\n"
-        "threaded matrix-vector product reading every weight byte once; several rows convert weight\n"
-        "blocks to fp32 for the blocked GEMM (kernels/gemm.h).");
+        "x float32/bfloat16/float16 with any leading dims; the output has x's dtype.  Up to 8 rows\n"
+        "read every weight row once for all rows (threaded over output features); more rows convert\n"
+        "weight blocks to fp32 for the blocked GEMM (kernels/gemm.h).");
 
   m.def("causal_softmax", &csmd::causal_softmax, "scores"_a, nb::kw_only(), "stream"_a = nb::none(),
         "Softmax of prefill attention scores [..., T, S] (S >= T) under the causal mask aligned to the\n"
@@ -86,6 +88,35 @@ NB_MODULE(_ext, m) {
   m.def("_set_static_split", [](int on) { csmd::g_static_split = on; });
   m.def("num_threads", &csmd::num_threads);
   m.def("set_num_threads", &csmd::set_num_threads, "n"_a);
+  m.def(
+      "mimi_transformer",
+      [](const mx::array& x, const std::vector<mx::array>& weights, const mx::array& past_k,
+         const mx::array& past_v, const mx::array& position, const mx::array& inv_freqs, int num_heads,
+         int context, float eps, mx::StreamOrDevice s) {
+        auto r = csmd::mimi_transformer(x, weights, past_k, past_v, position, inv_freqs, num_heads, context, eps, s);
+        return nb::make_tuple(r[0], r[1], r[2]);
+      },
+      "x"_a, "weights"_a, "past_k"_a, "past_v"_a, "position"_a, "inv_freqs"_a, "num_heads"_a, "context"_a,
+      "eps"_a = 1e-5f, nb::kw_only(), "stream"_a = nb::none(),
+      "Mimi's transformer stack (LayerNorm, interleaved RoPE, windowed attention, LayerScale, GELU MLP)\n"
+      "for the T steps of x: float32 [B, T, D], from int32 `position` on.\n\n"
+      "weights: 10 per layer: norm1 weight, norm1 bias, in_proj [3D, D], out_proj [D, D], layer_scale_1,\n"
+      "norm2 weight, norm2 bias, fc1 [F, D], fc2 [D, F], layer_scale_2 (projections float32 or bfloat16).\n"
+      "past_k/past_v: float32 [layers, B, context - 1, D], the keys/values of the steps before `position`.\n"
+      "Returns (y, new_past_k, new_past_v), the pasts shifted by T.  Projections read the weights once\n"
+      "for all B * T rows, so this is meant for a few rows (streaming).");
+  m.def("panel_matmul", &csmd::panel_matmul, "x"_a, "wp"_a, "n"_a, "bias"_a = nb::none(), nb::kw_only(),
+        "stream"_a = nb::none(),
+        "x @ W.T (+ bias) for W [n, K] packed in panels of 16 rows: wp[p, k, j] = W[16 p + j, k],\n"
+        "float32 [ceil(n / 16), K, 16] (zeros past n).  x float32 [..., K]; for many-row products with\n"
+        "constant weights (Mimi's SEANet convolutions).");
+  m.def("panel_conv", &csmd::panel_conv, "x"_a, "wp"_a, "n"_a, "bias"_a = nb::none(), "kernel"_a = 1,
+        "stride"_a = 1, nb::kw_only(), "stream"_a = nb::none(),
+        "A causal convolution of x float32 [B, L, C] (left context included) with `kernel` and `stride`:\n"
+        "panel_matmul of each output's window (kernel * C consecutive floats, taps major) without\n"
+        "unfolding them.  wp packs W [n, kernel * C] as for panel_matmul.  -> [B, (L - kernel) / stride + 1, n].");
+  m.def("elu", &csmd::elu, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "ELU (alpha 1) of float32 x: x where x > 0, exp(x) - 1 elsewhere (exp within 1e-7 relative).");
   m.def(
       "transformer_step",
       [](const mx::array& x, const std::vector<mx::array>& weights, const mx::array& cache_k,

@@ -4,6 +4,7 @@
 #include <stdexcept>
 
 #include "kernels/driver.h"
+#include "kernels/fewrows.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "qmatmul.h"
 #include "state.h"
@@ -11,6 +12,9 @@
 namespace csmd {
 
 namespace {
+
+// Up to this many rows of x, products read each weight row once for all of them (kernels/fewrows.h).
+constexpr int kFewRowsMax = 8;
 
 std::string shape_of(const mx::array& a) {
   std::ostringstream os;
@@ -67,6 +71,19 @@ void FMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     std::vector<float> xbuf, obuf;
     const float* xf = fp32_input(x, xbuf);
     float* of = fp32_output(out, obuf);
+    if (M >= 2 && M <= kFewRowsMax) {  // weight-bound: read each weight row once for all rows
+      FewRowsArgs f;
+      f.x = xf;
+      f.M = M;
+      f.K = K;
+      f.N = N;
+      f.bf16 = w.dtype() == mx::bfloat16;
+      f.w = f.bf16 ? static_cast<const void*>(w.data<mx::bfloat16_t>()) : static_cast<const void*>(w.data<float>());
+      f.out = of;
+      fewrows_matmul(f, fewrows_kernel(current_variant()), pool());
+      store_output(out, obuf);
+      return;
+    }
     FMatmulArgs a;
     a.x = xf;
     a.M = M;

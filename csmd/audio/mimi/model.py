@@ -65,6 +65,24 @@ class Mimi(nn.Module):
         _, state = self.encode_step(mx.zeros((1, self.frame_size)), None)
         mx.eval(self.encode_step(mx.zeros((1, self.frame_size)), state))
 
+    def use_bf16_weights(self) -> None:
+        """Store the weight-bound matrices in bfloat16 (computed in fp32): half the bytes read per frame.
+
+        Those are the transformers' projections and the convolutions that a streaming step multiplies by only
+        a few rows (the decoder's first conv and first upsampling, the encoder's last conv): the ones whose
+        cost is reading the weights. Lossy (bf16 keeps 8 significant bits): see BENCHMARKS.md, "Mimi codec",
+        for the measured error. Drops the compiled steps, which hold the old weights.
+        """
+        for stack in (self.encoder_transformer, self.decoder_transformer):
+            for layer in stack.layers:
+                for linear in (layer.attn.in_proj, layer.attn.out_proj, layer.mlp.fc1, layer.mlp.fc2):
+                    linear.weight = linear.weight.astype(mx.bfloat16)
+        for conv in (self.decoder.layers[0], self.decoder.layers[2], self.encoder.layers[-1]):
+            conv._w = conv._w.astype(mx.bfloat16)
+        materialize(self)
+        self._compiled = {}
+        self.warm_up()
+
     @property
     def frame_size(self) -> int:
         return self.config.frame_size

@@ -16,10 +16,20 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from csmd import kernels
+from csmd.audio.mimi import fastmath
 from csmd.audio.mimi.config import SeanetConfig
-from csmd.audio.mimi.fastmath import elu
+from csmd.kernels import FEW_ROWS, dense
 
 State = Any  # a module's streaming state: None (fresh), an array, or a list of child states
+
+
+def elu(x: mx.array) -> mx.array:
+    """ELU, ~550 k values per decoded frame: the native SIMD loop on the CPU, else fastmath's MLX ops (nn.elu's
+    exp is slow on x86, see fastmath.py). Both compute exp the same way, within 1e-7."""
+    if x.dtype == mx.float32 and kernels.native_has("elu"):
+        return kernels.native_elu(x)
+    return fastmath.elu(x)
 
 
 class CausalConv1d(nn.Module):
@@ -41,12 +51,14 @@ class CausalConv1d(nn.Module):
         self.context = kernel - stride  # past inputs each call needs
         self.replicate = replicate  # pad a fresh stream with its first step instead of zeros (the downsample)
         self._w = self.weight
+        self._packed: mx.array | None = None
 
     def prepare(self) -> None:
         # [out, (tap, in)], used transposed: BLAS reads a weight row per output, which for the few-step
         # products of streaming is 2-3x faster than the [(tap, in), out] layout (see _WEIGHT_LAYOUT).
         cout, cin, k = self.weight.shape
         self._w = self.weight.transpose(0, 2, 1).reshape(cout, k * cin)
+        self._packed = kernels.pack_panels(self._w)
 
     def initial_state(self, batch: int) -> State:
         """Zeros, the left padding of a fresh stream; None for a replicate-padded conv (it needs the input)."""
@@ -63,8 +75,30 @@ class CausalConv1d(nn.Module):
                 state = mx.repeat(first, self.context, axis=1)
             x = mx.concatenate([state, x], axis=1)
             state = x[:, -self.context :]
+        steps = (x.shape[1] - self.kernel) // self.stride + 1
+        if self._packed is not None and x.shape[0] * steps > FEW_ROWS and kernels.native_available():
+            # Many rows: the native panel GEMM reads each window in place (no unfolded copy).
+            return kernels.panel_conv(
+                x, self._packed, self._w.shape[0], self.get("bias"), self.kernel, self.stride
+            ), state
         windows = _unfold(x, self.kernel, self.stride)
-        return (mx.addmm(self.bias, windows, self._w.T) if "bias" in self else windows @ self._w.T), state
+        return _product(windows, self._w, self._packed, self.get("bias")), state
+
+
+def _product(x: mx.array, w: mx.array, packed: mx.array | None, bias: mx.array | None) -> mx.array:
+    """x @ w.T (+ bias), by the fastest route for its row count.
+
+    A few rows (streaming's first layers) are bound by reading the weights: the native few-row product
+    (kernels.dense), which also takes bf16 weights. Many rows: the native panel GEMM when the weights were
+    packed for it (kernels.pack_panels), else BLAS.
+    """
+    if x.size // x.shape[-1] <= FEW_ROWS:
+        y = dense(x, w)
+        return y if bias is None else y + bias
+    if packed is not None and kernels.native_available():
+        return kernels.panel_matmul(x, packed, w.shape[0], bias)
+    w = w.astype(x.dtype)  # (bf16 weights, see Mimi.use_bf16_weights, are computed in fp32)
+    return x @ w.T if bias is None else mx.addmm(bias, x, w.T)
 
 
 def _unfold(x: mx.array, kernel: int, stride: int) -> mx.array:
@@ -97,6 +131,7 @@ class CausalConvTranspose1d(nn.Module):
         self.stride = stride
         self.depthwise = depthwise
         self._w = self.weight
+        self._packed: mx.array | None = None
 
     def prepare(self) -> None:
         if self.depthwise:
@@ -104,6 +139,7 @@ class CausalConvTranspose1d(nn.Module):
         else:  # [(tap, out), in], used transposed, as CausalConv1d's
             cin, cout, k = self.weight.shape
             self._w = self.weight.transpose(2, 1, 0).reshape(k * cout, cin)
+            self._packed = kernels.pack_panels(self._w)
 
     def initial_state(self, batch: int) -> State:
         """A fresh stream has no earlier step overlapping its first outputs."""
@@ -114,7 +150,11 @@ class CausalConvTranspose1d(nn.Module):
         batch, steps, _ = x.shape
         s = self.stride
         # [B, T, 2s, C]: what each input step contributes to its own and the next output block
-        products = x[:, :, None, :] * self._w if self.depthwise else (x @ self._w.T).reshape(batch, steps, 2 * s, -1)
+        products = (
+            x[:, :, None, :] * self._w
+            if self.depthwise
+            else _product(x, self._w, self._packed, None).reshape(batch, steps, 2 * s, -1)
+        )
         head, tail = products[:, :, :s], products[:, :, s:]
         previous = self.initial_state(batch) if state is None else state
         overlap = mx.concatenate([previous, tail[:, :-1]], axis=1) if steps > 1 else previous
@@ -145,7 +185,7 @@ def _run(layers: list[nn.Module], x: mx.array, state: State) -> tuple[mx.array, 
     new_state: list[State] = []
     for layer, layer_state in zip(layers, state, strict=True):
         if isinstance(layer, nn.ELU):
-            x = elu(x)  # fastmath's: nn.elu's exp is slow on x86 (see fastmath.py)
+            x = elu(x)
             new_state.append(None)
         else:
             x, layer_state = layer(x, layer_state)

@@ -1,14 +1,16 @@
 """Mimi's encoder/decoder transformer: 8 pre-norm layers, LayerScale, exact GELU, interleaved RoPE on 25 Hz
 positions, and a causal window of `context` steps (each step sees itself and the 249 before it).
 
-Streaming state per layer: the keys and values of the last `context - 1` steps, plus the absolute position
-of the next step (an array, so a compiled step is reused at every position). That is all a new step can
-attend to, so memory stays flat however long the stream, and a step sees exactly what it would see offline:
-streaming equals offline at any length. The key/value buffers have that fixed size from the first step on
-(slots before the stream's start are zeros that the mask hides), so every step has the same shapes.
-(Kyutai's PyTorch ring holds `context` slots and is written before it is read, so for streams past the
-window the first of each pair of steps there sees one key fewer than offline; csmd follows the offline
-definition.)
+Streaming state: per layer the keys and values of the last `context - 1` steps (stacked over layers), plus the
+absolute position of the next step (an array, so a compiled step is reused at every position). That is all a
+new step can attend to, so memory stays flat however long the stream, and a step sees exactly what it would
+see offline: streaming equals offline at any length. The key/value buffers have that fixed size from the first
+step on (slots before the stream's start are zeros that the mask hides), so every step has the same shapes.
+(Kyutai's PyTorch ring holds `context` slots and is written before it is read, so for streams past the window
+the first of each pair of steps there sees one key fewer than offline; csmd follows the offline definition.)
+
+A few steps at a time (streaming) the whole stack runs as one native primitive when csmd_native is loaded
+(native/src/mimi.cpp, tested against these MLX layers); longer chunks run the MLX layers below.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from csmd import kernels
 from csmd.audio.mimi.config import MimiTransformerConfig
 from csmd.audio.mimi.fastmath import gelu, softmax
+from csmd.kernels import dense
 
 KeyValues = tuple[mx.array, mx.array]  # [B, context - 1, d_model] each: past keys, values (time-major)
 
@@ -64,7 +68,7 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, position: mx.array, bias: mx.array, past: KeyValues) -> tuple[mx.array, KeyValues]:
         batch, steps, dims = x.shape
         heads, head_dim = self.num_heads, dims // self.num_heads
-        qkv = self.in_proj(x).reshape(batch, steps, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+        qkv = dense(x, self.in_proj.weight).reshape(batch, steps, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
         q, k = rope(qkv[:2], position, self.max_period)
         # Keys and values are kept time-major, [B, time, heads * head_dim], as in_proj makes them.
         keys = mx.concatenate([past[0], k.transpose(0, 2, 1, 3).reshape(batch, steps, dims)], axis=1)
@@ -72,7 +76,7 @@ class Attention(nn.Module):
         attend = _attend_few if steps <= _FEW_STEPS else _attend_many
         out = attend(q * head_dim**-0.5, keys, values, bias)  # [B, T, dims]
         kept = past[0].shape[1]
-        return self.out_proj(out), (keys[:, keys.shape[1] - kept :], values[:, values.shape[1] - kept :])
+        return dense(out, self.out_proj.weight), (keys[:, keys.shape[1] - kept :], values[:, values.shape[1] - kept :])
 
 
 # Up to this many query steps (a streaming frame has 2), attention runs as two plain matmuls over all heads
@@ -115,7 +119,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(cfg.dim_feedforward, cfg.d_model, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(gelu(self.fc1(x)))  # exact (erf) GELU, as trained
+        return dense(gelu(dense(x, self.fc1.weight)), self.fc2.weight)  # exact (erf) GELU, as trained
 
 
 class Layer(nn.Module):
@@ -134,8 +138,17 @@ class Layer(nn.Module):
         return x + self.layer_scale_2 * self.mlp(self.norm2(x)), past
 
 
+# Up to this many rows (batch x steps; a streaming frame has 2), the whole stack runs as one native
+# primitive when the extension is loaded: at 2 rows the ~40 MLX ops of a layer cost more to dispatch than
+# their arithmetic. Longer (offline) chunks run the MLX layers, whose matmuls are real GEMMs.
+_NATIVE_ROWS = 8
+
+
 class MimiTransformer(nn.Module):
-    """[B, T, d_model] -> [B, T, d_model]; state = (next position, per-layer past keys/values)."""
+    """[B, T, d_model] -> [B, T, d_model]; state = (next position, past keys, past values).
+
+    The pasts are stacked over layers, [layers, B, context - 1, d_model] each, the layout of the native step.
+    """
 
     def __init__(self, cfg: MimiTransformerConfig):
         super().__init__()
@@ -144,14 +157,36 @@ class MimiTransformer(nn.Module):
 
     def initial_state(self, batch: int) -> Any:
         cfg = self.config
-        shape = (batch, cfg.context - 1, cfg.d_model)
-        return mx.array(0, dtype=mx.int32), [(mx.zeros(shape), mx.zeros(shape)) for _ in self.layers]
+        shape = (cfg.num_layers, batch, cfg.context - 1, cfg.d_model)
+        return mx.array(0, dtype=mx.int32), mx.zeros(shape), mx.zeros(shape)
 
     def __call__(self, x: mx.array, state: Any) -> tuple[mx.array, Any]:
-        position, pasts = state if state is not None else self.initial_state(x.shape[0])
-        bias = attention_bias(position, x.shape[1], pasts[0][0].shape[1], self.config.context)
-        new_pasts = []
-        for layer, past in zip(self.layers, pasts, strict=True):
-            x, past = layer(x, position, bias, past)
-            new_pasts.append(past)
-        return x, (position + x.shape[1], new_pasts)
+        position, past_k, past_v = state if state is not None else self.initial_state(x.shape[0])
+        if x.shape[0] * x.shape[1] <= _NATIVE_ROWS and kernels.mimi_transformer_available():
+            return self._native(x, position, past_k, past_v)
+        bias = attention_bias(position, x.shape[1], past_k.shape[2], self.config.context)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            x, (k, v) = layer(x, position, bias, (past_k[i], past_v[i]))
+            new_k.append(k)
+            new_v.append(v)
+        return x, (position + x.shape[1], mx.stack(new_k), mx.stack(new_v))
+
+    def _native(self, x: mx.array, position: mx.array, past_k: mx.array, past_v: mx.array) -> tuple[mx.array, Any]:
+        cfg = self.config
+        head_dim = cfg.d_model // cfg.num_heads
+        inv_freqs = mx.exp(mx.arange(0, head_dim, 2, dtype=mx.float32) * (-math.log(cfg.max_period) / head_dim))
+        y, new_k, new_v = kernels.mimi_transformer(
+            x, self.native_weights(), past_k, past_v, position, inv_freqs, cfg.num_heads, cfg.context, cfg.norm_eps
+        )
+        return y, (position + x.shape[1], new_k, new_v)
+
+    def native_weights(self) -> list[mx.array]:
+        """The native step's weight list: 10 per layer, in the order of csmd_native.mimi_transformer."""
+        weights = []
+        for layer in self.layers:
+            attn, mlp = layer.attn, layer.mlp
+            weights += [layer.norm1.weight, layer.norm1.bias, attn.in_proj.weight, attn.out_proj.weight]
+            weights += [layer.layer_scale_1, layer.norm2.weight, layer.norm2.bias, mlp.fc1.weight, mlp.fc2.weight]
+            weights.append(layer.layer_scale_2)
+        return weights

@@ -1,0 +1,171 @@
+// out[M, N] = x[M, K] @ W.T (+ bias) with W pre-packed in panels of 16 output columns:
+//   wp[p, k, j] = W[16 p + j, k]   (zero for 16 p + j >= N), float32 [ceil(N / 16), K, 16].
+//
+// For Mimi's SEANet convolutions (tens to thousands of rows, K and N from 32 to 3072), whose weights are
+// constants: packing once at load lets the micro kernel stream one contiguous 64-byte row of a panel per k
+// and broadcast x, 6 rows x 16 columns of accumulators (12 AVX2 registers), 2 loads per 12 FMAs.
+//
+// Scalar, AVX2+FMA and NEON variants of the micro kernel; panel_kernel() picks one for a Variant.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <functional>
+
+#include "common.h"
+#include "driver.h"
+
+namespace csmd {
+
+constexpr int kPanel = 16;  // output columns per packed panel
+constexpr int kPanelRows = 6;  // x rows per micro tile
+
+struct PanelArgs {
+  const float* x = nullptr;  // M rows of K, row m at x + m * ldx
+  int M = 0, K = 0, N = 0;
+  // Row stride of x; K for a plain matrix. A causal convolution (kernel k, stride s) over time-major
+  // [L, C] input is the product with rows of K = k C floats every s C: its windows overlap in place, so
+  // no unfolded copy is needed.
+  size_t ldx = 0;
+  const float* wp = nullptr;    // [ceil(N / 16), K, 16]
+  const float* bias = nullptr;  // [N] or null
+  float* out = nullptr;         // [M, N]
+};
+
+// Rows [m0, m0 + rows) (rows <= kPanelRows) x panel p.
+using PanelFn = void (*)(const PanelArgs&, int m0, int rows, int p);
+
+// Stores a row's 16 accumulated columns (fewer in the last panel), adding the bias.
+inline void store_panel_row(const PanelArgs& a, int m, int p, const float* acc) {
+  const int n0 = p * kPanel, n = std::min(kPanel, a.N - n0);
+  float* out = a.out + static_cast<size_t>(m) * a.N + n0;
+  for (int j = 0; j < n; ++j) out[j] = acc[j] + (a.bias ? a.bias[n0 + j] : 0.f);
+}
+
+namespace scalar {
+inline void panel_tile(const PanelArgs& a, int m0, int rows, int p) {
+  const float* w = a.wp + static_cast<size_t>(p) * a.K * kPanel;
+  for (int i = 0; i < rows; ++i) {
+    float acc[kPanel] = {};
+    const float* x = a.x + (m0 + i) * a.ldx;
+    for (int k = 0; k < a.K; ++k)
+      for (int j = 0; j < kPanel; ++j) acc[j] += x[k] * w[k * kPanel + j];
+    store_panel_row(a, m0 + i, p, acc);
+  }
+}
+}  // namespace scalar
+
+#if defined(CSMD_HAVE_AVX2_KERNELS)
+namespace avx2 {
+template <int MR>
+CSMD_AVX2 static inline void panel_tile_n(const PanelArgs& a, int m0, int p) {
+  const float* w = a.wp + static_cast<size_t>(p) * a.K * kPanel;
+  const float* x = a.x + m0 * a.ldx;
+  const size_t ldx = a.ldx;
+  __m256 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int k = 0; k < a.K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(w + k * kPanel), b1 = _mm256_loadu_ps(w + k * kPanel + 8);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xi = _mm256_broadcast_ss(x + i * ldx + k);
+      acc[i][0] = _mm256_fmadd_ps(xi, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(xi, b1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    alignas(32) float row[kPanel];
+    _mm256_store_ps(row, acc[i][0]);
+    _mm256_store_ps(row + 8, acc[i][1]);
+    store_panel_row(a, m0 + i, p, row);
+  }
+}
+
+CSMD_AVX2 static inline void panel_tile(const PanelArgs& a, int m0, int rows, int p) {
+  switch (rows) {
+    case 1: panel_tile_n<1>(a, m0, p); break;
+    case 2: panel_tile_n<2>(a, m0, p); break;
+    case 3: panel_tile_n<3>(a, m0, p); break;
+    case 4: panel_tile_n<4>(a, m0, p); break;
+    case 5: panel_tile_n<5>(a, m0, p); break;
+    default: panel_tile_n<6>(a, m0, p); break;
+  }
+}
+}  // namespace avx2
+#endif
+
+#if defined(CSMD_HAVE_NEON_KERNELS)
+namespace neon {
+template <int MR>
+static inline void panel_tile_n(const PanelArgs& a, int m0, int p) {
+  const float* w = a.wp + static_cast<size_t>(p) * a.K * kPanel;
+  const float* x = a.x + m0 * a.ldx;
+  const size_t ldx = a.ldx;
+  float32x4_t acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = vdupq_n_f32(0.f);
+  for (int k = 0; k < a.K; ++k) {
+    const float* wk = w + k * kPanel;
+    const float32x4_t b0 = vld1q_f32(wk), b1 = vld1q_f32(wk + 4), b2 = vld1q_f32(wk + 8), b3 = vld1q_f32(wk + 12);
+    for (int i = 0; i < MR; ++i) {
+      const float xi = x[i * ldx + k];
+      acc[i][0] = vfmaq_n_f32(acc[i][0], b0, xi);
+      acc[i][1] = vfmaq_n_f32(acc[i][1], b1, xi);
+      acc[i][2] = vfmaq_n_f32(acc[i][2], b2, xi);
+      acc[i][3] = vfmaq_n_f32(acc[i][3], b3, xi);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float row[kPanel];
+    for (int j = 0; j < 4; ++j) vst1q_f32(row + 4 * j, acc[i][j]);
+    store_panel_row(a, m0 + i, p, row);
+  }
+}
+
+static inline void panel_tile(const PanelArgs& a, int m0, int rows, int p) {
+  switch (rows) {
+    case 1: panel_tile_n<1>(a, m0, p); break;
+    case 2: panel_tile_n<2>(a, m0, p); break;
+    case 3: panel_tile_n<3>(a, m0, p); break;
+    case 4: panel_tile_n<4>(a, m0, p); break;
+    case 5: panel_tile_n<5>(a, m0, p); break;
+    default: panel_tile_n<6>(a, m0, p); break;
+  }
+}
+}  // namespace neon
+#endif
+
+inline PanelFn panel_kernel(Variant v) {
+  switch (v) {
+#if defined(CSMD_HAVE_AVX2_KERNELS)
+    case Variant::AVX2:  // AVX512VNNI only differs in the matvec dots (driver.h)
+    case Variant::AVX512VNNI: return avx2::panel_tile;
+#endif
+#if defined(CSMD_HAVE_NEON_KERNELS)
+    case Variant::NEON: return neon::panel_tile;
+#endif
+    default: return scalar::panel_tile;
+  }
+}
+
+// The whole product: chunks of (panels x all row tiles), so a chunk reuses its panels from cache while x
+// streams, claimed by the pool's threads.
+inline void panel_gemm(const PanelArgs& a, PanelFn tile, ThreadPool& pool) {
+  const int panels = (a.N + kPanel - 1) / kPanel;
+  const int row_tiles = (a.M + kPanelRows - 1) / kPanelRows;
+  // Split over panels when there are enough of them, else over row tiles too.
+  const int want = 4 * pool.size();
+  const int row_split = panels >= want ? 1 : std::min(row_tiles, (want + panels - 1) / panels);
+  const int chunks = panels * row_split;
+  const std::function<void(int)> fn = [&](int c) {
+    const int p = c % panels;
+    int t0, t1;
+    split_range(row_tiles, row_split, c / panels, t0, t1);
+    for (int t = t0; t < t1; ++t) {
+      const int m0 = t * kPanelRows;
+      tile(a, m0, std::min(kPanelRows, a.M - m0), p);
+    }
+  };
+  pool.run_chunks(chunks, fn);
+}
+
+}  // namespace csmd

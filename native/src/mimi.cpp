@@ -1,0 +1,403 @@
+// Mimi's transformer stack for a few streaming steps (2 per 80 ms frame), all layers in one primitive.
+//
+// Per layer (pre-norm, as csmd/audio/mimi/transformer.py, which is the reference):
+//   x += ls1 * out_proj(attention(rope(in_proj(layernorm1(x)))))
+//   x += ls2 * fc2(gelu(fc1(layernorm2(x))))
+// with interleaved RoPE on q and k, and each step attending to itself and the context - 1 steps before it.
+// The past keys/values are time-major [L, B, P, D] with P = context - 1 (slots before the stream's start are
+// masked by position); the primitive returns them shifted by the new steps.
+//
+// Why native: at 2 rows the MLX graph of a layer is ~40 small ops whose dispatch costs more than their
+// arithmetic, and the projections are bound by reading the weights, which fewrows.h does at close to the
+// memory bandwidth.
+#include "mimi.h"
+
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/axpy.h"
+#include "kernels/elu.h"
+#include "kernels/fewrows.h"
+#include "kernels/panel_gemm.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "state.h"
+
+namespace csmd {
+
+namespace {
+
+// Inputs of the primitive: x, past_k, past_v, position, inv_freqs, then the weights.
+constexpr int kFixedInputs = 5;
+
+void fail(const std::string& msg) { throw std::invalid_argument("mimi_transformer: " + msg); }
+
+bool is_projection(int i) {
+  const int j = i % kMimiWeightsPerLayer;
+  return j == 2 || j == 3 || j == 7 || j == 8;
+}
+
+void layer_norm(const float* x, const float* w, const float* b, float eps, int D, float* out) {
+  float mean = 0.f;
+  for (int i = 0; i < D; ++i) mean += x[i];
+  mean /= static_cast<float>(D);
+  float var = 0.f;
+  for (int i = 0; i < D; ++i) var += (x[i] - mean) * (x[i] - mean);
+  const float r = 1.f / std::sqrt(var / static_cast<float>(D) + eps);
+  for (int i = 0; i < D; ++i) out[i] = (x[i] - mean) * r * w[i] + b[i];
+}
+
+// Interleaved rotary embedding of one head vector: pair (2i, 2i+1) turns by the angle whose cosine and sine
+// are cs[2i], cs[2i+1] (rope_table: the same for every head and layer, so computed once per call).
+void rope(float* v, int head_dim, const float* cs) {
+  for (int i = 0; i < head_dim / 2; ++i) {
+    const float c = cs[2 * i], s = cs[2 * i + 1];
+    const float x0 = v[2 * i], x1 = v[2 * i + 1];
+    v[2 * i] = x0 * c - x1 * s;
+    v[2 * i + 1] = x1 * c + x0 * s;
+  }
+}
+
+// [T, head_dim]: (cos, sin) of position_t * inv_freqs[i] for each pair i, step t at position + t.
+std::vector<float> rope_table(int T, int head_dim, const float* inv_freqs, int position) {
+  std::vector<float> cs(static_cast<size_t>(T) * head_dim);
+  for (int t = 0; t < T; ++t)
+    for (int i = 0; i < head_dim / 2; ++i) {
+      const float a = static_cast<float>(position + t) * inv_freqs[i];
+      cs[t * head_dim + 2 * i] = std::cos(a);
+      cs[t * head_dim + 2 * i + 1] = std::sin(a);
+    }
+  return cs;
+}
+
+// out[R, N] = x[R, K] @ w[N, K].T, weights read once for all R rows, over the pool's threads.
+void project(const mx::array& w, const float* x, int R, float* out) {
+  FewRowsArgs a;
+  a.x = x;
+  a.M = R;
+  a.K = w.shape(1);
+  a.N = w.shape(0);
+  a.bf16 = w.dtype() == mx::bfloat16;
+  a.w = a.bf16 ? static_cast<const void*>(w.data<mx::bfloat16_t>()) : static_cast<const void*>(w.data<float>());
+  a.out = out;
+  fewrows_matmul(a, fewrows_kernel(current_variant()), pool());
+}
+
+struct Shapes {
+  int L, B, T, P, D, H, hd, F;
+};
+
+// Attention of head h of the T new steps of one batch over its past and themselves; q pre-scaled.
+// qkv rows hold [q | k | v] of the new steps (after RoPE); out rows get the heads' outputs side by side.
+void attend(const Shapes& s, int h, int context, int position, const float* past_k, const float* past_v,
+            const float* qkv, float* out, const Kernels& kern, AxpyFn axpy) {
+  const int S = s.P + s.T;  // keys: the P past slots, then the T new steps
+  std::vector<float> scores(S);
+  auto key = [&](int j, int h) {
+    return j < s.P ? past_k + static_cast<size_t>(j) * s.D + h * s.hd
+                   : qkv + static_cast<size_t>(j - s.P) * 3 * s.D + s.D + h * s.hd;
+  };
+  auto value = [&](int j, int h) {
+    return j < s.P ? past_v + static_cast<size_t>(j) * s.D + h * s.hd
+                   : qkv + static_cast<size_t>(j - s.P) * 3 * s.D + 2 * s.D + h * s.hd;
+  };
+  for (int t = 0; t < s.T; ++t) {
+    // Key j sits at position - P + j; step t may see it when 0 <= t + P - j < context and it exists.
+    const int first = std::max({0, s.P - position, t + s.P - context + 1});
+    const int last = t + s.P;  // inclusive
+    {
+      const float* q = qkv + static_cast<size_t>(t) * 3 * s.D + h * s.hd;
+      float top = -INFINITY;
+      for (int j = first; j <= last; ++j) {
+        scores[j] = kern.dot_f32(q, key(j, h), s.hd);
+        top = std::max(top, scores[j]);
+      }
+      float sum = 0.f;
+      for (int j = first; j <= last; ++j) {
+        scores[j] = std::exp(scores[j] - top);
+        sum += scores[j];
+      }
+      float* o = out + static_cast<size_t>(t) * s.D + h * s.hd;
+      std::fill(o, o + s.hd, 0.f);
+      for (int j = first; j <= last; ++j) axpy(scores[j] / sum, value(j, h), s.hd, o);
+    }
+  }
+}
+
+// new_past = the last P rows of [past (P rows); the T new rows], in two parts: keep_past moves the past rows
+// that stay (the bulk: all layers' are copied at once, over the pool's threads), append_new writes the new
+// rows (at stride `stride` in `fresh`) once a layer has made them.
+void keep_past(const float* past, int P, int T, int D, float* new_past) {
+  const int keep = std::max(0, P - T);
+  std::memcpy(new_past, past + static_cast<size_t>(P - keep) * D, sizeof(float) * keep * D);
+}
+
+void append_new(const float* fresh, size_t stride, int P, int T, int D, float* new_past) {
+  for (int r = std::max(0, P - T); r < P; ++r)
+    std::memcpy(new_past + static_cast<size_t>(r) * D, fresh + static_cast<size_t>(T - (P - r)) * stride,
+                sizeof(float) * D);
+}
+
+}  // namespace
+
+std::vector<mx::array> mimi_transformer(const mx::array& x, const std::vector<mx::array>& weights,
+                                        const mx::array& past_k, const mx::array& past_v,
+                                        const mx::array& position, const mx::array& inv_freqs, int num_heads,
+                                        int context, float eps, mx::StreamOrDevice s) {
+  if (x.dtype() != mx::float32 || x.ndim() != 3) fail("x must be float32 [B, T, D]");
+  const int B = x.shape(0), T = x.shape(1), D = x.shape(2);
+  if (weights.empty() || weights.size() % kMimiWeightsPerLayer)
+    fail("weights must hold " + std::to_string(kMimiWeightsPerLayer) + " arrays per layer");
+  const int L = static_cast<int>(weights.size()) / kMimiWeightsPerLayer;
+  if (num_heads <= 0 || D % num_heads || (D / num_heads) % 2) fail("D must split into heads of even size");
+  if (context < 1) fail("context must be at least 1");
+  const int P = context - 1;
+  for (const auto* kv : {&past_k, &past_v})
+    if (kv->dtype() != mx::float32 || kv->shape() != mx::Shape{L, B, P, D})
+      fail("past keys/values must be float32 [layers, B, context - 1, D]");
+  if (position.size() != 1 || position.dtype() != mx::int32) fail("position must be one int32");
+  if (inv_freqs.dtype() != mx::float32 || inv_freqs.size() != static_cast<size_t>(D / num_heads / 2))
+    fail("inv_freqs must be float32 [head_dim / 2]");
+  const int F = weights[7].shape(0);
+  for (int i = 0; i < static_cast<int>(weights.size()); ++i) {
+    const auto& w = weights[i];
+    const int j = i % kMimiWeightsPerLayer;
+    if (is_projection(i)) {
+      const mx::Shape want = j == 2 ? mx::Shape{3 * D, D} : j == 3 ? mx::Shape{D, D} : j == 7 ? mx::Shape{F, D}
+                                                                                           : mx::Shape{D, F};
+      if (!(w.dtype() == mx::float32 || w.dtype() == mx::bfloat16) || w.shape() != want)
+        fail("weight " + std::to_string(i) + " must be a float32 or bfloat16 projection of the layer's shape");
+    } else if (w.dtype() != mx::float32 || w.size() != static_cast<size_t>(D)) {
+      fail("weight " + std::to_string(i) + " must be float32 [D]");
+    }
+  }
+  auto st = mx::to_stream(s);
+  std::vector<mx::array> inputs = {mx::contiguous(x, false, st), mx::contiguous(past_k, false, st),
+                                   mx::contiguous(past_v, false, st), mx::contiguous(position, false, st),
+                                   mx::contiguous(inv_freqs, false, st)};
+  for (const auto& w : weights) inputs.push_back(mx::contiguous(w, false, st));
+  MimiStackConfig cfg{L, num_heads, context, eps};
+  return mx::array::make_arrays({x.shape(), past_k.shape(), past_v.shape()},
+                                {mx::float32, mx::float32, mx::float32},
+                                std::make_shared<MimiTransformer>(st, cfg), inputs);
+}
+
+std::vector<mx::Shape> MimiTransformer::output_shapes(const std::vector<mx::array>& inputs) {
+  return {inputs[0].shape(), inputs[1].shape(), inputs[2].shape()};
+}
+
+bool MimiTransformer::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const MimiTransformer&>(other);
+  return cfg_.num_layers == o.cfg_.num_layers && cfg_.num_heads == o.cfg_.num_heads &&
+         cfg_.context == o.cfg_.context && cfg_.eps == o.cfg_.eps;
+}
+
+void MimiTransformer::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("csmd_native.mimi_transformer runs on the CPU only");
+}
+
+void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) enc.set_input_array(a);
+  for (auto& a : outputs) enc.set_output_array(a);
+  std::vector<mx::array> ins;
+  for (auto& a : inputs) ins.push_back(mx::array::unsafe_weak_copy(a));
+  std::vector<mx::array> outs;
+  for (auto& a : outputs) outs.push_back(mx::array::unsafe_weak_copy(a));
+  enc.dispatch([ins = std::move(ins), outs = std::move(outs), cfg = cfg_]() mutable {
+    const mx::array& x = ins[0];
+    Shapes s;
+    s.L = cfg.num_layers;
+    s.B = x.shape(0);
+    s.T = x.shape(1);
+    s.D = x.shape(2);
+    s.P = cfg.context - 1;
+    s.H = cfg.num_heads;
+    s.hd = s.D / s.H;
+    s.F = ins[kFixedInputs + 7].shape(0);
+    const int R = s.B * s.T;  // rows through the projections
+    const int position = ins[3].data<int32_t>()[0];
+    const float* inv_freqs = ins[4].data<float>();
+    const Kernels& kern = current_kernels();
+    const AxpyFn axpy = axpy_kernel(current_variant());
+    const GeluFn gelu = gelu_kernel(current_variant());
+    const size_t layer_kv = static_cast<size_t>(s.B) * s.P * s.D, batch_kv = static_cast<size_t>(s.P) * s.D;
+
+    float* y = outs[0].data<float>();
+    std::memcpy(y, x.data<float>(), sizeof(float) * R * s.D);
+    std::vector<float> h(static_cast<size_t>(R) * s.D), qkv(static_cast<size_t>(R) * 3 * s.D);
+    std::vector<float> att(static_cast<size_t>(R) * s.D), o(static_cast<size_t>(R) * s.D);
+    std::vector<float> f(static_cast<size_t>(R) * s.F);
+    const float q_scale = 1.f / std::sqrt(static_cast<float>(s.hd));
+    const std::vector<float> rope_cs = rope_table(s.T, s.hd, inv_freqs, position);
+
+    // Keys then values, every layer and batch: [2, L * B] blocks of P rows.
+    const std::function<void(int)> keep = [&](int c) {
+      const size_t block = static_cast<size_t>(c % (s.L * s.B)) * batch_kv;
+      const int which = 1 + c / (s.L * s.B);
+      keep_past(ins[which].data<float>() + block, s.P, s.T, s.D, outs[which].data<float>() + block);
+    };
+    pool().run_chunks(2 * s.L * s.B, keep);
+
+    for (int l = 0; l < s.L; ++l) {
+      const mx::array* w = &ins[kFixedInputs + l * kMimiWeightsPerLayer];
+      // Attention block.
+      for (int r = 0; r < R; ++r)
+        layer_norm(y + r * s.D, w[0].data<float>(), w[1].data<float>(), cfg.eps, s.D, h.data() + r * s.D);
+      project(w[2], h.data(), R, qkv.data());
+      for (int r = 0; r < R; ++r) {
+        float* row = qkv.data() + static_cast<size_t>(r) * 3 * s.D;
+        const float* cs = rope_cs.data() + static_cast<size_t>(r % s.T) * s.hd;
+        for (int hh = 0; hh < s.H; ++hh) {
+          rope(row + hh * s.hd, s.hd, cs);        // q
+          rope(row + s.D + hh * s.hd, s.hd, cs);  // k
+        }
+        for (int i = 0; i < s.D; ++i) row[i] *= q_scale;
+      }
+      // On the calling thread: handing the heads to the pool measured slower (this is ~50 us a layer).
+      for (int b = 0; b < s.B; ++b) {
+        const size_t kv = l * layer_kv + b * batch_kv;
+        const float* rows = qkv.data() + static_cast<size_t>(b) * s.T * 3 * s.D;
+        for (int hh = 0; hh < s.H; ++hh)
+          attend(s, hh, cfg.context, position, ins[1].data<float>() + kv, ins[2].data<float>() + kv, rows,
+                 att.data() + static_cast<size_t>(b) * s.T * s.D, kern, axpy);
+        append_new(rows + s.D, 3 * s.D, s.P, s.T, s.D, outs[1].data<float>() + kv);
+        append_new(rows + 2 * s.D, 3 * s.D, s.P, s.T, s.D, outs[2].data<float>() + kv);
+      }
+      project(w[3], att.data(), R, o.data());
+      const float* ls1 = w[4].data<float>();
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < s.D; ++i) y[r * s.D + i] += ls1[i] * o[r * s.D + i];
+      // MLP block.
+      for (int r = 0; r < R; ++r)
+        layer_norm(y + r * s.D, w[5].data<float>(), w[6].data<float>(), cfg.eps, s.D, h.data() + r * s.D);
+      project(w[7], h.data(), R, f.data());
+      gelu(f.data(), static_cast<int>(f.size()));  // exact (erf) GELU, as trained
+      project(w[8], f.data(), R, o.data());
+      const float* ls2 = w[9].data<float>();
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < s.D; ++i) y[r * s.D + i] += ls2[i] * o[r * s.D + i];
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// panel_matmul
+
+mx::array panel_matmul(const mx::array& x, const mx::array& wp, int n, const std::optional<mx::array>& bias,
+                       mx::StreamOrDevice s) {
+  auto bad = [](const std::string& msg) { throw std::invalid_argument("panel_matmul: " + msg); };
+  if (x.dtype() != mx::float32 || x.ndim() < 1) bad("x must be float32 [..., K]");
+  const int K = x.shape(-1);
+  if (n < 1) bad("n must be positive");
+  if (wp.dtype() != mx::float32 || wp.shape() != mx::Shape{(n + kPanel - 1) / kPanel, K, kPanel})
+    bad("wp must be float32 [ceil(n / 16), K, 16] for x's K");
+  if (bias && (bias->dtype() != mx::float32 || bias->shape() != mx::Shape{n})) bad("bias must be float32 [n]");
+  auto st = mx::to_stream(s);
+  std::vector<mx::array> inputs = {mx::contiguous(x, false, st), mx::contiguous(wp, false, st)};
+  if (bias) inputs.push_back(mx::contiguous(*bias, false, st));
+  mx::Shape shape = x.shape();
+  shape.back() = n;
+  return mx::array(shape, mx::float32, std::make_shared<PanelMatmul>(st, n), inputs);
+}
+
+mx::array panel_conv(const mx::array& x, const mx::array& wp, int n, const std::optional<mx::array>& bias,
+                     int kernel, int stride, mx::StreamOrDevice s) {
+  auto bad = [](const std::string& msg) { throw std::invalid_argument("panel_conv: " + msg); };
+  if (x.dtype() != mx::float32 || x.ndim() != 3) bad("x must be float32 [B, L, C]");
+  if (kernel < 1 || stride < 1) bad("kernel and stride must be positive");
+  if (x.shape(1) < kernel || (x.shape(1) - kernel) % stride) bad("L - kernel must be a multiple of the stride");
+  const int K = kernel * x.shape(2);
+  if (n < 1 || wp.dtype() != mx::float32 || wp.shape() != mx::Shape{(n + kPanel - 1) / kPanel, K, kPanel})
+    bad("wp must be float32 [ceil(n / 16), kernel * C, 16]");
+  if (bias && (bias->dtype() != mx::float32 || bias->shape() != mx::Shape{n})) bad("bias must be float32 [n]");
+  auto st = mx::to_stream(s);
+  std::vector<mx::array> inputs = {mx::contiguous(x, false, st), mx::contiguous(wp, false, st)};
+  if (bias) inputs.push_back(mx::contiguous(*bias, false, st));
+  const mx::Shape shape = {x.shape(0), (x.shape(1) - kernel) / stride + 1, n};
+  return mx::array(shape, mx::float32, std::make_shared<PanelMatmul>(st, n, kernel, stride), inputs);
+}
+
+std::vector<mx::Shape> PanelMatmul::output_shapes(const std::vector<mx::array>& inputs) {
+  mx::Shape shape = inputs[0].shape();
+  if (kernel_) shape[1] = (shape[1] - kernel_) / stride_ + 1;
+  shape.back() = n_;
+  return {shape};
+}
+
+void PanelMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("csmd_native.panel_matmul runs on the CPU only");
+}
+
+void PanelMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) enc.set_input_array(a);
+  enc.set_output_array(out);
+  std::vector<mx::array> ins;
+  for (auto& a : inputs) ins.push_back(mx::array::unsafe_weak_copy(a));
+  enc.dispatch([ins = std::move(ins), out = mx::array::unsafe_weak_copy(out), n = n_, kernel = kernel_,
+                stride = stride_]() mutable {
+    const mx::array& x = ins[0];
+    PanelArgs a;
+    a.N = n;
+    a.wp = ins[1].data<float>();
+    a.bias = ins.size() > 2 ? ins[2].data<float>() : nullptr;
+    const PanelFn tile = panel_kernel(current_variant());
+    if (!kernel) {  // a plain product of every row
+      a.K = x.shape(-1);
+      a.ldx = static_cast<size_t>(a.K);
+      a.M = static_cast<int>(x.size() / std::max(1, a.K));
+      a.x = x.data<float>();
+      a.out = out.data<float>();
+      if (a.M > 0) panel_gemm(a, tile, pool());
+      return;
+    }
+    // A convolution: per batch, output t's window is the kernel * C floats from x[b, t * stride].
+    const int B = x.shape(0), L = x.shape(1), C = x.shape(2);
+    a.K = kernel * C;
+    a.ldx = static_cast<size_t>(stride) * C;
+    a.M = out.shape(1);
+    for (int b = 0; b < B; ++b) {
+      a.x = x.data<float>() + static_cast<size_t>(b) * L * C;
+      a.out = out.data<float>() + static_cast<size_t>(b) * a.M * n;
+      if (a.M > 0) panel_gemm(a, tile, pool());
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// elu
+
+mx::array elu(const mx::array& x, mx::StreamOrDevice s) {
+  if (x.dtype() != mx::float32) throw std::invalid_argument("elu: x must be float32");
+  auto st = mx::to_stream(s);
+  return mx::array(x.shape(), mx::float32, std::make_shared<Elu>(st), {mx::contiguous(x, false, st)});
+}
+
+void Elu::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("csmd_native.elu runs on the CPU only");
+}
+
+void Elu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  enc.set_input_array(inputs[0]);
+  enc.set_output_array(out);
+  enc.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), out = mx::array::unsafe_weak_copy(out)]() mutable {
+    const int n = static_cast<int>(x.size());
+    const EluFn kernel = elu_kernel(current_variant());
+    // ~1 ns per 8 values: only large arrays are worth a pool job.
+    const int chunks = std::max(1, std::min(2 * pool().size(), n / (128 << 10)));
+    const std::function<void(int)> fn = [&](int c) {
+      int i0, i1;
+      split_range(n, chunks, c, i0, i1);
+      kernel(x.data<float>() + i0, i1 - i0, out.data<float>() + i0);
+    };
+    pool().run_chunks(chunks, fn);
+  });
+}
+
+}  // namespace csmd

@@ -1,0 +1,220 @@
+"""The native kernels of Mimi's streaming codec against their references.
+
+* csmd_native.matmul with 2..8 rows (kernels/fewrows.h) against a float64 numpy product: fp32 accumulation
+  in another order, so within 1e-5 of the sum of the magnitudes of each output's terms.
+* csmd_native.panel_matmul (kernels/panel_gemm.h, weights packed by csmd.kernels.pack_panels) against the
+  same float64 product, with and without a bias.
+* csmd_native.elu against float64 expm1 and fastmath.elu (the MLX reference, same formula).
+* csmd_native.mimi_transformer against the MLX layers of csmd/audio/mimi/transformer.py (the path that the
+  parity tests hold to moshi and transformers), over more steps than the attention window, batched.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+from csmd import kernels
+from csmd.audio.mimi import fastmath
+from csmd.audio.mimi.config import MimiTransformerConfig
+from csmd.audio.mimi.transformer import MimiTransformer
+
+if os.environ.get("CSMD_REQUIRE_NATIVE") == "1":
+    import csmd_native
+else:
+    csmd_native = pytest.importorskip("csmd_native")
+
+VARIANTS = ["scalar", "auto"]
+
+
+@pytest.fixture(autouse=True)
+def _auto_variant():
+    yield
+    csmd_native.set_variant("auto")
+
+
+SHAPES = [(2, 512, 96), (3, 37, 5), (5, 100, 33), (7, 40, 9), (8, 64, 130), (4, 8, 1)]  # rows, in, out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize(("rows", "k", "n"), SHAPES)
+def test_few_row_matmul(variant: str, dtype: mx.Dtype, rows: int, k: int, n: int) -> None:
+    csmd_native.set_variant(variant)
+    rng = np.random.default_rng(rows * 1000 + k)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(dtype)
+    w64 = np.array(w.astype(mx.float32)).astype(np.float64)  # the weights as stored (bf16-rounded)
+    out = np.array(csmd_native.matmul(mx.array(x), w))
+    expected = x.astype(np.float64) @ w64.T
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(w64).T
+    assert out.shape == (rows, n)
+    assert np.all(np.abs(out - expected) <= 1e-5 * magnitude + 1e-30)
+
+
+def _stack(cfg: MimiTransformerConfig, seed: int, weights: mx.Dtype) -> MimiTransformer:
+    """A transformer with random weights of realistic scale (LayerScale and norms not at their init)."""
+    stack = MimiTransformer(cfg)
+    params = {}
+    for i, (name, value) in enumerate(tree_flatten(stack.parameters())):
+        noise = mx.random.normal(value.shape, key=mx.random.key(seed * 1000 + i))
+        if name.endswith("weight") and value.ndim == 2:  # projections
+            params[name] = (noise * value.shape[1] ** -0.5).astype(weights)
+        elif "norm" in name and name.endswith("weight"):
+            params[name] = 1.0 + 0.1 * noise
+        else:  # norm biases, layer scales
+            params[name] = 0.1 * noise
+    stack.update(tree_unflatten(list(params.items())))
+    mx.eval(stack.parameters())
+    return stack
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("batch", "steps"), [(1, 2), (2, 1), (2, 3)])
+def test_mimi_transformer_matches_mlx_layers(variant: str, batch: int, steps: int) -> None:
+    csmd_native.set_variant(variant)
+    cfg = MimiTransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=128, context=10)
+    stack = _stack(cfg, seed=batch * 10 + steps, weights=mx.float32)
+    rng = np.random.default_rng(batch * 10 + steps)
+    state = stack.initial_state(batch)
+    for _ in range(9):  # 9 calls of up to 3 steps: well past the 10-step window
+        x = mx.array(rng.standard_normal((batch, steps, cfg.d_model)).astype(np.float32))
+        position, past_k, past_v = state
+        inv_freqs = mx.exp(mx.arange(0, 16, 2, dtype=mx.float32) * (-np.log(cfg.max_period) / 16))
+        y, new_k, new_v = csmd_native.mimi_transformer(
+            x, stack.native_weights(), past_k, past_v, position, inv_freqs, cfg.num_heads, cfg.context, cfg.norm_eps
+        )
+        reference, state = _mlx_layers(stack, x, state)
+        np.testing.assert_allclose(np.array(y), np.array(reference), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.array(new_k), np.array(state[1]), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.array(new_v), np.array(state[2]), rtol=1e-4, atol=1e-5)
+
+
+def _mlx_layers(stack: MimiTransformer, x: mx.array, state: tuple) -> tuple[mx.array, tuple]:
+    """The stack's MLX path, whatever the extension: CSMD_KERNELS=reference for the call."""
+    previous = os.environ.get("CSMD_KERNELS")
+    os.environ["CSMD_KERNELS"] = "reference"
+    try:
+        y, new_state = stack(x, state)
+        mx.eval(y, new_state)
+    finally:
+        if previous is None:
+            del os.environ["CSMD_KERNELS"]
+        else:
+            os.environ["CSMD_KERNELS"] = previous
+    return y, new_state
+
+
+def test_mimi_transformer_bf16_weights_close_to_fp32() -> None:
+    """bfloat16 projections (computed in fp32) stay within bf16's rounding of the fp32 result."""
+    cfg = MimiTransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=128, context=10)
+    stack = _stack(cfg, seed=3, weights=mx.float32)
+    weights = stack.native_weights()
+    halves = [w.astype(mx.bfloat16) if w.ndim == 2 else w for w in weights]
+    state = stack.initial_state(1)
+    x = mx.array(np.random.default_rng(3).standard_normal((1, 2, cfg.d_model)).astype(np.float32))
+    inv_freqs = mx.exp(mx.arange(0, 16, 2, dtype=mx.float32) * (-np.log(cfg.max_period) / 16))
+    args = (state[1], state[2], state[0], inv_freqs, cfg.num_heads, cfg.context)
+    full = np.array(csmd_native.mimi_transformer(x, weights, *args)[0])
+    half = np.array(csmd_native.mimi_transformer(x, halves, *args)[0])
+    assert np.linalg.norm(half - full) / np.linalg.norm(full) < 2e-2
+
+
+def test_mimi_transformer_rejects_bad_shapes() -> None:
+    cfg = MimiTransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=128, context=10)
+    stack = _stack(cfg, seed=0, weights=mx.float32)
+    position, past_k, past_v = stack.initial_state(1)
+    x = mx.zeros((1, 2, 64))
+    inv_freqs = mx.zeros((8,))
+    with pytest.raises(ValueError, match="10 arrays per layer"):
+        csmd_native.mimi_transformer(x, stack.native_weights()[:-1], past_k, past_v, position, inv_freqs, 4, 10)
+    with pytest.raises(ValueError, match="past keys/values"):
+        csmd_native.mimi_transformer(x, stack.native_weights(), past_k[:, :, 1:], past_v, position, inv_freqs, 4, 10)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_few_row_matmul_threaded_jobs(threads: int) -> None:
+    """Many back-to-back products split into chunks that the threads claim: each chunk done exactly once."""
+    before = csmd_native.num_threads()
+    csmd_native.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(threads)
+        w = rng.standard_normal((4096, 64)).astype(np.float32)  # 16 chunks of 64 KB: 4 per thread and more
+        x = rng.standard_normal((3, 64)).astype(np.float32)
+        expected = x.astype(np.float64) @ w.astype(np.float64).T
+        outs = [csmd_native.matmul(mx.array(x), mx.array(w)) for _ in range(50)]
+        mx.eval(outs)
+        for out in outs:
+            np.testing.assert_allclose(np.array(out), expected, rtol=1e-4, atol=1e-4)
+    finally:
+        csmd_native.set_num_threads(before)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(("rows", "k", "n"), [(1, 5, 3), (7, 33, 17), (96, 256, 160), (1922, 64, 32), (13, 8, 48)])
+def test_panel_matmul(variant: str, with_bias: bool, rows: int, k: int, n: int) -> None:
+    csmd_native.set_variant(variant)
+    rng = np.random.default_rng(rows + k + n)
+    x = rng.standard_normal((1, rows, k)).astype(np.float32)  # leading dims pass through
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
+    packed = kernels.pack_panels(mx.array(w))
+    assert packed is not None and packed.shape == (-(-n // 16), k, 16)
+    out = np.array(csmd_native.panel_matmul(mx.array(x), packed, n, None if bias is None else mx.array(bias)))
+    expected = x.astype(np.float64) @ w.astype(np.float64).T + (0.0 if bias is None else bias)
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T + (0.0 if bias is None else np.abs(bias))
+    assert out.shape == (1, rows, n)
+    assert np.all(np.abs(out - expected) <= 1e-5 * magnitude + 1e-30)
+
+
+def test_panel_matmul_rejects_a_mispacked_weight() -> None:
+    w = mx.zeros((20, 8))
+    with pytest.raises(ValueError, match="ceil"):
+        csmd_native.panel_matmul(mx.zeros((3, 8)), w, 20)
+    with pytest.raises(ValueError, match="bias"):
+        csmd_native.panel_matmul(mx.zeros((3, 8)), kernels.pack_panels(w), 20, mx.zeros((19,)))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    ("batch", "length", "channels", "kernel", "stride", "n"),
+    [(1, 1922, 64, 3, 1, 32), (2, 40, 12, 8, 4, 20), (1, 9, 5, 1, 1, 7)],
+)
+def test_panel_conv_equals_unfolded_product(
+    variant: str, batch: int, length: int, channels: int, kernel: int, stride: int, n: int
+) -> None:
+    """panel_conv reads each output's window in place: the same as the product of the unfolded windows."""
+    csmd_native.set_variant(variant)
+    rng = np.random.default_rng(length + kernel)
+    x = rng.standard_normal((batch, length, channels)).astype(np.float32)
+    w = rng.standard_normal((n, kernel * channels)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    out = np.array(
+        csmd_native.panel_conv(mx.array(x), kernels.pack_panels(mx.array(w)), n, mx.array(bias), kernel, stride)
+    )
+    steps = (length - kernel) // stride + 1
+    windows = np.stack([x[:, t * stride : t * stride + kernel].reshape(batch, -1) for t in range(steps)], axis=1)
+    expected = windows.astype(np.float64) @ w.astype(np.float64).T + bias
+    magnitude = np.abs(windows).astype(np.float64) @ np.abs(w).astype(np.float64).T + np.abs(bias)
+    assert out.shape == (batch, steps, n)
+    assert np.all(np.abs(out - expected) <= 1e-5 * magnitude + 1e-30)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("size", [1, 7, 8, 1000, 300_001])  # SIMD tails, and enough to split over threads
+def test_elu_matches_float64_and_fastmath(variant: str, size: int) -> None:
+    csmd_native.set_variant(variant)
+    rng = np.random.default_rng(size)
+    x = (rng.standard_normal(size) * 10).astype(np.float32)
+    x[: min(size, 4)] = [-200.0, -0.0, 0.0, 3.0][: min(size, 4)]  # below the clamp, both zeros, positive
+    y = np.array(csmd_native.elu(mx.array(x)))
+    x64 = x.astype(np.float64)
+    bound = 2e-7 * np.maximum(1.0, np.abs(x64))
+    assert np.all(np.abs(y - np.where(x64 > 0, x64, np.expm1(x64))) <= bound)
+    assert np.all(np.abs(y - np.array(fastmath.elu(mx.array(x)))) <= bound)
+    assert np.array_equal(y[x > 0], x[x > 0])  # exact where x > 0
