@@ -83,9 +83,6 @@ NB_MODULE(_ext, m) {
         return dt.count() / std::max(1, iters);
       },
       "iters"_a = 10000, "Mean time of a no-op job on the thread pool (wake-up and barrier), in us.");
-  m.def("_set_prefetch", [](int d) { csmd::g_pf_dist = d; });
-  m.def("_set_spin_us", [](int us) { csmd::g_spin_us = us; });
-  m.def("_set_static_split", [](int on) { csmd::g_static_split = on; });
   m.def("num_threads", &csmd::num_threads);
   m.def("set_num_threads", &csmd::set_num_threads, "n"_a);
   m.def(
