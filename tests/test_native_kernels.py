@@ -695,3 +695,19 @@ def test_prefill_attention_matches_reference(heads: int, kv_heads: int, t: int, 
     r = reference.attention(q, k, v, scale, causal=True)
     assert y.shape == r.shape == (1, heads, t, dim)
     np.testing.assert_allclose(as_f64(y), as_f64(r), rtol=1e-4, atol=1e-5)
+
+
+def test_matvec_mode_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from csmd.kernels import native
+
+    try:
+        for mode in ("int8", "exact", "int16"):
+            monkeypatch.setenv("CSMD_MATVEC", mode)
+            assert native.apply_matvec_mode() == mode
+            assert csmd_native.get_matvec_mode() == mode
+        monkeypatch.setenv("CSMD_MATVEC", "fast")
+        with pytest.raises(ValueError, match="CSMD_MATVEC must be one of int16, int8, exact"):
+            native.apply_matvec_mode()
+        assert csmd_native.get_matvec_mode() == "int16"  # a bad value changes nothing
+    finally:
+        csmd_native.set_matvec_mode("int16")

@@ -105,6 +105,51 @@ CSMD_VNNI static inline float dot_i16(const uint8_t* w, const float* s, const fl
   return avx2::hsum(_mm256_add_ps(tot0, tot1)) + tail + avx2::dot_f32(bias, p.gsum, ng);
 }
 
+
+// The "int8" matvec mode: 4-bit weights against int8 x (permute4 order), vpdpbusd (unsigned nibbles times
+// signed bytes, four products into each int32 lane). Same integer sums as avx2::dot_i; 8 bits: avx2::dot_i.
+CSMD_VNNI static inline float dot_i(const uint8_t* w, const float* s, const float* bias, const XPrep& p) {
+  if (p.bits != 4) return avx2::dot_i(w, s, bias, p);
+  const int K = p.K, G = p.G, ng = K / G, nbytes = K / 2;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i zero = _mm256_setzero_si256();
+  const int8_t* xq = p.xq;
+  const float* dx = p.gdx;
+  // acc + one 32-byte block starting at byte o: lanes 0-3 from bytes 0-15, lanes 4-7 from bytes 16-31.
+  auto block = [&](__m256i acc, int o) CSMD_VNNI {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(w + o));
+    acc = _mm256_dpbusd_epi32(acc, _mm256_and_si256(v, m4), _mm256_loadu_si256((const __m256i*)(xq + 2 * o)));
+    return _mm256_dpbusd_epi32(acc, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                               _mm256_loadu_si256((const __m256i*)(xq + 2 * o + 32)));
+  };
+  __m256 tot = _mm256_setzero_ps();
+  float tail = 0.f;
+  if (G == 32) {  // a 32-byte block holds two groups: one per 128-bit half
+    int o = 0, g = 0;
+    for (; o + 32 <= nbytes; o += 32, g += 2) {
+      const __m256 sc = _mm256_set_m128(_mm_set1_ps(s[g + 1] * dx[g + 1]), _mm_set1_ps(s[g] * dx[g]));
+      tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block(zero, o)), sc, tot);
+    }
+    if (o < nbytes) {  // final 16-byte block (one group)
+      const __m128i m4s = _mm_set1_epi8(0x0F);
+      const __m128i v = _mm_loadu_si128((const __m128i*)(w + o));
+      __m128i i = _mm_dpbusd_epi32(_mm_setzero_si128(), _mm_and_si128(v, m4s), _mm_loadu_si128((const __m128i*)(xq + 2 * o)));
+      i = _mm_dpbusd_epi32(i, _mm_and_si128(_mm_srli_epi16(v, 4), m4s), _mm_loadu_si128((const __m128i*)(xq + 2 * o + 16)));
+      i = _mm_add_epi32(i, _mm_shuffle_epi32(i, 0x4E));
+      i = _mm_add_epi32(i, _mm_shuffle_epi32(i, 0xB1));
+      tail = (s[g] * dx[g]) * static_cast<float>(_mm_cvtsi128_si32(i));
+    }
+  } else {  // G = 64 or 128: one or two blocks per group
+    const int gb = G / 2;
+    for (int g = 0; g < ng; ++g) {
+      __m256i acc = zero;
+      for (int o = g * gb; o < (g + 1) * gb; o += 32) acc = block(acc, o);
+      tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(s[g] * dx[g]), tot);
+    }
+  }
+  return avx2::hsum(tot) + tail + avx2::dot_f32(bias, p.gsum, ng);
+}
+
 }  // namespace avx512vnni
 }  // namespace csmd
 

@@ -110,7 +110,7 @@ inline Kernels kernels_for(Variant v) {
 #endif
 #if defined(CSMD_HAVE_AVX512VNNI_KERNELS)
     case Variant::AVX512VNNI:
-      return {avx2::dot_f, avx2::dot_i, avx512vnni::dot_i16, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w},
+      return {avx2::dot_f, avx512vnni::dot_i, avx512vnni::dot_i16, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w},
               avx2::dot_f32, avx2::dot_bf16, avx2::cvt_bf16, avx2::softmax_row};
 #endif
 #if defined(CSMD_HAVE_NEON_KERNELS)
