@@ -11,7 +11,7 @@ namespace csmd {
 
 mx::array causal_softmax(const mx::array& scores, mx::StreamOrDevice s) {
   auto fail = [](const std::string& msg) { throw std::invalid_argument("causal_softmax: " + msg); };
-  if (!(scores.dtype() == mx::float32 || scores.dtype() == mx::bfloat16 || scores.dtype() == mx::float16))
+  if (!is_float_type(scores.dtype()))
     fail("scores must be float32, bfloat16 or float16");
   if (scores.ndim() < 2) fail("scores must have at least two dimensions [..., T, S]");
   const int T = scores.shape(-2), S = scores.shape(-1);

@@ -1,6 +1,5 @@
 #include "matmul.h"
 
-#include <sstream>
 #include <stdexcept>
 
 #include "kernels/driver.h"
@@ -16,26 +15,18 @@ namespace {
 // Up to this many rows of x, products read each weight row once for all of them (kernels/fewrows.h).
 constexpr int kFewRowsMax = 8;
 
-std::string shape_of(const mx::array& a) {
-  std::ostringstream os;
-  os << "(";
-  for (int i = 0; i < static_cast<int>(a.ndim()); ++i) os << (i ? ", " : "") << a.shape(i);
-  os << (a.ndim() == 1 ? ",)" : ")");
-  return os.str();
-}
-
 }  // namespace
 
 mx::array matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s) {
   auto fail = [](const std::string& msg) { throw std::invalid_argument("matmul: " + msg); };
-  if (!(x.dtype() == mx::float32 || x.dtype() == mx::bfloat16 || x.dtype() == mx::float16))
+  if (!is_float_type(x.dtype()))
     fail("x must be float32, bfloat16 or float16");
   if (x.ndim() < 1) fail("x must have at least one dimension");
   if (!(w.dtype() == mx::bfloat16 || w.dtype() == mx::float32)) fail("w must be bfloat16 or float32");
-  if (w.ndim() != 2) fail("w must be 2-D [out, in], got shape " + shape_of(w));
+  if (w.ndim() != 2) fail("w must be 2-D [out, in], got shape " + shape_str(w));
   const int K = x.shape(-1);
   if (w.shape(1) != K)
-    fail("x has " + std::to_string(K) + " input features but w " + shape_of(w) + " has " +
+    fail("x has " + std::to_string(K) + " input features but w " + shape_str(w) + " has " +
          std::to_string(w.shape(1)));
   if (w.shape(0) == 0 || K == 0) fail("empty weight matrix");
   auto st = mx::to_stream(s);

@@ -155,8 +155,6 @@ void store_output(mx::array& out, const std::vector<float>& buf) {
   }
 }
 
-namespace {
-
 bool is_float_type(mx::Dtype t) {
   return t == mx::float32 || t == mx::bfloat16 || t == mx::float16;
 }
@@ -168,8 +166,6 @@ std::string shape_str(const mx::array& a) {
   os << (a.ndim() == 1 ? ",)" : ")");
   return os.str();
 }
-
-}  // namespace
 
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits,

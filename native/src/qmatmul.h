@@ -1,5 +1,6 @@
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "mlx/mlx.h"
@@ -34,8 +35,12 @@ class QMatmul : public mx::UnaryPrimitive {
   int bits_;
 };
 
-// Helpers shared with the transformer step.
+// Helpers shared with the other primitives.
 SBType sb_type(mx::Dtype t);
+// float32, bfloat16 or float16.
+bool is_float_type(mx::Dtype t);
+// An array's shape as Python prints a tuple, for error messages: "(2, 3)", "(4,)".
+std::string shape_str(const mx::array& a);
 // Copy/convert a row-contiguous float32/bfloat16/float16 array to float.
 void to_float(const mx::array& a, float* out);
 

@@ -144,7 +144,7 @@ void validate_stack(const std::vector<mx::array>& weights, int L, int H, int num
     int i = l * per_layer(bits);
     auto check_norm = [&](const mx::array& a, const char* what) {
       if (a.ndim() != 1 || a.shape(0) != H) fail(std::string(what) + " must have shape [hidden]");
-      if (!(a.dtype() == mx::float32 || a.dtype() == mx::bfloat16 || a.dtype() == mx::float16))
+      if (!is_float_type(a.dtype()))
         fail(std::string(what) + " must be float32, bfloat16 or float16");
     };
     auto check_proj = [&](int out, int in, const char* what) {
@@ -184,7 +184,7 @@ void check_quantized(const mx::array& w, const mx::array& sc, const mx::array& b
   if (static_cast<long long>(w.shape(1)) * 32 / bits != in) fail(": wrong input dim");
   if (in % group_size) fail(": input dim not a multiple of group_size");
   if (sc.ndim() != 2 || sc.shape(0) != w.shape(0) || sc.shape(1) != in / group_size || bi.shape() != sc.shape() ||
-      sc.dtype() != bi.dtype() || !(sc.dtype() == mx::float32 || sc.dtype() == mx::bfloat16 || sc.dtype() == mx::float16))
+      sc.dtype() != bi.dtype() || !is_float_type(sc.dtype()))
     fail(": bad scales/biases");
 }
 

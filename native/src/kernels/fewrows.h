@@ -214,18 +214,10 @@ inline FewRowsFn fewrows_kernel(Variant v) {
   }
 }
 
-// The whole product, its weight rows cut into chunks of at least 64 KB of weights (a few per thread, so a
-// late thread's share is picked up by the others) that the pool's threads claim.
+// The whole product, its weight rows in chunks that the pool's threads claim (run_rows, as the matvecs).
 inline void fewrows_matmul(const FewRowsArgs& a, FewRowsFn kernel, ThreadPool& pool) {
   const size_t row_bytes = static_cast<size_t>(a.K) * (a.bf16 ? 2 : 4);
-  const int min_rows = static_cast<int>(std::max<size_t>(1, (64u << 10) / std::max<size_t>(1, row_bytes)));
-  const int chunks = std::max(1, std::min(4 * pool.size(), a.N / min_rows));
-  const std::function<void(int)> fn = [&](int c) {
-    int n0, n1;
-    split_range(a.N, chunks, c, n0, n1);
-    kernel(a, n0, n1);
-  };
-  pool.run_chunks(chunks, fn);
+  run_rows(&pool, a.N, row_bytes, [&](int n0, int n1) { kernel(a, n0, n1); });
 }
 
 }  // namespace csmd
