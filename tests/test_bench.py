@@ -19,11 +19,12 @@ from csmd.model.loading import load_model
 from csmd.model.weights import quantize
 
 F32 = 4
+BF16 = 2
 
 
 def q8(out: int, inputs: int) -> int:
-    """An MLX 8-bit linear [out, inputs], groups of 64: one byte per weight + fp32 scale and bias per group."""
-    return out * inputs + out * (inputs // 64) * 2 * F32
+    """An MLX 8-bit linear [out, inputs], groups of 64: one byte per weight + bf16 scale and bias per group."""
+    return out * inputs + out * (inputs // 64) * 2 * BF16
 
 
 def test_tiny_fp32_frame_bytes_match_a_hand_count() -> None:

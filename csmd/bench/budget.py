@@ -12,8 +12,8 @@ MLX-quantized linear (packed weight + scales + biases). For csm-1b in fp32 (`ran
           + the KV caches (backbone over 300 rows: 16 x 2 x 512 x 4 x 301, + 4.3 MB decoder = 24.0 MB)
           = 18.25 GB
 
-bf16 halves every term; 8-bit and 4-bit shrink the linears, embeddings and audio_head to about 1.125 and
-0.625 bytes per weight (scales and biases included), not the norms: 5.15 GB and 2.87 GB per frame.
+bf16 halves every term; 8-bit and 4-bit shrink the linears, embeddings and audio_head to about 1.0625 and
+0.5625 bytes per weight (bf16 scales and biases included), not the norms: 4.86 GB and 2.58 GB per frame.
 A 300-row prefill (backbone only; csmd computes no logits while prefilling) is
 2 x 300 x 973.1 M linear weights + attention over the causal triangle = 590 GFLOP.
 """

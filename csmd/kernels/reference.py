@@ -12,7 +12,11 @@ import mlx.core as mx
 def quantized_matmul(
     x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int
 ) -> mx.array:
-    """x @ dequantize(w).T in MLX's affine layout (weight = scale * q + bias per group along the input)."""
+    """x @ dequantize(w).T in MLX's affine layout (weight = scale * q + bias per group along the input).
+
+    In x's dtype: MLX would compute fp32 x against bf16 scales in bf16; the native kernels use fp32.
+    """
+    scales, biases = scales.astype(x.dtype), biases.astype(x.dtype)
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
 
 

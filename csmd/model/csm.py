@@ -67,15 +67,16 @@ class CSM(nn.Module):
         return make_cache(self.config.decoder, batch, self.activation_dtype())
 
     def activation_dtype(self) -> mx.Dtype:
-        dtype = self.audio_embeddings.weight.dtype
-        # A quantized model stores integer weights; its activations are in the scales' dtype.
-        return dtype if mx.issubdtype(dtype, mx.floating) else self.audio_embeddings.scales.dtype
+        # The norms are never quantized and carry the model's dtype; a quantized model's group scales are bf16
+        # whatever its activations (weights.quantize).
+        return self.decoder.norm.scale.dtype
 
     def embed_rows(self, tokens: mx.array, mask: mx.array) -> mx.array:
         """tokens, mask: [B, T, num_codebooks + 1] -> [B, T, hidden], the masked sum over columns."""
-        mask = mask.astype(self.activation_dtype())
-        text = self.text_embeddings(tokens[..., -1]) * mask[..., -1:]
-        audio = self.audio_embeddings(tokens[..., :-1] + self._offsets) * mask[..., :-1, None]
+        dtype = self.activation_dtype()
+        mask = mask.astype(dtype)
+        text = self.text_embeddings(tokens[..., -1]).astype(dtype) * mask[..., -1:]
+        audio = self.audio_embeddings(tokens[..., :-1] + self._offsets).astype(dtype) * mask[..., :-1, None]
         return text + audio.sum(axis=-2)
 
     def backbone_step(self, tokens: mx.array, mask: mx.array, cache: list[KVCache]) -> mx.array:
@@ -127,7 +128,8 @@ class CSM(nn.Module):
 
     def embed_code(self, codes: mx.array, codebook: int) -> mx.array:
         """Decoder input for `codes` ([B]) of one codebook: its audio embedding, projected."""
-        return kernels.linear(self.audio_embeddings(codes + codebook * self.config.audio_vocab_size), self.projection)
+        rows = self.audio_embeddings(codes + codebook * self.config.audio_vocab_size)
+        return kernels.linear(rows.astype(self.activation_dtype()), self.projection)
 
     def decoder_logits(self, decoder_out: mx.array, codebook: int) -> mx.array:
         """Logits of `codebook` (1..N-1) from the decoder's last output row ([B, decoder hidden])."""

@@ -48,6 +48,9 @@ struct Kernels {
   float (*dot_f)(const uint8_t*, const float*, const float*, const XPrep&);
   float (*dot_i)(const uint8_t*, const float*, const float*, const XPrep&);
   float (*dot_i16)(const uint8_t*, const float*, const float*, const XPrep&);
+  // dot_i16 for 4 bits, groups of 64, bf16 scales and biases read in place; nullptr where the variant has
+  // none (scalar, NEON), which then converts each row's scales and biases to fp32 for dot_i16.
+  float (*dot_i16_g64_bf16)(const uint8_t*, const uint16_t*, const uint16_t*, const XPrep&);
   void (*dequant)(const uint8_t*, const float*, const float*, int, int, int, int, int, float*);
   GemmKernels gemm;
   float (*dot_f32)(const float*, const float*, int);
@@ -105,21 +108,21 @@ inline Kernels kernels_for(Variant v) {
   switch (v) {
 #if defined(CSMD_HAVE_AVX2_KERNELS)
     case Variant::AVX2:
-      return {avx2::dot_f, avx2::dot_i, avx2::dot_i16, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w}, avx2::dot_f32,
+      return {avx2::dot_f, avx2::dot_i, avx2::dot_i16, avx2::dot_i16_g64_bf16, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w}, avx2::dot_f32,
               avx2::dot_bf16, avx2::cvt_bf16, avx2::softmax_row};
 #endif
 #if defined(CSMD_HAVE_AVX512VNNI_KERNELS)
     case Variant::AVX512VNNI:
-      return {avx2::dot_f, avx512vnni::dot_i, avx512vnni::dot_i16, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w},
+      return {avx2::dot_f, avx512vnni::dot_i, avx512vnni::dot_i16, avx512vnni::dot_i16_g64_bf16, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w},
               avx2::dot_f32, avx2::dot_bf16, avx2::cvt_bf16, avx2::softmax_row};
 #endif
 #if defined(CSMD_HAVE_NEON_KERNELS)
     case Variant::NEON:
-      return {neon::dot_f, neon::dot_i, neon::dot_i16, neon::dequant, {neon::gemm_micro, neon::gemm_pack_w}, neon::dot_f32,
+      return {neon::dot_f, neon::dot_i, neon::dot_i16, nullptr, neon::dequant, {neon::gemm_micro, neon::gemm_pack_w}, neon::dot_f32,
               neon::dot_bf16, neon::cvt_bf16, neon::softmax_row};
 #endif
     default:
-      return {scalar::dot_f, scalar::dot_i, scalar::dot_i16, scalar::dequant, {scalar::gemm_micro, scalar::gemm_pack_w}, scalar::dot_f32,
+      return {scalar::dot_f, scalar::dot_i, scalar::dot_i16, nullptr, scalar::dequant, {scalar::gemm_micro, scalar::gemm_pack_w}, scalar::dot_f32,
               scalar::dot_bf16, scalar::cvt_bf16, scalar::softmax_row};
   }
 }
@@ -439,6 +442,7 @@ struct MatvecPrep {
   std::vector<int16_t> xq16, tmp16;
   XPrep p;
   float (*dot)(const uint8_t*, const float*, const float*, const XPrep&) = nullptr;
+  float (*dot_bf16_sb)(const uint8_t*, const uint16_t*, const uint16_t*, const XPrep&) = nullptr;
 
   MatvecPrep(const float* x, int K, int G, int bits, const Kernels& kern, MatvecMode mode)
       : gsum(K / G), gdx(K / G) {
@@ -458,12 +462,20 @@ struct MatvecPrep {
     }
     dot = mode == MatvecMode::Exact ? kern.dot_f
           : (mode == MatvecMode::Int16 ? kern.dot_i16 : kern.dot_i);
+    if (mode == MatvecMode::Int16 && bits == 4 && G == 64) dot_bf16_sb = kern.dot_i16_g64_bf16;
   }
 
   // a.out[n] for n in [n0, n1) (a.x is ignored: the prepared x is used).
   void rows(const QMatmulArgs& a, int n0, int n1) const {
     const int ng = p.K / p.G;
     const size_t row_bytes = static_cast<size_t>(p.K) * p.bits / 8;
+    if (a.sbt == SBType::BF16 && dot_bf16_sb) {
+      const auto* s16 = static_cast<const uint16_t*>(a.scales);
+      const auto* b16 = static_cast<const uint16_t*>(a.biases);
+      for (int n = n0; n < n1; ++n)
+        a.out[n] = dot_bf16_sb(a.w + n * row_bytes, s16 + static_cast<size_t>(n) * ng, b16 + static_cast<size_t>(n) * ng, p);
+      return;
+    }
     float s[8192 / 32], b[8192 / 32];  // up to K = 8192 at G = 32 on the stack
     std::vector<float> sv, bv;
     float* sp = s;
