@@ -51,6 +51,9 @@ struct Kernels {
   // dot_i16 for 4 bits, groups of 64, bf16 scales and biases read in place; nullptr where the variant has
   // none (scalar, NEON), which then converts each row's scales and biases to fp32 for dot_i16.
   float (*dot_i16_g64_bf16)(const uint8_t*, const uint16_t*, const uint16_t*, const XPrep&);
+  // x for dot_i16 at 4 bits, groups of 64 (int16 x, steps, group sums) in one SIMD pass; nullptr: the
+  // scalar prep_gsum + prep_x_i16_4 (same integers).
+  void (*prep_i16_g64)(const float*, int, int16_t*, float*, float*);
   void (*dequant)(const uint8_t*, const float*, const float*, int, int, int, int, int, float*);
   GemmKernels gemm;
   float (*dot_f32)(const float*, const float*, int);
@@ -108,21 +111,21 @@ inline Kernels kernels_for(Variant v) {
   switch (v) {
 #if defined(CSMD_HAVE_AVX2_KERNELS)
     case Variant::AVX2:
-      return {avx2::dot_f, avx2::dot_i, avx2::dot_i16, avx2::dot_i16_g64_bf16, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w}, avx2::dot_f32,
+      return {avx2::dot_f, avx2::dot_i, avx2::dot_i16, avx2::dot_i16_g64_bf16, avx2::prep_i16_g64, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w}, avx2::dot_f32,
               avx2::dot_bf16, avx2::cvt_bf16, avx2::softmax_row};
 #endif
 #if defined(CSMD_HAVE_AVX512VNNI_KERNELS)
     case Variant::AVX512VNNI:
-      return {avx2::dot_f, avx512vnni::dot_i, avx512vnni::dot_i16, avx512vnni::dot_i16_g64_bf16, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w},
+      return {avx2::dot_f, avx512vnni::dot_i, avx512vnni::dot_i16, avx512vnni::dot_i16_g64_bf16, avx2::prep_i16_g64, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w},
               avx2::dot_f32, avx2::dot_bf16, avx2::cvt_bf16, avx2::softmax_row};
 #endif
 #if defined(CSMD_HAVE_NEON_KERNELS)
     case Variant::NEON:
-      return {neon::dot_f, neon::dot_i, neon::dot_i16, nullptr, neon::dequant, {neon::gemm_micro, neon::gemm_pack_w}, neon::dot_f32,
+      return {neon::dot_f, neon::dot_i, neon::dot_i16, nullptr, nullptr, neon::dequant, {neon::gemm_micro, neon::gemm_pack_w}, neon::dot_f32,
               neon::dot_bf16, neon::cvt_bf16, neon::softmax_row};
 #endif
     default:
-      return {scalar::dot_f, scalar::dot_i, scalar::dot_i16, nullptr, scalar::dequant, {scalar::gemm_micro, scalar::gemm_pack_w}, scalar::dot_f32,
+      return {scalar::dot_f, scalar::dot_i, scalar::dot_i16, nullptr, nullptr, scalar::dequant, {scalar::gemm_micro, scalar::gemm_pack_w}, scalar::dot_f32,
               scalar::dot_bf16, scalar::cvt_bf16, scalar::softmax_row};
   }
 }
@@ -446,7 +449,16 @@ struct MatvecPrep {
 
   MatvecPrep(const float* x, int K, int G, int bits, const Kernels& kern, MatvecMode mode)
       : gsum(K / G), gdx(K / G) {
-    if (mode == MatvecMode::Int16 && bits == 4) {
+    if (mode == MatvecMode::Int16 && bits == 4 && G == 64 && kern.prep_i16_g64) {
+      xq16.resize(K);
+      kern.prep_i16_g64(x, K, xq16.data(), gdx.data(), gsum.data());
+      p.K = K;
+      p.G = G;
+      p.bits = bits;
+      p.xq16 = xq16.data();
+      p.gdx = gdx.data();
+      p.gsum = gsum.data();
+    } else if (mode == MatvecMode::Int16 && bits == 4) {
       xq16.resize(K);
       tmp16.resize(K);
       prep_gsum(x, K, G, bits, gsum.data(), p);
