@@ -22,7 +22,7 @@ from csmd.bench.machine import MachineRates, measure
 from csmd.bench.transformers_frame import TransformersFrameResult
 from csmd.model.csm import CSM
 from csmd.model.generator import audio_rows, text_rows
-from csmd.model.sampling import FRAME_MS, GenerationParams, sample, sampling_key
+from csmd.model.sampling import FRAME_MS, FrameSampler, GenerationParams
 
 
 @dataclass
@@ -110,9 +110,7 @@ def run(
         _evaluate_cache(cache)
         middle = time.perf_counter()
 
-        def pick(logits: mx.array, codebook: int, i: int = i) -> mx.array:
-            return sample(logits, params, cfg.audio_codebook_size, sampling_key(0, i, codebook))
-
+        pick = FrameSampler(params, cfg.audio_codebook_size, seed=0, frame=i)
         codes = model.decode_frame(hidden, pick(model.codebook0_logits(hidden), 0), pick, decoder_cache)
         mx.eval(codes)
         end = time.perf_counter()

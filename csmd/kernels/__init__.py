@@ -126,6 +126,47 @@ def transformer_step(
     return h, k, v
 
 
+def depth_frame_available(x: mx.array) -> bool:
+    """The native whole-frame depth decoder can run here (CPU, extension loaded, one sequence)."""
+    return fused_step_available(x) and hasattr(native.module, "depth_frame")
+
+
+def depth_frame(
+    x0: mx.array,
+    stack: list[mx.array],
+    inv_freqs: mx.array,
+    norm: mx.array,
+    heads: list[mx.array],
+    embeddings: list[mx.array],
+    projection: list[mx.array],
+    noise: mx.array,
+    num_heads: int,
+    num_kv_heads: int,
+    eps: float,
+    group_size: int,
+    bits: int,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    codebook_size: int,
+) -> mx.array:
+    """CSM's depth decoder for a frame as one native primitive: the codes of codebooks 1..C, int32 [C].
+
+    x0: float32 [2, hidden], the decoder's first two rows. Per codebook: a step through `stack` (as for
+    `transformer_step`), the final norm, the codebook's head, the sampling rule (ids >= codebook_size masked,
+    temperature, top-k, min-p, top-p, then argmax(logits + noise[k]); greedy when temperature is 0), and the
+    picked code's embedding row through `projection` as the next input. Weight formats: see csmd_native.
+    """
+    assert native.module is not None
+    return native.module.depth_frame(
+        x0, stack, inv_freqs, norm, heads, embeddings, projection, noise, num_heads, num_kv_heads, eps,
+        group_size, bits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        codebook_size=codebook_size,
+    )  # fmt: skip
+
+
 def native_available() -> bool:
     """The native kernels serve the current device (CPU, extension loaded, not switched off)."""
     return native.module is not None and native.active()

@@ -15,6 +15,7 @@ import mlx.nn as nn
 from csmd import kernels
 from csmd.model.config import CsmConfig
 from csmd.model.llama import KVCache, Transformer, fused_step_weights, make_cache
+from csmd.model.sampling import FrameSampler
 
 # Picks codes from logits: (logits [B, vocab] float32, codebook index) -> ids [B].
 Sampler = Callable[[mx.array, int], mx.array]
@@ -37,6 +38,18 @@ class QuantizedCodebookHeads(nn.Module):
         return kernels.quantized_matmul(
             x, self.weight[index], self.scales[index], self.biases[index], self.group_size, self.bits
         )
+
+
+def embedding_rows(table: nn.Module, ids: mx.array, dtype: mx.Dtype) -> mx.array:
+    """Rows `ids` of a float or affine-quantized embedding table, in `dtype`.
+
+    A quantized table is dequantized in `dtype` (MLX's own QuantizedEmbedding would use the bf16 of its
+    scales), as the native depth decoder does.
+    """
+    if isinstance(table, nn.QuantizedEmbedding) and getattr(table, "mode", "affine") == "affine":
+        scales, biases = table["scales"][ids].astype(dtype), table["biases"][ids].astype(dtype)
+        return mx.dequantize(table["weight"][ids], scales, biases, table.group_size, table.bits).astype(dtype)
+    return table(ids).astype(dtype)
 
 
 class CSM(nn.Module):
@@ -75,8 +88,8 @@ class CSM(nn.Module):
         """tokens, mask: [B, T, num_codebooks + 1] -> [B, T, hidden], the masked sum over columns."""
         dtype = self.activation_dtype()
         mask = mask.astype(dtype)
-        text = self.text_embeddings(tokens[..., -1]).astype(dtype) * mask[..., -1:]
-        audio = self.audio_embeddings(tokens[..., :-1] + self._offsets).astype(dtype) * mask[..., :-1, None]
+        text = embedding_rows(self.text_embeddings, tokens[..., -1], dtype) * mask[..., -1:]
+        audio = embedding_rows(self.audio_embeddings, tokens[..., :-1] + self._offsets, dtype) * mask[..., :-1, None]
         return text + audio.sum(axis=-2)
 
     def backbone_step(self, tokens: mx.array, mask: mx.array, cache: list[KVCache]) -> mx.array:
@@ -128,8 +141,10 @@ class CSM(nn.Module):
 
     def embed_code(self, codes: mx.array, codebook: int) -> mx.array:
         """Decoder input for `codes` ([B]) of one codebook: its audio embedding, projected."""
-        rows = self.audio_embeddings(codes + codebook * self.config.audio_vocab_size)
-        return kernels.linear(rows.astype(self.activation_dtype()), self.projection)
+        rows = embedding_rows(
+            self.audio_embeddings, codes + codebook * self.config.audio_vocab_size, self.activation_dtype()
+        )
+        return kernels.linear(rows, self.projection)
 
     def decoder_logits(self, decoder_out: mx.array, codebook: int) -> mx.array:
         """Logits of `codebook` (1..N-1) from the decoder's last output row ([B, decoder hidden])."""
@@ -142,8 +157,13 @@ class CSM(nn.Module):
 
         The decoder sees the backbone state at position 0 and code0 at position 1, then one code per step.
         Nothing here forces evaluation, so the whole frame is one lazy graph. On the CPU with the native
-        kernels, each step is one fused primitive instead of ~140 small ops (see `_decode_frame_fused`).
+        kernels, the whole frame is one primitive when `sample` is a `FrameSampler` (`_decode_frame_native`),
+        else each step is one fused primitive instead of ~140 small ops (`_decode_frame_fused`).
         """
+        if isinstance(sample, FrameSampler) and kernels.depth_frame_available(hidden):
+            weights = self._depth_frame_weights()
+            if weights is not None:
+                return self._decode_frame_native(hidden, code0, sample, *weights)
         if kernels.fused_step_available(hidden):
             fused = fused_step_weights(self.decoder)
             if fused is not None:
@@ -191,3 +211,61 @@ class CSM(nn.Module):
             if k + 1 < self.config.num_codebooks:
                 out = step(self.embed_code(code, k), k + 1)
         return mx.stack(codes, axis=1)
+
+    def _depth_frame_weights(
+        self,
+    ) -> tuple[list[mx.array], list[mx.array], list[mx.array], list[mx.array], int, int] | None:
+        """(stack, heads, embeddings, projection, group_size, bits) for `kernels.depth_frame`, or None when
+        the heads, the audio embeddings and the projection are not all in the decoder stack's format."""
+        fused = fused_step_weights(self.decoder)
+        if fused is None:
+            return None
+        stack, group_size, bits = fused
+        if "bias" in self.projection:
+            return None
+        if bits in (4, 8):
+            parts: list[nn.Module] = []
+            for part in (self.audio_head, self.audio_embeddings, self.projection):
+                if not isinstance(part, nn.Module) or getattr(part, "mode", "affine") != "affine":
+                    return None
+                if getattr(part, "group_size", None) != group_size or getattr(part, "bits", None) != bits:
+                    return None
+                parts.append(part)
+            heads, embeddings, projection = ([p["weight"], p["scales"], p["biases"]] for p in parts)
+            return stack, heads, embeddings, projection, group_size, bits
+        dtype = mx.float32 if bits == 0 else mx.bfloat16
+        head, table, proj = self.audio_head, self.audio_embeddings["weight"], self.projection["weight"]
+        if not isinstance(head, mx.array) or any(a.dtype != dtype for a in (head, table, proj)):
+            return None
+        return stack, [head], [table], [proj], group_size, bits
+
+    def _decode_frame_native(
+        self,
+        hidden: mx.array,
+        code0: mx.array,
+        sampler: FrameSampler,
+        stack: list[mx.array],
+        heads: list[mx.array],
+        embeddings: list[mx.array],
+        projection: list[mx.array],
+        group_size: int,
+        bits: int,
+    ) -> mx.array:
+        """`decode_frame` as one native primitive: steps, heads, sampling and embeddings for codebooks 1..N-1.
+
+        The sampling rule is `sampling.sample`'s, with the same Gumbel noise per codebook, so the codes are
+        those of the step-by-step path up to float rounding in the logits.
+        """
+        cfg, params = self.config, sampler.params
+        codebooks = range(1, cfg.num_codebooks)
+        x0 = mx.concatenate([kernels.linear(hidden, self.projection), self.embed_code(code0, 0)], axis=0)
+        greedy = params.temperature == 0.0
+        noise = mx.zeros((0,)) if greedy else sampler.noise(cfg.audio_vocab_size, codebooks)
+        reserved = not params.allow_reserved_codes and sampler.codebook_size < cfg.audio_vocab_size
+        codes = kernels.depth_frame(
+            x0.astype(mx.float32), stack, self.decoder._inv_freqs, self.decoder.norm.scale, heads, embeddings,
+            projection, noise, cfg.decoder.num_heads, cfg.decoder.num_kv_heads, cfg.decoder.rms_norm_eps,
+            group_size, bits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+            min_p=params.min_p, codebook_size=sampler.codebook_size if reserved else cfg.audio_vocab_size,
+        )  # fmt: skip
+        return mx.concatenate([code0, codes])[None]

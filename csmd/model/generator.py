@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from csmd.model.csm import CSM
-from csmd.model.sampling import GenerationParams, sample, sampling_key
+from csmd.model.sampling import FrameSampler, GenerationParams
 from csmd.model.tokenizer import TextTokenizer
 
 FinishReason = Literal["eos", "max_length", "cancelled"]
@@ -308,10 +308,7 @@ class Utterance:
         codebook_size = model.config.audio_codebook_size
         frame_index = len(self.frames)
 
-        def pick(logits: mx.array, codebook: int) -> mx.array:
-            key = sampling_key(self.seed, frame_index, codebook)
-            return sample(logits, self.params, codebook_size, key)
-
+        pick = FrameSampler(self.params, codebook_size, self.seed, frame_index)
         code0 = pick(model.codebook0_logits(hidden), 0)
         frame = model.decode_frame(hidden, code0, pick, self._decoder_cache)
         mx.eval(frame)

@@ -84,4 +84,29 @@ def sample(logits: mx.array, params: GenerationParams, codebook_size: int, key: 
         kept = mx.where(mass_before < params.top_p, ordered, mx.inf)
         floor = mx.min(kept, axis=-1, keepdims=True)
         logits = mx.where(logits < floor, -mx.inf, logits)
-    return mx.random.categorical(logits, axis=-1, key=key).astype(mx.int32)
+    # The Gumbel-max trick, spelled out (not mx.random.categorical) so that the native depth decoder, which
+    # takes the same noise as an input (`FrameSampler.noise`), applies exactly this rule.
+    noise = mx.random.gumbel(logits.shape, key=key)
+    return mx.argmax(logits + noise, axis=-1).astype(mx.int32)
+
+
+@dataclass(frozen=True)
+class FrameSampler:
+    """How the codes of one frame are picked: `sample` with the frame's own keys, one per codebook.
+
+    Callable as `(logits, codebook) -> ids`; the depth decoder's native path reads `params` and `noise`
+    instead and applies the same rule in one call.
+    """
+
+    params: GenerationParams
+    codebook_size: int
+    seed: int
+    frame: int
+
+    def __call__(self, logits: mx.array, codebook: int) -> mx.array:
+        return sample(logits, self.params, self.codebook_size, sampling_key(self.seed, self.frame, codebook))
+
+    def noise(self, vocab: int, codebooks: range) -> mx.array:
+        """[len(codebooks), vocab] float32: row i is the Gumbel noise `self(logits, codebooks[i])` adds."""
+        keys = mx.stack([sampling_key(self.seed, self.frame, c) for c in codebooks])
+        return mx.vmap(lambda key: mx.random.gumbel((vocab,), key=key))(keys)

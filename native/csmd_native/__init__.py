@@ -19,6 +19,7 @@ from ._ext import (
     _pool_roundtrip_us,  # noqa: F401  (for native/bench_kernels.py)
     causal_softmax,
     cpu_features,
+    depth_frame,
     elu,
     get_matvec_mode,
     matmul,
@@ -36,6 +37,7 @@ from ._ext import (
 __all__ = [
     "causal_softmax",
     "cpu_features",
+    "depth_frame",
     "elu",
     "get_matvec_mode",
     "matmul",

@@ -9,6 +9,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "attention.h"
+#include "depth_frame.h"
 #include "matmul.h"
 #include "mimi.h"
 #include "qmatmul.h"
@@ -85,6 +86,28 @@ NB_MODULE(_ext, m) {
       "iters"_a = 10000, "Mean time of a no-op job on the thread pool (wake-up and barrier), in us.");
   m.def("num_threads", &csmd::num_threads);
   m.def("set_num_threads", &csmd::set_num_threads, "n"_a);
+  m.def(
+      "depth_frame",
+      [](const mx::array& x0, const std::vector<mx::array>& stack, const mx::array& inv_freqs, const mx::array& norm,
+         const std::vector<mx::array>& heads, const std::vector<mx::array>& embeddings,
+         const std::vector<mx::array>& projection, const mx::array& noise, int num_heads, int num_kv_heads, float eps,
+         int group_size, int bits, float temperature, int top_k, float top_p, float min_p, int codebook_size,
+         mx::StreamOrDevice s) {
+        const csmd::SamplingRule rule{temperature, top_k, top_p, min_p, codebook_size};
+        return csmd::depth_frame(x0, stack, inv_freqs, norm, heads, embeddings, projection, noise, num_heads,
+                                 num_kv_heads, eps, group_size, bits, rule, s);
+      },
+      "x0"_a, "stack"_a, "inv_freqs"_a, "norm"_a, "heads"_a, "embeddings"_a, "projection"_a, "noise"_a,
+      "num_heads"_a, "num_kv_heads"_a, "eps"_a, "group_size"_a, "bits"_a, nb::kw_only(), "temperature"_a,
+      "top_k"_a = 0, "top_p"_a = 1.0f, "min_p"_a = 0.0f, "codebook_size"_a, "stream"_a = nb::none(),
+      "CSM's depth decoder for one frame: codebooks 1..C as int32 [C], as one primitive.\n\n"
+      "x0: float32 [2, hidden] (the projected backbone state and the projected embedding of code 0).\n"
+      "stack: the decoder's layers as for transformer_step; norm: its final RMSNorm scale.\n"
+      "heads: bits 4/8: (w, scales, biases) of [C, vocab, hidden] quantized along hidden; bits 0/16: one\n"
+      "float32/bfloat16 [C, hidden, vocab] array (logits = h @ heads[k]).\n"
+      "embeddings: the audio embedding table [(C + 1) * vocab, E] (quantized or float); projection: E -> hidden.\n"
+      "noise: float32 [C, vocab] Gumbel noise (ignored when temperature is 0). Per codebook: ids >= codebook_size\n"
+      "are masked, logits / temperature, top-k (ties kept), min-p, top-p, then argmax(logits + noise).");
   m.def(
       "mimi_transformer",
       [](const mx::array& x, const std::vector<mx::array>& weights, const mx::array& past_k,
