@@ -331,6 +331,17 @@ CSMD_AVX2 static inline void cvt_bf16(const uint16_t* w, int n, float* out) {
   for (; k < n; ++k) out[k] = bf16_to_f32(w[k]);
 }
 
+// Ask for the 256 bytes (four cache lines) kWeightPrefetch bytes past p: the weight rows of a matvec lie one
+// after another, so this runs ahead into the next rows. The hardware prefetchers alone left the int16 4-bit
+// matvec waiting on DRAM: with it, 0.80x the time of a backbone-sized set of products and 0.82x of a
+// depth-decoder step (a C++ harness, 2 threads; 2 KB ahead beat 0.5, 1, 3, 4, 6 and 8 KB). A prefetch
+// past the end of the matrix is harmless (prefetches never fault).
+constexpr int kWeightPrefetch = 2048;
+
+CSMD_AVX2 static inline void prefetch_ahead(const uint8_t* p) {
+  for (int o = 0; o < 256; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kWeightPrefetch + o), _MM_HINT_T0);
+}
+
 // dot_i16 for 4-bit weights in groups of 64 with bf16 scales and biases read in place (the format csmd's
 // quantize writes): eight groups' scale * dx and bias * gsum come from one vector each, where dot_i16 takes
 // fp32 rows converted beforehand and a scalar product per group. Same integer sums as dot_i16; the float
@@ -342,6 +353,7 @@ CSMD_AVX2 static inline float dot_i16_g64_bf16(const uint8_t* w, const uint16_t*
   __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps(), bsum = _mm256_setzero_ps();
   int g = 0;
   for (; g + 8 <= ng; g += 8) {
+    prefetch_ahead(w + 32 * g);
     const __m256 sc = _mm256_mul_ps(bf16x8(s + g), _mm256_loadu_ps(p.gdx + g));
     bsum = _mm256_fmadd_ps(bf16x8(bias + g), _mm256_loadu_ps(p.gsum + g), bsum);
     for (int j = 0; j < 8; j += 2) {

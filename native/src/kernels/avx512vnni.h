@@ -159,6 +159,7 @@ CSMD_VNNI static inline float dot_i16_g64_bf16(const uint8_t* w, const uint16_t*
   __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps(), bsum = _mm256_setzero_ps();
   int g = 0;
   for (; g + 8 <= ng; g += 8) {
+    avx2::prefetch_ahead(w + 32 * g);
     const __m256 sc = _mm256_mul_ps(avx2::bf16x8(s + g), _mm256_loadu_ps(p.gdx + g));
     bsum = _mm256_fmadd_ps(avx2::bf16x8(bias + g), _mm256_loadu_ps(p.gsum + g), bsum);
     for (int j = 0; j < 8; j += 2) {
