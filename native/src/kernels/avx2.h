@@ -342,12 +342,48 @@ CSMD_AVX2 static inline void prefetch_ahead(const uint8_t* p) {
   for (int o = 0; o < 256; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kWeightPrefetch + o), _MM_HINT_T0);
 }
 
-// dot_i16 for 4-bit weights in groups of 64 with bf16 scales and biases read in place (the format csmd's
-// quantize writes): eight groups' scale * dx and bias * gsum come from one vector each, where dot_i16 takes
+// dot_i16 for 4-bit (and, below, 8-bit) weights in groups of 64 with bf16 scales and biases read in place
+// (the format csmd's quantize writes): eight groups' scale * dx and bias * gsum come from one vector each, where dot_i16 takes
 // fp32 rows converted beforehand and a scalar product per group. Same integer sums as dot_i16; the float
 // ones in another order. A 4-bit csm-1b depth-decoder step took 0.81-0.83x the time (BENCHMARKS.md).
+// The 8-bit form: u8 weights widened to int16 against natural-order int16 x, 64 bytes a group.
+CSMD_AVX2 static inline float dot_i16_g64_bf16_8bit(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
+                                                    const XPrep& p) {
+  const int ng = p.K / 64;
+  const int16_t* xq = p.xq16;
+  __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps(), bsum = _mm256_setzero_ps();
+  auto group = [&](int g) CSMD_AVX2 {
+    const uint8_t* wg = w + 64 * g;
+    const int16_t* xg = xq + 64 * g;
+    __m256i a = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)wg)),
+                                  _mm256_loadu_si256((const __m256i*)xg));
+    for (int i = 16; i < 64; i += 16)
+      a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(wg + i))),
+                                                _mm256_loadu_si256((const __m256i*)(xg + i))));
+    return _mm256_cvtepi32_ps(a);
+  };
+  int g = 0;
+  for (; g + 8 <= ng; g += 8) {
+    prefetch_ahead(w + 64 * g);
+    prefetch_ahead(w + 64 * g + 256);
+    const __m256 sc = _mm256_mul_ps(bf16x8(s + g), _mm256_loadu_ps(p.gdx + g));
+    bsum = _mm256_fmadd_ps(bf16x8(bias + g), _mm256_loadu_ps(p.gsum + g), bsum);
+    for (int j = 0; j < 8; j += 2) {
+      tot0 = _mm256_fmadd_ps(group(g + j), _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j)), tot0);
+      tot1 = _mm256_fmadd_ps(group(g + j + 1), _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j + 1)), tot1);
+    }
+  }
+  float tail = 0.f;
+  for (; g < ng; ++g) {
+    tot0 = _mm256_fmadd_ps(group(g), _mm256_set1_ps(bf16_to_f32(s[g]) * p.gdx[g]), tot0);
+    tail += bf16_to_f32(bias[g]) * p.gsum[g];
+  }
+  return hsum(_mm256_add_ps(_mm256_add_ps(tot0, tot1), bsum)) + tail;
+}
+
 CSMD_AVX2 static inline float dot_i16_g64_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
                                                const XPrep& p) {
+  if (p.bits == 8) return dot_i16_g64_bf16_8bit(w, s, bias, p);
   const int ng = p.K / 64;
   const int16_t* xq = p.xq16;
   __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps(), bsum = _mm256_setzero_ps();
@@ -372,11 +408,12 @@ CSMD_AVX2 static inline float dot_i16_g64_bf16(const uint8_t* w, const uint16_t*
   return hsum(_mm256_add_ps(_mm256_add_ps(tot0, tot1), bsum)) + tail;
 }
 
-// MatvecPrep's x for the int16 4-bit matvec in groups of 64 (prep_gsum and prep_x_i16_4 in one pass, same
-// integers): per group the step dx = max|x| / 32767, x / dx rounded to nearest even in permute4w's order
-// (a 64-element block is a 16x4 matrix to transpose), and the group's sum. The scalar loops took 50 us for
+// MatvecPrep's x for the int16 matvecs in groups of 64 (prep_gsum and prep_x_i16_4 or prep_x_int in one
+// pass, same integers): per group the step dx = max|x| / 32767, x / dx rounded to nearest even, for 4 bits
+// (permute) in permute4w's order (a 64-element block is a 16x4 matrix to transpose), and the group's sum. The scalar loops took 50 us for
 // K = 8192, on the caller while the other threads waited; this takes a few.
-CSMD_AVX2 static inline void prep_i16_g64(const float* x, int K, int16_t* q16, float* gdx, float* gsum) {
+CSMD_AVX2 static inline void prep_i16_g64(const float* x, int K, bool permute, int16_t* q16, float* gdx,
+                                         float* gsum) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m128 lim = _mm_set1_ps(32767.f), nlim = _mm_set1_ps(-32767.f);
   for (int g = 0; g < K / 64; ++g) {
@@ -400,6 +437,14 @@ CSMD_AVX2 static inline void prep_i16_g64(const float* x, int K, int16_t* q16, f
     gdx[g] = dx;
     const __m128 inv = _mm_set1_ps(dx > 0.f ? 1.f / dx : 0.f);
     int16_t* qg = q16 + 64 * g;
+    if (!permute) {
+      for (int i = 0; i < 64; i += 4) {
+        const __m128 v = _mm_mul_ps(_mm_loadu_ps(xg + i), inv);
+        const __m128i q = _mm_cvtps_epi32(_mm_min_ps(_mm_max_ps(v, nlim), lim));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(qg + i), _mm_packs_epi32(q, q));
+      }
+      continue;
+    }
     for (int b = 0; b < 4; ++b) {  // elements 16b + 4t + j (t, j < 4) go to 16j + 4b + t
       __m128 r[4] = {_mm_loadu_ps(xg + 16 * b), _mm_loadu_ps(xg + 16 * b + 4), _mm_loadu_ps(xg + 16 * b + 8),
                      _mm_loadu_ps(xg + 16 * b + 12)};

@@ -153,6 +153,7 @@ CSMD_VNNI static inline float dot_i(const uint8_t* w, const float* s, const floa
 // avx2::dot_i16_g64_bf16 with vpdpwssd (see there); a copy, as the target attributes keep the two apart.
 CSMD_VNNI static inline float dot_i16_g64_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
                                                const XPrep& p) {
+  if (p.bits == 8) return avx2::dot_i16_g64_bf16_8bit(w, s, bias, p);
   const int ng = p.K / 64;
   const int16_t* xq = p.xq16;
   const __m256i zero = _mm256_setzero_si256();

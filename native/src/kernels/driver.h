@@ -48,12 +48,12 @@ struct Kernels {
   float (*dot_f)(const uint8_t*, const float*, const float*, const XPrep&);
   float (*dot_i)(const uint8_t*, const float*, const float*, const XPrep&);
   float (*dot_i16)(const uint8_t*, const float*, const float*, const XPrep&);
-  // dot_i16 for 4 bits, groups of 64, bf16 scales and biases read in place; nullptr where the variant has
-  // none (scalar, NEON), which then converts each row's scales and biases to fp32 for dot_i16.
+  // dot_i16 for groups of 64 with bf16 scales and biases read in place (4 and 8 bits); nullptr where the
+  // variant has none (scalar, NEON), which then converts each row's scales and biases to fp32 for dot_i16.
   float (*dot_i16_g64_bf16)(const uint8_t*, const uint16_t*, const uint16_t*, const XPrep&);
-  // x for dot_i16 at 4 bits, groups of 64 (int16 x, steps, group sums) in one SIMD pass; nullptr: the
-  // scalar prep_gsum + prep_x_i16_4 (same integers).
-  void (*prep_i16_g64)(const float*, int, int16_t*, float*, float*);
+  // int16 x for the groups of 64 (steps, group sums; permuted for 4 bits) in one SIMD pass; nullptr: the
+  // scalar prep_gsum + prep_x_i16_4 / prep_x_int (same integers).
+  void (*prep_i16_g64)(const float*, int, bool, int16_t*, float*, float*);
   void (*dequant)(const uint8_t*, const float*, const float*, int, int, int, int, int, float*);
   GemmKernels gemm;
   float (*dot_f32)(const float*, const float*, int);
@@ -449,9 +449,10 @@ struct MatvecPrep {
 
   MatvecPrep(const float* x, int K, int G, int bits, const Kernels& kern, MatvecMode mode)
       : gsum(K / G), gdx(K / G) {
-    if (mode == MatvecMode::Int16 && bits == 4 && G == 64 && kern.prep_i16_g64) {
+    if (mode != MatvecMode::Exact && (bits == 8 || mode == MatvecMode::Int16) && G == 64 && kern.prep_i16_g64) {
+      // int16 x: the Int16 mode, and both integer modes at 8 bits
       xq16.resize(K);
-      kern.prep_i16_g64(x, K, xq16.data(), gdx.data(), gsum.data());
+      kern.prep_i16_g64(x, K, bits == 4, xq16.data(), gdx.data(), gsum.data());
       p.K = K;
       p.G = G;
       p.bits = bits;
@@ -474,7 +475,8 @@ struct MatvecPrep {
     }
     dot = mode == MatvecMode::Exact ? kern.dot_f
           : (mode == MatvecMode::Int16 ? kern.dot_i16 : kern.dot_i);
-    if (mode == MatvecMode::Int16 && bits == 4 && G == 64) dot_bf16_sb = kern.dot_i16_g64_bf16;
+    if (mode != MatvecMode::Exact && (bits == 8 || mode == MatvecMode::Int16) && G == 64)
+      dot_bf16_sb = kern.dot_i16_g64_bf16;
   }
 
   // a.out[n] for n in [n0, n1) (a.x is ignored: the prepared x is used).
