@@ -457,6 +457,44 @@ CSMD_AVX2 static inline void prep_i16_g64(const float* x, int K, bool permute, i
   }
 }
 
+// The int8 mode's x for 4 bits in groups of 64 (prep_gsum and prep_x_int in one pass, same integers): per
+// group dx = max|x| / 127, x / dx rounded to nearest even, in permute4's order (even elements of the
+// 64-element block, then odd ones), and the group's sum.
+CSMD_AVX2 static inline void prep_i8_g64(const float* x, int K, int8_t* q8, float* gdx, float* gsum) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m128 lim = _mm_set1_ps(127.f), nlim = _mm_set1_ps(-127.f);
+  for (int g = 0; g < K / 64; ++g) {
+    const float* xg = x + 64 * g;
+    __m256 m = _mm256_setzero_ps();
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+    for (int i = 0; i < 64; i += 8) {
+      const __m256 v = _mm256_loadu_ps(xg + i);
+      m = _mm256_max_ps(m, _mm256_and_ps(v, absmask));
+      s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+      s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const __m256d s = _mm256_add_pd(s0, s1);
+    __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+    s2 = _mm_add_sd(s2, _mm_unpackhi_pd(s2, s2));
+    gsum[g] = static_cast<float>(_mm_cvtsd_f64(s2));
+    const float dx = _mm_cvtss_f32(m4) / 127.f;
+    gdx[g] = dx;
+    const __m128 inv = _mm_set1_ps(dx > 0.f ? 1.f / dx : 0.f);
+    alignas(16) int32_t q[64];
+    for (int i = 0; i < 64; i += 4)
+      _mm_store_si128(reinterpret_cast<__m128i*>(q + i),
+                      _mm_cvtps_epi32(_mm_min_ps(_mm_max_ps(_mm_mul_ps(_mm_loadu_ps(xg + i), inv), nlim), lim)));
+    int8_t* qg = q8 + 64 * g;
+    for (int b = 0; b < 32; ++b) {
+      qg[b] = static_cast<int8_t>(q[2 * b]);
+      qg[32 + b] = static_cast<int8_t>(q[2 * b + 1]);
+    }
+  }
+}
+
 }  // namespace avx2
 }  // namespace csmd
 

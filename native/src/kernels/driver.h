@@ -54,6 +54,11 @@ struct Kernels {
   // int16 x for the groups of 64 (steps, group sums; permuted for 4 bits) in one SIMD pass; nullptr: the
   // scalar prep_gsum + prep_x_i16_4 / prep_x_int (same integers).
   void (*prep_i16_g64)(const float*, int, bool, int16_t*, float*, float*);
+  // The int8 mode's 4-bit product with bf16 scales and biases read in place (VNNI only; else nullptr and the
+  // rows' scales and biases are converted for dot_i).
+  float (*dot_i8_g64_bf16)(const uint8_t*, const uint16_t*, const uint16_t*, const XPrep&);
+  // The int8 mode's x at 4 bits, groups of 64, in one SIMD pass; nullptr: prep_gsum + prep_x_int.
+  void (*prep_i8_g64)(const float*, int, int8_t*, float*, float*);
   void (*dequant)(const uint8_t*, const float*, const float*, int, int, int, int, int, float*);
   GemmKernels gemm;
   float (*dot_f32)(const float*, const float*, int);
@@ -111,21 +116,21 @@ inline Kernels kernels_for(Variant v) {
   switch (v) {
 #if defined(CSMD_HAVE_AVX2_KERNELS)
     case Variant::AVX2:
-      return {avx2::dot_f, avx2::dot_i, avx2::dot_i16, avx2::dot_i16_g64_bf16, avx2::prep_i16_g64, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w}, avx2::dot_f32,
+      return {avx2::dot_f, avx2::dot_i, avx2::dot_i16, avx2::dot_i16_g64_bf16, avx2::prep_i16_g64, nullptr, avx2::prep_i8_g64, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w}, avx2::dot_f32,
               avx2::dot_bf16, avx2::cvt_bf16, avx2::softmax_row};
 #endif
 #if defined(CSMD_HAVE_AVX512VNNI_KERNELS)
     case Variant::AVX512VNNI:
-      return {avx2::dot_f, avx512vnni::dot_i, avx512vnni::dot_i16, avx512vnni::dot_i16_g64_bf16, avx2::prep_i16_g64, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w},
+      return {avx2::dot_f, avx512vnni::dot_i, avx512vnni::dot_i16, avx512vnni::dot_i16_g64_bf16, avx2::prep_i16_g64, avx512vnni::dot_i8_g64_bf16, avx2::prep_i8_g64, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w},
               avx2::dot_f32, avx2::dot_bf16, avx2::cvt_bf16, avx2::softmax_row};
 #endif
 #if defined(CSMD_HAVE_NEON_KERNELS)
     case Variant::NEON:
-      return {neon::dot_f, neon::dot_i, neon::dot_i16, nullptr, nullptr, neon::dequant, {neon::gemm_micro, neon::gemm_pack_w}, neon::dot_f32,
+      return {neon::dot_f, neon::dot_i, neon::dot_i16, nullptr, nullptr, nullptr, nullptr, neon::dequant, {neon::gemm_micro, neon::gemm_pack_w}, neon::dot_f32,
               neon::dot_bf16, neon::cvt_bf16, neon::softmax_row};
 #endif
     default:
-      return {scalar::dot_f, scalar::dot_i, scalar::dot_i16, nullptr, nullptr, scalar::dequant, {scalar::gemm_micro, scalar::gemm_pack_w}, scalar::dot_f32,
+      return {scalar::dot_f, scalar::dot_i, scalar::dot_i16, nullptr, nullptr, nullptr, nullptr, scalar::dequant, {scalar::gemm_micro, scalar::gemm_pack_w}, scalar::dot_f32,
               scalar::dot_bf16, scalar::cvt_bf16, scalar::softmax_row};
   }
 }
@@ -459,6 +464,15 @@ struct MatvecPrep {
       p.xq16 = xq16.data();
       p.gdx = gdx.data();
       p.gsum = gsum.data();
+    } else if (mode == MatvecMode::Int8 && bits == 4 && G == 64 && kern.prep_i8_g64) {
+      xq.resize(K);
+      kern.prep_i8_g64(x, K, xq.data(), gdx.data(), gsum.data());
+      p.K = K;
+      p.G = G;
+      p.bits = bits;
+      p.xq = xq.data();
+      p.gdx = gdx.data();
+      p.gsum = gsum.data();
     } else if (mode == MatvecMode::Int16 && bits == 4) {
       xq16.resize(K);
       tmp16.resize(K);
@@ -477,6 +491,8 @@ struct MatvecPrep {
           : (mode == MatvecMode::Int16 ? kern.dot_i16 : kern.dot_i);
     if (mode != MatvecMode::Exact && (bits == 8 || mode == MatvecMode::Int16) && G == 64)
       dot_bf16_sb = kern.dot_i16_g64_bf16;
+    else if (mode == MatvecMode::Int8 && bits == 4 && G == 64)
+      dot_bf16_sb = kern.dot_i8_g64_bf16;
   }
 
   // a.out[n] for n in [n0, n1) (a.x is ignored: the prepared x is used).
