@@ -458,21 +458,13 @@ struct MatvecPrep {
       // int16 x: the Int16 mode, and both integer modes at 8 bits
       xq16.resize(K);
       kern.prep_i16_g64(x, K, bits == 4, xq16.data(), gdx.data(), gsum.data());
-      p.K = K;
-      p.G = G;
-      p.bits = bits;
       p.xq16 = xq16.data();
-      p.gdx = gdx.data();
-      p.gsum = gsum.data();
+      simd_prepared(K, G, bits);
     } else if (mode == MatvecMode::Int8 && bits == 4 && G == 64 && kern.prep_i8_g64) {
       xq.resize(K);
       kern.prep_i8_g64(x, K, xq.data(), gdx.data(), gsum.data());
-      p.K = K;
-      p.G = G;
-      p.bits = bits;
       p.xq = xq.data();
-      p.gdx = gdx.data();
-      p.gsum = gsum.data();
+      simd_prepared(K, G, bits);
     } else if (mode == MatvecMode::Int16 && bits == 4) {
       xq16.resize(K);
       tmp16.resize(K);
@@ -493,6 +485,15 @@ struct MatvecPrep {
       dot_bf16_sb = kern.dot_i16_g64_bf16;
     else if (mode == MatvecMode::Int8 && bits == 4 && G == 64)
       dot_bf16_sb = kern.dot_i8_g64_bf16;
+  }
+
+  // The rest of p after a SIMD prep filled gdx and gsum.
+  void simd_prepared(int K, int G, int bits) {
+    p.K = K;
+    p.G = G;
+    p.bits = bits;
+    p.gdx = gdx.data();
+    p.gsum = gsum.data();
   }
 
   // a.out[n] for n in [n0, n1) (a.x is ignored: the prepared x is used).
