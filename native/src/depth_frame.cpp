@@ -18,10 +18,6 @@ void fail(const std::string& msg) { throw std::invalid_argument("depth_frame: " 
 // Inputs of the primitive: x0, inv_freqs, norm, noise, then stack, heads, embeddings, projection arrays.
 constexpr int kFixedInputs = 4;
 
-bool is_float(const mx::array& a) {
-  return a.dtype() == mx::float32 || a.dtype() == mx::bfloat16 || a.dtype() == mx::float16;
-}
-
 // Bytes from the start of a row-major array to its row `r` (of `row_elems` elements).
 size_t row_offset_bytes(const mx::array& a, size_t r, size_t row_elems) { return r * row_elems * a.itemsize(); }
 
@@ -53,13 +49,8 @@ void matvec_transposed(const mx::array& W, size_t offset_elems, const float* h, 
 // One embedding row [E] in natural order: dequantized (bits 4/8) or converted from float.
 void embedding_row(const std::vector<const mx::array*>& table, int bits, int G, size_t row, int E, float* out) {
   const mx::array& w = *table[0];
-  if (float_weights(bits)) {
-    if (w.dtype() == mx::float32) {
-      std::memcpy(out, w.data<float>() + row * E, sizeof(float) * E);
-    } else {
-      const uint16_t* p = reinterpret_cast<const uint16_t*>(w.data<mx::bfloat16_t>()) + row * E;
-      for (int e = 0; e < E; ++e) out[e] = bf16_to_f32(p[e]);
-    }
+  if (float_weights(bits)) {  // a float32 or bfloat16 row, converted as scales are
+    load_row(w.data<void>(), sb_type(w.dtype()), row * E, E, out);
     return;
   }
   const int ng = E / G;
@@ -144,7 +135,8 @@ mx::array depth_frame(const mx::array& x0, const std::vector<mx::array>& stack, 
   const int D = H / num_heads;
   if (inv_freqs.dtype() != mx::float32 || inv_freqs.size() != static_cast<size_t>(D / 2))
     fail("inv_freqs must be float32 with head_dim/2 elements");
-  if (norm.ndim() != 1 || norm.shape(0) != H || !is_float(norm)) fail("norm must be a float [hidden] array");
+  if (norm.ndim() != 1 || norm.shape(0) != H || !is_float_type(norm.dtype()))
+    fail("norm must be a float [hidden] array");
   const int per_layer = float_weights(bits) ? 9 : 23;
   if (stack.empty() || stack.size() % per_layer) fail("stack: wrong number of weight arrays");
   const int L = static_cast<int>(stack.size()) / per_layer;

@@ -342,30 +342,19 @@ CSMD_AVX2 static inline void prefetch_ahead(const uint8_t* p) {
   for (int o = 0; o < 256; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kWeightPrefetch + o), _MM_HINT_T0);
 }
 
-// dot_i16 for 4-bit (and, below, 8-bit) weights in groups of 64 with bf16 scales and biases read in place
-// (the format csmd's quantize writes): eight groups' scale * dx and bias * gsum come from one vector each, where dot_i16 takes
-// fp32 rows converted beforehand and a scalar product per group. Same integer sums as dot_i16; the float
-// ones in another order. A 4-bit csm-1b depth-decoder step took 0.81-0.83x the time (BENCHMARKS.md).
-// The 8-bit form: u8 weights widened to int16 against natural-order int16 x, 64 bytes a group.
-CSMD_AVX2 static inline float dot_i16_g64_bf16_8bit(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
-                                                    const XPrep& p) {
+// The loop of every matvec kernel that reads bf16 scales and biases in place (the format csmd's quantize
+// writes), for groups of 64 weights of group_bytes each: group(g) is group g's integer dot as 8 float lanes;
+// eight groups' scale * dx and bias * gsum come from one vector each, where dot_i16 takes fp32 rows converted
+// beforehand and a scalar product per group. A 4-bit csm-1b depth-decoder step took 0.81-0.83x the time
+// (BENCHMARKS.md). avx512vnni.h has a copy for its own kernels (the target attributes keep them apart).
+template <class Group>
+CSMD_AVX2 static inline float sum_groups_bf16(const uint8_t* w, int group_bytes, const uint16_t* s,
+                                              const uint16_t* bias, const XPrep& p, Group group) {
   const int ng = p.K / 64;
-  const int16_t* xq = p.xq16;
   __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps(), bsum = _mm256_setzero_ps();
-  auto group = [&](int g) CSMD_AVX2 {
-    const uint8_t* wg = w + 64 * g;
-    const int16_t* xg = xq + 64 * g;
-    __m256i a = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)wg)),
-                                  _mm256_loadu_si256((const __m256i*)xg));
-    for (int i = 16; i < 64; i += 16)
-      a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(wg + i))),
-                                                _mm256_loadu_si256((const __m256i*)(xg + i))));
-    return _mm256_cvtepi32_ps(a);
-  };
   int g = 0;
   for (; g + 8 <= ng; g += 8) {
-    prefetch_ahead(w + 64 * g);
-    prefetch_ahead(w + 64 * g + 256);
+    for (int o = 0; o < 8 * group_bytes; o += 256) prefetch_ahead(w + group_bytes * g + o);
     const __m256 sc = _mm256_mul_ps(bf16x8(s + g), _mm256_loadu_ps(p.gdx + g));
     bsum = _mm256_fmadd_ps(bf16x8(bias + g), _mm256_loadu_ps(p.gsum + g), bsum);
     for (int j = 0; j < 8; j += 2) {
@@ -381,59 +370,64 @@ CSMD_AVX2 static inline float dot_i16_g64_bf16_8bit(const uint8_t* w, const uint
   return hsum(_mm256_add_ps(_mm256_add_ps(tot0, tot1), bsum)) + tail;
 }
 
+// 8 bits: u8 weights widened to int16 against natural-order int16 x, 64 bytes a group.
+CSMD_AVX2 static inline float dot_i16_g64_bf16_8bit(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
+                                                    const XPrep& p) {
+  return sum_groups_bf16(w, 64, s, bias, p, [&](int g) CSMD_AVX2 {
+    const uint8_t* wg = w + 64 * g;
+    const int16_t* xg = p.xq16 + 64 * g;
+    __m256i a = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)wg)),
+                                  _mm256_loadu_si256((const __m256i*)xg));
+    for (int i = 16; i < 64; i += 16)
+      a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(wg + i))),
+                                                _mm256_loadu_si256((const __m256i*)(xg + i))));
+    return _mm256_cvtepi32_ps(a);
+  });
+}
+
+// dot_i16 for groups of 64 with bf16 scales and biases in place: 4 bits (word layout, int16 x) or 8 bits.
+// Same integer sums as dot_i16; the float ones in another order.
 CSMD_AVX2 static inline float dot_i16_g64_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
                                                const XPrep& p) {
   if (p.bits == 8) return dot_i16_g64_bf16_8bit(w, s, bias, p);
-  const int ng = p.K / 64;
-  const int16_t* xq = p.xq16;
-  __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps(), bsum = _mm256_setzero_ps();
-  int g = 0;
-  for (; g + 8 <= ng; g += 8) {
-    prefetch_ahead(w + 32 * g);
-    const __m256 sc = _mm256_mul_ps(bf16x8(s + g), _mm256_loadu_ps(p.gdx + g));
-    bsum = _mm256_fmadd_ps(bf16x8(bias + g), _mm256_loadu_ps(p.gsum + g), bsum);
-    for (int j = 0; j < 8; j += 2) {
-      const __m256 f0 = _mm256_cvtepi32_ps(blk_i16(w + 32 * (g + j), xq + 64 * (g + j)));
-      const __m256 f1 = _mm256_cvtepi32_ps(blk_i16(w + 32 * (g + j + 1), xq + 64 * (g + j + 1)));
-      tot0 = _mm256_fmadd_ps(f0, _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j)), tot0);
-      tot1 = _mm256_fmadd_ps(f1, _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j + 1)), tot1);
-    }
+  return sum_groups_bf16(w, 32, s, bias, p, [&](int g) CSMD_AVX2 {
+    return _mm256_cvtepi32_ps(blk_i16(w + 32 * g, p.xq16 + 64 * g));
+  });
+}
+
+// Per group of 64 x: max |x| and the sum (in double, as prep_gsum).
+CSMD_AVX2 static inline void group_absmax_sum(const float* xg, float& amax, float& sum) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 m = _mm256_setzero_ps();
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  for (int i = 0; i < 64; i += 8) {
+    const __m256 v = _mm256_loadu_ps(xg + i);
+    m = _mm256_max_ps(m, _mm256_and_ps(v, absmask));
+    s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
   }
-  float tail = 0.f;
-  for (; g < ng; ++g) {
-    const float sg = bf16_to_f32(s[g]) * p.gdx[g];
-    tot0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(blk_i16(w + 32 * g, xq + 64 * g)), _mm256_set1_ps(sg), tot0);
-    tail += bf16_to_f32(bias[g]) * p.gsum[g];
-  }
-  return hsum(_mm256_add_ps(_mm256_add_ps(tot0, tot1), bsum)) + tail;
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  amax = _mm_cvtss_f32(m4);
+  const __m256d d = _mm256_add_pd(s0, s1);
+  __m128d d2 = _mm_add_pd(_mm256_castpd256_pd128(d), _mm256_extractf128_pd(d, 1));
+  d2 = _mm_add_sd(d2, _mm_unpackhi_pd(d2, d2));
+  sum = static_cast<float>(_mm_cvtsd_f64(d2));
 }
 
 // MatvecPrep's x for the int16 matvecs in groups of 64 (prep_gsum and prep_x_i16_4 or prep_x_int in one
 // pass, same integers): per group the step dx = max|x| / 32767, x / dx rounded to nearest even, for 4 bits
-// (permute) in permute4w's order (a 64-element block is a 16x4 matrix to transpose), and the group's sum. The scalar loops took 50 us for
-// K = 8192, on the caller while the other threads waited; this takes a few.
+// (permute) in permute4w's order (a 64-element block is a 16x4 matrix to transpose), and the group's sum.
+// The scalar loops took 50 us for K = 8192, on the caller while the other threads waited; this takes a few.
 CSMD_AVX2 static inline void prep_i16_g64(const float* x, int K, bool permute, int16_t* q16, float* gdx,
                                          float* gsum) {
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m128 lim = _mm_set1_ps(32767.f), nlim = _mm_set1_ps(-32767.f);
   for (int g = 0; g < K / 64; ++g) {
     const float* xg = x + 64 * g;
-    __m256 m = _mm256_setzero_ps();
-    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
-    for (int i = 0; i < 64; i += 8) {
-      const __m256 v = _mm256_loadu_ps(xg + i);
-      m = _mm256_max_ps(m, _mm256_and_ps(v, absmask));
-      s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-      s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-    }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-    const __m256d s = _mm256_add_pd(s0, s1);
-    __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
-    s2 = _mm_add_sd(s2, _mm_unpackhi_pd(s2, s2));
-    gsum[g] = static_cast<float>(_mm_cvtsd_f64(s2));
-    const float dx = _mm_cvtss_f32(m4) / 32767.f;
+    float amax;
+    group_absmax_sum(xg, amax, gsum[g]);
+    const float dx = amax / 32767.f;
     gdx[g] = dx;
     const __m128 inv = _mm_set1_ps(dx > 0.f ? 1.f / dx : 0.f);
     int16_t* qg = q16 + 64 * g;
@@ -461,26 +455,12 @@ CSMD_AVX2 static inline void prep_i16_g64(const float* x, int K, bool permute, i
 // group dx = max|x| / 127, x / dx rounded to nearest even, in permute4's order (even elements of the
 // 64-element block, then odd ones), and the group's sum.
 CSMD_AVX2 static inline void prep_i8_g64(const float* x, int K, int8_t* q8, float* gdx, float* gsum) {
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m128 lim = _mm_set1_ps(127.f), nlim = _mm_set1_ps(-127.f);
   for (int g = 0; g < K / 64; ++g) {
     const float* xg = x + 64 * g;
-    __m256 m = _mm256_setzero_ps();
-    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
-    for (int i = 0; i < 64; i += 8) {
-      const __m256 v = _mm256_loadu_ps(xg + i);
-      m = _mm256_max_ps(m, _mm256_and_ps(v, absmask));
-      s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-      s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-    }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-    const __m256d s = _mm256_add_pd(s0, s1);
-    __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
-    s2 = _mm_add_sd(s2, _mm_unpackhi_pd(s2, s2));
-    gsum[g] = static_cast<float>(_mm_cvtsd_f64(s2));
-    const float dx = _mm_cvtss_f32(m4) / 127.f;
+    float amax;
+    group_absmax_sum(xg, amax, gsum[g]);
+    const float dx = amax / 127.f;
     gdx[g] = dx;
     const __m128 inv = _mm_set1_ps(dx > 0.f ? 1.f / dx : 0.f);
     alignas(16) int32_t q[64];

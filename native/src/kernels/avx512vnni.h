@@ -150,55 +150,15 @@ CSMD_VNNI static inline float dot_i(const uint8_t* w, const float* s, const floa
   return avx2::hsum(tot) + tail + avx2::dot_f32(bias, p.gsum, ng);
 }
 
-// avx2::dot_i16_g64_bf16 with vpdpwssd (see there); a copy, as the target attributes keep the two apart.
-CSMD_VNNI static inline float dot_i16_g64_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
-                                               const XPrep& p) {
-  if (p.bits == 8) return avx2::dot_i16_g64_bf16_8bit(w, s, bias, p);
+// avx2::sum_groups_bf16 for this variant's kernels (a copy: the target attributes keep the two apart).
+template <class Group>
+CSMD_VNNI static inline float sum_groups_bf16(const uint8_t* w, int group_bytes, const uint16_t* s,
+                                              const uint16_t* bias, const XPrep& p, Group group) {
   const int ng = p.K / 64;
-  const int16_t* xq = p.xq16;
-  const __m256i zero = _mm256_setzero_si256();
   __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps(), bsum = _mm256_setzero_ps();
   int g = 0;
   for (; g + 8 <= ng; g += 8) {
-    avx2::prefetch_ahead(w + 32 * g);
-    const __m256 sc = _mm256_mul_ps(avx2::bf16x8(s + g), _mm256_loadu_ps(p.gdx + g));
-    bsum = _mm256_fmadd_ps(avx2::bf16x8(bias + g), _mm256_loadu_ps(p.gsum + g), bsum);
-    for (int j = 0; j < 8; j += 2) {
-      const __m256 f0 = _mm256_cvtepi32_ps(blk_i16(zero, w + 32 * (g + j), xq + 64 * (g + j)));
-      const __m256 f1 = _mm256_cvtepi32_ps(blk_i16(zero, w + 32 * (g + j + 1), xq + 64 * (g + j + 1)));
-      tot0 = _mm256_fmadd_ps(f0, _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j)), tot0);
-      tot1 = _mm256_fmadd_ps(f1, _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j + 1)), tot1);
-    }
-  }
-  float tail = 0.f;
-  for (; g < ng; ++g) {
-    const float sg = bf16_to_f32(s[g]) * p.gdx[g];
-    tot0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(blk_i16(zero, w + 32 * g, xq + 64 * g)), _mm256_set1_ps(sg), tot0);
-    tail += bf16_to_f32(bias[g]) * p.gsum[g];
-  }
-  return avx2::hsum(_mm256_add_ps(_mm256_add_ps(tot0, tot1), bsum)) + tail;
-}
-
-// The "int8" mode's 4-bit matvec for groups of 64 with bf16 scales and biases read in place and the 2 KB
-// weight prefetch (see avx2::dot_i16_g64_bf16): unsigned nibbles times int8 x (permute4 order) with
-// vpdpbusd. Same integer sums as dot_i.
-CSMD_VNNI static inline float dot_i8_g64_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
-                                              const XPrep& p) {
-  if (p.bits != 4) return avx2::dot_i16_g64_bf16_8bit(w, s, bias, p);  // 8 bits: int16 x in both modes
-  const int ng = p.K / 64;
-  const int8_t* xq = p.xq;
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  const __m256i zero = _mm256_setzero_si256();
-  auto group = [&](int g) CSMD_VNNI {
-    const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * g));
-    const __m256i a = _mm256_dpbusd_epi32(zero, _mm256_and_si256(v, m4), _mm256_loadu_si256((const __m256i*)(xq + 64 * g)));
-    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(a, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
-                                                  _mm256_loadu_si256((const __m256i*)(xq + 64 * g + 32))));
-  };
-  __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps(), bsum = _mm256_setzero_ps();
-  int g = 0;
-  for (; g + 8 <= ng; g += 8) {
-    avx2::prefetch_ahead(w + 32 * g);
+    for (int o = 0; o < 8 * group_bytes; o += 256) avx2::prefetch_ahead(w + group_bytes * g + o);
     const __m256 sc = _mm256_mul_ps(avx2::bf16x8(s + g), _mm256_loadu_ps(p.gdx + g));
     bsum = _mm256_fmadd_ps(avx2::bf16x8(bias + g), _mm256_loadu_ps(p.gsum + g), bsum);
     for (int j = 0; j < 8; j += 2) {
@@ -212,6 +172,32 @@ CSMD_VNNI static inline float dot_i8_g64_bf16(const uint8_t* w, const uint16_t* 
     tail += bf16_to_f32(bias[g]) * p.gsum[g];
   }
   return avx2::hsum(_mm256_add_ps(_mm256_add_ps(tot0, tot1), bsum)) + tail;
+}
+
+// avx2::dot_i16_g64_bf16 with vpdpwssd for 4 bits.
+CSMD_VNNI static inline float dot_i16_g64_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
+                                               const XPrep& p) {
+  if (p.bits == 8) return avx2::dot_i16_g64_bf16_8bit(w, s, bias, p);
+  const __m256i zero = _mm256_setzero_si256();
+  return sum_groups_bf16(w, 32, s, bias, p, [&](int g) CSMD_VNNI {
+    return _mm256_cvtepi32_ps(blk_i16(zero, w + 32 * g, p.xq16 + 64 * g));
+  });
+}
+
+// The "int8" mode's 4-bit matvec for groups of 64 with bf16 scales and biases in place: unsigned nibbles
+// times int8 x (permute4 order) with vpdpbusd. Same integer sums as dot_i.
+CSMD_VNNI static inline float dot_i8_g64_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
+                                              const XPrep& p) {
+  if (p.bits != 4) return avx2::dot_i16_g64_bf16_8bit(w, s, bias, p);  // 8 bits: int16 x in both modes
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i zero = _mm256_setzero_si256();
+  return sum_groups_bf16(w, 32, s, bias, p, [&](int g) CSMD_VNNI {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * g));
+    const int8_t* xg = p.xq + 64 * g;
+    const __m256i a = _mm256_dpbusd_epi32(zero, _mm256_and_si256(v, m4), _mm256_loadu_si256((const __m256i*)xg));
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(a, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                                                  _mm256_loadu_si256((const __m256i*)(xg + 32))));
+  });
 }
 
 }  // namespace avx512vnni
