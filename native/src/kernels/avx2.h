@@ -344,8 +344,8 @@ CSMD_AVX2 static inline void prefetch_ahead(const uint8_t* p) {
 
 // The loop of every matvec kernel that reads bf16 scales and biases in place (the format csmd's quantize
 // writes), for groups of 64 weights of group_bytes each: group(g) is group g's integer dot as 8 float lanes;
-// eight groups' scale * dx and bias * gsum come from one vector each, where dot_i16 takes fp32 rows converted
-// beforehand and a scalar product per group. A 4-bit csm-1b depth-decoder step took 0.81-0.83x the time
+// eight groups' scale * dx, bias * gsum and scale * gcorr (the centring term, which p.gcorr must hold) come
+// from one vector each, where dot_i16 takes fp32 rows converted beforehand and a scalar product per group. A 4-bit csm-1b depth-decoder step took 0.81-0.83x the time
 // (BENCHMARKS.md). avx512vnni.h has a copy for its own kernels (the target attributes keep them apart).
 template <class Group>
 CSMD_AVX2 static inline float sum_groups_bf16(const uint8_t* w, int group_bytes, const uint16_t* s,
@@ -355,8 +355,10 @@ CSMD_AVX2 static inline float sum_groups_bf16(const uint8_t* w, int group_bytes,
   int g = 0;
   for (; g + 8 <= ng; g += 8) {
     for (int o = 0; o < 8 * group_bytes; o += 256) prefetch_ahead(w + group_bytes * g + o);
-    const __m256 sc = _mm256_mul_ps(bf16x8(s + g), _mm256_loadu_ps(p.gdx + g));
+    const __m256 sv = bf16x8(s + g);
+    const __m256 sc = _mm256_mul_ps(sv, _mm256_loadu_ps(p.gdx + g));
     bsum = _mm256_fmadd_ps(bf16x8(bias + g), _mm256_loadu_ps(p.gsum + g), bsum);
+    bsum = _mm256_fmadd_ps(sv, _mm256_loadu_ps(p.gcorr + g), bsum);
     for (int j = 0; j < 8; j += 2) {
       tot0 = _mm256_fmadd_ps(group(g + j), _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j)), tot0);
       tot1 = _mm256_fmadd_ps(group(g + j + 1), _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j + 1)), tot1);
@@ -365,7 +367,7 @@ CSMD_AVX2 static inline float sum_groups_bf16(const uint8_t* w, int group_bytes,
   float tail = 0.f;
   for (; g < ng; ++g) {
     tot0 = _mm256_fmadd_ps(group(g), _mm256_set1_ps(bf16_to_f32(s[g]) * p.gdx[g]), tot0);
-    tail += bf16_to_f32(bias[g]) * p.gsum[g];
+    tail += bf16_to_f32(bias[g]) * p.gsum[g] + bf16_to_f32(s[g]) * p.gcorr[g];
   }
   return hsum(_mm256_add_ps(_mm256_add_ps(tot0, tot1), bsum)) + tail;
 }

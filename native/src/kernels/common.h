@@ -52,6 +52,9 @@ struct XPrep {
   const int16_t* xq16 = nullptr; // [K] int16 quantized x (8 bits: natural order;
                                  //     4 bits: word-permuted, see permute4w)
   const float* gdx = nullptr;    // [K/G] quantization step of x per group
+  // [K/G] the integer modes' centring term (MatvecPrep::centre): c * (gsum - gdx * sum of x's integers), with
+  // c = (2^bits - 1) / 2 the weights' mid level. A row adds sum_g s[g] * gcorr[g]. nullptr: exact mode.
+  const float* gcorr = nullptr;
 };
 
 // Permute a 4-bit row's x (see above).  K must be a multiple of 32.
