@@ -36,7 +36,7 @@ OUT_RTOL = {mx.float32: 0.0, mx.bfloat16: 2.0**-8, mx.float16: 2.0**-11}
 NP_DTYPE = {mx.float32: np.float32, mx.float16: np.float16}
 
 
-DEFAULT_MODE = "int16"
+DEFAULT_MODE = "auto"
 
 
 @pytest.fixture(autouse=True)
@@ -359,15 +359,32 @@ def test_settings_and_features() -> None:
             csmd_native.set_variant(v)
     with pytest.raises(ValueError):
         csmd_native.set_matvec_mode("fast")
-    for mode in ("exact", "int8", "int16"):
+    for mode in ("exact", "int8", "int16", "auto"):
         csmd_native.set_matvec_mode(mode)
         assert csmd_native.get_matvec_mode() == mode
 
 
-def test_default_matvec_mode_is_int16() -> None:
+def test_default_matvec_mode_is_auto() -> None:
     code = "import csmd_native; print(csmd_native.get_matvec_mode())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == DEFAULT_MODE
+
+
+@pytest.mark.parametrize("variant", ["scalar", "avx2", "avx512vnni", "neon"])
+def test_auto_matvec_mode_picks_int8_only_with_vnni(variant: str) -> None:
+    if variant != "scalar" and variant not in available_simd():
+        pytest.skip(f"no {variant} kernels on this CPU")
+    csmd_native.set_variant(variant)
+    csmd_native.set_matvec_mode("auto")
+    want = "int8" if variant == "avx512vnni" else "int16"
+    assert csmd_native.get_effective_matvec_mode() == want
+    # and the products are that mode's, bit for bit
+    wq, s, b = make_weights(64, 1024, 64, 4, dtype=mx.bfloat16)
+    x = make_x((1, 1024))
+    y_auto = np.array(csmd_native.quantized_matmul(x, wq, s, b, group_size=64, bits=4))
+    csmd_native.set_matvec_mode(want)
+    assert csmd_native.get_effective_matvec_mode() == want
+    np.testing.assert_array_equal(y_auto, np.array(csmd_native.quantized_matmul(x, wq, s, b, group_size=64, bits=4)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -740,13 +757,15 @@ def test_matvec_mode_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     from csmd.kernels import native
 
     try:
-        for mode in ("int8", "exact", "int16"):
+        for mode in ("int8", "exact", "int16", "auto"):
             monkeypatch.setenv("CSMD_MATVEC", mode)
             assert native.apply_matvec_mode() == mode
             assert csmd_native.get_matvec_mode() == mode
         monkeypatch.setenv("CSMD_MATVEC", "fast")
-        with pytest.raises(ValueError, match="CSMD_MATVEC must be one of int16, int8, exact"):
+        with pytest.raises(ValueError, match="CSMD_MATVEC must be one of auto, int16, int8, exact"):
             native.apply_matvec_mode()
-        assert csmd_native.get_matvec_mode() == "int16"  # a bad value changes nothing
+        assert csmd_native.get_matvec_mode() == "auto"  # a bad value changes nothing
+        monkeypatch.delenv("CSMD_MATVEC")
+        assert native.apply_matvec_mode() == "auto"
     finally:
-        csmd_native.set_matvec_mode("int16")
+        csmd_native.set_matvec_mode(DEFAULT_MODE)

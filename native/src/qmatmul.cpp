@@ -18,7 +18,11 @@ namespace csmd {
 namespace {
 
 std::atomic<int> g_variant{-1};  // -1: not yet chosen
-std::atomic<int> g_mode{static_cast<int>(MatvecMode::Int16)};
+// A MatvecMode, or kAutoMode (the default): int8 x where the int8 4-bit kernel reads bf16 scales in place with
+// vpdpbusd (AVX-512 VNNI: 0.85x a 4-bit csm-1b frame's time), int16 x elsewhere (the AVX2 int8 kernel
+// converts each row's scales first: 1.37x the int16 frame's time). BENCHMARKS.md has both.
+constexpr int kAutoMode = 3;
+std::atomic<int> g_mode{kAutoMode};
 std::mutex g_pool_mu;
 std::unique_ptr<ThreadPool> g_pool;
 
@@ -75,9 +79,18 @@ void set_variant(const std::string& name) {
 
 const Kernels& current_kernels() { return g_kernels[static_cast<int>(current_variant())]; }
 
-MatvecMode matvec_mode() { return static_cast<MatvecMode>(g_mode.load(std::memory_order_relaxed)); }
+MatvecMode matvec_mode() {
+  const int mode = g_mode.load(std::memory_order_relaxed);
+  if (mode == kAutoMode) return current_variant() == Variant::AVX512VNNI ? MatvecMode::Int8 : MatvecMode::Int16;
+  return static_cast<MatvecMode>(mode);
+}
 
 const char* matvec_mode_name() {
+  if (g_mode.load(std::memory_order_relaxed) == kAutoMode) return "auto";
+  return effective_matvec_mode_name();
+}
+
+const char* effective_matvec_mode_name() {
   switch (matvec_mode()) {
     case MatvecMode::Exact: return "exact";
     case MatvecMode::Int8: return "int8";
@@ -86,14 +99,16 @@ const char* matvec_mode_name() {
 }
 
 void set_matvec_mode(const std::string& mode) {
-  if (mode == "int16") {
+  if (mode == "auto") {
+    g_mode.store(kAutoMode);
+  } else if (mode == "int16") {
     g_mode.store(static_cast<int>(MatvecMode::Int16));
   } else if (mode == "int8") {
     g_mode.store(static_cast<int>(MatvecMode::Int8));
   } else if (mode == "exact") {
     g_mode.store(static_cast<int>(MatvecMode::Exact));
   } else {
-    throw std::invalid_argument("set_matvec_mode: expected 'int16', 'int8' or 'exact', got '" + mode + "'");
+    throw std::invalid_argument("set_matvec_mode: expected 'auto', 'int16', 'int8' or 'exact', got '" + mode + "'");
   }
 }
 

@@ -13,11 +13,12 @@ Variant current_variant();
 void set_variant(const std::string& name);
 const Kernels& current_kernels();
 
-// Matrix-vector products: "int16" (default: x quantized per group to int16,
-// integer dots, ~1e-5 relative), "int8" (int8 x for 4-bit weights, lossier)
-// or "exact" (float unpacking).
+// Matrix-vector products: "auto" (default: int8 on the avx512vnni variant, else int16), "int16" (x
+// quantized per group to int16, integer dots, ~2e-5 relative), "int8" (int8 x for 4-bit weights, ~0.6%)
+// or "exact" (float unpacking). matvec_mode() is the mode in force (auto resolved).
 MatvecMode matvec_mode();
-const char* matvec_mode_name();
+const char* matvec_mode_name();            // "auto", "int16", "int8" or "exact": the setting
+const char* effective_matvec_mode_name();  // what it means on the current variant (auto resolved)
 void set_matvec_mode(const std::string& mode);
 
 ThreadPool& pool();
