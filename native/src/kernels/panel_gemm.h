@@ -57,27 +57,34 @@ inline void panel_tile(const PanelArgs& a, int m0, int rows, int p) {
 
 #if defined(CSMD_HAVE_AVX2_KERNELS)
 namespace avx2 {
+// The accumulators are indexed by constants only (every loop over i unrolled, their results stored to a
+// local block before the rows are written out): when the write-out loop indexed them, GCC kept them in
+// memory and stored all 12 every step of k.
 template <int MR>
 CSMD_AVX2 static inline void panel_tile_n(const PanelArgs& a, int m0, int p) {
-  const float* w = a.wp + static_cast<size_t>(p) * a.K * kPanel;
+  const int K = a.K;
+  const float* w = a.wp + static_cast<size_t>(p) * K * kPanel;
   const float* x = a.x + m0 * a.ldx;
   const size_t ldx = a.ldx;
   __m256 acc[MR][2];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-  for (int k = 0; k < a.K; ++k) {
+  for (int k = 0; k < K; ++k) {
     const __m256 b0 = _mm256_loadu_ps(w + k * kPanel), b1 = _mm256_loadu_ps(w + k * kPanel + 8);
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m256 xi = _mm256_broadcast_ss(x + i * ldx + k);
       acc[i][0] = _mm256_fmadd_ps(xi, b0, acc[i][0]);
       acc[i][1] = _mm256_fmadd_ps(xi, b1, acc[i][1]);
     }
   }
+  alignas(32) float rows[MR][kPanel];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
-    alignas(32) float row[kPanel];
-    _mm256_store_ps(row, acc[i][0]);
-    _mm256_store_ps(row + 8, acc[i][1]);
-    store_panel_row(a, m0 + i, p, row);
+    _mm256_store_ps(rows[i], acc[i][0]);
+    _mm256_store_ps(rows[i] + 8, acc[i][1]);
   }
+  for (int i = 0; i < MR; ++i) store_panel_row(a, m0 + i, p, rows[i]);
 }
 
 CSMD_AVX2 static inline void panel_tile(const PanelArgs& a, int m0, int rows, int p) {
@@ -100,12 +107,15 @@ static inline void panel_tile_n(const PanelArgs& a, int m0, int p) {
   const float* w = a.wp + static_cast<size_t>(p) * a.K * kPanel;
   const float* x = a.x + m0 * a.ldx;
   const size_t ldx = a.ldx;
-  float32x4_t acc[MR][4];
+  const int K = a.K;
+  float32x4_t acc[MR][4];  // indexed by constants only, as in the AVX2 kernel
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = vdupq_n_f32(0.f);
-  for (int k = 0; k < a.K; ++k) {
+  for (int k = 0; k < K; ++k) {
     const float* wk = w + k * kPanel;
     const float32x4_t b0 = vld1q_f32(wk), b1 = vld1q_f32(wk + 4), b2 = vld1q_f32(wk + 8), b3 = vld1q_f32(wk + 12);
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const float xi = x[i * ldx + k];
       acc[i][0] = vfmaq_n_f32(acc[i][0], b0, xi);
@@ -114,11 +124,11 @@ static inline void panel_tile_n(const PanelArgs& a, int m0, int p) {
       acc[i][3] = vfmaq_n_f32(acc[i][3], b3, xi);
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    float row[kPanel];
-    for (int j = 0; j < 4; ++j) vst1q_f32(row + 4 * j, acc[i][j]);
-    store_panel_row(a, m0 + i, p, row);
-  }
+  float rows[MR][kPanel];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) vst1q_f32(rows[i] + 4 * j, acc[i][j]);
+  for (int i = 0; i < MR; ++i) store_panel_row(a, m0 + i, p, rows[i]);
 }
 
 static inline void panel_tile(const PanelArgs& a, int m0, int rows, int p) {
