@@ -128,9 +128,13 @@ void attend(const Shapes& s, int h, int context, int position, const float* past
 // new_past = the last P rows of [past (P rows); the T new rows], in two parts: keep_past moves the past rows
 // that stay (the bulk: all layers' are copied at once, over the pool's threads), append_new writes the new
 // rows (at stride `stride` in `fresh`) once a layer has made them.
-void keep_past(const float* past, int P, int T, int D, float* new_past) {
+// Part `part` of `parts` of that copy (row ranges of about equal size).
+void keep_past(const float* past, int P, int T, int D, float* new_past, int part, int parts) {
   const int keep = std::max(0, P - T);
-  std::memcpy(new_past, past + static_cast<size_t>(P - keep) * D, sizeof(float) * keep * D);
+  int r0, r1;
+  split_range(keep, parts, part, r0, r1);
+  std::memcpy(new_past + static_cast<size_t>(r0) * D, past + static_cast<size_t>(P - keep + r0) * D,
+              sizeof(float) * (r1 - r0) * D);
 }
 
 void append_new(const float* fresh, size_t stride, int P, int T, int D, float* new_past) {
@@ -233,13 +237,15 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
     const float q_scale = 1.f / std::sqrt(static_cast<float>(s.hd));
     const std::vector<float> rope_cs = rope_table(s.T, s.hd, inv_freqs, position);
 
-    // Keys then values, every layer and batch: [2, L * B] blocks of P rows.
-    const std::function<void(int)> keep = [&](int c) {
-      const size_t block = static_cast<size_t>(c % (s.L * s.B)) * batch_kv;
-      const int which = 1 + c / (s.L * s.B);
-      keep_past(ins[which].data<float>() + block, s.P, s.T, s.D, outs[which].data<float>() + block);
+    // Piece c of layer l's past that stays: keys (c < B kKeepParts) or values, of batch c / kKeepParts % B.
+    constexpr int kKeepParts = 8;
+    const auto keep = [&](int l, int c) {
+      const int block_index = c / kKeepParts;
+      const size_t block = l * layer_kv + static_cast<size_t>(block_index % s.B) * batch_kv;
+      const int which = 1 + block_index / s.B;
+      keep_past(ins[which].data<float>() + block, s.P, s.T, s.D, outs[which].data<float>() + block,
+                c % kKeepParts, kKeepParts);
     };
-    pool().run_chunks(2 * s.L * s.B, keep);
 
     for (int l = 0; l < s.L; ++l) {
       const mx::array* w = &ins[kFixedInputs + l * kMimiWeightsPerLayer];
@@ -256,13 +262,27 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
         }
         for (int i = 0; i < s.D; ++i) row[i] *= q_scale;
       }
-      // On the calling thread: handing the heads to the pool measured slower (this is ~50 us a layer).
+      // One pool job for the attention (a chunk per batch and head) and for copying the part of this layer's
+      // past that stays into the new state (keep_past: 1 MB of keys and values a layer, read and written,
+      // in pieces): the copy fills the time the attention leaves DRAM idle, and at the window's full 249
+      // steps the attention (~140 us a layer) is worth splitting. They touch disjoint rows of the new
+      // state: the copy rows [0, P - T), append_new the last T.
+      const int heads = s.B * s.H;
+      const std::function<void(int)> attend_and_keep = [&](int c) {
+        if (c >= heads) {
+          keep(l, c - heads);
+          return;
+        }
+        const int b = c / s.H;
+        const size_t kv = l * layer_kv + b * batch_kv;
+        attend(s, c % s.H, cfg.context, position, ins[1].data<float>() + kv, ins[2].data<float>() + kv,
+               qkv.data() + static_cast<size_t>(b) * s.T * 3 * s.D, att.data() + static_cast<size_t>(b) * s.T * s.D,
+               kern, axpy);
+      };
+      pool().run_chunks(heads + 2 * s.B * kKeepParts, attend_and_keep);
       for (int b = 0; b < s.B; ++b) {
         const size_t kv = l * layer_kv + b * batch_kv;
         const float* rows = qkv.data() + static_cast<size_t>(b) * s.T * 3 * s.D;
-        for (int hh = 0; hh < s.H; ++hh)
-          attend(s, hh, cfg.context, position, ins[1].data<float>() + kv, ins[2].data<float>() + kv, rows,
-                 att.data() + static_cast<size_t>(b) * s.T * s.D, kern, axpy);
         append_new(rows + s.D, 3 * s.D, s.P, s.T, s.D, outs[1].data<float>() + kv);
         append_new(rows + 2 * s.D, 3 * s.D, s.P, s.T, s.D, outs[2].data<float>() + kv);
       }
