@@ -40,9 +40,17 @@ class SpeechResult:
     seconds_total: float
 
 
-def codec_for(loaded: LoadedModel, spec: str | None) -> Mimi:
+def codec_for(loaded: LoadedModel, spec: str | None, bf16: bool = False) -> Mimi:
     """The codec a model speaks through: an explicit one, the one its checkpoint bundles, a random one
-    matching a random model, or Kyutai's release."""
+    matching a random model, or Kyutai's release. bf16: with its weight-bound matrices in bfloat16
+    (`Mimi.use_bf16_weights`)."""
+    mimi = _codec(loaded, spec)
+    if bf16:
+        mimi.use_bf16_weights()
+    return mimi
+
+
+def _codec(loaded: LoadedModel, spec: str | None) -> Mimi:
     n = loaded.model.config.num_codebooks
     if spec is None:
         if loaded.random:

@@ -121,3 +121,33 @@ def test_say_with_an_hf_checkpoint_uses_its_bundled_codec(hf_dir: Path, tmp_path
     out = tmp_path / "hf.wav"
     assert main(["say", "Hello there.", "-o", str(out), "--model", str(hf_dir), "--local", "--max-seconds", "0.4"]) == 0
     assert sf.info(str(out)).frames % 1920 == 0 and sf.info(str(out)).frames > 0
+
+
+def test_codec_bf16_keeps_the_weight_bound_matrices_in_bf16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--codec-bf16 (say, serve, talk, bench daemon/talk) hands codec_for bf16=True: the codec's transformer
+    projections and its first convolutions are stored in bfloat16, and `say` still writes whole frames."""
+    import mlx.core as mx
+
+    from csmd.model.loading import load_model
+    from csmd.speak import codec_for
+
+    loaded = load_model("random:tiny")
+    assert codec_for(loaded, None).decoder_transformer.layers[0].attn.in_proj.weight.dtype == mx.float32
+    mimi = codec_for(loaded, None, bf16=True)
+    assert mimi.decoder_transformer.layers[0].attn.in_proj.weight.dtype == mx.bfloat16
+    assert mimi.decoder.layers[0]._w.dtype == mx.bfloat16
+    import csmd.speak
+
+    asked: list[bool] = []
+
+    def spy(loaded, spec, bf16=False):  # type: ignore[no-untyped-def]
+        asked.append(bf16)
+        return codec_for(loaded, spec, bf16=bf16)
+
+    monkeypatch.setattr(csmd.speak, "codec_for", spy)
+    out = tmp_path / "bf16.wav"
+    args = ["say", "Hello.", "-o", str(out), "--model", "random:tiny", "--local", "--max-seconds", "0.4"]
+    assert main([*args, "--codec-bf16"]) == 0
+    assert main(args) == 0
+    assert asked == [True, False]
+    assert sf.info(str(out)).frames % 1920 == 0 and sf.info(str(out)).frames > 0
