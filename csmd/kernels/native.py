@@ -3,9 +3,9 @@
 The extension is built against one exact MLX version and checks it at import. If it is missing or fails to
 load, csmd runs on the reference path and `csmd info` says so; nothing fails silently. `CSMD_KERNELS` picks:
 `auto` (native on the CPU when loaded), `native` (insist: an error if it did not load) or `reference`.
-`CSMD_MATVEC` picks how one-row quantized products round the activations: `auto` (the default: `int8` where
-the CPU has AVX-512 VNNI, whose int8 kernel is the fastest there, else `int16`), `int16` (~2e-5 relative per
-product), `int8` (~0.6% per product for 4-bit weights; 8-bit ones keep int16) or `exact` (float).
+`CSMD_MATVEC` picks how one-row quantized products round the activations: `auto` (the default: `int8` on the
+AVX2 and AVX-512 VNNI kernels, the faster mode there, else `int16`), `int16` (~2e-5 relative per product),
+`int8` (~0.6% per product for 4-bit weights; 8-bit ones keep int16) or `exact` (float).
 """
 
 from __future__ import annotations

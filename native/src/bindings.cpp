@@ -68,9 +68,9 @@ NB_MODULE(_ext, m) {
         "Select the kernel variant: 'auto', 'scalar', 'avx2', 'avx512vnni' (AVX2 with VNNI int16 dot products)\n"
         "or 'neon'.");
   m.def("set_matvec_mode", &csmd::set_matvec_mode, "mode"_a,
-        "Single-row products: 'auto' (default: int8 on the avx512vnni variant, else int16), 'int16' (x\n"
+        "Single-row products: 'auto' (default: int8 on the avx2 and avx512vnni variants, else int16), 'int16' (x\n"
         "quantized per group to int16, integer dot products, ~2e-5 relative error), 'int8' (int8 x for\n"
-        "4-bit weights: ~0.6% per product, faster with VNNI) or 'exact' (float unpacking).");
+        "4-bit weights: ~0.6% per product, faster where a SIMD kernel exists) or 'exact' (float unpacking).");
   m.def("get_matvec_mode", []() { return std::string(csmd::matvec_mode_name()); });
   m.def("get_effective_matvec_mode", []() { return std::string(csmd::effective_matvec_mode_name()); },
         "The mode single-row products use now: 'auto' resolved for the current variant.");

@@ -18,9 +18,9 @@ namespace csmd {
 namespace {
 
 std::atomic<int> g_variant{-1};  // -1: not yet chosen
-// A MatvecMode, or kAutoMode (the default): int8 x where the int8 4-bit kernel reads bf16 scales in place with
-// vpdpbusd (AVX-512 VNNI: 0.85x a 4-bit csm-1b frame's time), int16 x elsewhere (the AVX2 int8 kernel
-// converts each row's scales first: 1.37x the int16 frame's time). BENCHMARKS.md has both.
+// A MatvecMode, or kAutoMode (the default): int8 x where the variant has an int8 4-bit kernel that reads bf16
+// scales in place (AVX2: 0.81x a 4-bit csm-1b frame's int16 time; AVX-512 VNNI: 0.85x), int16 x elsewhere
+// (scalar, NEON: their int8 kernels convert each row's scales first). BENCHMARKS.md has the measurements.
 constexpr int kAutoMode = 3;
 std::atomic<int> g_mode{kAutoMode};
 std::mutex g_pool_mu;
@@ -81,7 +81,7 @@ const Kernels& current_kernels() { return g_kernels[static_cast<int>(current_var
 
 MatvecMode matvec_mode() {
   const int mode = g_mode.load(std::memory_order_relaxed);
-  if (mode == kAutoMode) return current_variant() == Variant::AVX512VNNI ? MatvecMode::Int8 : MatvecMode::Int16;
+  if (mode == kAutoMode) return current_kernels().dot_i8_g64_bf16 ? MatvecMode::Int8 : MatvecMode::Int16;
   return static_cast<MatvecMode>(mode);
 }
 

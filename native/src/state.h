@@ -13,7 +13,7 @@ Variant current_variant();
 void set_variant(const std::string& name);
 const Kernels& current_kernels();
 
-// Matrix-vector products: "auto" (default: int8 on the avx512vnni variant, else int16), "int16" (x
+// Matrix-vector products: "auto" (default: int8 on the avx2 and avx512vnni variants, else int16), "int16" (x
 // quantized per group to int16, integer dots, ~2e-5 relative), "int8" (int8 x for 4-bit weights, ~0.6%)
 // or "exact" (float unpacking). matvec_mode() is the mode in force (auto resolved).
 MatvecMode matvec_mode();

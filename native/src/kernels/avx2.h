@@ -397,6 +397,24 @@ CSMD_AVX2 static inline float dot_i16_g64_bf16(const uint8_t* w, const uint16_t*
   });
 }
 
+// The "int8" mode's 4-bit matvec for groups of 64 with bf16 scales and biases in place: unsigned nibbles times
+// int8 x (permute4 order) with vpmaddubsw, whose int16 pair sums (at most 2 * 15 * 127 each, and x never
+// -128) are added for both nibbles and widened to int32 with vpmaddwd. Same integer sums as dot_i.
+CSMD_AVX2 static inline float dot_i8_g64_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
+                                              const XPrep& p) {
+  if (p.bits != 4) return dot_i16_g64_bf16_8bit(w, s, bias, p);  // 8 bits: int16 x in both modes
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  return sum_groups_bf16(w, 32, s, bias, p, [&](int g) CSMD_AVX2 {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * g));
+    const int8_t* xg = p.xq + 64 * g;
+    const __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(v, m4), _mm256_loadu_si256((const __m256i*)xg));
+    const __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                                            _mm256_loadu_si256((const __m256i*)(xg + 32)));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones));
+  });
+}
+
 // Per group of 64 x: max |x| and the sum (in double, as prep_gsum).
 CSMD_AVX2 static inline void group_absmax_sum(const float* xg, float& amax, float& sum) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));

@@ -54,8 +54,8 @@ struct Kernels {
   // int16 x for the groups of 64 (steps, group sums; permuted for 4 bits) in one SIMD pass; nullptr: the
   // scalar prep_gsum + prep_x_i16_4 / prep_x_int (same integers).
   void (*prep_i16_g64)(const float*, int, bool, int16_t*, float*, float*);
-  // The int8 mode's 4-bit product with bf16 scales and biases read in place (VNNI only; else nullptr and the
-  // rows' scales and biases are converted for dot_i).
+  // The int8 mode's 4-bit product with bf16 scales and biases read in place (AVX2 and VNNI; nullptr for scalar
+  // and NEON, where the rows' scales and biases are converted for dot_i).
   float (*dot_i8_g64_bf16)(const uint8_t*, const uint16_t*, const uint16_t*, const XPrep&);
   // The int8 mode's x at 4 bits, groups of 64, in one SIMD pass; nullptr: prep_gsum + prep_x_int.
   void (*prep_i8_g64)(const float*, int, int8_t*, float*, float*);
@@ -116,7 +116,7 @@ inline Kernels kernels_for(Variant v) {
   switch (v) {
 #if defined(CSMD_HAVE_AVX2_KERNELS)
     case Variant::AVX2:
-      return {avx2::dot_f, avx2::dot_i, avx2::dot_i16, avx2::dot_i16_g64_bf16, avx2::prep_i16_g64, nullptr, avx2::prep_i8_g64, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w}, avx2::dot_f32,
+      return {avx2::dot_f, avx2::dot_i, avx2::dot_i16, avx2::dot_i16_g64_bf16, avx2::prep_i16_g64, avx2::dot_i8_g64_bf16, avx2::prep_i8_g64, avx2::dequant, {avx2::gemm_micro, avx2::gemm_pack_w}, avx2::dot_f32,
               avx2::dot_bf16, avx2::cvt_bf16, avx2::softmax_row};
 #endif
 #if defined(CSMD_HAVE_AVX512VNNI_KERNELS)
