@@ -2,8 +2,8 @@
 
 #include <stdexcept>
 
+#include "dispatch.h"
 #include "kernels/driver.h"
-#include "mlx/backend/cpu/encoder.h"
 #include "qmatmul.h"
 #include "state.h"
 
@@ -27,11 +27,8 @@ void CausalSoftmax::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 }
 
 void CausalSoftmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  enc.set_input_array(inputs[0]);
-  enc.set_output_array(out);
-  enc.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), out = mx::array::unsafe_weak_copy(out)]() mutable {
+  dispatch_cpu(stream(), inputs, out, [](std::vector<mx::array>& ins, mx::array& out) {
+    const mx::array& x = ins[0];
     if (!x.flags().row_contiguous) throw std::runtime_error("csmd_native.causal_softmax: non-contiguous input");
     const int T = x.shape(-2), S = x.shape(-1);
     const int rows = static_cast<int>(x.size() / S);

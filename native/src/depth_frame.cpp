@@ -5,7 +5,7 @@
 #include <numeric>
 #include <stdexcept>
 
-#include "mlx/backend/cpu/encoder.h"
+#include "dispatch.h"
 #include "qmatmul.h"
 #include "state.h"
 
@@ -203,13 +203,7 @@ void DepthFrame::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 }
 
 void DepthFrame::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) enc.set_input_array(a);
-  enc.set_output_array(out);
-  std::vector<mx::array> ins;
-  for (auto& a : inputs) ins.push_back(mx::array::unsafe_weak_copy(a));
-  enc.dispatch([ins = std::move(ins), out = mx::array::unsafe_weak_copy(out), cfg = cfg_]() mutable {
+  dispatch_cpu(stream(), inputs, out, [cfg = cfg_](std::vector<mx::array>& ins, mx::array& out) {
     const StepConfig& sc = cfg.step;
     const int H = ins[0].shape(1), L = sc.num_layers, C = cfg.codebooks, V = cfg.vocab, E = cfg.embed_dim;
     const int KVH = sc.num_kv_heads, D = H / sc.num_heads, T = C + 1, G = sc.group_size, bits = sc.bits;

@@ -2,9 +2,9 @@
 
 #include <stdexcept>
 
+#include "dispatch.h"
 #include "kernels/driver.h"
 #include "kernels/fewrows.h"
-#include "mlx/backend/cpu/encoder.h"
 #include "qmatmul.h"
 #include "state.h"
 
@@ -47,12 +47,8 @@ void FMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 }
 
 void FMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) enc.set_input_array(a);
-  enc.set_output_array(out);
-  enc.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), w = mx::array::unsafe_weak_copy(inputs[1]),
-                out = mx::array::unsafe_weak_copy(out)]() mutable {
+  dispatch_cpu(stream(), inputs, out, [](std::vector<mx::array>& ins, mx::array& out) {
+    const mx::array &x = ins[0], &w = ins[1];
     if (!x.flags().row_contiguous || !w.flags().row_contiguous)
       throw std::runtime_error("csmd_native.matmul: internal error, non-contiguous input");
     const int K = x.shape(-1);

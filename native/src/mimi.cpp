@@ -17,11 +17,11 @@
 #include <stdexcept>
 #include <string>
 
+#include "dispatch.h"
 #include "kernels/axpy.h"
 #include "kernels/elu.h"
 #include "kernels/fewrows.h"
 #include "kernels/panel_gemm.h"
-#include "mlx/backend/cpu/encoder.h"
 #include "state.h"
 
 namespace csmd {
@@ -197,15 +197,7 @@ void MimiTransformer::eval_gpu(const std::vector<mx::array>&, std::vector<mx::ar
 }
 
 void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  for (auto& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) enc.set_input_array(a);
-  for (auto& a : outputs) enc.set_output_array(a);
-  std::vector<mx::array> ins;
-  for (auto& a : inputs) ins.push_back(mx::array::unsafe_weak_copy(a));
-  std::vector<mx::array> outs;
-  for (auto& a : outputs) outs.push_back(mx::array::unsafe_weak_copy(a));
-  enc.dispatch([ins = std::move(ins), outs = std::move(outs), cfg = cfg_]() mutable {
+  dispatch_cpu(stream(), inputs, outputs, [cfg = cfg_](std::vector<mx::array>& ins, std::vector<mx::array>& outs) {
     const mx::array& x = ins[0];
     Shapes s;
     s.L = cfg.num_layers;
@@ -347,14 +339,8 @@ void PanelMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 }
 
 void PanelMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) enc.set_input_array(a);
-  enc.set_output_array(out);
-  std::vector<mx::array> ins;
-  for (auto& a : inputs) ins.push_back(mx::array::unsafe_weak_copy(a));
-  enc.dispatch([ins = std::move(ins), out = mx::array::unsafe_weak_copy(out), n = n_, kernel = kernel_,
-                stride = stride_]() mutable {
+  dispatch_cpu(stream(), inputs, out,
+               [n = n_, kernel = kernel_, stride = stride_](std::vector<mx::array>& ins, mx::array& out) {
     const mx::array& x = ins[0];
     PanelArgs a;
     a.N = n;
@@ -397,11 +383,8 @@ void Elu::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 }
 
 void Elu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  enc.set_input_array(inputs[0]);
-  enc.set_output_array(out);
-  enc.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), out = mx::array::unsafe_weak_copy(out)]() mutable {
+  dispatch_cpu(stream(), inputs, out, [](std::vector<mx::array>& ins, mx::array& out) {
+    const mx::array& x = ins[0];
     const int n = static_cast<int>(x.size());
     const EluFn kernel = elu_kernel(current_variant());
     // ~1 ns per 8 values: only large arrays are worth a pool job.

@@ -7,7 +7,7 @@
 #include <sstream>
 #include <stdexcept>
 
-#include "mlx/backend/cpu/encoder.h"
+#include "dispatch.h"
 #include "state.h"
 
 namespace csmd {
@@ -237,13 +237,8 @@ void QMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 }
 
 void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) enc.set_input_array(a);
-  enc.set_output_array(out);
-  enc.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), w = mx::array::unsafe_weak_copy(inputs[1]),
-                sc = mx::array::unsafe_weak_copy(inputs[2]), bi = mx::array::unsafe_weak_copy(inputs[3]),
-                out = mx::array::unsafe_weak_copy(out), G = group_size_, bits = bits_]() mutable {
+  dispatch_cpu(stream(), inputs, out, [G = group_size_, bits = bits_](std::vector<mx::array>& ins, mx::array& out) {
+    const mx::array &x = ins[0], &w = ins[1], &sc = ins[2], &bi = ins[3];
     for (const auto* a : {&x, &w, &sc, &bi})
       if (!a->flags().row_contiguous)
         throw std::runtime_error("csmd_native.quantized_matmul: internal error, non-contiguous input");

@@ -4,7 +4,7 @@
 #include <sstream>
 #include <stdexcept>
 
-#include "mlx/backend/cpu/encoder.h"
+#include "dispatch.h"
 #include "qmatmul.h"
 #include "state.h"
 
@@ -315,15 +315,7 @@ void TransformerStep::eval_gpu(const std::vector<mx::array>&, std::vector<mx::ar
 }
 
 void TransformerStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  for (auto& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) enc.set_input_array(a);
-  for (auto& a : outputs) enc.set_output_array(a);
-  std::vector<mx::array> ins;
-  for (auto& a : inputs) ins.push_back(mx::array::unsafe_weak_copy(a));
-  std::vector<mx::array> outs;
-  for (auto& a : outputs) outs.push_back(mx::array::unsafe_weak_copy(a));
-  enc.dispatch([ins = std::move(ins), outs = std::move(outs), cfg = cfg_]() mutable {
+  dispatch_cpu(stream(), inputs, outputs, [cfg = cfg_](std::vector<mx::array>& ins, std::vector<mx::array>& outs) {
     const mx::array& x = ins[0];
     const float* cache_k = ins[1].data<float>();
     const float* cache_v = ins[2].data<float>();
