@@ -93,3 +93,35 @@ def test_bench_frame_compare_transformers(capsys: pytest.CaptureFixture[str]) ->
     ratio = result["frame_ms"] / theirs["frame_ms"]
     assert result["transformers_frame_ratio"] == pytest.approx(ratio, rel=1e-2, abs=1e-3)
     assert result["transformers_prefill_ratio"] > 0
+
+
+def test_mimi_decode_budget_matches_the_hand_count() -> None:
+    """Full-size Mimi, one streamed frame (BENCHMARKS.md, "the budget"): the transformer's 8 layers of
+    3 * 512^2 + 512^2 + 2 * 512 * 2048 projection weights (plus norms and layer scales), 249 past steps of
+    keys and values read once and copied, the first conv (7 * 512 * 1024) and first upsampling
+    (16 * 1024 * 512) on 2 rows, and 281.8 MFLOP of GEMMs at 16-1920 rows; with bf16 weights the
+    weight-bound matrices halve."""
+    from csmd.audio.mimi.loading import load_mimi
+    from csmd.bench.codec_budget import decode_budget
+
+    mimi = load_mimi("random:mimi")
+    b = decode_budget(mimi)
+    projections = 8 * (4 * 512 * 512 + 2 * 512 * 2048)
+    assert projections * 4 < b.transformer_bytes < projections * 4 + 200_000  # + norms, layer scales
+    assert b.state_bytes == 3 * 2 * 8 * 249 * 512 * 4
+    assert b.few_row_bytes == (7 * 512 * 1024 + 16 * 1024 * 512) * 4
+    convs = [  # (rows, weights) of the GEMM-sized convolutions, stride by stride
+        (16, 3 * 512 * 256), (16, 256 * 512), (16, 512 * 12 * 256),
+        (96, 3 * 256 * 128), (96, 128 * 256), (96, 256 * 10 * 128),
+        (480, 3 * 128 * 64), (480, 64 * 128), (480, 128 * 8 * 64),
+        (1920, 3 * 64 * 32), (1920, 32 * 64), (1920, 3 * 64),
+    ]  # fmt: skip
+    assert b.gemm_flops == sum(2 * rows * weights for rows, weights in convs)
+    assert b.floor_ms(bandwidth_gbs=40.0, gemm_gflops=200.0) == pytest.approx(
+        1000 * (b.total_bytes / 40e9 + b.gemm_flops / 200e9)
+    )
+    mimi.use_bf16_weights()
+    half = decode_budget(mimi)
+    assert half.few_row_bytes == b.few_row_bytes // 2
+    assert half.transformer_bytes < 0.51 * b.transformer_bytes
+    assert half.gemm_flops == b.gemm_flops and half.state_bytes == b.state_bytes

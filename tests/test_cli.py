@@ -108,6 +108,10 @@ def test_bench_codec_json(capsys: pytest.CaptureFixture[str]) -> None:
     result = json.loads(capsys.readouterr().out)
     assert result["frames"] == 3 and result["decode_ms"] > 0 and result["encode_ms"] > 0
     assert result["moshi_decode_ms"] is None
+    assert result["bytes_per_frame"] > 0 and result["bandwidth_gbs"] > 0 and result["gemm_gflops"] > 0
+    assert result["floor_ms"] > 0 and result["floor_ratio"] == pytest.approx(
+        result["decode_ms"] / result["floor_ms"], rel=1e-2, abs=1e-2
+    )
 
 
 def test_say_with_an_hf_checkpoint_uses_its_bundled_codec(hf_dir: Path, tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """`csmd bench codec`: Mimi's streaming decode and encode, ms per 80 ms frame, optionally beside Kyutai's
 PyTorch Mimi (moshi) streaming decode measured in the same run, frame for frame interleaved with csmd's.
 
-Random weights of the real shapes: the work per frame is what it is with the released weights.
+Random weights of the real shapes: the work per frame is what it is with the released weights. Beside the
+decode time, its floor: what a frame must read and compute (`codec_budget.decode_budget`) at the DRAM
+bandwidth and GEMM rate measured in the same run (`machine.measure`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from csmd.audio.mimi.model import Mimi, StreamingDecoder, StreamingEncoder
+from csmd.bench.codec_budget import decode_budget
+from csmd.bench.machine import MachineRates, measure
 
 
 @dataclass
@@ -27,6 +31,12 @@ class CodecBenchResult:
     decode_min_ms: float | None = None  # fastest frames: what the code can do when nothing else competes
     encode_min_ms: float | None = None
     moshi_decode_min_ms: float | None = None
+    bytes_per_frame: int = 0  # what a decoded frame reads (codec_budget.decode_budget)
+    gemm_mflop_per_frame: float = 0.0  # its many-row products
+    bandwidth_gbs: float = 0.0  # DRAM read bandwidth measured in this run
+    gemm_gflops: float = 0.0  # fp32 GEMM rate measured in this run
+    floor_ms: float = 0.0  # the reading at that bandwidth plus the products at that rate
+    floor_ratio: float = 0.0  # decode_ms / floor_ms; 1 is the machine's limit
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -46,8 +56,15 @@ STEADY_STATE_FRAMES = 130
 
 
 def run(
-    mimi: Mimi, name: str, frames: int = 50, warmup: int = STEADY_STATE_FRAMES, compare_moshi: bool = False
+    mimi: Mimi,
+    name: str,
+    frames: int = 50,
+    warmup: int = STEADY_STATE_FRAMES,
+    compare_moshi: bool = False,
+    machine: MachineRates | None = None,
 ) -> CodecBenchResult:
+    """Time the streams; `machine` defaults to measuring this machine now."""
+    machine = machine or measure()
     cfg = mimi.config
     rng = np.random.default_rng(0)
     codes = rng.integers(0, cfg.quantizer.bins, size=(cfg.num_codebooks, warmup + frames))
@@ -76,16 +93,25 @@ def run(
         if t >= warmup:
             encode_times.append(time.perf_counter() - start)
 
+    budget = decode_budget(mimi)
+    floor_ms = budget.floor_ms(machine.bandwidth_gbs, machine.gemm_gflops)
+    decode_ms = _median_ms(decode_times)
     return CodecBenchResult(
         name,
         frames,
-        _median_ms(decode_times),
+        decode_ms,
         _median_ms(encode_times),
         _median_ms(moshi_times) if moshi_times else None,
         threads,
         decode_min_ms=_min_ms(decode_times),
         encode_min_ms=_min_ms(encode_times),
         moshi_decode_min_ms=_min_ms(moshi_times) if moshi_times else None,
+        bytes_per_frame=budget.total_bytes,
+        gemm_mflop_per_frame=round(budget.gemm_flops / 1e6, 1),
+        bandwidth_gbs=machine.bandwidth_gbs,
+        gemm_gflops=machine.gemm_gflops,
+        floor_ms=round(floor_ms, 3),
+        floor_ratio=round(decode_ms / floor_ms, 2),
     )
 
 
@@ -113,6 +139,9 @@ def format_result(r: CodecBenchResult) -> str:
         f"codec {r.codec}  ({r.frames} timed frames of 80 ms)",
         f"  streaming decode  {r.decode_ms:8.2f} ms / frame (median), fastest {r.decode_min_ms:.2f}",
         f"  streaming encode  {r.encode_ms:8.2f} ms / frame (median), fastest {r.encode_min_ms:.2f}",
+        f"  decode reads {r.bytes_per_frame / 1e6:.1f} MB and computes {r.gemm_mflop_per_frame:.0f} MFLOP of GEMMs "
+        f"per frame: floor {r.floor_ms:.2f} ms at {r.bandwidth_gbs} GB/s and {r.gemm_gflops} GFLOP/s, "
+        f"measured {r.decode_ms:.2f} ms = {r.floor_ratio:.2f}x the floor",
     ]
     if r.moshi_decode_ms is not None:
         ratio = r.moshi_decode_ms / r.decode_ms
