@@ -121,9 +121,9 @@ void attend(const Shapes& s, int h, int context, int position, const float* past
 }
 
 // new_past = the last P rows of [past (P rows); the T new rows], in two parts: keep_past moves the past rows
-// that stay (the bulk: all layers' are copied at once, over the pool's threads), append_new writes the new
-// rows (at stride `stride` in `fresh`) once a layer has made them.
-// Part `part` of `parts` of that copy (row ranges of about equal size).
+// that stay (the bulk, in `parts` row ranges of about equal size, this call doing range `part`: each layer's
+// pieces share a pool job with its attention), append_new writes the new rows (at stride `stride` in
+// `fresh`) once a layer has made them.
 void keep_past(const float* past, int P, int T, int D, float* new_past, int part, int parts) {
   const int keep = std::max(0, P - T);
   int r0, r1;
@@ -224,7 +224,7 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
     const float q_scale = 1.f / std::sqrt(static_cast<float>(s.hd));
     const std::vector<float> rope_cs = rope_table(s.T, s.hd, inv_freqs, position);
 
-    // Piece c of layer l's past that stays: keys (c < B kKeepParts) or values, of batch c / kKeepParts % B.
+    // Piece c of layer l's past that stays: keys (c < B * kKeepParts) or values, of batch c / kKeepParts % B.
     constexpr int kKeepParts = 8;
     const auto keep = [&](int l, int c) {
       const int block_index = c / kKeepParts;

@@ -436,6 +436,15 @@ CSMD_AVX2 static inline void group_absmax_sum(const float* xg, float& amax, floa
   sum = static_cast<float>(_mm_cvtsd_f64(d2));
 }
 
+// The SIMD preps' per-group start: the group's sum (into gsum) and step dx = max|x| / qmax (into gdx);
+// returns 1 / dx in every lane (0 for an all-zero group).
+CSMD_AVX2 static inline __m128 group_step(const float* xg, float qmax, float& gsum, float& gdx) {
+  float amax;
+  group_absmax_sum(xg, amax, gsum);
+  gdx = amax / qmax;
+  return _mm_set1_ps(gdx > 0.f ? 1.f / gdx : 0.f);
+}
+
 // MatvecPrep's x for the int16 matvecs in groups of 64 (prep_gsum and prep_x_i16_4 or prep_x_int in one
 // pass, same integers): per group the step dx = max|x| / 32767, x / dx rounded to nearest even, for 4 bits
 // (permute) in permute4w's order (a 64-element block is a 16x4 matrix to transpose), and the group's sum.
@@ -445,11 +454,7 @@ CSMD_AVX2 static inline void prep_i16_g64(const float* x, int K, bool permute, i
   const __m128 lim = _mm_set1_ps(32767.f), nlim = _mm_set1_ps(-32767.f);
   for (int g = 0; g < K / 64; ++g) {
     const float* xg = x + 64 * g;
-    float amax;
-    group_absmax_sum(xg, amax, gsum[g]);
-    const float dx = amax / 32767.f;
-    gdx[g] = dx;
-    const __m128 inv = _mm_set1_ps(dx > 0.f ? 1.f / dx : 0.f);
+    const __m128 inv = group_step(xg, 32767.f, gsum[g], gdx[g]);
     int16_t* qg = q16 + 64 * g;
     if (!permute) {
       for (int i = 0; i < 64; i += 4) {
@@ -478,11 +483,7 @@ CSMD_AVX2 static inline void prep_i8_g64(const float* x, int K, int8_t* q8, floa
   const __m128 lim = _mm_set1_ps(127.f), nlim = _mm_set1_ps(-127.f);
   for (int g = 0; g < K / 64; ++g) {
     const float* xg = x + 64 * g;
-    float amax;
-    group_absmax_sum(xg, amax, gsum[g]);
-    const float dx = amax / 127.f;
-    gdx[g] = dx;
-    const __m128 inv = _mm_set1_ps(dx > 0.f ? 1.f / dx : 0.f);
+    const __m128 inv = group_step(xg, 127.f, gsum[g], gdx[g]);
     alignas(16) int32_t q[64];
     for (int i = 0; i < 64; i += 4)
       _mm_store_si128(reinterpret_cast<__m128i*>(q + i),

@@ -455,22 +455,28 @@ struct MatvecPrep {
 
   MatvecPrep(const float* x, int K, int G, int bits, const Kernels& kern, MatvecMode mode)
       : gsum(K / G), gdx(K / G), dot_f32(kern.dot_f32) {
-    if (mode != MatvecMode::Exact && (bits == 8 || mode == MatvecMode::Int16) && G == 64 && kern.prep_i16_g64) {
-      // int16 x: the Int16 mode, and both integer modes at 8 bits
+    // The groups of 64 that have their own SIMD prep and bf16-scale kernels: int16 x (the Int16 mode, and
+    // both integer modes at 8 bits), and int8 x at 4 bits.
+    const bool int16_g64 = mode != MatvecMode::Exact && (bits == 8 || mode == MatvecMode::Int16) && G == 64;
+    const bool int8_g64 = mode == MatvecMode::Int8 && bits == 4 && G == 64;
+    if (int16_g64 && kern.prep_i16_g64) {
       xq16.resize(K);
       kern.prep_i16_g64(x, K, bits == 4, xq16.data(), gdx.data(), gsum.data());
       p.xq16 = xq16.data();
       simd_prepared(K, G, bits);
-    } else if (mode == MatvecMode::Int8 && bits == 4 && G == 64 && kern.prep_i8_g64) {
+      centre(K, G, bits, xq16.data());  // permuted within each group of 64: the groups are intact
+    } else if (int8_g64 && kern.prep_i8_g64) {
       xq.resize(K);
       kern.prep_i8_g64(x, K, xq.data(), gdx.data(), gsum.data());
       p.xq = xq.data();
       simd_prepared(K, G, bits);
+      centre(K, G, bits, xq.data());
     } else if (mode == MatvecMode::Int16 && bits == 4) {
       xq16.resize(K);
       tmp16.resize(K);
       prep_gsum(x, K, G, bits, gsum.data(), p);
       prep_x_i16_4(x, K, G, xq16.data(), tmp16.data(), gdx.data(), p);
+      centre(K, G, bits, tmp16.data());  // natural order (xq16 is permuted across groups when G = 32)
     } else {
       xf.resize(K);
       prep_x_float(x, K, G, bits, xf.data(), gsum.data(), p);
@@ -478,14 +484,17 @@ struct MatvecPrep {
         tmp.resize(K);
         if (bits == 4) xq.resize(K); else xq16.resize(K);
         prep_x_int(x, K, G, bits, xq.data(), xq16.data(), tmp.data(), gdx.data(), p);
+        if (bits == 4)
+          centre(K, G, bits, tmp.data());  // natural order, as above
+        else
+          centre(K, G, bits, xq16.data());  // natural order at 8 bits
       }
     }
-    if (mode != MatvecMode::Exact) centre(K, G, bits);
     dot = mode == MatvecMode::Exact ? kern.dot_f
           : (mode == MatvecMode::Int16 ? kern.dot_i16 : kern.dot_i);
-    if (mode != MatvecMode::Exact && (bits == 8 || mode == MatvecMode::Int16) && G == 64)
+    if (int16_g64)
       dot_bf16_sb = kern.dot_i16_g64_bf16;
-    else if (mode == MatvecMode::Int8 && bits == 4 && G == 64)
+    else if (int8_g64)
       dot_bf16_sb = kern.dot_i8_g64_bf16;
   }
 
@@ -494,27 +503,18 @@ struct MatvecPrep {
   // times larger than the one of the weights' signed part s (q - c): the weight w = s q + b is the same as
   // s (q - c) + (b + c s). So a row adds sum_g s_g * c * (gsum_g - gdx_g * sum of the group's integers),
   // which moves the c s part onto the exact float sums. Same products, a cheap per-group term: the int8
-  // mode's error drops 3.5-5x, the int16 mode's a little (BENCHMARKS.md). The integers are summed from the
-  // array whose groups are intact: natural order, or the SIMD preps' (groups of 64, permuted within a group).
-  void centre(int K, int G, int bits) {
+  // mode's error drops 3.5-5x, the int16 mode's a little (BENCHMARKS.md). q: x's integers in an order that
+  // keeps each group's G values together.
+  template <class Q>
+  void centre(int K, int G, int bits, const Q* q) {
     const int ng = K / G;
     gcorr.resize(ng);
     const double c = bits == 4 ? 7.5 : 127.5;
-    const auto fill = [&](const auto* q) {
-      for (int g = 0; g < ng; ++g) {
-        long long sum = 0;
-        for (int i = 0; i < G; ++i) sum += q[g * G + i];
-        gcorr[g] = static_cast<float>(c * (static_cast<double>(gsum[g]) - static_cast<double>(gdx[g]) * sum));
-      }
-    };
-    if (!tmp16.empty())
-      fill(tmp16.data());  // scalar int16 prep, 4 bits: natural order
-    else if (!tmp.empty() && bits == 4)
-      fill(tmp.data());  // scalar int8 prep, 4 bits: natural order
-    else if (!xq16.empty())
-      fill(xq16.data());  // 8 bits (natural), or the SIMD int16 prep (groups of 64)
-    else
-      fill(xq.data());  // the SIMD int8 prep (groups of 64)
+    for (int g = 0; g < ng; ++g) {
+      long long sum = 0;
+      for (int i = 0; i < G; ++i) sum += q[g * G + i];
+      gcorr[g] = static_cast<float>(c * (static_cast<double>(gsum[g]) - static_cast<double>(gdx[g]) * sum));
+    }
     p.gcorr = gcorr.data();
   }
 
