@@ -600,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     codec.add_argument("--codec", default="random:mimi", help="Mimi weights (default: random:mimi, full size)")
     codec.add_argument("--frames", type=int, default=50, help="timed frames (default: 50)")
     codec.add_argument(
-        "--warmup", type=int, default=130, help="untimed frames first (default: 130, past the attention window)"
+        "--warmup", type=int, help="untimed frames first (default: enough to fill the attention window, 130)"
     )
     codec.add_argument("--compare-moshi", action="store_true", help="also time moshi's PyTorch decoder")
     codec.add_argument("--bf16", action="store_true", help="bfloat16 weight-bound matrices (Mimi.use_bf16_weights)")

@@ -102,9 +102,11 @@ def test_mimi_decode_budget_matches_the_hand_count() -> None:
     (16 * 1024 * 512) on 2 rows, and 281.8 MFLOP of GEMMs at 16-1920 rows; with bf16 weights the
     weight-bound matrices halve."""
     from csmd.audio.mimi.loading import load_mimi
+    from csmd.bench.codec import steady_state_frames
     from csmd.bench.codec_budget import decode_budget
 
     mimi = load_mimi("random:mimi")
+    assert steady_state_frames(mimi) == 130  # 249 past steps at 2 a frame, and 5 more (bench codec's warm-up)
     b = decode_budget(mimi)
     projections = 8 * (4 * 512 * 512 + 2 * 512 * 2048)
     assert projections * 4 < b.transformer_bytes < projections * 4 + 200_000  # + norms, layer scales

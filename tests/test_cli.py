@@ -132,6 +132,7 @@ def test_codec_bf16_keeps_the_weight_bound_matrices_in_bf16(tmp_path: Path, monk
     projections and its first convolutions are stored in bfloat16, and `say` still writes whole frames."""
     import mlx.core as mx
 
+    import csmd.speak
     from csmd.model.loading import load_model
     from csmd.speak import codec_for
 
@@ -140,8 +141,6 @@ def test_codec_bf16_keeps_the_weight_bound_matrices_in_bf16(tmp_path: Path, monk
     mimi = codec_for(loaded, None, bf16=True)
     assert mimi.decoder_transformer.layers[0].attn.in_proj.weight.dtype == mx.bfloat16
     assert mimi.decoder.layers[0]._w.dtype == mx.bfloat16
-    import csmd.speak
-
     asked: list[bool] = []
 
     def spy(loaded, spec, bf16=False):  # type: ignore[no-untyped-def]

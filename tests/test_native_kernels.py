@@ -7,8 +7,8 @@ output, so they do not depend on cancellation):
   different order than the reference, so ``1e-5 * mag``; plus the rounding of the output to x's
   dtype (bf16: 2**-8, fp16: 2**-11 relative) and, against mx.quantized_matmul, MLX's own rounding
   in that dtype (same order again).
-* "int16" matvec mode (the default for one row) and "int8": x is quantized per group with a
-  symmetric step ``dx = max|x_g| / 32767`` ("int16", and "int8" with 8-bit weights) or
+* the integer matvec modes, "int16" and "int8" (the default, "auto", is one of them): x is quantized
+  per group with a symmetric step ``dx = max|x_g| / 32767`` ("int16", and "int8" with 8-bit weights) or
   ``max|x_g| / 127`` ("int8" with 4-bit weights); each element is off by at most dx/2. The integers
   meet the weights' centred levels (w = s (q - c) + (b + c s), c the mid level 7.5 or 127.5; the
   ``b + c s`` part meets the exact float group sums), so the error of an output is bounded by

@@ -8,6 +8,7 @@ bandwidth and GEMM rate measured in the same run (`machine.measure`).
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -50,21 +51,25 @@ def _min_ms(times: list[float]) -> float:
     return round(1000 * min(times), 2)
 
 
-# Untimed frames first: past the transformers' 250-step attention window (125 frames of 2 steps), a stream's
-# steady state, which a long conversation is in; earlier frames attend to fewer steps and run faster.
-STEADY_STATE_FRAMES = 130
+def steady_state_frames(mimi: Mimi) -> int:
+    """Frames that fill the transformers' attention window (plus a few): a stream's steady state, which a
+    long conversation is in; earlier frames attend to fewer steps and run faster. 130 for the full codec."""
+    steps_per_frame = mimi.upsample.stride
+    return math.ceil((mimi.config.transformer.context - 1) / steps_per_frame) + 5
 
 
 def run(
     mimi: Mimi,
     name: str,
     frames: int = 50,
-    warmup: int = STEADY_STATE_FRAMES,
+    warmup: int | None = None,
     compare_moshi: bool = False,
     machine: MachineRates | None = None,
 ) -> CodecBenchResult:
-    """Time the streams; `machine` defaults to measuring this machine now."""
+    """Time the streams after `warmup` untimed frames (default: `steady_state_frames`); `machine` defaults to
+    measuring this machine now."""
     machine = machine or measure()
+    warmup = steady_state_frames(mimi) if warmup is None else warmup
     cfg = mimi.config
     rng = np.random.default_rng(0)
     codes = rng.integers(0, cfg.quantizer.bins, size=(cfg.num_codebooks, warmup + frames))
