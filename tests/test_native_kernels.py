@@ -769,3 +769,19 @@ def test_matvec_mode_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
         assert native.apply_matvec_mode() == "auto"
     finally:
         csmd_native.set_matvec_mode(DEFAULT_MODE)
+
+
+def test_variant_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from csmd.kernels import native
+
+    best = csmd_native.cpu_features()["best_variant"]
+    for variant in ["scalar", *available_simd()]:
+        monkeypatch.setenv("CSMD_VARIANT", variant)
+        assert native.apply_variant() == variant
+        assert csmd_native.cpu_features()["variant"] == variant
+    monkeypatch.setenv("CSMD_VARIANT", "sse9")
+    with pytest.raises(ValueError, match="sse9"):
+        native.apply_variant()
+    monkeypatch.delenv("CSMD_VARIANT")
+    assert native.apply_variant() == "auto"
+    assert csmd_native.cpu_features()["variant"] == best

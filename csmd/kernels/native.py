@@ -30,6 +30,16 @@ except ImportError as exc:  # missing, or built for another MLX: both mean "refe
     load_error = str(exc) or type(exc).__name__
 
 
+def apply_variant() -> str:
+    """Select the extension's kernel variant from CSMD_VARIANT (default auto: the best this CPU runs), e.g.
+    `avx2` on an AVX-512 machine to measure what an AVX2-only one would run; returns it. An unknown variant,
+    or one this CPU cannot run, is a ValueError."""
+    value = os.environ.get("CSMD_VARIANT", "auto")
+    if module is not None:
+        module.set_variant(value)
+    return value
+
+
 def apply_matvec_mode() -> str:
     """Set the extension's one-row rounding from CSMD_MATVEC (default auto); returns the mode."""
     value = os.environ.get("CSMD_MATVEC", "auto")
@@ -41,6 +51,7 @@ def apply_matvec_mode() -> str:
 
 
 if module is not None:
+    apply_variant()
     apply_matvec_mode()
 
 
