@@ -5,8 +5,9 @@
 * csmd_native.panel_matmul (kernels/panel_gemm.h, weights packed by csmd.kernels.pack_panels) against the
   same float64 product, with and without a bias.
 * csmd_native.elu against float64 expm1 and fastmath.elu (the MLX reference, same formula).
-* csmd_native.mimi_transformer against the MLX layers of csmd/audio/mimi/transformer.py (the path that the
-  parity tests hold to moshi and transformers), over more steps than the attention window, batched.
+* csmd_native.mimi_transformer and mimi_ring_write against the MLX layers of csmd/audio/mimi/transformer.py
+  (the path that the parity tests hold to moshi and transformers), over more steps than the attention window,
+  batched; the ring write in place when its owner let go of the ring, and a copy when the ring is held.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from csmd import kernels
 from csmd.audio.mimi import fastmath
 from csmd.audio.mimi.config import MimiTransformerConfig
-from csmd.audio.mimi.transformer import MimiTransformer
+from csmd.audio.mimi.loading import load_mimi
+from csmd.audio.mimi.model import StreamingDecoder
+from csmd.audio.mimi.transformer import MimiTransformer, ring_write
 
 if os.environ.get("CSMD_REQUIRE_NATIVE") == "1":
     import csmd_native
@@ -76,22 +79,77 @@ def _stack(cfg: MimiTransformerConfig, seed: int, weights: mx.Dtype) -> MimiTran
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(("batch", "steps"), [(1, 2), (2, 1), (2, 3)])
 def test_mimi_transformer_matches_mlx_layers(variant: str, batch: int, steps: int) -> None:
+    """The native step (mimi_ring_write, then mimi_transformer) against the MLX layers, state and all."""
     csmd_native.set_variant(variant)
     cfg = MimiTransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=128, context=10)
     stack = _stack(cfg, seed=batch * 10 + steps, weights=mx.float32)
     rng = np.random.default_rng(batch * 10 + steps)
-    state = stack.initial_state(batch)
+    assert kernels.mimi_transformer_available()
+    native_state = reference_state = stack.initial_state(batch)
     for _ in range(9):  # 9 calls of up to 3 steps: well past the 10-step window
         x = mx.array(rng.standard_normal((batch, steps, cfg.d_model)).astype(np.float32))
-        position, past_k, past_v = state
-        inv_freqs = mx.exp(mx.arange(0, 16, 2, dtype=mx.float32) * (-np.log(cfg.max_period) / 16))
-        y, new_k, new_v = csmd_native.mimi_transformer(
-            x, stack.native_weights(), past_k, past_v, position, inv_freqs, cfg.num_heads, cfg.context, cfg.norm_eps
-        )
-        reference, state = _mlx_layers(stack, x, state)
+        y, native_state = stack(x, native_state)
+        reference, reference_state = _mlx_layers(stack, x, reference_state)
         np.testing.assert_allclose(np.array(y), np.array(reference), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(np.array(new_k), np.array(state[1]), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(np.array(new_v), np.array(state[2]), rtol=1e-4, atol=1e-5)
+        for native_part, reference_part in zip(native_state, reference_state, strict=True):
+            np.testing.assert_allclose(np.array(native_part), np.array(reference_part), rtol=1e-4, atol=1e-5)
+
+
+def _address(a: mx.array) -> int:
+    return np.asarray(a).__array_interface__["data"][0]
+
+
+def test_ring_write_in_place_unless_the_ring_is_held() -> None:
+    """mimi_ring_write writes the ring's buffer in place once its owner has let go of it; while anything else
+    holds the ring (a parked stream), it writes a copy and the held ring keeps its values. Both as the MLX
+    ring_write, including more rows than the ring has slots (only the last P stay)."""
+    rng = np.random.default_rng(5)
+    for steps in (2, 7):
+        start = np.array(rng.standard_normal((2, 1, 5, 8)), dtype=np.float32)  # [L, B, P, D]
+        rows = mx.array(rng.standard_normal((2, 1, steps, 8)).astype(np.float32))
+        position = mx.array(13, dtype=mx.int32)
+        want = np.array(ring_write(mx.array(start), rows, position))
+        assert not np.array_equal(want, start)
+
+        held = mx.array(start)
+        mx.eval(held)
+        out = csmd_native.mimi_ring_write(held, rows, position)
+        mx.eval(out)
+        np.testing.assert_array_equal(np.array(out), want)
+        np.testing.assert_array_equal(np.array(held), start)
+        assert _address(out) != _address(held)
+
+        ring = mx.array(start)
+        mx.eval(ring)
+        address = _address(ring)
+        out = csmd_native.mimi_ring_write(ring, rows, position)
+        del ring
+        mx.eval(out)
+        assert _address(out) == address
+        np.testing.assert_array_equal(np.array(out), want)
+
+
+def test_streaming_decoder_updates_its_rings_in_place() -> None:
+    """A decoder step writes the transformer's key/value rings in place (no copy of the window per frame),
+    and a snapshot taken in between keeps its own values."""
+    mimi = load_mimi("random:tiny")
+    decoder = StreamingDecoder(mimi)
+    codes = np.random.default_rng(2).integers(0, mimi.config.quantizer.bins, size=(mimi.num_codebooks, 6))
+
+    def rings() -> tuple[int, int]:
+        _, (_, keys, values, _, _), _ = decoder.snapshot().state
+        return _address(keys), _address(values)
+
+    decoder.step(codes[:, 0])  # a stream's first step allocates them
+    for t in range(1, 4):
+        before = rings()
+        decoder.step(codes[:, t])
+        assert rings() == before
+    parked = decoder.snapshot()
+    kept = np.array(parked.state[1][1])
+    decoder.step(codes[:, 4])
+    decoder.step(codes[:, 5])
+    np.testing.assert_array_equal(np.array(parked.state[1][1]), kept)
 
 
 def _mlx_layers(stack: MimiTransformer, x: mx.array, state: tuple) -> tuple[mx.array, tuple]:
@@ -127,13 +185,17 @@ def test_mimi_transformer_bf16_weights_close_to_fp32() -> None:
 def test_mimi_transformer_rejects_bad_shapes() -> None:
     cfg = MimiTransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=128, context=10)
     stack = _stack(cfg, seed=0, weights=mx.float32)
-    position, past_k, past_v = stack.initial_state(1)
+    position, past_k, past_v, last_k, _ = stack.initial_state(1)
     x = mx.zeros((1, 2, 64))
     inv_freqs = mx.zeros((8,))
     with pytest.raises(ValueError, match="10 arrays per layer"):
         csmd_native.mimi_transformer(x, stack.native_weights()[:-1], past_k, past_v, position, inv_freqs, 4, 10)
     with pytest.raises(ValueError, match="past keys/values"):
         csmd_native.mimi_transformer(x, stack.native_weights(), past_k[:, :, 1:], past_v, position, inv_freqs, 4, 10)
+    with pytest.raises(ValueError, match="rows must be float32"):
+        csmd_native.mimi_ring_write(past_k, last_k[:, :, :, 1:], position)
+    with pytest.raises(ValueError, match="position must be one int32"):
+        csmd_native.mimi_ring_write(past_k, last_k, position.astype(mx.float32))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

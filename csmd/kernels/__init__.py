@@ -174,7 +174,7 @@ def native_available() -> bool:
 
 def mimi_transformer_available() -> bool:
     """The native Mimi stack can run here (an older build of the extension may lack it)."""
-    return native_available() and hasattr(native.module, "mimi_transformer")
+    return native_available() and all(hasattr(native.module, f) for f in ("mimi_transformer", "mimi_ring_write"))
 
 
 def mimi_transformer(
@@ -190,13 +190,22 @@ def mimi_transformer(
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Mimi's whole transformer stack for the few steps of x [B, T, D], as one native primitive.
 
-    past_k/past_v: [layers, B, context - 1, D], the steps before `position` (int32); returns the output and
-    the pasts shifted by T. See csmd_native.mimi_transformer for the weight order; csmd/audio/mimi/
-    transformer.py's MLX layers are the reference.
+    past_k/past_v: [layers, B, context - 1, D], rings of the steps before `position` (int32); returns the
+    output and the T steps' keys and values [layers, B, T, D] (for mimi_ring_write). See
+    csmd_native.mimi_transformer for the weight order; csmd/audio/mimi/transformer.py's MLX layers are the
+    reference.
     """
     assert native.module is not None
     y, k, v = native.module.mimi_transformer(x, weights, past_k, past_v, position, inv_freqs, num_heads, context, eps)
     return y, k, v
+
+
+def mimi_ring_write(ring: mx.array, rows: mx.array, position: mx.array) -> mx.array:
+    """ring [L, B, P, D] with rows [L, B, T, D] (the steps from `position` on) in their slots, natively: in place
+    when MLX can donate the ring's buffer. csmd/audio/mimi/transformer.py's ring_write is the reference."""
+    assert native.module is not None
+    ring = native.module.mimi_ring_write(ring, rows, position)
+    return ring
 
 
 PANEL = 16  # output columns per packed panel (native/src/kernels/panel_gemm.h)

@@ -124,9 +124,15 @@ NB_MODULE(_ext, m) {
       "for the T steps of x: float32 [B, T, D], from int32 `position` on.\n\n"
       "weights: 10 per layer: norm1 weight, norm1 bias, in_proj [3D, D], out_proj [D, D], layer_scale_1,\n"
       "norm2 weight, norm2 bias, fc1 [F, D], fc2 [D, F], layer_scale_2 (projections float32 or bfloat16).\n"
-      "past_k/past_v: float32 [layers, B, context - 1, D], the keys/values of the steps before `position`.\n"
-      "Returns (y, new_past_k, new_past_v), the pasts shifted by T.  Projections read the weights once\n"
-      "for all B * T rows, so this is meant for a few rows (streaming).");
+      "past_k/past_v: float32 [layers, B, context - 1, D], the keys/values of the steps before `position`,\n"
+      "as rings: the step at position p in slot p mod (context - 1).\n"
+      "Returns (y, new_k, new_v), new_k/new_v float32 [layers, B, T, D] the T steps' keys and values (for\n"
+      "mimi_ring_write).  Projections read the weights once for all B * T rows, so this is meant for a few\n"
+      "rows (streaming).");
+  m.def("mimi_ring_write", &csmd::mimi_ring_write, "ring"_a, "rows"_a, "position"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "ring float32 [L, B, P, D] with rows [L, B, T, D], the steps from int32 `position` on, in their slots\n"
+        "(position + t) mod P (the last P steps).  Writes in place when MLX can donate the ring's buffer.");
   m.def("panel_matmul", &csmd::panel_matmul, "x"_a, "wp"_a, "n"_a, "bias"_a = nb::none(), nb::kw_only(),
         "stream"_a = nb::none(),
         "x @ W.T (+ bias) for W [n, K] packed in panels of 16 rows: wp[p, k, j] = W[16 p + j, k],\n"

@@ -14,10 +14,22 @@ namespace csmd {
 namespace mx = mlx::core;
 
 // work(ins, outs), with ins and outs the weak copies of inputs and outputs.
+//
+// donor >= 0: output 0 takes over input `donor`'s buffer when MLX allows it (nothing else holds that input:
+// a state array its owner let go of before the eval), so work can update it in place; otherwise output 0
+// gets a buffer of its own, and work, which tells the two cases apart by their data pointers, must fill it.
 template <class Work>
 void dispatch_cpu(const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs,
-                  Work work) {
-  for (auto& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
+                  Work work, int donor = -1) {
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    auto& out = outputs[i];
+    const mx::array* in = i == 0 && donor >= 0 ? &inputs[donor] : nullptr;
+    if (in && in->is_donatable() && in->flags().row_contiguous && in->dtype() == out.dtype() &&
+        in->shape() == out.shape())
+      out.copy_shared_buffer(*in);
+    else
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
   auto& enc = mx::cpu::get_command_encoder(stream);
   std::vector<mx::array> ins, outs;
   for (const auto& a : inputs) {
@@ -33,12 +45,15 @@ void dispatch_cpu(const mx::Stream& stream, const std::vector<mx::array>& inputs
 
 // The same for a primitive with one output: work(ins, out).
 template <class Work>
-void dispatch_cpu(const mx::Stream& stream, const std::vector<mx::array>& inputs, mx::array& output, Work work) {
+void dispatch_cpu(const mx::Stream& stream, const std::vector<mx::array>& inputs, mx::array& output, Work work,
+                  int donor = -1) {
   std::vector<mx::array> outputs = {output};  // a handle to the same array: its data is set through it
-  dispatch_cpu(stream, inputs, outputs,
-               [work = std::move(work)](std::vector<mx::array>& ins, std::vector<mx::array>& outs) mutable {
-                 work(ins, outs[0]);
-               });
+  dispatch_cpu(
+      stream, inputs, outputs,
+      [work = std::move(work)](std::vector<mx::array>& ins, std::vector<mx::array>& outs) mutable {
+        work(ins, outs[0]);
+      },
+      donor);
 }
 
 }  // namespace csmd

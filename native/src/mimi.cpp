@@ -4,8 +4,10 @@
 //   x += ls1 * out_proj(attention(rope(in_proj(layernorm1(x)))))
 //   x += ls2 * fc2(gelu(fc1(layernorm2(x))))
 // with interleaved RoPE on q and k, and each step attending to itself and the context - 1 steps before it.
-// The past keys/values are time-major [L, B, P, D] with P = context - 1 (slots before the stream's start are
-// masked by position); the primitive returns them shifted by the new steps.
+// The past keys/values are rings [L, B, P, D] with P = context - 1: the step at position p lives in slot
+// p mod P (slots of positions before the stream's start are masked). The stack's primitive returns the new
+// steps' keys and values; MimiRingWrite then writes them into the ring, in place when MLX lets it take
+// over the old ring's buffer. A shifted copy of the window instead cost 16 MB of memory traffic a frame.
 //
 // Why native: at 2 rows the MLX graph of a layer is ~40 small ops whose dispatch costs more than their
 // arithmetic, and the projections are bound by reading the weights, which fewrows.h does at close to the
@@ -90,52 +92,33 @@ struct Shapes {
 
 // Attention of head h of the T new steps of one batch over its past and themselves; q pre-scaled.
 // qkv rows hold [q | k | v] of the new steps (after RoPE); out rows get the heads' outputs side by side.
+// past_k/past_v: the batch's rings [P, D].
 void attend(const Shapes& s, int h, int context, int position, const float* past_k, const float* past_v,
             const float* qkv, float* out, const Kernels& kern, AxpyFn axpy) {
-  const int S = s.P + s.T;  // keys: the P past slots, then the T new steps
+  const int S = s.P + s.T;  // keys: the P past steps, oldest first, then the T new steps
+  const int oldest = s.P ? position % s.P : 0;  // the ring slot of key 0 (position - P)
   std::vector<float> scores(S);
-  auto key = [&](int j, int h) {
-    return j < s.P ? past_k + static_cast<size_t>(j) * s.D + h * s.hd
-                   : qkv + static_cast<size_t>(j - s.P) * 3 * s.D + s.D + h * s.hd;
+  auto row = [&](const float* ring, int j, int part) {  // head h of key or value j
+    if (j >= s.P) return qkv + static_cast<size_t>(j - s.P) * 3 * s.D + part * s.D + h * s.hd;
+    const int slot = oldest + j < s.P ? oldest + j : oldest + j - s.P;
+    return ring + static_cast<size_t>(slot) * s.D + h * s.hd;
   };
-  auto value = [&](int j, int h) {
-    return j < s.P ? past_v + static_cast<size_t>(j) * s.D + h * s.hd
-                   : qkv + static_cast<size_t>(j - s.P) * 3 * s.D + 2 * s.D + h * s.hd;
-  };
+  // One pass over the keys and one over the values per step. (Measured: one pass for all the steps, or
+  // over all of a thread's heads per row, or software prefetch, were all slower or no faster.)
   for (int t = 0; t < s.T; ++t) {
     // Key j sits at position - P + j; step t may see it when 0 <= t + P - j < context and it exists.
     const int first = std::max({0, s.P - position, t + s.P - context + 1});
     const int last = t + s.P;  // inclusive
-    {
-      const float* q = qkv + static_cast<size_t>(t) * 3 * s.D + h * s.hd;
-      for (int j = first; j <= last; ++j) scores[j] = kern.dot_f32(q, key(j, h), s.hd);
-      // the variant's SIMD softmax (a polynomial exp): at the full window, 4000 scalar exps a layer cost
-      // more than the dot products
-      const int n = last - first + 1;
-      kern.softmax_row(scores.data() + first, n, n, scores.data() + first);
-      float* o = out + static_cast<size_t>(t) * s.D + h * s.hd;
-      std::fill(o, o + s.hd, 0.f);
-      for (int j = first; j <= last; ++j) axpy(scores[j], value(j, h), s.hd, o);
-    }
+    const float* q = qkv + static_cast<size_t>(t) * 3 * s.D + h * s.hd;
+    for (int j = first; j <= last; ++j) scores[j] = kern.dot_f32(q, row(past_k, j, 1), s.hd);
+    // the variant's SIMD softmax (a polynomial exp): at the full window, 4000 scalar exps a layer cost more
+    // than the dot products
+    const int n = last - first + 1;
+    kern.softmax_row(scores.data() + first, n, n, scores.data() + first);
+    float* o = out + static_cast<size_t>(t) * s.D + h * s.hd;
+    std::fill(o, o + s.hd, 0.f);
+    for (int j = first; j <= last; ++j) axpy(scores[j], row(past_v, j, 2), s.hd, o);
   }
-}
-
-// new_past = the last P rows of [past (P rows); the T new rows], in two parts: keep_past moves the past rows
-// that stay (the bulk, in `parts` row ranges of about equal size, this call doing range `part`: each layer's
-// pieces share a pool job with its attention), append_new writes the new rows (at stride `stride` in
-// `fresh`) once a layer has made them.
-void keep_past(const float* past, int P, int T, int D, float* new_past, int part, int parts) {
-  const int keep = std::max(0, P - T);
-  int r0, r1;
-  split_range(keep, parts, part, r0, r1);
-  std::memcpy(new_past + static_cast<size_t>(r0) * D, past + static_cast<size_t>(P - keep + r0) * D,
-              sizeof(float) * (r1 - r0) * D);
-}
-
-void append_new(const float* fresh, size_t stride, int P, int T, int D, float* new_past) {
-  for (int r = std::max(0, P - T); r < P; ++r)
-    std::memcpy(new_past + static_cast<size_t>(r) * D, fresh + static_cast<size_t>(T - (P - r)) * stride,
-                sizeof(float) * D);
 }
 
 }  // namespace
@@ -177,13 +160,32 @@ std::vector<mx::array> mimi_transformer(const mx::array& x, const std::vector<mx
                                    mx::contiguous(inv_freqs, false, st)};
   for (const auto& w : weights) inputs.push_back(mx::contiguous(w, false, st));
   MimiStackConfig cfg{L, num_heads, context, eps};
-  return mx::array::make_arrays({x.shape(), past_k.shape(), past_v.shape()},
-                                {mx::float32, mx::float32, mx::float32},
+  const mx::Shape fresh = {L, B, T, D};
+  return mx::array::make_arrays({x.shape(), fresh, fresh}, {mx::float32, mx::float32, mx::float32},
                                 std::make_shared<MimiTransformer>(st, cfg), inputs);
 }
 
+mx::array mimi_ring_write(const mx::array& ring, const mx::array& rows, const mx::array& position,
+                          mx::StreamOrDevice s) {
+  auto bad = [](const std::string& msg) { throw std::invalid_argument("mimi_ring_write: " + msg); };
+  if (ring.dtype() != mx::float32 || ring.ndim() != 4) bad("ring must be float32 [L, B, P, D]");
+  if (rows.dtype() != mx::float32 || rows.ndim() != 4 || rows.shape(0) != ring.shape(0) ||
+      rows.shape(1) != ring.shape(1) || rows.shape(3) != ring.shape(3))
+    bad("rows must be float32 [L, B, T, D] for the ring's L, B and D");
+  if (position.size() != 1 || position.dtype() != mx::int32) bad("position must be one int32");
+  auto st = mx::to_stream(s);
+  // The ring as it is when it can be: a Contiguous node would share its buffer, and the buffer then stays
+  // referenced until that node's (asynchronous) task has run, too late for the write to take it over.
+  const bool as_is = ring.is_available() && ring.flags().row_contiguous;
+  return mx::array(ring.shape(), mx::float32, std::make_shared<MimiRingWrite>(st),
+                   {as_is ? ring : mx::contiguous(ring, false, st), mx::contiguous(rows, false, st),
+                    mx::contiguous(position, false, st)});
+}
+
 std::vector<mx::Shape> MimiTransformer::output_shapes(const std::vector<mx::array>& inputs) {
-  return {inputs[0].shape(), inputs[1].shape(), inputs[2].shape()};
+  const auto& x = inputs[0].shape();
+  const mx::Shape fresh = {cfg_.num_layers, x[0], x[1], x[2]};
+  return {x, fresh, fresh};
 }
 
 bool MimiTransformer::is_equivalent(const mx::Primitive& other) const {
@@ -224,16 +226,6 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
     const float q_scale = 1.f / std::sqrt(static_cast<float>(s.hd));
     const std::vector<float> rope_cs = rope_table(s.T, s.hd, inv_freqs, position);
 
-    // Piece c of layer l's past that stays: keys (c < B * kKeepParts) or values, of batch c / kKeepParts % B.
-    constexpr int kKeepParts = 8;
-    const auto keep = [&](int l, int c) {
-      const int block_index = c / kKeepParts;
-      const size_t block = l * layer_kv + static_cast<size_t>(block_index % s.B) * batch_kv;
-      const int which = 1 + block_index / s.B;
-      keep_past(ins[which].data<float>() + block, s.P, s.T, s.D, outs[which].data<float>() + block,
-                c % kKeepParts, kKeepParts);
-    };
-
     for (int l = 0; l < s.L; ++l) {
       const mx::array* w = &ins[kFixedInputs + l * kMimiWeightsPerLayer];
       // Attention block.
@@ -248,31 +240,21 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
           rope(row + s.D + hh * s.hd, s.hd, cs);  // k
         }
         for (int i = 0; i < s.D; ++i) row[i] *= q_scale;
+        // the new keys and values, for the ring (rows of [L, B, T, D] in the order of qkv's)
+        const size_t fresh = (static_cast<size_t>(l) * R + r) * s.D;
+        std::memcpy(outs[1].data<float>() + fresh, row + s.D, sizeof(float) * s.D);
+        std::memcpy(outs[2].data<float>() + fresh, row + 2 * s.D, sizeof(float) * s.D);
       }
-      // One pool job for the attention (a chunk per batch and head) and for copying the part of this layer's
-      // past that stays into the new state (keep_past: 1 MB of keys and values a layer, read and written,
-      // in pieces): the copy fills the time the attention leaves DRAM idle, and at the window's full 249
-      // steps the attention (~140 us a layer) is worth splitting. They touch disjoint rows of the new
-      // state: the copy rows [0, P - T), append_new the last T.
-      const int heads = s.B * s.H;
-      const std::function<void(int)> attend_and_keep = [&](int c) {
-        if (c >= heads) {
-          keep(l, c - heads);
-          return;
-        }
+      // The heads over the pool: at the window's full 249 steps the attention (~140 us a layer on one
+      // thread) is worth splitting.
+      const std::function<void(int)> attend_head = [&](int c) {
         const int b = c / s.H;
         const size_t kv = l * layer_kv + b * batch_kv;
         attend(s, c % s.H, cfg.context, position, ins[1].data<float>() + kv, ins[2].data<float>() + kv,
                qkv.data() + static_cast<size_t>(b) * s.T * 3 * s.D, att.data() + static_cast<size_t>(b) * s.T * s.D,
                kern, axpy);
       };
-      pool().run_chunks(heads + 2 * s.B * kKeepParts, attend_and_keep);
-      for (int b = 0; b < s.B; ++b) {
-        const size_t kv = l * layer_kv + b * batch_kv;
-        const float* rows = qkv.data() + static_cast<size_t>(b) * s.T * 3 * s.D;
-        append_new(rows + s.D, 3 * s.D, s.P, s.T, s.D, outs[1].data<float>() + kv);
-        append_new(rows + 2 * s.D, 3 * s.D, s.P, s.T, s.D, outs[2].data<float>() + kv);
-      }
+      pool().run_chunks(s.B * s.H, attend_head);
       project(w[3], att.data(), R, o.data());
       const float* ls1 = w[4].data<float>();
       for (int r = 0; r < R; ++r)
@@ -288,6 +270,35 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
         for (int i = 0; i < s.D; ++i) y[r * s.D + i] += ls2[i] * o[r * s.D + i];
     }
   });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// MimiRingWrite
+
+std::vector<mx::Shape> MimiRingWrite::output_shapes(const std::vector<mx::array>& inputs) {
+  return {inputs[0].shape()};
+}
+
+void MimiRingWrite::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("csmd_native.mimi_transformer runs on the CPU only");
+}
+
+void MimiRingWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  dispatch_cpu(
+      stream(), inputs, out,
+      [](std::vector<mx::array>& ins, mx::array& out) {
+        const mx::array &ring = ins[0], &fresh = ins[1];
+        const int L = ring.shape(0), B = ring.shape(1), P = ring.shape(2), D = ring.shape(3), T = fresh.shape(2);
+        const int position = ins[2].data<int32_t>()[0];
+        float* dst = out.data<float>();
+        // Not donated (someone still holds the old ring, e.g. a parked stream): start from a copy of it.
+        if (dst != ring.data<float>()) std::memcpy(dst, ring.data<float>(), ring.nbytes());
+        for (int lb = 0; lb < L * B; ++lb)
+          for (int t = std::max(0, T - P); t < T; ++t)  // only the last P new steps stay
+            std::memcpy(dst + (static_cast<size_t>(lb) * P + (position + t) % P) * D,
+                        fresh.data<float>() + (static_cast<size_t>(lb) * T + t) * D, sizeof(float) * D);
+      },
+      /*donor=*/0);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ struct MimiStackConfig {
 // Projections float32 or bfloat16 (computed in fp32), the rest float32 [D].
 constexpr int kMimiWeightsPerLayer = 10;
 
-// Returns (y [B, T, D], new_past_k, new_past_v [L, B, P, D]); see bindings.cpp for the contract.
+// Returns (y [B, T, D], the new steps' keys and values [L, B, T, D]); see bindings.cpp for the contract. The
+// pasts are rings [L, B, P, D] (the step at position p in slot p mod P); mimi_ring_write adds steps to them.
 std::vector<mx::array> mimi_transformer(const mx::array& x, const std::vector<mx::array>& weights,
                                         const mx::array& past_k, const mx::array& past_v,
                                         const mx::array& position, const mx::array& inv_freqs, int num_heads,
@@ -42,6 +43,24 @@ class MimiTransformer : public mx::Primitive {
 
  private:
   MimiStackConfig cfg_;
+};
+
+// ring [L, B, P, D] with the rows [L, B, T, D] of the steps from int32 `position` on written to their slots,
+// (position + t) mod P (the last P of them). In place when MLX donates the ring's buffer: the ring's owner
+// let go of it, and nothing else reads it.
+mx::array mimi_ring_write(const mx::array& ring, const mx::array& rows, const mx::array& position,
+                          mx::StreamOrDevice s = {});
+
+class MimiRingWrite : public mx::UnaryPrimitive {
+ public:
+  explicit MimiRingWrite(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+
+  const char* name() const override { return "CsmdMimiRingWrite"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
 };
 
 // x float32 [..., K] @ W.T (+ bias) -> [..., n] for W [n, K] packed as kernels/panel_gemm.h describes:

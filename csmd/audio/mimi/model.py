@@ -58,10 +58,12 @@ class Mimi(nn.Module):
 
         The first trace also has MLX build (with g++) the CPU kernels of fused elementwise chains; it caches
         them under the temp directory, but until then (a fresh machine, or after /tmp is cleared) this takes
-        seconds. Encoding a fresh stream and continuing one are two traces (see _encode_step).
+        seconds. Starting a stream and continuing one are two traces, for decoding and for encoding (see
+        _encode_step, and MimiTransformer's state: a stream's first step has no previous steps to add).
         """
         codes = mx.zeros((1, self.num_codebooks, 1), dtype=mx.int32)
-        mx.eval(self.decode_step(codes, None))
+        _, state = self.decode_step(codes, None)
+        mx.eval(self.decode_step(codes, state))
         _, state = self.encode_step(mx.zeros((1, self.frame_size)), None)
         mx.eval(self.encode_step(mx.zeros((1, self.frame_size)), state))
 
@@ -193,6 +195,24 @@ def _as_batch(x: np.ndarray | mx.array, kind: type, name: str, ndim: int = 1) ->
     raise ValueError(f"{name} must have {ndim} or {ndim + 1} dimensions, got shape {list(array.shape)}")
 
 
+def _advance(stream: StreamingDecoder | StreamingEncoder, step: Any, inputs: mx.array) -> mx.array:
+    """Run `step(inputs, state)` on the stream's state, keep the new state, and return the output, evaluated.
+
+    The stream lets go of its old state before the evaluation, so that MLX may donate the old state's
+    buffers to the step: the transformer's key/value rings are then written in place rather than copied
+    (a snapshot still holding them gets a copy instead). If building the step fails, the state stays.
+    """
+    state, stream._state = stream._state, None
+    try:
+        out, stream._state = step(inputs, state)
+    except BaseException:
+        stream._state = state
+        raise
+    del state  # now only the step's graph holds the old state
+    mx.eval(out, stream._state)
+    return out
+
+
 @dataclass(frozen=True)
 class StreamSnapshot:
     """A parked stream: hand it back to `restore` to continue exactly where it was."""
@@ -215,10 +235,7 @@ class StreamingDecoder:
         if codes.shape[0] != self.batch:
             raise ValueError(f"this decoder streams a batch of {self.batch}, got {codes.shape[0]}")
         self.mimi.check_codes(codes[:, :, None])
-        pcm, state = self.mimi.decode_step(mx.array(codes[:, :, None].astype(np.int32)), self._state)
-        mx.eval(pcm, state)
-        self._state = state
-        out = np.array(pcm)
+        out = np.array(_advance(self, self.mimi.decode_step, mx.array(codes[:, :, None].astype(np.int32))))
         return out if batched else out[0]
 
     def reset(self) -> None:
@@ -250,10 +267,7 @@ class StreamingEncoder:
         self._pending = audio[:, whole:]
         codes = np.zeros((self.batch, self.mimi.num_codebooks, 0), dtype=np.int32)
         if whole:
-            out, state = self.mimi.encode_step(mx.array(audio[:, :whole]), self._state)
-            mx.eval(out, state)
-            self._state = state
-            codes = np.array(out).astype(np.int32)
+            codes = np.array(_advance(self, self.mimi.encode_step, mx.array(audio[:, :whole]))).astype(np.int32)
         return codes if batched else codes[0]
 
     def reset(self) -> None:

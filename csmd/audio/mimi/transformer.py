@@ -6,6 +6,12 @@ absolute position of the next step (an array, so a compiled step is reused at ev
 new step can attend to, so memory stays flat however long the stream, and a step sees exactly what it would
 see offline: streaming equals offline at any length. The key/value buffers have that fixed size from the first
 step on (slots before the stream's start are zeros that the mask hides), so every step has the same shapes.
+They are rings: the step at position p lives in slot p mod (context - 1), so a call writes only its own
+steps' slots instead of shifting the whole window (16 MB of memory traffic per decoded frame). Attention does
+not care about the order of its keys; the mask finds each slot's position. A call's own steps join the rings
+at the start of the next call (the state carries them until then): the write is then the first thing to
+touch the rings, so MLX can donate their buffers to it and it writes in place (when the caller has let go of
+the old state; a parked snapshot still holding them gets a copy instead).
 (Kyutai's PyTorch ring holds `context` slots and is written before it is read, so for streams past the window
 the first of each pair of steps there sees one key fewer than offline; csmd follows the offline definition.)
 
@@ -26,16 +32,34 @@ from csmd.audio.mimi.config import MimiTransformerConfig
 from csmd.audio.mimi.fastmath import gelu, softmax
 from csmd.kernels import dense
 
-KeyValues = tuple[mx.array, mx.array]  # [B, context - 1, d_model] each: past keys, values (time-major)
+KeyValues = tuple[mx.array, mx.array]  # [B, context - 1, d_model] each: past keys, values (rings, see above)
+
+
+def ring_positions(position: mx.array, past: int) -> mx.array:
+    """[past]: the position of the step in each ring slot, before a call at `position` (negative: none yet)."""
+    return position - past + mx.remainder(mx.arange(past) - position, past)
+
+
+def ring_write(ring: mx.array, rows: mx.array, position: mx.array) -> mx.array:
+    """ring [..., P, D] with rows [..., T, D] (steps position ... position + T - 1) in their slots; the last P
+    steps stay. The MLX reference of the native kernels.mimi_ring_write."""
+    past, steps = ring.shape[-2], rows.shape[-2]
+    kept = min(steps, past)
+    if kept == 0:
+        return ring
+    slots = mx.remainder(position + mx.arange(steps - kept, steps), past)
+    index = mx.broadcast_to(slots[:, None], (*ring.shape[:-2], kept, ring.shape[-1]))
+    return mx.put_along_axis(ring, index, rows[..., steps - kept :, :], axis=-2)
 
 
 def attention_bias(position: mx.array, steps: int, past: int, context: int) -> mx.array:
     """[steps, past + steps] additive mask: 0 where query may see key, a large negative number elsewhere.
 
-    Query i is at position + i; key j at position - past + j. Allowed: 0 <= q - k < context, and the key
-    must exist (position >= 0). Finite, not -inf: fastmath.softmax subtracts the row max first.
+    Query i is at position + i; keys are the past ring's slots (ring_positions), then the new steps. Allowed:
+    0 <= q - k < context, and the key must exist (position >= 0). Finite, not -inf: fastmath.softmax
+    subtracts the row max first.
     """
-    key_position = position - past + mx.arange(past + steps)
+    key_position = mx.concatenate([ring_positions(position, past), position + mx.arange(steps)])
     delta = (position + mx.arange(steps))[:, None] - key_position[None, :]
     allowed = (delta >= 0) & (delta < context) & (key_position >= 0)[None, :]
     return mx.where(allowed, 0.0, -1e9)
@@ -75,8 +99,7 @@ class Attention(nn.Module):
         values = mx.concatenate([past[1], qkv[2].transpose(0, 2, 1, 3).reshape(batch, steps, dims)], axis=1)
         attend = _attend_few if steps <= _FEW_STEPS else _attend_many
         out = attend(q * head_dim**-0.5, keys, values, bias)  # [B, T, dims]
-        kept = past[0].shape[1]
-        return dense(out, self.out_proj.weight), (keys[:, keys.shape[1] - kept :], values[:, values.shape[1] - kept :])
+        return dense(out, self.out_proj.weight), (keys[:, -steps:], values[:, -steps:])  # and the new steps'
 
 
 # Up to this many query steps (a streaming frame has 2), attention runs as two plain matmuls over all heads
@@ -145,9 +168,12 @@ _NATIVE_ROWS = 8
 
 
 class MimiTransformer(nn.Module):
-    """[B, T, d_model] -> [B, T, d_model]; state = (next position, past keys, past values).
+    """[B, T, d_model] -> [B, T, d_model].
 
-    The pasts are stacked over layers, [layers, B, context - 1, d_model] each, the layout of the native step.
+    State: (next position, past keys, past values, last keys, last values). The pasts are rings stacked over
+    layers, [layers, B, context - 1, d_model] each, the layout of the native step; the last keys and values,
+    [layers, B, T', d_model], are the previous call's T' steps, which join the rings at the start of this call
+    (see the module's docstring).
     """
 
     def __init__(self, cfg: MimiTransformerConfig):
@@ -157,29 +183,36 @@ class MimiTransformer(nn.Module):
 
     def initial_state(self, batch: int) -> Any:
         cfg = self.config
-        shape = (cfg.num_layers, batch, cfg.context - 1, cfg.d_model)
-        return mx.array(0, dtype=mx.int32), mx.zeros(shape), mx.zeros(shape)
+        past = (cfg.num_layers, batch, cfg.context - 1, cfg.d_model)
+        last = (cfg.num_layers, batch, 0, cfg.d_model)
+        return mx.array(0, dtype=mx.int32), mx.zeros(past), mx.zeros(past), mx.zeros(last), mx.zeros(last)
 
     def __call__(self, x: mx.array, state: Any) -> tuple[mx.array, Any]:
-        position, past_k, past_v = state if state is not None else self.initial_state(x.shape[0])
+        position, past_k, past_v, last_k, last_v = state if state is not None else self.initial_state(x.shape[0])
+        start = position - last_k.shape[2]
         if x.shape[0] * x.shape[1] <= _NATIVE_ROWS and kernels.mimi_transformer_available():
-            return self._native(x, position, past_k, past_v)
-        bias = attention_bias(position, x.shape[1], past_k.shape[2], self.config.context)
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            x, (k, v) = layer(x, position, bias, (past_k[i], past_v[i]))
-            new_k.append(k)
-            new_v.append(v)
-        return x, (position + x.shape[1], mx.stack(new_k), mx.stack(new_v))
+            past_k = kernels.mimi_ring_write(past_k, last_k, start)
+            past_v = kernels.mimi_ring_write(past_v, last_v, start)
+            y, new_k, new_v = self._native(x, position, past_k, past_v)
+        else:
+            past_k, past_v = ring_write(past_k, last_k, start), ring_write(past_v, last_v, start)
+            bias = attention_bias(position, x.shape[1], past_k.shape[2], self.config.context)
+            keys, values = [], []
+            y = x
+            for i, layer in enumerate(self.layers):
+                y, (k, v) = layer(y, position, bias, (past_k[i], past_v[i]))
+                keys.append(k)
+                values.append(v)
+            new_k, new_v = mx.stack(keys), mx.stack(values)
+        return y, (position + x.shape[1], past_k, past_v, new_k, new_v)
 
-    def _native(self, x: mx.array, position: mx.array, past_k: mx.array, past_v: mx.array) -> tuple[mx.array, Any]:
+    def _native(self, x: mx.array, position: mx.array, past_k: mx.array, past_v: mx.array) -> tuple[mx.array, ...]:
         cfg = self.config
         head_dim = cfg.d_model // cfg.num_heads
         inv_freqs = mx.exp(mx.arange(0, head_dim, 2, dtype=mx.float32) * (-math.log(cfg.max_period) / head_dim))
-        y, new_k, new_v = kernels.mimi_transformer(
+        return kernels.mimi_transformer(
             x, self.native_weights(), past_k, past_v, position, inv_freqs, cfg.num_heads, cfg.context, cfg.norm_eps
         )
-        return y, (position + x.shape[1], new_k, new_v)
 
     def native_weights(self) -> list[mx.array]:
         """The native step's weight list: 10 per layer, in the order of csmd_native.mimi_transformer."""
