@@ -2,7 +2,7 @@
 
 A frame of codes decodes to `upsample stride` latent steps and `frame_size` samples. The transformer runs
 those steps as a few rows, so it reads every projection once (bound by DRAM bandwidth) and its attention
-reads the past keys and values, which the step also copies into the new state (read and written). Each
+reads the past keys and values (rings that each step updates in place: a few rows written). Each
 SEANet convolution then runs on as many rows as its input has steps at that rate: with at most
 `kernels.FEW_ROWS` rows it reads its weights once and is bound by bandwidth too; with more it is a GEMM on
 the panel-packed copy, bound by the machine's matmul rate. The floor is the reading at the measured DRAM
@@ -24,7 +24,7 @@ from csmd.kernels import FEW_ROWS
 @dataclass
 class DecodeBudget:
     transformer_bytes: int  # the decoder transformer's parameters, as stored
-    state_bytes: int  # past keys and values: read by the attention, then copied (read and written)
+    state_bytes: int  # past keys and values, read by the attention
     few_row_bytes: int  # SEANet convolutions with at most FEW_ROWS rows: their weights, read once
     gemm_bytes: int  # the other convolutions' weights (small; they stay in cache between rows)
     gemm_flops: int  # the other convolutions' multiply-adds x 2
@@ -60,7 +60,7 @@ def decode_budget(mimi: Mimi, batch: int = 1) -> DecodeBudget:
             gemm_flops += 2 * rows * int(weights.size)
         if isinstance(layer, CausalConvTranspose1d):
             rows *= layer.stride
-    return DecodeBudget(transformer, 3 * kv, few_row, gemm_bytes, gemm_flops)
+    return DecodeBudget(transformer, kv, few_row, gemm_bytes, gemm_flops)
 
 
 def _convolutions(layers: list[nn.Module]) -> list[CausalConv1d | CausalConvTranspose1d]:

@@ -20,7 +20,7 @@
 #include <string>
 
 #include "dispatch.h"
-#include "kernels/axpy.h"
+#include "kernels/attention_rows.h"
 #include "kernels/elu.h"
 #include "kernels/fewrows.h"
 #include "kernels/panel_gemm.h"
@@ -94,30 +94,44 @@ struct Shapes {
 // qkv rows hold [q | k | v] of the new steps (after RoPE); out rows get the heads' outputs side by side.
 // past_k/past_v: the batch's rings [P, D].
 void attend(const Shapes& s, int h, int context, int position, const float* past_k, const float* past_v,
-            const float* qkv, float* out, const Kernels& kern, AxpyFn axpy) {
+            const float* qkv, float* out, const Kernels& kern, const AttentionRowKernels& rows) {
   const int S = s.P + s.T;  // keys: the P past steps, oldest first, then the T new steps
   const int oldest = s.P ? position % s.P : 0;  // the ring slot of key 0 (position - P)
-  std::vector<float> scores(S);
-  auto row = [&](const float* ring, int j, int part) {  // head h of key or value j
-    if (j >= s.P) return qkv + static_cast<size_t>(j - s.P) * 3 * s.D + part * s.D + h * s.hd;
-    const int slot = oldest + j < s.P ? oldest + j : oldest + j - s.P;
-    return ring + static_cast<size_t>(slot) * s.D + h * s.hd;
+  const size_t offset = static_cast<size_t>(h) * s.hd;
+  // Keys first..last as runs of rows at one stride: the ring from the oldest slot to its end, the ring from
+  // slot 0, the new steps in qkv. fn(j0, n, key rows, value rows, stride).
+  auto for_runs = [&](int first, int last, auto fn) {
+    const int wrap = s.P - oldest;  // key j < wrap is in slot oldest + j, the others in slot j - wrap
+    auto run = [&](int j0, int j1, const float* k, const float* v, size_t stride) {
+      if (j0 < j1) fn(j0, j1 - j0, k + offset, v + offset, stride);
+    };
+    const int past_end = std::min(last + 1, s.P);
+    const size_t D = s.D;
+    run(first, std::min(past_end, wrap), past_k + (oldest + first) * D, past_v + (oldest + first) * D, D);
+    const int j0 = std::max(first, wrap);
+    run(j0, past_end, past_k + (j0 - wrap) * D, past_v + (j0 - wrap) * D, D);
+    const int n0 = std::max(first, s.P);
+    const float* fresh = qkv + static_cast<size_t>(n0 - s.P) * 3 * D;
+    run(n0, last + 1, fresh + D, fresh + 2 * D, 3 * D);
   };
-  // One pass over the keys and one over the values per step. (Measured: one pass for all the steps, or
-  // over all of a thread's heads per row, or software prefetch, were all slower or no faster.)
+  std::vector<float> p(S);
   for (int t = 0; t < s.T; ++t) {
     // Key j sits at position - P + j; step t may see it when 0 <= t + P - j < context and it exists.
     const int first = std::max({0, s.P - position, t + s.P - context + 1});
     const int last = t + s.P;  // inclusive
-    const float* q = qkv + static_cast<size_t>(t) * 3 * s.D + h * s.hd;
-    for (int j = first; j <= last; ++j) scores[j] = kern.dot_f32(q, row(past_k, j, 1), s.hd);
+    const float* q = qkv + static_cast<size_t>(t) * 3 * s.D + offset;
+    for_runs(first, last, [&](int j0, int n, const float* k, const float*, size_t stride) {
+      rows.row_dots(q, k, stride, n, s.hd, p.data() + j0);
+    });
     // the variant's SIMD softmax (a polynomial exp): at the full window, 4000 scalar exps a layer cost more
     // than the dot products
     const int n = last - first + 1;
-    kern.softmax_row(scores.data() + first, n, n, scores.data() + first);
-    float* o = out + static_cast<size_t>(t) * s.D + h * s.hd;
+    kern.softmax_row(p.data() + first, n, n, p.data() + first);
+    float* o = out + static_cast<size_t>(t) * s.D + offset;
     std::fill(o, o + s.hd, 0.f);
-    for (int j = first; j <= last; ++j) axpy(scores[j], row(past_v, j, 2), s.hd, o);
+    for_runs(first, last, [&](int j0, int n, const float*, const float* v, size_t stride) {
+      rows.weighted_sum(p.data() + j0, v, stride, n, s.hd, o);
+    });
   }
 }
 
@@ -214,7 +228,7 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
     const int position = ins[3].data<int32_t>()[0];
     const float* inv_freqs = ins[4].data<float>();
     const Kernels& kern = current_kernels();
-    const AxpyFn axpy = axpy_kernel(current_variant());
+    const AttentionRowKernels rows = attention_rows_kernels(current_variant());
     const GeluFn gelu = gelu_kernel(current_variant());
     const size_t layer_kv = static_cast<size_t>(s.B) * s.P * s.D, batch_kv = static_cast<size_t>(s.P) * s.D;
 
@@ -252,7 +266,7 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
         const size_t kv = l * layer_kv + b * batch_kv;
         attend(s, c % s.H, cfg.context, position, ins[1].data<float>() + kv, ins[2].data<float>() + kv,
                qkv.data() + static_cast<size_t>(b) * s.T * 3 * s.D, att.data() + static_cast<size_t>(b) * s.T * s.D,
-               kern, axpy);
+               kern, rows);
       };
       pool().run_chunks(s.B * s.H, attend_head);
       project(w[3], att.data(), R, o.data());

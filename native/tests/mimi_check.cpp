@@ -1,4 +1,4 @@
-// Standalone check of the Mimi kernels' SIMD variants (fewrows.h, panel_gemm.h, elu.h (ELU, GELU), axpy.h) against their
+// Standalone check of the Mimi kernels' SIMD variants (fewrows.h, panel_gemm.h, elu.h (ELU, GELU), attention_rows.h) against their
 // scalar versions, and of the scalar versions against a float64 reference; the threaded drivers run through a
 // 3-thread ThreadPool (run_chunks). Built for aarch64 it checks NEON, for x86-64 AVX2 (when the CPU has it). Exit code 0 on
 // success.
@@ -11,7 +11,7 @@
 #include <random>
 #include <vector>
 
-#include "kernels/axpy.h"
+#include "kernels/attention_rows.h"
 #include "kernels/driver.h"
 #include "kernels/elu.h"
 #include "kernels/fewrows.h"
@@ -127,7 +127,7 @@ static void check_panel(std::mt19937& rng, Variant v, ThreadPool& pool) {
         }
 }
 
-static void check_elu_axpy(std::mt19937& rng, Variant v) {
+static void check_elu(std::mt19937& rng, Variant v) {
   for (int n : {1, 3, 8, 13, 1000}) {
     auto x = normal(rng, n, 10.f);
     x[0] = -200.f;  // below the clamp
@@ -148,18 +148,40 @@ static void check_elu_axpy(std::mt19937& rng, Variant v) {
       gelu_kernel(var)(y.data(), n);
       expect_close(var == Variant::Scalar ? "gelu scalar" : "gelu simd", y, want_gelu, scale, 1e-6);
     }
-    auto y0 = normal(rng, n);
-    std::vector<double> want_axpy(n), scale_axpy(n);
-    for (int i = 0; i < n; ++i) {
-      want_axpy[i] = y0[i] + 0.5 * x[i];
-      scale_axpy[i] = std::fabs(y0[i]) + std::fabs(0.5 * x[i]);
-    }
-    for (Variant var : {Variant::Scalar, v}) {
-      std::vector<float> y = y0;
-      axpy_kernel(var)(0.5f, x.data(), n, y.data());
-      expect_close(var == Variant::Scalar ? "axpy scalar" : "axpy simd", y, want_axpy, scale_axpy, 1e-6);
-    }
   }
+}
+
+// Rows at a stride wider than a head (as Mimi's rings: head h at offset h * len), odd counts and lengths.
+static void check_attention_rows(std::mt19937& rng, Variant v) {
+  for (int n : {1, 3, 4, 9, 250})
+    for (int len : {5, 8, 64, 72}) {
+      const size_t stride = 3 * len + 1;
+      auto rows = normal(rng, n * stride);
+      auto q = normal(rng, len), p = normal(rng, n), out0 = normal(rng, len);
+      std::vector<double> want_dots(n), scale_dots(n), want_sum(len), scale_sum(len);
+      for (int j = 0; j < n; ++j)
+        for (int i = 0; i < len; ++i) {
+          want_dots[j] += static_cast<double>(q[i]) * rows[j * stride + i];
+          scale_dots[j] += std::fabs(static_cast<double>(q[i]) * rows[j * stride + i]);
+        }
+      for (int i = 0; i < len; ++i) {
+        want_sum[i] = out0[i];
+        scale_sum[i] = std::fabs(out0[i]);
+        for (int j = 0; j < n; ++j) {
+          want_sum[i] += static_cast<double>(p[j]) * rows[j * stride + i];
+          scale_sum[i] += std::fabs(static_cast<double>(p[j]) * rows[j * stride + i]);
+        }
+      }
+      for (Variant var : {Variant::Scalar, v}) {
+        const AttentionRowKernels k = attention_rows_kernels(var);
+        std::vector<float> dots(n), sum = out0;
+        k.row_dots(q.data(), rows.data(), stride, n, len, dots.data());
+        k.weighted_sum(p.data(), rows.data(), stride, n, len, sum.data());
+        expect_close(var == Variant::Scalar ? "row_dots scalar" : "row_dots simd", dots, want_dots, scale_dots, 1e-6);
+        expect_close(var == Variant::Scalar ? "weighted_sum scalar" : "weighted_sum simd", sum, want_sum, scale_sum,
+                     1e-6);
+      }
+    }
 }
 
 int main() {
@@ -168,7 +190,8 @@ int main() {
   ThreadPool pool(3);
   check_fewrows(rng, simd, pool);
   check_panel(rng, simd, pool);
-  check_elu_axpy(rng, simd);
+  check_elu(rng, simd);
+  check_attention_rows(rng, simd);
   std::printf("variant %s vs scalar: %d checks, %d failures\n", variant_name(simd), checks, failures);
   return failures ? 1 : 0;
 }
