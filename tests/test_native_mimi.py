@@ -218,7 +218,10 @@ def test_few_row_matmul_threaded_jobs(threads: int) -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize(("rows", "k", "n"), [(1, 5, 3), (7, 33, 17), (96, 256, 160), (1922, 64, 32), (13, 8, 48)])
+@pytest.mark.parametrize(
+    ("rows", "k", "n"),
+    [(1, 5, 3), (7, 33, 17), (96, 256, 160), (1922, 64, 32), (13, 8, 48), (1920, 13, 1), (5, 192, 1)],
+)
 def test_panel_matmul(variant: str, with_bias: bool, rows: int, k: int, n: int) -> None:
     csmd_native.set_variant(variant)
     rng = np.random.default_rng(rows + k + n)
@@ -245,7 +248,7 @@ def test_panel_matmul_rejects_a_mispacked_weight() -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(
     ("batch", "length", "channels", "kernel", "stride", "n"),
-    [(1, 1922, 64, 3, 1, 32), (2, 40, 12, 8, 4, 20), (1, 9, 5, 1, 1, 7)],
+    [(1, 1922, 64, 3, 1, 32), (2, 40, 12, 8, 4, 20), (1, 9, 5, 1, 1, 7), (2, 1922, 64, 3, 1, 1)],  # n 1: row dots
 )
 def test_panel_conv_equals_unfolded_product(
     variant: str, batch: int, length: int, channels: int, kernel: int, stride: int, n: int

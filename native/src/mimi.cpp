@@ -20,7 +20,7 @@
 #include <string>
 
 #include "dispatch.h"
-#include "kernels/attention_rows.h"
+#include "kernels/strided_rows.h"
 #include "kernels/elu.h"
 #include "kernels/fewrows.h"
 #include "kernels/panel_gemm.h"
@@ -94,7 +94,7 @@ struct Shapes {
 // qkv rows hold [q | k | v] of the new steps (after RoPE); out rows get the heads' outputs side by side.
 // past_k/past_v: the batch's rings [P, D].
 void attend(const Shapes& s, int h, int context, int position, const float* past_k, const float* past_v,
-            const float* qkv, float* out, const Kernels& kern, const AttentionRowKernels& rows) {
+            const float* qkv, float* out, const Kernels& kern, const StridedRowKernels& rows) {
   const int S = s.P + s.T;  // keys: the P past steps, oldest first, then the T new steps
   const int oldest = s.P ? position % s.P : 0;  // the ring slot of key 0 (position - P)
   const size_t offset = static_cast<size_t>(h) * s.hd;
@@ -228,7 +228,7 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
     const int position = ins[3].data<int32_t>()[0];
     const float* inv_freqs = ins[4].data<float>();
     const Kernels& kern = current_kernels();
-    const AttentionRowKernels rows = attention_rows_kernels(current_variant());
+    const StridedRowKernels rows = strided_rows_kernels(current_variant());
     const GeluFn gelu = gelu_kernel(current_variant());
     const size_t layer_kv = static_cast<size_t>(s.B) * s.P * s.D, batch_kv = static_cast<size_t>(s.P) * s.D;
 
@@ -372,13 +372,21 @@ void PanelMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
     a.wp = ins[1].data<float>();
     a.bias = ins.size() > 2 ? ins[2].data<float>() : nullptr;
     const PanelFn tile = panel_kernel(current_variant());
+    const RowDotsFn dots = strided_rows_kernels(current_variant()).row_dots;
+    // one output column: row dots (panel_gemv), else panel tiles
+    const auto product = [&](const PanelArgs& args) {
+      if (args.N == 1)
+        panel_gemv(args, dots, pool());
+      else
+        panel_gemm(args, tile, pool());
+    };
     if (!kernel) {  // a plain product of every row
       a.K = x.shape(-1);
       a.ldx = static_cast<size_t>(a.K);
       a.M = static_cast<int>(x.size() / std::max(1, a.K));
       a.x = x.data<float>();
       a.out = out.data<float>();
-      if (a.M > 0) panel_gemm(a, tile, pool());
+      if (a.M > 0) product(a);
       return;
     }
     // A convolution: per batch, output t's window is the kernel * C floats from x[b, t * stride].
@@ -389,7 +397,7 @@ void PanelMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
     for (int b = 0; b < B; ++b) {
       a.x = x.data<float>() + static_cast<size_t>(b) * L * C;
       a.out = out.data<float>() + static_cast<size_t>(b) * a.M * n;
-      if (a.M > 0) panel_gemm(a, tile, pool());
+      if (a.M > 0) product(a);
     }
   });
 }

@@ -1,4 +1,4 @@
-// Standalone check of the Mimi kernels' SIMD variants (fewrows.h, panel_gemm.h, elu.h (ELU, GELU), attention_rows.h) against their
+// Standalone check of the Mimi kernels' SIMD variants (fewrows.h, panel_gemm.h, elu.h (ELU, GELU), strided_rows.h) against their
 // scalar versions, and of the scalar versions against a float64 reference; the threaded drivers run through a
 // 3-thread ThreadPool (run_chunks). Built for aarch64 it checks NEON, for x86-64 AVX2 (when the CPU has it). Exit code 0 on
 // success.
@@ -11,7 +11,7 @@
 #include <random>
 #include <vector>
 
-#include "kernels/attention_rows.h"
+#include "kernels/strided_rows.h"
 #include "kernels/driver.h"
 #include "kernels/elu.h"
 #include "kernels/fewrows.h"
@@ -152,7 +152,7 @@ static void check_elu(std::mt19937& rng, Variant v) {
 }
 
 // Rows at a stride wider than a head (as Mimi's rings: head h at offset h * len), odd counts and lengths.
-static void check_attention_rows(std::mt19937& rng, Variant v) {
+static void check_strided_rows(std::mt19937& rng, Variant v) {
   for (int n : {1, 3, 4, 9, 250})
     for (int len : {5, 8, 64, 72}) {
       const size_t stride = 3 * len + 1;
@@ -173,7 +173,7 @@ static void check_attention_rows(std::mt19937& rng, Variant v) {
         }
       }
       for (Variant var : {Variant::Scalar, v}) {
-        const AttentionRowKernels k = attention_rows_kernels(var);
+        const StridedRowKernels k = strided_rows_kernels(var);
         std::vector<float> dots(n), sum = out0;
         k.row_dots(q.data(), rows.data(), stride, n, len, dots.data());
         k.weighted_sum(p.data(), rows.data(), stride, n, len, sum.data());
@@ -191,7 +191,7 @@ int main() {
   check_fewrows(rng, simd, pool);
   check_panel(rng, simd, pool);
   check_elu(rng, simd);
-  check_attention_rows(rng, simd);
+  check_strided_rows(rng, simd);
   std::printf("variant %s vs scalar: %d checks, %d failures\n", variant_name(simd), checks, failures);
   return failures ? 1 : 0;
 }

@@ -11,9 +11,11 @@
 #include <algorithm>
 #include <cstddef>
 #include <functional>
+#include <vector>
 
 #include "common.h"
 #include "driver.h"
+#include "strided_rows.h"
 
 namespace csmd {
 
@@ -159,6 +161,23 @@ inline PanelFn panel_kernel(Variant v) {
 
 // The whole product: chunks of (panels x all row tiles), so a chunk reuses its panels from cache while x
 // streams, claimed by the pool's threads.
+// N == 1 (SEANet's last convolution, to one channel): a panel's other 15 columns are zeros, so the micro
+// kernel would compute 16x the products; each row is dotted with the one column instead (`dots`: the
+// variant's strided_rows row_dots), in row ranges over the pool.
+inline void panel_gemv(const PanelArgs& a, RowDotsFn dots, ThreadPool& pool) {
+  std::vector<float> w(a.K);
+  for (int k = 0; k < a.K; ++k) w[k] = a.wp[static_cast<size_t>(k) * kPanel];
+  const int chunks = std::max(1, std::min(4 * pool.size(), a.M / 64));
+  const std::function<void(int)> fn = [&](int c) {
+    int m0, m1;
+    split_range(a.M, chunks, c, m0, m1);
+    dots(w.data(), a.x + m0 * a.ldx, a.ldx, m1 - m0, a.K, a.out + m0);
+    if (a.bias)
+      for (int m = m0; m < m1; ++m) a.out[m] += a.bias[0];
+  };
+  pool.run_chunks(chunks, fn);
+}
+
 inline void panel_gemm(const PanelArgs& a, PanelFn tile, ThreadPool& pool) {
   const int panels = (a.N + kPanel - 1) / kPanel;
   const int row_tiles = (a.M + kPanelRows - 1) / kPanelRows;

@@ -1,11 +1,13 @@
-// The two halves of one attention head over keys and values stored as rows at a fixed stride (Mimi's
-// time-major rings, where head h is `len` floats at offset h * len of each row; kernels for mimi.cpp):
+// Products with rows stored at a fixed stride, one vector against many rows:
 //   row_dots:     out[j] = q . rows[j * stride .. + len)                       for j < n
 //   weighted_sum: out[i] += sum over j < n of p[j] * rows[j * stride + i]      for i < len
-// The AVX2 versions take 4 key rows per pass (one horizontal reduction for the 4) and keep a head's output in
+// Their users: one attention head over Mimi's time-major key/value rings (head h is `len` floats at offset
+// h * len of each row; mimi.cpp), and a convolution to one output channel over its overlapping input windows
+// (panel_gemm.h's single-column case).
+// The AVX2 versions take 4 rows per pass (one horizontal reduction for the 4) and keep a head's output in
 // registers across all the value rows: at Mimi's 64 floats a head, one call per key or value row spent more
 // on the call, the reduction and reloading the output than on the arithmetic.
-// Scalar, AVX2+FMA and NEON variants; attention_rows_kernels() picks them for a Variant.
+// Scalar, AVX2+FMA and NEON variants; strided_rows_kernels() picks them for a Variant.
 #pragma once
 
 #include <cstddef>
@@ -18,7 +20,7 @@ namespace csmd {
 using RowDotsFn = void (*)(const float* q, const float* rows, size_t stride, int n, int len, float* out);
 using WeightedSumFn = void (*)(const float* p, const float* rows, size_t stride, int n, int len, float* out);
 
-struct AttentionRowKernels {
+struct StridedRowKernels {
   RowDotsFn row_dots;
   WeightedSumFn weighted_sum;
 };
@@ -104,7 +106,7 @@ static inline void weighted_sum(const float* p, const float* rows, size_t stride
 }  // namespace neon
 #endif
 
-inline AttentionRowKernels attention_rows_kernels(Variant v) {
+inline StridedRowKernels strided_rows_kernels(Variant v) {
   switch (v) {
 #if defined(CSMD_HAVE_AVX2_KERNELS)
     case Variant::AVX2:  // AVX512VNNI only differs in the matvec dots (driver.h)
