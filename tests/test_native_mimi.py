@@ -40,7 +40,8 @@ def _auto_variant():
     csmd_native.set_variant("auto")
 
 
-SHAPES = [(2, 512, 96), (3, 37, 5), (5, 100, 33), (7, 40, 9), (8, 64, 130), (4, 8, 1)]  # rows, in, out
+# rows, in, out; the last two past fewrows.h's kFewRowsXBytes of x (weight rows in pairs, an odd one left)
+SHAPES = [(2, 512, 96), (3, 37, 5), (5, 100, 33), (7, 40, 9), (8, 64, 130), (4, 8, 1), (2, 3584, 3), (3, 2001, 6)]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

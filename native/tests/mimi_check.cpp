@@ -51,7 +51,7 @@ static uint16_t to_bf16(float f) {
 
 static void check_fewrows(std::mt19937& rng, Variant v, ThreadPool& pool) {
   for (int M : {1, 2, 3, 5, 8})
-    for (int K : {1, 7, 16, 37, 512})
+    for (int K : {1, 7, 16, 37, 512, 2049})  // 2049: past kFewRowsXBytes from 2 rows on (weight rows in pairs)
       for (bool bf16 : {false, true}) {
         const int N = 67;
         auto x = normal(rng, static_cast<size_t>(M) * K);
