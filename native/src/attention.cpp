@@ -19,7 +19,7 @@ mx::array causal_softmax(const mx::array& scores, mx::StreamOrDevice s) {
     fail("scores [..., T, S] need S >= T >= 1, got T=" + std::to_string(T) + ", S=" + std::to_string(S));
   auto st = mx::to_stream(s);
   return mx::array(scores.shape(), scores.dtype(), std::make_shared<CausalSoftmax>(st),
-                   {mx::contiguous(scores, false, st)});
+                   {contiguous_input(scores, st)});
 }
 
 void CausalSoftmax::eval_gpu(const std::vector<mx::array>&, mx::array&) {

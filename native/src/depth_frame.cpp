@@ -178,10 +178,10 @@ mx::array depth_frame(const mx::array& x0, const std::vector<mx::array>& stack, 
   cfg.head_arrays = static_cast<int>(heads.size());
   cfg.embedding_arrays = static_cast<int>(embeddings.size());
   cfg.projection_arrays = static_cast<int>(projection.size());
-  std::vector<mx::array> inputs = {x0, mx::contiguous(inv_freqs, false, st), mx::contiguous(norm, false, st),
-                                   mx::contiguous(noise, false, st)};
+  std::vector<mx::array> inputs = {x0, contiguous_input(inv_freqs, st), contiguous_input(norm, st),
+                                   contiguous_input(noise, st)};
   for (const auto* group : {&stack, &heads, &embeddings, &projection})
-    for (const auto& a : *group) inputs.push_back(mx::contiguous(a, false, st));
+    for (const auto& a : *group) inputs.push_back(contiguous_input(a, st));
   return mx::array({C}, mx::int32, std::make_shared<DepthFrame>(st, cfg), inputs);
 }
 

@@ -13,6 +13,15 @@ namespace csmd {
 
 namespace mx = mlx::core;
 
+// A primitive's input as the kernels read it, row-contiguous: `a` itself when it is already evaluated that way
+// (every weight), else a Contiguous node, which costs nothing to run for an array that turns out contiguous
+// but is one more node for MLX to schedule at every call (140 of the 267 of a decoded Mimi frame went to the
+// weights before). Also, a node sharing the buffer of `a` keeps it referenced until its task has run, which
+// would stop MLX from donating that buffer to this primitive (see donor below).
+inline mx::array contiguous_input(const mx::array& a, const mx::Stream& s) {
+  return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, s);
+}
+
 // work(ins, outs), with ins and outs the weak copies of inputs and outputs.
 //
 // donor >= 0: output 0 takes over input `donor`'s buffer when MLX allows it (nothing else holds that input:

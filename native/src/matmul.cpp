@@ -33,7 +33,7 @@ mx::array matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s) {
   mx::Shape out_shape = x.shape();
   out_shape.back() = w.shape(0);
   return mx::array(out_shape, x.dtype(), std::make_shared<FMatmul>(st),
-                   {mx::contiguous(x, false, st), mx::contiguous(w, false, st)});
+                   {contiguous_input(x, st), contiguous_input(w, st)});
 }
 
 std::vector<mx::Shape> FMatmul::output_shapes(const std::vector<mx::array>& inputs) {

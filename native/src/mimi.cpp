@@ -169,10 +169,10 @@ std::vector<mx::array> mimi_transformer(const mx::array& x, const std::vector<mx
     }
   }
   auto st = mx::to_stream(s);
-  std::vector<mx::array> inputs = {mx::contiguous(x, false, st), mx::contiguous(past_k, false, st),
-                                   mx::contiguous(past_v, false, st), mx::contiguous(position, false, st),
-                                   mx::contiguous(inv_freqs, false, st)};
-  for (const auto& w : weights) inputs.push_back(mx::contiguous(w, false, st));
+  std::vector<mx::array> inputs = {contiguous_input(x, st), contiguous_input(past_k, st),
+                                   contiguous_input(past_v, st), contiguous_input(position, st),
+                                   contiguous_input(inv_freqs, st)};
+  for (const auto& w : weights) inputs.push_back(contiguous_input(w, st));
   MimiStackConfig cfg{L, num_heads, context, eps};
   const mx::Shape fresh = {L, B, T, D};
   return mx::array::make_arrays({x.shape(), fresh, fresh}, {mx::float32, mx::float32, mx::float32},
@@ -188,12 +188,11 @@ mx::array mimi_ring_write(const mx::array& ring, const mx::array& rows, const mx
     bad("rows must be float32 [L, B, T, D] for the ring's L, B and D");
   if (position.size() != 1 || position.dtype() != mx::int32) bad("position must be one int32");
   auto st = mx::to_stream(s);
-  // The ring as it is when it can be: a Contiguous node would share its buffer, and the buffer then stays
-  // referenced until that node's (asynchronous) task has run, too late for the write to take it over.
-  const bool as_is = ring.is_available() && ring.flags().row_contiguous;
+  // (contiguous_input passes the ring itself when it is evaluated and contiguous, as a stream's state is:
+  // a Contiguous node would keep its buffer referenced too long for the donation)
   return mx::array(ring.shape(), mx::float32, std::make_shared<MimiRingWrite>(st),
-                   {as_is ? ring : mx::contiguous(ring, false, st), mx::contiguous(rows, false, st),
-                    mx::contiguous(position, false, st)});
+                   {contiguous_input(ring, st), contiguous_input(rows, st),
+                    contiguous_input(position, st)});
 }
 
 std::vector<mx::Shape> MimiTransformer::output_shapes(const std::vector<mx::array>& inputs) {
@@ -328,8 +327,8 @@ mx::array panel_matmul(const mx::array& x, const mx::array& wp, int n, const std
     bad("wp must be float32 [ceil(n / 16), K, 16] for x's K");
   if (bias && (bias->dtype() != mx::float32 || bias->shape() != mx::Shape{n})) bad("bias must be float32 [n]");
   auto st = mx::to_stream(s);
-  std::vector<mx::array> inputs = {mx::contiguous(x, false, st), mx::contiguous(wp, false, st)};
-  if (bias) inputs.push_back(mx::contiguous(*bias, false, st));
+  std::vector<mx::array> inputs = {contiguous_input(x, st), contiguous_input(wp, st)};
+  if (bias) inputs.push_back(contiguous_input(*bias, st));
   mx::Shape shape = x.shape();
   shape.back() = n;
   return mx::array(shape, mx::float32, std::make_shared<PanelMatmul>(st, n), inputs);
@@ -346,8 +345,8 @@ mx::array panel_conv(const mx::array& x, const mx::array& wp, int n, const std::
     bad("wp must be float32 [ceil(n / 16), kernel * C, 16]");
   if (bias && (bias->dtype() != mx::float32 || bias->shape() != mx::Shape{n})) bad("bias must be float32 [n]");
   auto st = mx::to_stream(s);
-  std::vector<mx::array> inputs = {mx::contiguous(x, false, st), mx::contiguous(wp, false, st)};
-  if (bias) inputs.push_back(mx::contiguous(*bias, false, st));
+  std::vector<mx::array> inputs = {contiguous_input(x, st), contiguous_input(wp, st)};
+  if (bias) inputs.push_back(contiguous_input(*bias, st));
   const mx::Shape shape = {x.shape(0), (x.shape(1) - kernel) / stride + 1, n};
   return mx::array(shape, mx::float32, std::make_shared<PanelMatmul>(st, n, kernel, stride), inputs);
 }
@@ -408,7 +407,7 @@ void PanelMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
 mx::array elu(const mx::array& x, mx::StreamOrDevice s) {
   if (x.dtype() != mx::float32) throw std::invalid_argument("elu: x must be float32");
   auto st = mx::to_stream(s);
-  return mx::array(x.shape(), mx::float32, std::make_shared<Elu>(st), {mx::contiguous(x, false, st)});
+  return mx::array(x.shape(), mx::float32, std::make_shared<Elu>(st), {contiguous_input(x, st)});
 }
 
 void Elu::eval_gpu(const std::vector<mx::array>&, mx::array&) {

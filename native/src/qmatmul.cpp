@@ -215,8 +215,8 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
   mx::Shape out_shape = x.shape();
   out_shape.back() = N;
   return mx::array(out_shape, x.dtype(), std::make_shared<QMatmul>(st, group_size, bits),
-                   {mx::contiguous(x, false, st), mx::contiguous(w, false, st),
-                    mx::contiguous(scales, false, st), mx::contiguous(biases, false, st)});
+                   {contiguous_input(x, st), contiguous_input(w, st),
+                    contiguous_input(scales, st), contiguous_input(biases, st)});
 }
 
 bool QMatmul::is_equivalent(const mx::Primitive& other) const {
