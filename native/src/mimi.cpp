@@ -20,10 +20,10 @@
 #include <string>
 
 #include "dispatch.h"
-#include "kernels/strided_rows.h"
 #include "kernels/elu.h"
 #include "kernels/fewrows.h"
 #include "kernels/panel_gemm.h"
+#include "kernels/strided_rows.h"
 #include "state.h"
 
 namespace csmd {
@@ -96,7 +96,7 @@ struct Shapes {
 void attend(const Shapes& s, int h, int context, int position, const float* past_k, const float* past_v,
             const float* qkv, float* out, const Kernels& kern, const StridedRowKernels& rows) {
   const int S = s.P + s.T;  // keys: the P past steps, oldest first, then the T new steps
-  const int oldest = s.P ? position % s.P : 0;  // the ring slot of key 0 (position - P)
+  const int oldest = s.P ? (position % s.P + s.P) % s.P : 0;  // the ring slot of key 0 (position - P)
   const size_t offset = static_cast<size_t>(h) * s.hd;
   // Keys first..last as runs of rows at one stride: the ring from the oldest slot to its end, the ring from
   // slot 0, the new steps in qkv. fn(j0, n, key rows, value rows, stride).
@@ -293,7 +293,7 @@ std::vector<mx::Shape> MimiRingWrite::output_shapes(const std::vector<mx::array>
 }
 
 void MimiRingWrite::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::runtime_error("csmd_native.mimi_transformer runs on the CPU only");
+  throw std::runtime_error("csmd_native.mimi_ring_write runs on the CPU only");
 }
 
 void MimiRingWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
@@ -306,10 +306,12 @@ void MimiRingWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& ou
         float* dst = out.data<float>();
         // Not donated (someone still holds the old ring, e.g. a parked stream): start from a copy of it.
         if (dst != ring.data<float>()) std::memcpy(dst, ring.data<float>(), ring.nbytes());
-        for (int lb = 0; lb < L * B; ++lb)
-          for (int t = std::max(0, T - P); t < T; ++t)  // only the last P new steps stay
-            std::memcpy(dst + (static_cast<size_t>(lb) * P + (position + t) % P) * D,
+        for (int t = std::max(0, T - P); t < T; ++t) {  // only the last P new steps stay
+          const int slot = ((position + t) % P + P) % P;  // (a mod that a negative position cannot break)
+          for (int lb = 0; lb < L * B; ++lb)
+            std::memcpy(dst + (static_cast<size_t>(lb) * P + slot) * D,
                         fresh.data<float>() + (static_cast<size_t>(lb) * T + t) * D, sizeof(float) * D);
+        }
       },
       /*donor=*/0);
 }

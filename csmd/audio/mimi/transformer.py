@@ -99,7 +99,8 @@ class Attention(nn.Module):
         values = mx.concatenate([past[1], qkv[2].transpose(0, 2, 1, 3).reshape(batch, steps, dims)], axis=1)
         attend = _attend_few if steps <= _FEW_STEPS else _attend_many
         out = attend(q * head_dim**-0.5, keys, values, bias)  # [B, T, dims]
-        return dense(out, self.out_proj.weight), (keys[:, -steps:], values[:, -steps:])  # and the new steps'
+        # the output, and the new steps' keys and values (the stack writes them into the rings next call)
+        return dense(out, self.out_proj.weight), (keys[:, -steps:], values[:, -steps:])
 
 
 # Up to this many query steps (a streaming frame has 2), attention runs as two plain matmuls over all heads
