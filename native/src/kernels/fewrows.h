@@ -24,8 +24,9 @@ constexpr int kFewRowsChunk = 4;
 
 // The x rows are reread for every weight row and must stay in L1 (32 KB here) while the weights stream
 // through it. Past this many bytes of x the AVX2 kernel takes weight rows in pairs, which halves the x loads
-// per weight byte. Measured on one thread, 2 rows, K = 3584 (Mimi's first convolution, 28 KB of x): 8.4 GB/s
-// one weight row at a time, 12.0 in pairs; K <= 1792 (14 KB) reads 14-15 GB/s either way.
+// per weight byte. Measured on one thread, 2 rows, K = 3584 (Mimi's first convolution, 28 KB of x): 8.1 GB/s
+// one weight row at a time, 10.6 in pairs. Not below: K = 2048 (16 KB) read 12.2-12.4 GB/s either way, K =
+// 1792 was slower in pairs, and over the transformer's K = 512 products pairs read 20 GB/s against 27.
 constexpr size_t kFewRowsXBytes = 16 << 10;
 
 struct FewRowsArgs {

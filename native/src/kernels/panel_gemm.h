@@ -159,8 +159,6 @@ inline PanelFn panel_kernel(Variant v) {
   }
 }
 
-// The whole product: chunks of (panels x all row tiles), so a chunk reuses its panels from cache while x
-// streams, claimed by the pool's threads.
 // N == 1 (SEANet's last convolution, to one channel): a panel's other 15 columns are zeros, so the micro
 // kernel would compute 16x the products; each row is dotted with the one column instead (`dots`: the
 // variant's strided_rows row_dots), in row ranges over the pool.
@@ -178,6 +176,8 @@ inline void panel_gemv(const PanelArgs& a, RowDotsFn dots, ThreadPool& pool) {
   pool.run_chunks(chunks, fn);
 }
 
+// The whole product: chunks of (panels x all row tiles), so a chunk reuses its panels from cache while x
+// streams, claimed by the pool's threads.
 inline void panel_gemm(const PanelArgs& a, PanelFn tile, ThreadPool& pool) {
   const int panels = (a.N + kPanel - 1) / kPanel;
   const int row_tiles = (a.M + kPanelRows - 1) / kPanelRows;
