@@ -129,6 +129,27 @@ def test_snapshot_restore_and_reset() -> None:
     np.testing.assert_array_equal(decoder.step(codes[:, 0]), full[0])
 
 
+def test_a_step_that_fails_to_build_keeps_the_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream lets go of its state while a step runs (so MLX can update it in place); if building the step
+    raises, the stream has its state back and continues as if the failed step never happened."""
+    mimi = load_mimi("random:tiny")
+    codes = random_codes(mimi.config, 4, seed=8)
+    reference = StreamingDecoder(mimi)
+    want = [reference.step(codes[:, t]) for t in range(4)]
+    decoder = StreamingDecoder(mimi)
+    decoder.step(codes[:, 0])
+
+    def broken(codes: mx.array, state: object) -> tuple[mx.array, object]:
+        raise RuntimeError("broken step")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mimi, "decode_step", broken)
+        with pytest.raises(RuntimeError, match="broken step"):
+            decoder.step(codes[:, 1])
+    np.testing.assert_array_equal(np.concatenate([decoder.step(codes[:, t]) for t in range(1, 4)]),
+                                  np.concatenate(want[1:]))  # fmt: skip
+
+
 def test_streaming_state_stays_bounded() -> None:
     """However long the stream, each transformer layer keeps only the last context - 1 steps."""
     mimi = load_mimi("random:tiny")  # context 16 steps = 8 frames
