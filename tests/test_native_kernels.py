@@ -232,6 +232,24 @@ def test_leading_dims_and_1d() -> None:
     check_float(csmd_native.quantized_matmul(xt, wq, s, b), xt, wd)
 
 
+@pytest.mark.parametrize(("mode", "rows"), [("int8", 2), ("int8", 64), ("int16", 7), ("exact", 3)])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_few_rows_are_the_single_row_product_of_each(mode: str, rows: int, bits: int) -> None:
+    """Up to 64 rows (3 in exact mode) a quantized product runs the single-row kernels on each row: the same
+    numbers, bit for bit, as one call per row. One row more than that takes the GEMM on dequantized weights,
+    exact to float rounding."""
+    csmd_native.set_matvec_mode(mode)
+    k, n = 1088, 135
+    wq, s, b = make_weights(n, k, 64, bits, dtype=mx.bfloat16)
+    limit = 3 if mode == "exact" else 64
+    x = make_x((limit + 1, k))
+    one_by_one = np.stack(
+        [np.array(csmd_native.quantized_matmul(x[m : m + 1], wq, s, b, 64, bits))[0] for m in range(rows)]
+    )
+    np.testing.assert_array_equal(np.array(csmd_native.quantized_matmul(x[:rows], wq, s, b, 64, bits)), one_by_one)
+    check_float(csmd_native.quantized_matmul(x, wq, s, b, 64, bits), x, dequant_f64(wq, s, b, 64, bits))
+
+
 def available_simd() -> list[str]:
     f = csmd_native.cpu_features()
     return [v for v in ("avx2", "avx512vnni", "neon") if f[v] and (v != "avx2" or f["fma"])]
@@ -240,7 +258,7 @@ def available_simd() -> list[str]:
 @pytest.mark.parametrize("mode", ["exact", "int8", "int16"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("rows", [1, 17])
+@pytest.mark.parametrize("rows", [1, 5, 65])  # 5: each row through the single-row kernels; 65: the GEMM
 def test_scalar_and_simd_variants_agree(rows: int, group_size: int, bits: int, mode: str) -> None:
     simd = available_simd()
     if not simd:

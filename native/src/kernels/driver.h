@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <memory>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -625,6 +626,32 @@ inline void qgemm(const QMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
   });
 }
 
+// Up to this many rows a quantized product runs the single-row kernels on each row (qmatvec_rows) rather than
+// the GEMM on dequantized weights, which dequantizes and packs every weight however few the rows. Measured
+// on 4-bit 2048x8192, ms per row (BENCHMARKS.md, "Native kernels"): the int8 kernels 0.16-0.26 at any count up
+// to 128 and int16 0.21-0.26, against the GEMM's 1.7-3.2 at 2 rows, 0.32 at 16 and 0.21-0.23 at 64; the
+// exact (float) kernels 0.6-0.8, which only beat the GEMM at 2-3 rows. The integer modes thus reach short
+// prefills (a user's turn) with the activations' rounding they already have in every generated frame.
+constexpr int kMatvecRows = 64, kMatvecRowsExact = 3;
+
+// The single-row kernels of `mode` for each of the M rows of x, a block of weight rows at a time: the block
+// comes from memory once, for the first row, and from cache for the others.
+inline void qmatvec_rows(const QMatmulArgs& a, const Kernels& kern, MatvecMode mode, ThreadPool* pool) {
+  const int K = a.K, N = a.N, M = a.M;
+  std::vector<std::unique_ptr<MatvecPrep>> preps;
+  std::vector<QMatmulArgs> rows(M, a);
+  for (int m = 0; m < M; ++m) {
+    preps.push_back(std::make_unique<MatvecPrep>(a.x + static_cast<size_t>(m) * K, K, a.G, a.bits, kern, mode));
+    rows[m].out = a.out + static_cast<size_t>(m) * N;
+  }
+  constexpr int kBlock = 16;  // weight rows: 16 KB at K = 2048 and 4 bits, in L1
+  const size_t row_bytes = static_cast<size_t>(K) * a.bits / 8;
+  run_rows(pool, N, row_bytes, [&](int n0, int n1) {
+    for (int b0 = n0; b0 < n1; b0 += kBlock)
+      for (int m = 0; m < M; ++m) preps[m]->rows(rows[m], b0, std::min(n1, b0 + kBlock));
+  });
+}
+
 inline void qmatmul(const QMatmulArgs& a, const Kernels& kern, MatvecMode mode, ThreadPool* pool) {
   const int K = a.K, N = a.N, M = a.M, G = a.G, bits = a.bits;
   const size_t row_bytes = static_cast<size_t>(K) * bits / 8;
@@ -632,6 +659,10 @@ inline void qmatmul(const QMatmulArgs& a, const Kernels& kern, MatvecMode mode, 
   if (M == 1) {
     MatvecPrep mp(a.x, K, G, bits, kern, mode);
     run_rows(pool, N, row_bytes, [&](int n0, int n1) { mp.rows(a, n0, n1); });
+    return;
+  }
+  if (M <= (mode == MatvecMode::Exact ? kMatvecRowsExact : kMatvecRows)) {
+    qmatvec_rows(a, kern, mode, pool);
     return;
   }
 
