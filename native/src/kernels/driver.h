@@ -3,11 +3,11 @@
 #pragma once
 
 #include <algorithm>
-#include <memory>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
