@@ -8,6 +8,9 @@
 * csmd_native.mimi_transformer and mimi_ring_write against the MLX layers of csmd/audio/mimi/transformer.py
   (the path that the parity tests hold to moshi and transformers), over more steps than the attention window,
   batched; the ring write in place when its owner let go of the ring, and a copy when the ring is held.
+* csmd_native.causal_conv_step and conv_transpose_step (SEANet's steps with their ELU, state, bias and residual
+  fused in) against seanet.py's MLX ops over a streamed decoder and encoder: the same floats.
+* Views (transposed, strided, broadcast) as inputs of the primitives, gathered when the primitive runs.
 """
 
 from __future__ import annotations
@@ -284,3 +287,79 @@ def test_elu_matches_float64_and_fastmath(variant: str, size: int) -> None:
     assert np.all(np.abs(y - np.where(x64 > 0, x64, np.expm1(x64))) <= bound)
     assert np.all(np.abs(y - np.array(fastmath.elu(mx.array(x)))) <= bound)
     assert np.array_equal(y[x > 0], x[x > 0])  # exact where x > 0
+
+
+def _seanet_streams(mimi, fused: bool, monkeypatch: pytest.MonkeyPatch, steps: int) -> list[tuple]:
+    """Stream the decoder and the encoder SEANets (and the encoder's downsample) through `steps` steps, fused
+    native convolution steps or MLX ops (seanet.py's reference), and return every output and state."""
+    from csmd.audio.mimi import seanet
+
+    monkeypatch.setattr(seanet, "_native_step", seanet._native_step if fused else lambda x, name: False)
+    rng = np.random.default_rng(5)
+    out = []
+    states = [None, None, None]
+    for _ in range(steps):
+        latent = mx.array(rng.standard_normal((2, 2, mimi.config.seanet.dimension)).astype(np.float32))
+        pcm = mx.array(rng.standard_normal((2, mimi.frame_size, 1)).astype(np.float32))
+        wave, states[0] = mimi.decoder(latent, states[0])
+        enc, states[1] = mimi.encoder(pcm, states[1])
+        down, states[2] = mimi.downsample(enc, states[2])
+        mx.eval(wave, enc, down, states)
+        out.append((wave, enc, down, tree_flatten(states)))
+    monkeypatch.undo()
+    return out
+
+
+def test_fused_seanet_steps_equal_the_mlx_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """causal_conv_step and conv_transpose_step (ELU, state, bias and residual fused in) against seanet.py's
+    MLX ops, batched, from a fresh stream on: the same products and ELU kernels, the sums in the same order,
+    so the same floats, states included."""
+    if not kernels.native_has("causal_conv_step"):
+        pytest.skip("csmd_native without the fused SEANet steps")
+    mimi = load_mimi("random:mimi")
+    fused = _seanet_streams(mimi, True, monkeypatch, steps=3)
+    ops = _seanet_streams(mimi, False, monkeypatch, steps=3)
+    for (wave, enc, down, states), (wave_r, enc_r, down_r, states_r) in zip(fused, ops, strict=True):
+        for a, b in ((wave, wave_r), (enc, enc_r), (down, down_r)):
+            np.testing.assert_array_equal(np.array(a), np.array(b))
+        assert [k for k, _ in states] == [k for k, _ in states_r]
+        for (_, a), (_, b) in zip(states, states_r, strict=True):
+            np.testing.assert_array_equal(np.array(a), np.array(b))
+
+
+def test_fused_seanet_steps_reject_bad_shapes() -> None:
+    x = mx.zeros((1, 4, 8))
+    w = mx.zeros((5, 3 * 8))
+    with pytest.raises(ValueError, match="state must be"):
+        csmd_native.causal_conv_step(x, None, w, 5, kernel=3)
+    with pytest.raises(ValueError, match="w must be"):
+        csmd_native.causal_conv_step(x, mx.zeros((1, 2, 8)), mx.zeros((5, 8)), 5, kernel=3)
+    with pytest.raises(ValueError, match="multiple of the stride"):
+        csmd_native.causal_conv_step(mx.zeros((1, 3, 8)), mx.zeros((1, 2, 8)), mx.zeros((5, 32)), 5, kernel=4, stride=2)
+    with pytest.raises(ValueError, match="residual"):
+        csmd_native.causal_conv_step(x, mx.zeros((1, 2, 8)), w, 5, residual=mx.zeros((1, 4, 4)), kernel=3)
+    with pytest.raises(ValueError, match="state must be"):
+        csmd_native.conv_transpose_step(x, mx.zeros((1, 1, 3, 5)), mx.zeros((20, 8)), 5, stride=2)
+    with pytest.raises(ValueError, match="bias"):
+        csmd_native.conv_transpose_step(x, mx.zeros((1, 1, 2, 5)), mx.zeros((20, 8)), 5, mx.zeros((4,)), stride=2)
+
+
+def test_views_as_inputs() -> None:
+    """Inputs that are not row-contiguous (transposed, sliced, broadcast) are gathered when the primitive
+    runs, not by a Contiguous node: the result is the product of what the views hold."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((6, 3)).astype(np.float32)
+    w = rng.standard_normal((40, 6)).astype(np.float32)
+    expected = x.T @ w.T
+    np.testing.assert_allclose(np.array(csmd_native.matmul(mx.array(x).T, mx.array(w))), expected, rtol=1e-5)
+    wide = mx.array(np.concatenate([w, w], axis=1))
+    strided = np.concatenate([w, w], axis=1)[:, ::2]  # every other column: a view with a step
+    np.testing.assert_allclose(np.array(csmd_native.matmul(mx.array(x).T, wide[:, ::2])), x.T @ strided.T, rtol=1e-5)
+    row = mx.broadcast_to(mx.array(x[:, 0]), (4, 6))
+    np.testing.assert_allclose(
+        np.array(csmd_native.elu(row)), np.array(csmd_native.elu(mx.array(np.tile(x[:, 0], (4, 1)))))
+    )
+    packed = kernels.pack_panels(mx.array(w))
+    np.testing.assert_allclose(
+        np.array(csmd_native.panel_matmul(mx.array(x).T, packed, 40)), expected, rtol=1e-5, atol=1e-6
+    )

@@ -242,6 +242,36 @@ def panel_conv(x: mx.array, packed: mx.array, n: int, bias: mx.array | None, ker
     return out
 
 
+def causal_conv_step(
+    x: mx.array,
+    state: mx.array | None,
+    weight: mx.array,
+    n: int,
+    bias: mx.array | None,
+    residual: mx.array | None,
+    kernel: int,
+    stride: int,
+    elu_input: bool,
+) -> tuple[mx.array, mx.array | None]:
+    """One streaming step of a causal convolution as one native primitive, with the ELU of its input, the
+    concatenation with its state, its bias and a residual sum fused in; csmd/audio/mimi/seanet.py's
+    CausalConv1d is the reference. `weight` [n, kernel * C] as is (a few rows) or packed by `pack_panels`."""
+    assert native.module is not None
+    y, new_state = native.module.causal_conv_step(x, state, weight, n, bias, residual, kernel, stride, elu_input)
+    return y, new_state
+
+
+def conv_transpose_step(
+    x: mx.array, state: mx.array, weight: mx.array, n: int, bias: mx.array | None, stride: int, elu_input: bool
+) -> tuple[mx.array, mx.array]:
+    """One streaming step of a causal transposed convolution (kernel 2 * stride) as one native primitive, the
+    ELU of its input and the overlap-add with its state fused in; seanet.py's CausalConvTranspose1d is the
+    reference."""
+    assert native.module is not None
+    y, new_state = native.module.conv_transpose_step(x, state, weight, n, bias, stride, elu_input)
+    return y, new_state
+
+
 def native_has(name: str) -> bool:
     """The native kernels serve this device and the loaded extension has `name` (older builds may not)."""
     return native_available() and hasattr(native.module, name)

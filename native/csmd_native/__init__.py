@@ -17,7 +17,9 @@ if _mx.__version__ != mlx_version:
 
 from ._ext import (
     _pool_roundtrip_us,  # noqa: F401  (for native/bench_kernels.py)
+    causal_conv_step,
     causal_softmax,
+    conv_transpose_step,
     cpu_features,
     depth_frame,
     elu,
@@ -37,7 +39,9 @@ from ._ext import (
 )
 
 __all__ = [
+    "causal_conv_step",
     "causal_softmax",
+    "conv_transpose_step",
     "cpu_features",
     "depth_frame",
     "elu",

@@ -13,6 +13,7 @@
 #include "matmul.h"
 #include "mimi.h"
 #include "qmatmul.h"
+#include "seanet.h"
 #include "state.h"
 #include "transformer.h"
 
@@ -143,6 +144,33 @@ NB_MODULE(_ext, m) {
         "A causal convolution of x float32 [B, L, C] (left context included) with `kernel` and `stride`:\n"
         "panel_matmul of each output's window (kernel * C consecutive floats, taps major) without\n"
         "unfolding them.  wp packs W [n, kernel * C] as for panel_matmul.  -> [B, (L - kernel) / stride + 1, n].");
+  m.def(
+      "causal_conv_step",
+      [](const mx::array& x, const std::optional<mx::array>& state, const mx::array& w, int n,
+         const std::optional<mx::array>& bias, const std::optional<mx::array>& residual, int kernel, int stride,
+         bool elu_input, mx::StreamOrDevice s) {
+        auto r = csmd::causal_conv_step(x, state, w, n, bias, residual, kernel, stride, elu_input, s);
+        return nb::make_tuple(r[0], r.size() > 1 ? nb::cast(r[1]) : nb::none());
+      },
+      "x"_a, "state"_a.none(), "w"_a, "n"_a, "bias"_a = nb::none(), "residual"_a = nb::none(), "kernel"_a = 1,
+      "stride"_a = 1, "elu_input"_a = false, nb::kw_only(), "stream"_a = nb::none(),
+      "One streaming step of a causal convolution (csmd/audio/mimi/seanet.py's CausalConv1d), fused:\n"
+      "y = conv([state | elu(x) if elu_input else x]) (+ bias) (+ residual).  x float32 [B, T, C];\n"
+      "state float32 [B, kernel - stride, C], None when kernel == stride; w [n, kernel * C] taps major,\n"
+      "float32 or bfloat16 as is (a few rows) or packed by csmd.kernels.pack_panels (many rows).\n"
+      "-> (y [B, T / stride, n], the new state or None).");
+  m.def(
+      "conv_transpose_step",
+      [](const mx::array& x, const mx::array& state, const mx::array& w, int n, const std::optional<mx::array>& bias,
+         int stride, bool elu_input, mx::StreamOrDevice s) {
+        auto r = csmd::conv_transpose_step(x, state, w, n, bias, stride, elu_input, s);
+        return nb::make_tuple(r[0], r[1]);
+      },
+      "x"_a, "state"_a, "w"_a, "n"_a, "bias"_a = nb::none(), "stride"_a = 1, "elu_input"_a = false, nb::kw_only(),
+      "stream"_a = nb::none(),
+      "One streaming step of a causal transposed convolution with kernel 2 * stride (seanet.py's\n"
+      "CausalConvTranspose1d), the input's ELU first when elu_input.  x float32 [B, T, C]; state float32\n"
+      "[B, 1, stride, n]; w [(tap, n), C] as causal_conv_step's.  -> (y [B, T * stride, n], the new state).");
   m.def("elu", &csmd::elu, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
         "ELU (alpha 1) of float32 x: x where x > 0, exp(x) - 1 elsewhere (exp within 1e-7 relative).");
   m.def(

@@ -178,10 +178,9 @@ mx::array depth_frame(const mx::array& x0, const std::vector<mx::array>& stack, 
   cfg.head_arrays = static_cast<int>(heads.size());
   cfg.embedding_arrays = static_cast<int>(embeddings.size());
   cfg.projection_arrays = static_cast<int>(projection.size());
-  std::vector<mx::array> inputs = {x0, contiguous_input(inv_freqs, st), contiguous_input(norm, st),
-                                   contiguous_input(noise, st)};
+  std::vector<mx::array> inputs = {x0, inv_freqs, norm, noise};
   for (const auto* group : {&stack, &heads, &embeddings, &projection})
-    for (const auto& a : *group) inputs.push_back(contiguous_input(a, st));
+    for (const auto& a : *group) inputs.push_back(a);
   return mx::array({C}, mx::int32, std::make_shared<DepthFrame>(st, cfg), inputs);
 }
 

@@ -3,6 +3,9 @@
 // work on the stream's thread with weak copies of them (the task may run after eval_cpu has returned).
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -13,16 +16,37 @@ namespace csmd {
 
 namespace mx = mlx::core;
 
-// A primitive's input as the kernels read it, row-contiguous: `a` itself when it is already evaluated that way
-// (every weight), else a Contiguous node, which costs nothing to run for an array that turns out contiguous
-// but is one more node for MLX to schedule at every call (140 of the 267 of a decoded Mimi frame went to the
-// weights before). Also, a node sharing the buffer of `a` keeps it referenced until its task has run, which
-// would stop MLX from donating that buffer to this primitive (see donor below).
-inline mx::array contiguous_input(const mx::array& a, const mx::Stream& s) {
-  return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, s);
+// A row-contiguous copy of `a`, whatever its strides (a transposed, sliced or broadcast view).
+inline mx::array row_contiguous_copy(const mx::array& a) {
+  mx::array out(mx::allocator::malloc(a.nbytes()), a.shape(), a.dtype());
+  const int nd = a.ndim();
+  const size_t item = a.itemsize();
+  const size_t inner = nd ? static_cast<size_t>(a.shape(nd - 1)) : 1;
+  const int64_t inner_stride = nd ? a.strides(nd - 1) : 1;
+  const char* src = a.data<char>();
+  char* dst = out.data<char>();
+  std::vector<int> index(std::max(nd - 1, 0), 0);  // the position in the outer dimensions
+  for (size_t row = 0; row < a.size() / std::max<size_t>(inner, 1); ++row) {
+    int64_t offset = 0;
+    for (int d = 0; d < nd - 1; ++d) offset += index[d] * a.strides(d);
+    const char* from = src + offset * static_cast<int64_t>(item);
+    if (inner_stride == 1) {
+      std::memcpy(dst, from, inner * item);
+    } else {
+      for (size_t j = 0; j < inner; ++j) std::memcpy(dst + j * item, from + j * inner_stride * item, item);
+    }
+    dst += inner * item;
+    for (int d = nd - 2; d >= 0 && ++index[d] == a.shape(d); --d) index[d] = 0;  // next outer position
+  }
+  return out;
 }
 
 // work(ins, outs), with ins and outs the weak copies of inputs and outputs.
+//
+// The kernels read every input row-contiguous. An input that is not (a transposed or sliced view) is copied
+// in the task, when its layout is known, rather than through a Contiguous node when the graph is built: such a
+// node is one more for MLX to schedule at every call, for an array that nearly always turns out contiguous
+// (a decoded Mimi frame had 33 of them, and 140 more for the weights before those were passed as they are).
 //
 // donor >= 0: output 0 takes over input `donor`'s buffer when MLX allows it (nothing else holds that input:
 // a state array its owner let go of before the eval), so work can update it in place; otherwise output 0
@@ -41,15 +65,22 @@ void dispatch_cpu(const mx::Stream& stream, const std::vector<mx::array>& inputs
   }
   auto& enc = mx::cpu::get_command_encoder(stream);
   std::vector<mx::array> ins, outs;
+  std::vector<bool> gather;  // inputs to copy row-contiguous in the task, once their data exists
   for (const auto& a : inputs) {
     enc.set_input_array(a);
     ins.push_back(mx::array::unsafe_weak_copy(a));
+    gather.push_back(!a.flags().row_contiguous);
   }
   for (auto& a : outputs) {
     enc.set_output_array(a);
     outs.push_back(mx::array::unsafe_weak_copy(a));
   }
-  enc.dispatch([ins = std::move(ins), outs = std::move(outs), work = std::move(work)]() mutable { work(ins, outs); });
+  enc.dispatch([ins = std::move(ins), outs = std::move(outs), gather = std::move(gather),
+                work = std::move(work)]() mutable {
+    for (size_t i = 0; i < ins.size(); ++i)
+      if (gather[i]) ins[i] = row_contiguous_copy(ins[i]);
+    work(ins, outs);
+  });
 }
 
 // The same for a primitive with one output: work(ins, out).

@@ -33,7 +33,7 @@ mx::array matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s) {
   mx::Shape out_shape = x.shape();
   out_shape.back() = w.shape(0);
   return mx::array(out_shape, x.dtype(), std::make_shared<FMatmul>(st),
-                   {contiguous_input(x, st), contiguous_input(w, st)});
+                   {x, w});
 }
 
 std::vector<mx::Shape> FMatmul::output_shapes(const std::vector<mx::array>& inputs) {
@@ -49,8 +49,6 @@ void FMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 void FMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   dispatch_cpu(stream(), inputs, out, [](std::vector<mx::array>& ins, mx::array& out) {
     const mx::array &x = ins[0], &w = ins[1];
-    if (!x.flags().row_contiguous || !w.flags().row_contiguous)
-      throw std::runtime_error("csmd_native.matmul: internal error, non-contiguous input");
     const int K = x.shape(-1);
     const int N = w.shape(0);
     const int M = static_cast<int>(x.size() / K);

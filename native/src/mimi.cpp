@@ -169,10 +169,8 @@ std::vector<mx::array> mimi_transformer(const mx::array& x, const std::vector<mx
     }
   }
   auto st = mx::to_stream(s);
-  std::vector<mx::array> inputs = {contiguous_input(x, st), contiguous_input(past_k, st),
-                                   contiguous_input(past_v, st), contiguous_input(position, st),
-                                   contiguous_input(inv_freqs, st)};
-  for (const auto& w : weights) inputs.push_back(contiguous_input(w, st));
+  std::vector<mx::array> inputs = {x, past_k, past_v, position, inv_freqs};
+  for (const auto& w : weights) inputs.push_back(w);
   MimiStackConfig cfg{L, num_heads, context, eps};
   const mx::Shape fresh = {L, B, T, D};
   return mx::array::make_arrays({x.shape(), fresh, fresh}, {mx::float32, mx::float32, mx::float32},
@@ -188,11 +186,9 @@ mx::array mimi_ring_write(const mx::array& ring, const mx::array& rows, const mx
     bad("rows must be float32 [L, B, T, D] for the ring's L, B and D");
   if (position.size() != 1 || position.dtype() != mx::int32) bad("position must be one int32");
   auto st = mx::to_stream(s);
-  // (contiguous_input passes the ring itself when it is evaluated and contiguous, as a stream's state is:
-  // a Contiguous node would keep its buffer referenced too long for the donation)
-  return mx::array(ring.shape(), mx::float32, std::make_shared<MimiRingWrite>(st),
-                   {contiguous_input(ring, st), contiguous_input(rows, st),
-                    contiguous_input(position, st)});
+  // (the ring itself, never a Contiguous node of it: a node sharing its buffer would keep it referenced too
+  // long for the donation)
+  return mx::array(ring.shape(), mx::float32, std::make_shared<MimiRingWrite>(st), {ring, rows, position});
 }
 
 std::vector<mx::Shape> MimiTransformer::output_shapes(const std::vector<mx::array>& inputs) {
@@ -329,8 +325,8 @@ mx::array panel_matmul(const mx::array& x, const mx::array& wp, int n, const std
     bad("wp must be float32 [ceil(n / 16), K, 16] for x's K");
   if (bias && (bias->dtype() != mx::float32 || bias->shape() != mx::Shape{n})) bad("bias must be float32 [n]");
   auto st = mx::to_stream(s);
-  std::vector<mx::array> inputs = {contiguous_input(x, st), contiguous_input(wp, st)};
-  if (bias) inputs.push_back(contiguous_input(*bias, st));
+  std::vector<mx::array> inputs = {x, wp};
+  if (bias) inputs.push_back(*bias);
   mx::Shape shape = x.shape();
   shape.back() = n;
   return mx::array(shape, mx::float32, std::make_shared<PanelMatmul>(st, n), inputs);
@@ -347,8 +343,8 @@ mx::array panel_conv(const mx::array& x, const mx::array& wp, int n, const std::
     bad("wp must be float32 [ceil(n / 16), kernel * C, 16]");
   if (bias && (bias->dtype() != mx::float32 || bias->shape() != mx::Shape{n})) bad("bias must be float32 [n]");
   auto st = mx::to_stream(s);
-  std::vector<mx::array> inputs = {contiguous_input(x, st), contiguous_input(wp, st)};
-  if (bias) inputs.push_back(contiguous_input(*bias, st));
+  std::vector<mx::array> inputs = {x, wp};
+  if (bias) inputs.push_back(*bias);
   const mx::Shape shape = {x.shape(0), (x.shape(1) - kernel) / stride + 1, n};
   return mx::array(shape, mx::float32, std::make_shared<PanelMatmul>(st, n, kernel, stride), inputs);
 }
@@ -409,7 +405,7 @@ void PanelMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
 mx::array elu(const mx::array& x, mx::StreamOrDevice s) {
   if (x.dtype() != mx::float32) throw std::invalid_argument("elu: x must be float32");
   auto st = mx::to_stream(s);
-  return mx::array(x.shape(), mx::float32, std::make_shared<Elu>(st), {contiguous_input(x, st)});
+  return mx::array(x.shape(), mx::float32, std::make_shared<Elu>(st), {x});
 }
 
 void Elu::eval_gpu(const std::vector<mx::array>&, mx::array&) {

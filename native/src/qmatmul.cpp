@@ -215,8 +215,8 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
   mx::Shape out_shape = x.shape();
   out_shape.back() = N;
   return mx::array(out_shape, x.dtype(), std::make_shared<QMatmul>(st, group_size, bits),
-                   {contiguous_input(x, st), contiguous_input(w, st),
-                    contiguous_input(scales, st), contiguous_input(biases, st)});
+                   {x, w,
+                    scales, biases});
 }
 
 bool QMatmul::is_equivalent(const mx::Primitive& other) const {
@@ -239,9 +239,6 @@ void QMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   dispatch_cpu(stream(), inputs, out, [G = group_size_, bits = bits_](std::vector<mx::array>& ins, mx::array& out) {
     const mx::array &x = ins[0], &w = ins[1], &sc = ins[2], &bi = ins[3];
-    for (const auto* a : {&x, &w, &sc, &bi})
-      if (!a->flags().row_contiguous)
-        throw std::runtime_error("csmd_native.quantized_matmul: internal error, non-contiguous input");
     const int K = x.shape(-1);
     const int N = w.shape(0);
     const int M = static_cast<int>(x.size() / K);

@@ -287,9 +287,8 @@ std::vector<mx::array> transformer_step(const mx::array& x, const std::vector<mx
   validate_stack(weights, L, H, num_heads, num_kv_heads, D, group_size, bits, "transformer_step");
   auto st = mx::to_stream(s);
   StepConfig cfg{position, num_heads, num_kv_heads, eps, group_size, bits, L};
-  std::vector<mx::array> inputs = {x, contiguous_input(cache_k, st), contiguous_input(cache_v, st),
-                                   contiguous_input(inv_freqs, st)};
-  for (const auto& w : weights) inputs.push_back(contiguous_input(w, st));
+  std::vector<mx::array> inputs = {x, cache_k, cache_v, inv_freqs};
+  for (const auto& w : weights) inputs.push_back(w);
   // The cache is only read; the new rows come out and the caller writes them (an in-place slice update).
   // Handing the whole cache back instead would copy it every step: a multi-output primitive never gets to
   // reuse its input buffer, since every output holds the inputs.

@@ -66,23 +66,42 @@ class CausalConv1d(nn.Module):
             return None
         return mx.zeros((batch, self.context, self.weight.shape[1]))
 
-    def __call__(self, x: mx.array, state: State) -> tuple[mx.array, State]:
+    def __call__(
+        self, x: mx.array, state: State, elu_input: bool = False, residual: mx.array | None = None
+    ) -> tuple[mx.array, State]:
+        """One step: conv([state | elu(x) if elu_input else x]) (+ residual), and the new state."""
         if x.shape[1] % self.stride:
             raise ValueError(f"input length {x.shape[1]} is not a multiple of the stride {self.stride}")
+        if self.context and state is None:
+            first = x[:, :1] if self.replicate else mx.zeros_like(x[:, :1])
+            state = mx.repeat(elu(first) if elu_input and self.replicate else first, self.context, axis=1)
+        if _native_step(x, "causal_conv_step"):
+            rows = x.shape[0] * x.shape[1] // self.stride
+            weight = self._packed if rows > FEW_ROWS and self._packed is not None else self._w
+            return kernels.causal_conv_step(
+                x, state, weight, self._w.shape[0], self.get("bias"), residual, self.kernel, self.stride, elu_input
+            )
+        if elu_input:
+            x = elu(x)
         if self.context:
-            if state is None:
-                first = x[:, :1] if self.replicate else mx.zeros_like(x[:, :1])
-                state = mx.repeat(first, self.context, axis=1)
             x = mx.concatenate([state, x], axis=1)
             state = x[:, -self.context :]
+        y = self._convolve(x)
+        return (y if residual is None else residual + y), state
+
+    def _convolve(self, x: mx.array) -> mx.array:
+        """The convolution of x, its left context included."""
         steps = (x.shape[1] - self.kernel) // self.stride + 1
         if self._packed is not None and x.shape[0] * steps > FEW_ROWS and kernels.native_available():
             # Many rows: the native panel GEMM reads each window in place (no unfolded copy).
-            return kernels.panel_conv(
-                x, self._packed, self._w.shape[0], self.get("bias"), self.kernel, self.stride
-            ), state
+            return kernels.panel_conv(x, self._packed, self._w.shape[0], self.get("bias"), self.kernel, self.stride)
         windows = _unfold(x, self.kernel, self.stride)
-        return _product(windows, self._w, self._packed, self.get("bias")), state
+        return _product(windows, self._w, self._packed, self.get("bias"))
+
+
+def _native_step(x: mx.array, name: str) -> bool:
+    """Whether a convolution step of x runs as one fused native primitive (else as MLX ops, the reference)."""
+    return x.dtype == mx.float32 and kernels.native_has(name)
 
 
 def _product(x: mx.array, w: mx.array, packed: mx.array | None, bias: mx.array | None) -> mx.array:
@@ -146,7 +165,17 @@ class CausalConvTranspose1d(nn.Module):
         cout = self.weight.shape[0] if self.depthwise else self.weight.shape[1]
         return mx.zeros((batch, 1, self.stride, cout))
 
-    def __call__(self, x: mx.array, state: State) -> tuple[mx.array, State]:
+    def __call__(self, x: mx.array, state: State, elu_input: bool = False) -> tuple[mx.array, State]:
+        """One step: the transposed convolution of elu(x) if elu_input else x, and the new state."""
+        previous = self.initial_state(x.shape[0]) if state is None else state
+        if not self.depthwise and _native_step(x, "conv_transpose_step"):
+            rows = x.shape[0] * x.shape[1]
+            weight = self._packed if rows > FEW_ROWS and self._packed is not None else self._w
+            return kernels.conv_transpose_step(
+                x, previous, weight, self.weight.shape[1], self.get("bias"), self.stride, elu_input
+            )
+        if elu_input:
+            x = elu(x)
         batch, steps, _ = x.shape
         s = self.stride
         # [B, T, 2s, C]: what each input step contributes to its own and the next output block
@@ -156,7 +185,6 @@ class CausalConvTranspose1d(nn.Module):
             else _product(x, self._w, self._packed, None).reshape(batch, steps, 2 * s, -1)
         )
         head, tail = products[:, :, :s], products[:, :, s:]
-        previous = self.initial_state(batch) if state is None else state
         overlap = mx.concatenate([previous, tail[:, :-1]], axis=1) if steps > 1 else previous
         y = (head + overlap).reshape(batch, steps * s, -1)
         return (y + self.bias if "bias" in self else y), tail[:, -1:]
@@ -171,26 +199,36 @@ class ResBlock(nn.Module):
 
     def __call__(self, x: mx.array, state: State) -> tuple[mx.array, State]:
         state = state or [None, None]
-        h, first = self.block[1](elu(x), state[0])
-        h, second = self.block[3](elu(h), state[1])
-        return x + h, [first, second]
+        h, first = self.block[1](x, state[0], elu_input=True)
+        y, second = self.block[3](h, state[1], elu_input=True, residual=x)
+        return y, [first, second]
 
     def initial_state(self, batch: int) -> State:
         return [self.block[1].initial_state(batch), self.block[3].initial_state(batch)]
 
 
 def _run(layers: list[nn.Module], x: mx.array, state: State) -> tuple[mx.array, State]:
-    """Apply a Kyutai-numbered layer list; ELUs are stateless, everything else threads its state."""
+    """Apply a Kyutai-numbered layer list; ELUs are stateless, everything else threads its state. An ELU
+    before a convolution is applied by that convolution's step (fused there on the native path)."""
     state = state or [None] * len(layers)
     new_state: list[State] = []
+    elu_pending = False
     for layer, layer_state in zip(layers, state, strict=True):
         if isinstance(layer, nn.ELU):
-            x = elu(x)
+            if elu_pending:
+                x = elu(x)
+            elu_pending = True
             new_state.append(None)
+            continue
+        if isinstance(layer, CausalConv1d | CausalConvTranspose1d):
+            x, layer_state = layer(x, layer_state, elu_input=elu_pending)
         else:
+            if elu_pending:
+                x = elu(x)
             x, layer_state = layer(x, layer_state)
-            new_state.append(layer_state)
-    return x, new_state
+        elu_pending = False
+        new_state.append(layer_state)
+    return (elu(x) if elu_pending else x), new_state
 
 
 def _initial_state(layers: list[nn.Module], batch: int) -> State:
