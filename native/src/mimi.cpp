@@ -414,17 +414,7 @@ void Elu::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 
 void Elu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   dispatch_cpu(stream(), inputs, out, [](std::vector<mx::array>& ins, mx::array& out) {
-    const mx::array& x = ins[0];
-    const int n = static_cast<int>(x.size());
-    const EluFn kernel = elu_kernel(current_variant());
-    // ~1 ns per 8 values: only large arrays are worth a pool job.
-    const int chunks = std::max(1, std::min(2 * pool().size(), n / (128 << 10)));
-    const std::function<void(int)> fn = [&](int c) {
-      int i0, i1;
-      split_range(n, chunks, c, i0, i1);
-      kernel(x.data<float>() + i0, i1 - i0, out.data<float>() + i0);
-    };
-    pool().run_chunks(chunks, fn);
+    elu_pooled(elu_kernel(current_variant()), ins[0].data<float>(), ins[0].size(), out.data<float>(), pool());
   });
 }
 

@@ -9,6 +9,7 @@
 #include "seanet.h"
 
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -23,15 +24,19 @@ namespace csmd {
 
 namespace {
 
+// A scratch buffer left uninitialized: every one here is written in full before it is read, and zeroing the
+// up to 1 MB of a frame's largest cost more than the pass that fills it.
+std::unique_ptr<float[]> scratch(size_t n) { return std::make_unique_for_overwrite<float[]>(n); }
+
 // out[M, N] = (row m of K floats at x + m * ldx) @ W.T (+ bias), W as the weight array holds it.
 void product(const mx::array& w, const float* x, int M, int K, size_t ldx, int N, const float* bias, float* out) {
   if (M == 0) return;
   if (w.ndim() == 2) {  // as is: the few-row product, which reads its rows side by side
-    std::vector<float> rows;
+    std::unique_ptr<float[]> rows;
     if (ldx != static_cast<size_t>(K)) {
-      rows.resize(static_cast<size_t>(M) * K);
-      for (int m = 0; m < M; ++m) std::memcpy(rows.data() + static_cast<size_t>(m) * K, x + m * ldx, sizeof(float) * K);
-      x = rows.data();
+      rows = scratch(static_cast<size_t>(M) * K);
+      for (int m = 0; m < M; ++m) std::memcpy(rows.get() + static_cast<size_t>(m) * K, x + m * ldx, sizeof(float) * K);
+      x = rows.get();
     }
     FewRowsArgs a;
     a.x = x;
@@ -65,7 +70,7 @@ void product(const mx::array& w, const float* x, int M, int K, size_t ldx, int N
 // x (n floats), through the ELU when asked, to out.
 void load(const float* x, size_t n, bool elu_input, float* out) {
   if (elu_input)
-    elu_kernel(current_variant())(x, static_cast<int>(n), out);
+    elu_pooled(elu_kernel(current_variant()), x, n, out, pool());
   else
     std::memcpy(out, x, sizeof(float) * n);
 }
@@ -96,9 +101,9 @@ void conv_eval(const SeanetConvConfig& cfg, std::vector<mx::array>& ins, std::ve
   const int B = x.shape(0), T = x.shape(1), C = x.shape(2), N = cfg.n;
   const int context = cfg.kernel - cfg.stride, L = context + T, M = T / cfg.stride, K = cfg.kernel * C;
   const size_t batch_in = static_cast<size_t>(L) * C, ldx = static_cast<size_t>(cfg.stride) * C;
-  std::vector<float> inputs(static_cast<size_t>(B) * batch_in);
+  const auto inputs = scratch(static_cast<size_t>(B) * batch_in);
   for (int b = 0; b < B; ++b) {
-    float* e = inputs.data() + b * batch_in;
+    float* e = inputs.get() + b * batch_in;
     if (context) std::memcpy(e, state->data<float>() + static_cast<size_t>(b) * context * C, sizeof(float) * context * C);
     load(x.data<float>() + static_cast<size_t>(b) * T * C, static_cast<size_t>(T) * C, cfg.elu_input, e + context * C);
     if (context) std::memcpy(outs[1].data<float>() + static_cast<size_t>(b) * context * C, e + static_cast<size_t>(T) * C,
@@ -106,15 +111,15 @@ void conv_eval(const SeanetConvConfig& cfg, std::vector<mx::array>& ins, std::ve
   }
   float* y = outs[0].data<float>();
   if (w.ndim() == 2 && B > 1) {  // the few-row product, once for every batch's windows
-    std::vector<float> windows(static_cast<size_t>(B) * M * K);
+    const auto windows = scratch(static_cast<size_t>(B) * M * K);
     for (int b = 0; b < B; ++b)
       for (int m = 0; m < M; ++m)
-        std::memcpy(windows.data() + (static_cast<size_t>(b) * M + m) * K, inputs.data() + b * batch_in + m * ldx,
+        std::memcpy(windows.get() + (static_cast<size_t>(b) * M + m) * K, inputs.get() + b * batch_in + m * ldx,
                     sizeof(float) * K);
-    product(w, windows.data(), B * M, K, K, N, bias, y);
+    product(w, windows.get(), B * M, K, K, N, bias, y);
   } else {
     for (int b = 0; b < B; ++b)
-      product(w, inputs.data() + b * batch_in, M, K, ldx, N, bias, y + static_cast<size_t>(b) * M * N);
+      product(w, inputs.get() + b * batch_in, M, K, ldx, N, bias, y + static_cast<size_t>(b) * M * N);
   }
   if (residual)
     for (size_t i = 0; i < outs[0].size(); ++i) y[i] = residual[i] + y[i];
@@ -127,24 +132,27 @@ void conv_transpose_eval(const SeanetConvConfig& cfg, std::vector<mx::array>& in
   const float* bias = cfg.has_bias ? ins[3].data<float>() : nullptr;
   const int B = x.shape(0), T = x.shape(1), C = x.shape(2), N = cfg.n, s = cfg.stride;
   const size_t half = static_cast<size_t>(s) * N, rows = static_cast<size_t>(B) * T;
-  std::vector<float> inputs, products(rows * 2 * half);
+  const auto products = scratch(rows * 2 * half);
+  std::unique_ptr<float[]> inputs;
   const float* xs = x.data<float>();
   if (cfg.elu_input) {
-    inputs.resize(rows * C);
-    load(xs, rows * C, true, inputs.data());
-    xs = inputs.data();
+    inputs = scratch(rows * C);
+    load(xs, rows * C, true, inputs.get());
+    xs = inputs.get();
   }
-  product(w, xs, static_cast<int>(rows), C, C, static_cast<int>(2 * half), nullptr, products.data());
+  product(w, xs, static_cast<int>(rows), C, C, static_cast<int>(2 * half), nullptr, products.get());
   for (int b = 0; b < B; ++b) {
-    const float* p = products.data() + static_cast<size_t>(b) * T * 2 * half;
+    const float* p = products.get() + static_cast<size_t>(b) * T * 2 * half;
     float* y = outs[0].data<float>() + static_cast<size_t>(b) * T * half;
     for (int t = 0; t < T; ++t) {
       const float* head = p + t * 2 * half;
       const float* overlap = t ? p + (t - 1) * 2 * half + half : state.data<float>() + b * half;
-      for (size_t i = 0; i < half; ++i) {
-        const float v = head[i] + overlap[i];
-        y[t * half + i] = bias ? v + bias[i % N] : v;
-      }
+      for (int j = 0; j < s; ++j)  // output step t * s + j: channels n
+        for (int c = 0; c < N; ++c) {
+          const size_t i = static_cast<size_t>(j) * N + c;
+          const float v = head[i] + overlap[i];
+          y[t * half + i] = bias ? v + bias[c] : v;
+        }
     }
     std::memcpy(outs[1].data<float>() + b * half, p + (T - 1) * 2 * half + half, sizeof(float) * half);
   }
