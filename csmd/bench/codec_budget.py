@@ -53,10 +53,10 @@ def decode_budget(mimi: Mimi, batch: int = 1) -> DecodeBudget:
         if isinstance(layer, CausalConv1d):
             rows //= layer.stride
         weights = layer._w
-        if rows <= FEW_ROWS or layer._packed is None:
+        if rows <= FEW_ROWS:
             few_row += int(weights.nbytes)
-        else:
-            gemm_bytes += int(layer._packed.nbytes)
+        else:  # (the MLX path, without packed panels, multiplies the same weights)
+            gemm_bytes += int((weights if layer._packed is None else layer._packed).nbytes)
             gemm_flops += 2 * rows * int(weights.size)
         if isinstance(layer, CausalConvTranspose1d):
             rows *= layer.stride
