@@ -6,6 +6,7 @@ scope, so loading a fast library with RTLD_GLOBAL first makes MLX use it. The ch
 numpy once MLX is imported; a mismatch is reported, never hidden (see `check`).
 
 CSMD_BLAS selects it: "auto" (default: BLIS, then OpenBLAS, if installed), "off", or a library path/soname.
+Imported after mlx.core, csmd can no longer do this, and warns.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import warnings
 
 _AUTO = ("libblis.so.4", "libopenblas.so.0")
 loaded: str | None = None  # the library in use, or None for MLX's bundled one
@@ -21,7 +23,15 @@ loaded: str | None = None  # the library in use, or None for MLX's bundled one
 def preload() -> str | None:
     global loaded
     choice = os.environ.get("CSMD_BLAS", "auto")
-    if choice == "off" or not sys.platform.startswith("linux") or "mlx.core" in sys.modules:
+    if choice == "off" or not sys.platform.startswith("linux"):
+        return None
+    if "mlx.core" in sys.modules:  # too late: libmlx has bound its BLAS symbols
+        warnings.warn(
+            "mlx.core was imported before csmd, so MLX keeps its bundled reference BLAS (fp32 matmuls about 35x "
+            "slower); import csmd first (or set CSMD_BLAS=off to keep MLX's BLAS without this warning)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     # BLIS runs one thread unless told otherwise; a second core halves prefill (BENCHMARKS.md).
     os.environ.setdefault("BLIS_NUM_THREADS", str(os.cpu_count() or 1))

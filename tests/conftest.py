@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# First, before anything imports mlx.core (tiny_hf_csm does): csmd gives MLX a fast BLAS then or never.
+import csmd  # noqa: F401
+
+# isort: split
+
 from pathlib import Path
 
 import pytest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -76,6 +77,26 @@ def test_blas_preload_gives_correct_matmuls() -> None:
         check=True,
     )
     assert off.stdout.strip() == "None"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the preload is Linux-only")
+def test_blas_preload_warns_when_mlx_came_first() -> None:
+    """Imported after mlx.core, csmd cannot give MLX a fast BLAS any more: it says so rather than run slow."""
+    late = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-c", "import mlx.core; import csmd"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert late.returncode != 0 and "imported before csmd" in late.stderr
+    quiet = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-c", "import mlx.core; import csmd"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CSMD_BLAS": "off"},
+        check=False,
+    )
+    assert quiet.returncode == 0, quiet.stderr
 
 
 def test_say_writes_one_frame_of_audio_per_generated_frame(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
