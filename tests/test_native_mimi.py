@@ -81,7 +81,8 @@ def _stack(cfg: MimiTransformerConfig, seed: int, weights: mx.Dtype) -> MimiTran
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize(("batch", "steps"), [(1, 2), (2, 1), (2, 3)])
+# streaming steps, and offline chunks longer than the window
+@pytest.mark.parametrize(("batch", "steps"), [(1, 2), (2, 1), (2, 3), (1, 13), (2, 25)])
 def test_mimi_transformer_matches_mlx_layers(variant: str, batch: int, steps: int) -> None:
     """The native step (mimi_ring_write, then mimi_transformer) against the MLX layers, state and all."""
     csmd_native.set_variant(variant)

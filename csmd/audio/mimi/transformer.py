@@ -162,12 +162,6 @@ class Layer(nn.Module):
         return x + self.layer_scale_2 * self.mlp(self.norm2(x)), past
 
 
-# Up to this many rows (batch x steps; a streaming frame has 2), the whole stack runs as one native
-# primitive when the extension is loaded: at 2 rows the ~40 MLX ops of a layer cost more to dispatch than
-# their arithmetic. Longer (offline) chunks run the MLX layers, whose matmuls are real GEMMs.
-_NATIVE_ROWS = 8
-
-
 class MimiTransformer(nn.Module):
     """[B, T, d_model] -> [B, T, d_model].
 
@@ -191,7 +185,10 @@ class MimiTransformer(nn.Module):
     def __call__(self, x: mx.array, state: Any) -> tuple[mx.array, Any]:
         position, past_k, past_v, last_k, last_v = state if state is not None else self.initial_state(x.shape[0])
         start = position - last_k.shape[2]
-        if x.shape[0] * x.shape[1] <= _NATIVE_ROWS and kernels.mimi_transformer_available():
+        # The whole stack as one native primitive when the extension is loaded: at a streaming frame's 2 rows
+        # the ~40 MLX ops of a layer cost more to dispatch than their arithmetic, and at an offline chunk's
+        # 250 rows it still took 0.55x the MLX layers' time (BENCHMARKS.md, "Mimi codec").
+        if kernels.mimi_transformer_available():
             past_k = kernels.mimi_ring_write(past_k, last_k, start)
             past_v = kernels.mimi_ring_write(past_v, last_v, start)
             y, new_k, new_v = self._native(x, position, past_k, past_v)
