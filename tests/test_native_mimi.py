@@ -225,7 +225,10 @@ def test_few_row_matmul_threaded_jobs(threads: int) -> None:
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize(
     ("rows", "k", "n"),
-    [(1, 5, 3), (7, 33, 17), (96, 256, 160), (1922, 64, 32), (13, 8, 48), (1920, 13, 1), (5, 192, 1)],
+    [
+        *[(1, 5, 3), (7, 33, 17), (96, 256, 160), (1922, 64, 32), (13, 8, 48), (1920, 13, 1), (5, 192, 1)],
+        *[(100, 40, 37), (200, 1100, 130)],  # row tiles through every panel, a part panel last; weights past L2
+    ],
 )
 def test_panel_matmul(variant: str, with_bias: bool, rows: int, k: int, n: int) -> None:
     csmd_native.set_variant(variant)
