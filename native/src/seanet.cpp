@@ -1,11 +1,11 @@
 // SEANet's streaming convolutions (Mimi's codec), one primitive per convolution with its surroundings fused in.
 //
-// csmd/audio/mimi/seanet.py is the reference and says what each layer computes. As separate MLX ops, a
-// decoded frame's SEANet spent about 1.5 ms of its 4.8 outside the products: the ELUs, the concatenation of
-// each convolution's state with its input, the bias and residual sums, the transposed convolutions' overlap-
-// add, each a pass over the activations (up to 1920 x 64 floats) and a fresh buffer. Here those are done in the
-// buffers that the products read and write, and the products are the same kernels as before (fewrows.h for a
-// few rows, panel_gemm.h for many), so the results are the same floats.
+// csmd/audio/mimi/seanet.py is the reference and says what each layer computes. As separate MLX ops, the ELUs,
+// the concatenation of each convolution's state with its input, the bias and residual sums and the transposed
+// convolutions' overlap-add were each a pass over the activations (up to 1920 x 64 floats a decoded frame,
+// 72000 x 64 for 3 s offline) into a fresh buffer. Here they happen in the buffers that the products read and
+// write, and the products are the same kernels as before (fewrows.h for a few rows, panel_gemm.h for many), so
+// the results are the same floats. A whole decoded frame took 0.90-0.92 of its time with the MLX ops.
 #include "seanet.h"
 
 #include <cstring>
@@ -108,12 +108,12 @@ void conv_eval(const SeanetConvConfig& cfg, std::vector<mx::array>& ins, std::ve
   const int context = cfg.kernel - cfg.stride, L = context + T, M = T / cfg.stride, K = cfg.kernel * C;
   const size_t batch_in = static_cast<size_t>(L) * C, ldx = static_cast<size_t>(cfg.stride) * C;
   const auto inputs = scratch(static_cast<size_t>(B) * batch_in);
+  const size_t past = static_cast<size_t>(context) * C;  // floats of state per batch
   for (int b = 0; b < B; ++b) {
     float* e = inputs.get() + b * batch_in;
-    if (context) std::memcpy(e, state->data<float>() + static_cast<size_t>(b) * context * C, sizeof(float) * context * C);
-    load(x.data<float>() + static_cast<size_t>(b) * T * C, static_cast<size_t>(T) * C, cfg.elu_input, e + context * C);
-    if (context) std::memcpy(outs[1].data<float>() + static_cast<size_t>(b) * context * C, e + static_cast<size_t>(T) * C,
-                             sizeof(float) * context * C);
+    if (context) std::memcpy(e, state->data<float>() + b * past, sizeof(float) * past);
+    load(x.data<float>() + static_cast<size_t>(b) * T * C, static_cast<size_t>(T) * C, cfg.elu_input, e + past);
+    if (context) std::memcpy(outs[1].data<float>() + b * past, e + static_cast<size_t>(T) * C, sizeof(float) * past);
   }
   float* y = outs[0].data<float>();
   if (w.ndim() == 2 && B > 1) {  // the few-row product, once for every batch's windows
