@@ -70,7 +70,7 @@ def _native_dense(x: mx.array, weight: mx.array) -> bool:
 def attention(q: mx.array, keys: mx.array, values: mx.array, scale: float, causal: bool) -> mx.array:
     """Grouped-query attention of q [B, heads, T, D] over keys/values [B, kv heads, S, D]; "causal" is aligned
     to the last key (new rows after a cached prefix)."""
-    if causal and q.dtype == mx.float32 and _native_has("causal_softmax"):
+    if causal and q.dtype == mx.float32 and native_has("causal_softmax"):
         return _prefill_attention(q, keys, values, scale)
     return reference.attention(q, keys, values, scale, causal)
 
@@ -89,13 +89,9 @@ def _prefill_attention(q: mx.array, keys: mx.array, values: mx.array, scale: flo
     return (probs @ values).reshape(batch, heads, rows, dim)
 
 
-def _native_has(name: str) -> bool:
-    return native.module is not None and native.active() and hasattr(native.module, name)
-
-
 def fused_step_available(x: mx.array) -> bool:
     """The native one-token transformer step can run here (CPU, extension loaded, one sequence)."""
-    return native.active() and hasattr(native.module, "transformer_step") and x.shape[0] == 1
+    return native_has("transformer_step") and x.shape[0] == 1
 
 
 def transformer_step(
@@ -128,7 +124,7 @@ def transformer_step(
 
 def depth_frame_available(x: mx.array) -> bool:
     """The native whole-frame depth decoder can run here (CPU, extension loaded, one sequence)."""
-    return fused_step_available(x) and hasattr(native.module, "depth_frame")
+    return fused_step_available(x) and native_has("depth_frame")
 
 
 def depth_frame(
@@ -174,7 +170,7 @@ def native_available() -> bool:
 
 def mimi_transformer_available() -> bool:
     """The native Mimi stack can run here (an older build of the extension may lack it)."""
-    return native_available() and all(hasattr(native.module, f) for f in ("mimi_transformer", "mimi_ring_write"))
+    return native_has("mimi_transformer") and native_has("mimi_ring_write")
 
 
 def mimi_transformer(
@@ -214,7 +210,7 @@ PANEL = 16  # output columns per packed panel (native/src/kernels/panel_gemm.h)
 def pack_panels(weight: mx.array) -> mx.array | None:
     """A constant float32 weight [N, K] packed for `panel_matmul`, [ceil(N / 16), K, 16] with zero rows past
     N; None when the native kernels do not serve this device (then nothing is packed)."""
-    if not (native_available() and hasattr(native.module, "panel_matmul")):
+    if not native_has("panel_matmul"):
         return None
     n, k = weight.shape
     panels = -(-n // PANEL)

@@ -42,6 +42,18 @@ std::vector<mx::Shape> FMatmul::output_shapes(const std::vector<mx::array>& inpu
   return {sh};
 }
 
+void few_rows_product(const mx::array& w, const float* x, int M, float* out) {
+  FewRowsArgs a;
+  a.x = x;
+  a.M = M;
+  a.K = w.shape(1);
+  a.N = w.shape(0);
+  a.bf16 = w.dtype() == mx::bfloat16;
+  a.w = a.bf16 ? static_cast<const void*>(w.data<mx::bfloat16_t>()) : static_cast<const void*>(w.data<float>());
+  a.out = out;
+  fewrows_matmul(a, fewrows_kernel(current_variant()), pool());
+}
+
 void FMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw std::runtime_error("csmd_native.matmul runs on the CPU only; use x @ w.T on the GPU (or pass stream=mx.cpu)");
 }
@@ -57,15 +69,7 @@ void FMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     const float* xf = fp32_input(x, xbuf);
     float* of = fp32_output(out, obuf);
     if (M >= 2 && M <= kFewRowsMax) {  // weight-bound: read each weight row once for all rows
-      FewRowsArgs f;
-      f.x = xf;
-      f.M = M;
-      f.K = K;
-      f.N = N;
-      f.bf16 = w.dtype() == mx::bfloat16;
-      f.w = f.bf16 ? static_cast<const void*>(w.data<mx::bfloat16_t>()) : static_cast<const void*>(w.data<float>());
-      f.out = of;
-      fewrows_matmul(f, fewrows_kernel(current_variant()), pool());
+      few_rows_product(w, xf, M, of);
       store_output(out, obuf);
       return;
     }

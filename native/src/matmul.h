@@ -13,6 +13,10 @@ namespace mx = mlx::core;
 // the output has x's shape with the last dim out, and x's dtype.
 mx::array matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s = {});
 
+// Inside a primitive's work: out[M, N] = x[M, K] @ w.T for w float32 or bfloat16 [N, K] (evaluated), each weight
+// row read once for all M rows (kernels/fewrows.h), over the pool's threads.
+void few_rows_product(const mx::array& w, const float* x, int M, float* out);
+
 class FMatmul : public mx::UnaryPrimitive {
  public:
   explicit FMatmul(mx::Stream stream) : mx::UnaryPrimitive(stream) {}

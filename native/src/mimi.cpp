@@ -21,9 +21,9 @@
 
 #include "dispatch.h"
 #include "kernels/elu.h"
-#include "kernels/fewrows.h"
 #include "kernels/panel_gemm.h"
 #include "kernels/strided_rows.h"
+#include "matmul.h"
 #include "state.h"
 
 namespace csmd {
@@ -71,19 +71,6 @@ std::vector<float> rope_table(int T, int head_dim, const float* inv_freqs, int p
       cs[t * head_dim + 2 * i + 1] = std::sin(a);
     }
   return cs;
-}
-
-// out[R, N] = x[R, K] @ w[N, K].T, weights read once for all R rows, over the pool's threads.
-void project(const mx::array& w, const float* x, int R, float* out) {
-  FewRowsArgs a;
-  a.x = x;
-  a.M = R;
-  a.K = w.shape(1);
-  a.N = w.shape(0);
-  a.bf16 = w.dtype() == mx::bfloat16;
-  a.w = a.bf16 ? static_cast<const void*>(w.data<mx::bfloat16_t>()) : static_cast<const void*>(w.data<float>());
-  a.out = out;
-  fewrows_matmul(a, fewrows_kernel(current_variant()), pool());
 }
 
 struct Shapes {
@@ -240,7 +227,7 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
       // Attention block.
       for (int r = 0; r < R; ++r)
         layer_norm(y + r * s.D, w[0].data<float>(), w[1].data<float>(), cfg.eps, s.D, h.data() + r * s.D);
-      project(w[2], h.data(), R, qkv.data());
+      few_rows_product(w[2], h.data(), R, qkv.data());
       for (int r = 0; r < R; ++r) {
         float* row = qkv.data() + static_cast<size_t>(r) * 3 * s.D;
         const float* cs = rope_cs.data() + static_cast<size_t>(r % s.T) * s.hd;
@@ -264,16 +251,16 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
                kern, rows);
       };
       pool().run_chunks(s.B * s.H, attend_head);
-      project(w[3], att.data(), R, o.data());
+      few_rows_product(w[3], att.data(), R, o.data());
       const float* ls1 = w[4].data<float>();
       for (int r = 0; r < R; ++r)
         for (int i = 0; i < s.D; ++i) y[r * s.D + i] += ls1[i] * o[r * s.D + i];
       // MLP block.
       for (int r = 0; r < R; ++r)
         layer_norm(y + r * s.D, w[5].data<float>(), w[6].data<float>(), cfg.eps, s.D, h.data() + r * s.D);
-      project(w[7], h.data(), R, f.data());
+      few_rows_product(w[7], h.data(), R, f.data());
       gelu(f.data(), static_cast<int>(f.size()));  // exact (erf) GELU, as trained
-      project(w[8], f.data(), R, o.data());
+      few_rows_product(w[8], f.data(), R, o.data());
       const float* ls2 = w[9].data<float>();
       for (int r = 0; r < R; ++r)
         for (int i = 0; i < s.D; ++i) y[r * s.D + i] += ls2[i] * o[r * s.D + i];
@@ -368,22 +355,13 @@ void PanelMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
     a.N = n;
     a.wp = ins[1].data<float>();
     a.bias = ins.size() > 2 ? ins[2].data<float>() : nullptr;
-    const PanelFn tile = panel_kernel(current_variant());
-    const RowDotsFn dots = strided_rows_kernels(current_variant()).row_dots;
-    // one output column: row dots (panel_gemv), else panel tiles
-    const auto product = [&](const PanelArgs& args) {
-      if (args.N == 1)
-        panel_gemv(args, dots, pool());
-      else
-        panel_gemm(args, tile, pool());
-    };
     if (!kernel) {  // a plain product of every row
       a.K = x.shape(-1);
       a.ldx = static_cast<size_t>(a.K);
       a.M = static_cast<int>(x.size() / std::max(1, a.K));
       a.x = x.data<float>();
       a.out = out.data<float>();
-      if (a.M > 0) product(a);
+      if (a.M > 0) panel_product(a, current_variant(), pool());
       return;
     }
     // A convolution: per batch, output t's window is the kernel * C floats from x[b, t * stride].
@@ -394,7 +372,7 @@ void PanelMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
     for (int b = 0; b < B; ++b) {
       a.x = x.data<float>() + static_cast<size_t>(b) * L * C;
       a.out = out.data<float>() + static_cast<size_t>(b) * a.M * n;
-      if (a.M > 0) product(a);
+      if (a.M > 0) panel_product(a, current_variant(), pool());
     }
   });
 }

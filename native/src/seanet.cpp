@@ -15,9 +15,8 @@
 
 #include "dispatch.h"
 #include "kernels/elu.h"
-#include "kernels/fewrows.h"
 #include "kernels/panel_gemm.h"
-#include "kernels/strided_rows.h"
+#include "matmul.h"
 #include "state.h"
 
 namespace csmd {
@@ -40,15 +39,7 @@ void product(const mx::array& w, const float* x, int M, int K, size_t ldx, int N
       for (int m = 0; m < M; ++m) std::memcpy(rows.get() + static_cast<size_t>(m) * K, x + m * ldx, sizeof(float) * K);
       x = rows.get();
     }
-    FewRowsArgs a;
-    a.x = x;
-    a.M = M;
-    a.K = K;
-    a.N = N;
-    a.bf16 = w.dtype() == mx::bfloat16;
-    a.w = a.bf16 ? static_cast<const void*>(w.data<mx::bfloat16_t>()) : static_cast<const void*>(w.data<float>());
-    a.out = out;
-    fewrows_matmul(a, fewrows_kernel(current_variant()), pool());
+    few_rows_product(w, x, M, out);
     for (int m = 0; m < M; ++m)  // (a few rows: these sums cost nothing)
       for (int n = 0; n < N; ++n) {
         const size_t i = static_cast<size_t>(m) * N + n;
@@ -67,10 +58,7 @@ void product(const mx::array& w, const float* x, int M, int K, size_t ldx, int N
   a.bias = bias;
   a.residual = residual;  // added as each tile is stored: at 72000 rows a pass of its own took 3-4 ms
   a.out = out;
-  if (N == 1)
-    panel_gemv(a, strided_rows_kernels(current_variant()).row_dots, pool());
-  else
-    panel_gemm(a, panel_kernel(current_variant()), pool());
+  panel_product(a, current_variant(), pool());
 }
 
 // x (n floats), through the ELU when asked, to out.

@@ -76,8 +76,7 @@ class CausalConv1d(nn.Module):
             first = x[:, :1] if self.replicate else mx.zeros_like(x[:, :1])
             state = mx.repeat(elu(first) if elu_input and self.replicate else first, self.context, axis=1)
         if _native_step(x, "causal_conv_step"):
-            rows = x.shape[0] * x.shape[1] // self.stride
-            weight = self._packed if rows > FEW_ROWS and self._packed is not None else self._w
+            weight = _step_weight(self, rows=x.shape[0] * x.shape[1] // self.stride)
             return kernels.causal_conv_step(
                 x, state, weight, self._w.shape[0], self.get("bias"), residual, self.kernel, self.stride, elu_input
             )
@@ -102,6 +101,12 @@ class CausalConv1d(nn.Module):
 def _native_step(x: mx.array, name: str) -> bool:
     """Whether a convolution step of x runs as one fused native primitive (else as MLX ops, the reference)."""
     return x.dtype == mx.float32 and kernels.native_has(name)
+
+
+def _step_weight(conv: CausalConv1d | CausalConvTranspose1d, rows: int) -> mx.array:
+    """What a native step multiplies `rows` rows by: the panel-packed weights for many rows (the GEMM), the
+    weights as they are for a few (the few-row product, which also reads bf16 ones)."""
+    return conv._packed if rows > FEW_ROWS and conv._packed is not None else conv._w
 
 
 def _product(x: mx.array, w: mx.array, packed: mx.array | None, bias: mx.array | None) -> mx.array:
@@ -169,8 +174,7 @@ class CausalConvTranspose1d(nn.Module):
         """One step: the transposed convolution of elu(x) if elu_input else x, and the new state."""
         previous = self.initial_state(x.shape[0]) if state is None else state
         if not self.depthwise and _native_step(x, "conv_transpose_step"):
-            rows = x.shape[0] * x.shape[1]
-            weight = self._packed if rows > FEW_ROWS and self._packed is not None else self._w
+            weight = _step_weight(self, rows=x.shape[0] * x.shape[1])
             return kernels.conv_transpose_step(
                 x, previous, weight, self.weight.shape[1], self.get("bias"), self.stride, elu_input
             )

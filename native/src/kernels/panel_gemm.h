@@ -221,4 +221,12 @@ inline void panel_gemm(const PanelArgs& a, PanelFn tile, ThreadPool& pool) {
   pool.run_chunks(chunks, fn);
 }
 
+// The whole product for the variant: row dots for one output column (panel_gemv), else panel tiles.
+inline void panel_product(const PanelArgs& a, Variant v, ThreadPool& pool) {
+  if (a.N == 1)
+    panel_gemv(a, strided_rows_kernels(v).row_dots, pool);
+  else
+    panel_gemm(a, panel_kernel(v), pool);
+}
+
 }  // namespace csmd
