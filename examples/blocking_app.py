@@ -47,7 +47,7 @@ def clone_voice(socket_path: Path, prompt: Path, prompt_text: str, text: str, ou
             for chunk in speech:  # float32 at 24 kHz, one 80 ms frame per chunk, as soon as it is decoded
                 if first_audio is None:
                     first_audio = time.perf_counter() - started
-                wav.write(np.clip(chunk.pcm, -1.0, 1.0))  # PCM_16 would wrap rather than clip
+                wav.write(np.clip(chunk.pcm, -1.0, 1.0))  # libsndfile wraps, not clips, by default
                 samples += len(chunk.pcm)
     end = speech.end  # the audio.end record: why the reply ended and how many frames it had
     assert end is not None and speech.audio_start is not None
