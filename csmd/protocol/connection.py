@@ -144,6 +144,14 @@ class Connection:
         return len(self._buffer)
 
     @property
+    def incomplete_size(self) -> int:
+        """The whole size (prefix plus body) of the message being received once its prefix is in, else the
+        prefix bytes held; 0 between messages. What `buffered` grows to before the message completes."""
+        if len(self._buffer) < _HEADER.size:
+            return len(self._buffer)
+        return _HEADER.size + self._body_len
+
+    @property
     def open_streams(self) -> frozenset[str]:
         """Requests whose audio.start went by without their audio.end."""
         return frozenset(self._streams)
