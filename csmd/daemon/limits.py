@@ -26,7 +26,7 @@ class Limits:
     idle_timeout: float = 120.0  # seconds without a message on a connection with no session and nothing running
     message_timeout: float = 30.0  # seconds from a message's first byte to its last
     max_message: int = DEFAULT_MAX_MESSAGE  # bytes of one message body (welcome.max_message)
-    max_buffered: int = 64 * MiB  # bytes of incomplete messages held over all connections
+    max_buffered: int = 64 * MiB  # bytes of incomplete message bodies held over all connections
 
     def __post_init__(self) -> None:
         for name in ("max_connections", "max_sessions", "max_sessions_per_connection", "max_message"):
@@ -38,10 +38,10 @@ class Limits:
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or math.isnan(value):
                 raise ValueError(f"{name} must be a number of seconds > 0 (math.inf: no limit), got {value!r}")
         # A message the budget could never hold would wait for room forever: refuse the combination.
-        if self.max_buffered < self.max_message + 4:
+        if self.max_buffered < self.max_message:
             raise ValueError(
-                f"max_buffered ({self.max_buffered}) must hold at least one whole message "
-                f"(max_message + 4 = {self.max_message + 4})"
+                f"max_buffered ({self.max_buffered}) must hold at least one whole message (max_message, "
+                f"{self.max_message})"
             )
 
     def replace(self, **changes: object) -> Limits:
@@ -49,9 +49,9 @@ class Limits:
 
 
 class BufferBudget:
-    """The bytes of incomplete messages that all connections hold between reads, against `max_buffered`.
+    """The bytes of incomplete message bodies that all connections hold between reads, against `max_buffered`.
 
-    A connection reserves the whole size of a message as soon as its length prefix is read, so a reservation
+    A connection reserves a message's whole body as soon as its length prefix is read, so a reservation
     once granted always lets that message complete: nobody waits on a connection that is itself waiting. A
     connection that gets no room stops reading (and so holds no more than the one read that showed it the
     prefix) until others' messages complete or its message deadline passes.

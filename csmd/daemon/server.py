@@ -187,6 +187,9 @@ class ClientHandler:
                 await self.send(m.Error.from_protocol_error(exc))
                 return
             self._note_progress(bool(events))
+            if self.conn.incomplete_body != self._reserved:  # the message it was held for is complete
+                self.daemon.buffers.release(self._reserved)
+                self._reserved = 0
             for event in events:
                 if isinstance(event, ConnectionClosed) or not await self._dispatch(event, nursery):
                     return
@@ -245,14 +248,10 @@ class ClientHandler:
     async def _reserve_incomplete(self) -> bool:
         """Hold room in the daemon's budget for the whole message being received; False if the connection's
         deadline passed while it waited for room (the client is told)."""
-        size = self.conn.incomplete_size
-        if size == self._reserved:
+        size = self.conn.incomplete_body
+        if size == self._reserved:  # (nothing to hold, or held already)
             return True
         budget = self.daemon.buffers
-        budget.release(self._reserved)
-        self._reserved = 0
-        if size == 0:
-            return True
         with trio.move_on_at(self._deadline()[0]):
             await budget.acquire(size)
             self._reserved = size

@@ -144,12 +144,10 @@ class Connection:
         return len(self._buffer)
 
     @property
-    def incomplete_size(self) -> int:
-        """The whole size (prefix plus body) of the message being received once its prefix is in, else the
-        prefix bytes held; 0 between messages. What `buffered` grows to before the message completes."""
-        if len(self._buffer) < _HEADER.size:
-            return len(self._buffer)
-        return _HEADER.size + self._body_len
+    def incomplete_body(self) -> int:
+        """The body length of the message being received, once its length prefix is in (else 0): what the
+        buffer grows to, beyond the 4 prefix bytes, before the message completes."""
+        return self._body_len if len(self._buffer) >= _HEADER.size else 0
 
     @property
     def open_streams(self) -> frozenset[str]:
