@@ -54,8 +54,9 @@ class Raw:
         assert isinstance(await self.next(), m.Welcome)
 
     async def next(self) -> Event:
-        while not self.inbox:
-            self.inbox.extend(self.conn.receive_data(await self.stream.receive_some(1 << 16)))
+        with trio.fail_after(60):  # (a deadline that never fires fails the test, under the mock clock too)
+            while not self.inbox:
+                self.inbox.extend(self.conn.receive_data(await self.stream.receive_some(1 << 16)))
         return self.inbox.pop(0)
 
     async def fatal(self) -> m.Error:
@@ -377,12 +378,13 @@ def raw_hello(path: Path) -> tuple[socket.socket, Connection]:
 def test_serve_flags_cap_connections_sessions_and_idle_time(tmp_path: Path) -> None:
     path = tmp_path / "run" / "csmd.sock"
     flags = ("--max-connections", "2", "--max-sessions-per-connection", "1", "--idle-timeout", "2")
-    with csmd_serve(path, *flags), blocking_client.connect(path, timeout=20) as holder:
+    with csmd_serve(path, *flags), blocking_client.connect(path, timeout=20) as holder, contextlib.ExitStack() as stack:
         holder.open_session("a")
         with pytest.raises(RequestError) as refused:
             holder.open_session("b")
         assert refused.value.code == "too_many_sessions"
         idle, conn = raw_hello(path)
+        stack.callback(idle.close)
         connected = time.monotonic()
         with pytest.raises(ConnectionLost) as lost:
             blocking_client.connect(path, timeout=20)
@@ -402,8 +404,8 @@ def test_twelve_partial_16_mib_messages_hold_at_most_the_budget(tmp_path: Path) 
     path = tmp_path / "run" / "csmd.sock"
     body = Limits().max_message
     budget = Limits().max_buffered
-    with csmd_serve(path) as server:
-        clients = [raw_hello(path)[0] for _ in range(12)]
+    with csmd_serve(path) as server, contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(raw_hello(path)[0]) for _ in range(12)]
         start = rss_bytes(server.pid)
         header = struct.pack(">I", body)
         for sock in clients:
