@@ -246,3 +246,42 @@ def test_tiny_model_frames_on_the_gpu() -> None:
         assert np.isfinite(result.pcm).all()
     finally:
         mx.set_default_device(previous)
+
+
+async def test_a_peer_gone_before_its_credentials_are_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """getpeereid fails with ENOTCONN on macOS when the client already left: the daemon just drops it."""
+    from csmd.daemon.server import Daemon
+    from csmd.model.generator import Generator
+    from csmd.model.loading import load_model
+    from csmd.speak import codec_for
+
+    loaded = load_model("random:tiny")
+    assert loaded.tokenizer is not None
+    daemon = Daemon(Generator(loaded.model, loaded.tokenizer), codec_for(loaded, None), "random:tiny")
+    real = peercred.peer_uid
+    failures = [OSError(57, "Socket is not connected")]
+
+    def flaky(sock: peercred.HasFileno) -> int:
+        if failures:
+            raise failures.pop()
+        return real(sock)
+
+    path = tmp_path / "run" / "csmd.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.serve, path)
+        monkeypatch.setattr(server.peercred, "peer_uid", flaky)
+        gone = await trio.open_unix_socket(str(path))
+        assert await gone.receive_some(100) == b""  # closed without a word
+        await gone.aclose()
+        monkeypatch.undo()
+
+        def ping() -> object:
+            with blocking_client.connect(path, timeout=10) as client:
+                return client.ping()
+
+        assert await trio.to_thread.run_sync(ping) is not None  # the daemon goes on
+        nursery.cancel_scope.cancel()
+    daemon.close()
+    assert not [r for r in caplog.records if r.levelno >= 40]  # no "handler failed" traceback

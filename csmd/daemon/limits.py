@@ -6,7 +6,6 @@ when it hits one. The daemon enforces them in `server.ClientHandler`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -43,9 +42,6 @@ class Limits:
                 f"max_buffered ({self.max_buffered}) must hold at least one whole message (max_message, "
                 f"{self.max_message})"
             )
-
-    def replace(self, **changes: object) -> Limits:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
 class BufferBudget:

@@ -151,7 +151,12 @@ class ClientHandler:
 
     async def run(self) -> None:
         daemon = self.daemon
-        if not peer_is_allowed(self.stream.socket):
+        try:
+            allowed = peer_is_allowed(self.stream.socket)
+        except OSError as exc:  # it left before we could ask (getpeereid's ENOTCONN on macOS)
+            log.info("a connection ended before its peer's user could be read: %s", exc)
+            return
+        if not allowed:
             log.warning("refused a connection from another user")
             await self._farewell("forbidden", "this daemon serves only its own user")
             return
