@@ -10,6 +10,7 @@ import shutil
 import statistics
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -281,6 +282,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import trio
 
+    from csmd.daemon.limits import Limits
     from csmd.daemon.server import Daemon, default_socket_path, serve_until_signal
     from csmd.model.generator import Generator
     from csmd.model.loading import load_model
@@ -292,9 +294,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if loaded.random:
         print("note: random weights do not speak; replies will be noise", file=sys.stderr)
     mimi = codec_for(loaded, args.codec, bf16=args.codec_bf16)
-    daemon = Daemon(Generator(loaded.model, loaded.tokenizer), mimi, args.model, args.max_sessions)
+    limits = Limits(
+        max_connections=args.max_connections,
+        max_sessions=args.max_sessions,
+        max_sessions_per_connection=args.max_sessions_per_connection,
+        idle_timeout=args.idle_timeout or float("inf"),
+    )
+    daemon = Daemon(Generator(loaded.model, loaded.tokenizer), mimi, args.model, limits)
     path = Path(args.socket) if args.socket else default_socket_path()
-    trio.run(serve_until_signal, daemon, path, lambda p: print(f"csmd: serving {args.model} on {p}", flush=True))
+
+    def announce(where: Path) -> None:
+        print(f"csmd: serving {args.model} on {where}", flush=True)
+
+    trio.run(partial(serve_until_signal, allow_shared_dir=args.allow_shared_socket_dir), daemon, path, announce)
     return 0
 
 
@@ -351,6 +363,28 @@ def _asr_spec(value: str) -> str:
     if kind not in ASR_KINDS or (colon and (kind != "whisper" or not model)):
         raise argparse.ArgumentTypeError(f"expected none, typed, whisper or whisper:MODEL, not {value!r}")
     return value
+
+
+def _at_least_one(value: str) -> int:
+    """An integer flag that counts something the daemon must allow at least one of."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, not {value!r}")
+    return number
+
+
+def _seconds_or_never(value: str) -> float:
+    """Seconds >= 0; 0 means no limit."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0 (0: never), not {value!r}")
+    return seconds
 
 
 def _recognizer(spec: str, language: str | None) -> Recognizer:
@@ -536,9 +570,26 @@ def build_parser() -> argparse.ArgumentParser:
     devices.set_defaults(func=cmd_devices)
 
     serve = commands.add_parser("serve", parents=[run_opts, model_opts], help="run the daemon on a Unix socket")
-    serve.add_argument("--socket", help="socket path (default: $XDG_RUNTIME_DIR/csmd/csmd.sock, else /tmp/csmd-UID/)")
+    serve.add_argument(
+        "--socket", help="socket path (default: $XDG_RUNTIME_DIR/csmd/, on macOS $TMPDIR/csmd/, else /tmp/csmd-UID/)"
+    )
+    serve.add_argument(
+        "--allow-shared-socket-dir",
+        action="store_true",
+        help="serve even where other users can write the socket's directory (they could replace the socket)",
+    )
     _add_codec_options(serve)
-    serve.add_argument("--max-sessions", type=int, default=8, help="sessions held at once (default: 8)")
+    serve.add_argument("--max-sessions", type=_at_least_one, default=8, help="sessions held at once (default: 8)")
+    serve.add_argument(
+        "--max-sessions-per-connection", type=_at_least_one, default=4, help="sessions one client may hold (default: 4)"
+    )
+    serve.add_argument("--max-connections", type=_at_least_one, default=64, help="clients at once (default: 64)")
+    serve.add_argument(
+        "--idle-timeout",
+        type=_seconds_or_never,
+        default=120.0,
+        help="close a connection with no session after this many quiet seconds (default: 120; 0: never)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     say = commands.add_parser(

@@ -435,7 +435,7 @@ async def test_session_limits_close_while_speaking_and_bad_audio(daemon: tuple[D
     await client.send(m.AddContext(session="t", speaker=0, text="x", audio=nan, rate=24_000, format="pcm_f32le"))
     error = await client.next()
     assert isinstance(error, m.Error) and error.code == "invalid_params" and "NaN" in error.message
-    for i in range(d.max_sessions - 1):
+    for i in range(d.limits.max_sessions_per_connection - 1):  # (the daemon-wide cap: tests/adversarial)
         await client.open(f"more{i}")
     await client.send(m.OpenSession(session="one-too-many"))
     error = await client.next()

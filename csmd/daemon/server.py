@@ -9,10 +9,12 @@ reply's bounded channel to the socket. A connection's sessions and replies die w
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
-import struct
+import stat
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,12 +27,14 @@ import trio
 import csmd
 from csmd.audio import io
 from csmd.audio.mimi.model import Mimi, StreamingDecoder
+from csmd.daemon.limits import BufferBudget, Limits
 from csmd.daemon.scheduler import Chunk, Scheduler, Speech
 from csmd.daemon.worker import ModelWorker
 from csmd.model.generator import Context, ContextBusyError, ContextOverflowError, Generator, Segment, Utterance
 from csmd.model.sampling import GenerationParams
 from csmd.protocol import messages as m
-from csmd.protocol.connection import DEFAULT_MAX_MESSAGE, Connection, ConnectionClosed
+from csmd.protocol import peercred
+from csmd.protocol.connection import Connection, ConnectionClosed, State
 from csmd.protocol.errors import ProtocolError
 from csmd.protocol.pcm import decode_pcm, encode_pcm
 
@@ -38,6 +42,7 @@ log = logging.getLogger("csmd.daemon")
 T = TypeVar("T")
 RECEIVE_BYTES = 64 * 1024
 RECENT_REPLIES = 16  # per session, the replies a client may still trim (context.trim)
+FAREWELL_SECONDS = 1.0  # after a fatal error, how long the daemon still reads (and drops) what the client sends
 
 
 class CommandError(Exception):
@@ -59,16 +64,22 @@ class Session:
 
 
 class Daemon:
-    """Everything shared by all connections: the model thread, the scheduler, the model and codec."""
+    """Everything shared by all connections: the model thread, the scheduler, the model and codec, the limits."""
 
-    def __init__(self, generator: Generator, mimi: Mimi, model_name: str, max_sessions: int = 8):
+    def __init__(self, generator: Generator, mimi: Mimi, model_name: str, limits: Limits | None = None):
         self.generator = generator
         self.mimi = mimi
         self.model_name = model_name
-        self.max_sessions = max_sessions
+        self.limits = limits or Limits()
         self.sessions_open = 0
+        self.connections = 0  # served now (refused ones are not counted)
+        self.buffers = BufferBudget(self.limits.max_buffered)  # incomplete messages, over all connections
         self.worker = ModelWorker()
         self.scheduler = Scheduler(self.worker)
+
+    @property
+    def max_sessions(self) -> int:
+        return self.limits.max_sessions
 
     def welcome(self) -> m.Welcome:
         return m.Welcome(
@@ -79,12 +90,22 @@ class Daemon:
             formats=m.FORMATS,
             model=self.model_name,
             watermark=False,
-            max_message=DEFAULT_MAX_MESSAGE,
+            max_message=self.limits.max_message,
         )
 
-    async def serve(self, path: Path, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on `path` until cancelled; the socket file is removed on the way out."""
-        listener = await bind_unix_socket(path)
+    async def serve(
+        self,
+        path: Path,
+        *,
+        allow_shared_dir: bool = False,
+        task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on `path` until cancelled; on the way out the socket file is removed if it is still ours.
+
+        `allow_shared_dir` serves in a directory that other users may write (see `check_socket_dir`)."""
+        peercred.check_supported()  # a daemon that cannot tell who connects must not serve
+        listener = await bind_unix_socket(path, allow_shared_dir=allow_shared_dir)
+        bound = path.lstat()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.scheduler.run)
@@ -92,7 +113,7 @@ class Daemon:
                 await trio.serve_listeners(self._handle, [trio.SocketListener(listener)])
         finally:
             listener.close()
-            path.unlink(missing_ok=True)
+            remove_own_socket(path, bound)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         # Whatever happens to one connection stays with it: the server and the other clients go on.
@@ -113,20 +134,40 @@ class ClientHandler:
     def __init__(self, daemon: Daemon, stream: trio.SocketStream):
         self.daemon = daemon
         self.stream = stream
-        self.conn = Connection(m.Role.SERVER)
+        self.conn = Connection(m.Role.SERVER, max_message=daemon.limits.max_message)
         self.sessions: dict[str, Session] = {}
         self.speeches: dict[str, Speech] = {}
         self._send_lock = trio.Lock()
+        # Deadlines (see `_deadline`): when the connection began, when its last message (or last session)
+        # ended, when the message being received began; and the budget this connection holds for it.
+        self._connected_at = self._last_activity = trio.current_time()
+        self._message_since: float | None = None
+        self._reserved = 0
+        self._read_scope: trio.CancelScope | None = None  # around the read in progress, to move its deadline
 
     async def send(self, *messages: m.Message) -> None:
         async with self._send_lock:
             await self.stream.send_all(b"".join(self.conn.send(msg) for msg in messages))
 
     async def run(self) -> None:
-        if not peer_is_allowed(self.stream.socket):
-            log.warning("refused a connection from another user")
-            await self.send(m.Error(code="forbidden", message="this daemon serves only its own user", fatal=True))
+        daemon = self.daemon
+        try:
+            allowed = peer_is_allowed(self.stream.socket)
+        except OSError as exc:  # it left before we could ask (getpeereid's ENOTCONN on macOS)
+            log.info("a connection ended before its peer's user could be read: %s", exc)
             return
+        if not allowed:
+            log.warning("refused a connection from another user")
+            await self._farewell("forbidden", "this daemon serves only its own user")
+            return
+        if daemon.connections >= daemon.limits.max_connections:
+            log.warning("refused a connection: %d connections are open", daemon.connections)
+            await self._farewell(
+                "too_many_connections",
+                f"the daemon serves {daemon.limits.max_connections} connections at most (csmd serve --max-connections)",
+            )
+            return
+        daemon.connections += 1
         try:
             async with trio.open_nursery() as nursery:
                 try:
@@ -134,20 +175,107 @@ class ClientHandler:
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
+            daemon.connections -= 1
+            daemon.buffers.release(self._reserved)
+            self._reserved = 0
             self._abandon()
 
     async def _read(self, nursery: trio.Nursery) -> None:
         while True:
-            data = await self.stream.receive_some(RECEIVE_BYTES)
+            data = await self._receive()
+            if data is None:
+                return  # a deadline passed; the client was told
             try:
                 events = self.conn.receive_data(data)
             except ProtocolError as exc:
                 log.info("closing a connection: %s", exc)
                 await self.send(m.Error.from_protocol_error(exc))
                 return
+            self._note_progress(bool(events))
+            if self.conn.incomplete_body != self._reserved:  # the message it was held for is complete
+                self.daemon.buffers.release(self._reserved)
+                self._reserved = 0
             for event in events:
                 if isinstance(event, ConnectionClosed) or not await self._dispatch(event, nursery):
                     return
+            if not await self._reserve_incomplete():
+                return
+
+    async def _receive(self) -> bytes | None:
+        """The client's next bytes, or None once one of the connection's deadlines passed (the client is told)."""
+        while True:
+            with trio.CancelScope(deadline=self._deadline()[0]) as self._read_scope:
+                try:
+                    return await self.stream.receive_some(RECEIVE_BYTES)
+                finally:
+                    self._read_scope = None
+            deadline, why = self._deadline()
+            if deadline <= trio.current_time():  # (else it moved while the read waited: read on)
+                await self._farewell("timeout", why)
+                return None
+
+    def _deadline(self) -> tuple[float, str]:
+        """When the client must have sent something more, and what to tell it if it has not (inf: no deadline).
+
+        Until `hello`, the handshake deadline; inside a message, the message deadline; with no session open
+        (so nothing running), the idle deadline; else none: a connection holding a session may be quiet.
+        """
+        limits = self.daemon.limits
+        if self.conn.state is State.AWAIT_HELLO:
+            seconds = limits.handshake_timeout
+            return self._connected_at + seconds, f"no hello within {seconds:g} s of connecting"
+        if self._message_since is not None:
+            seconds = limits.message_timeout
+            return self._message_since + seconds, f"a message was still incomplete {seconds:g} s after its first byte"
+        if not self.sessions:
+            seconds = limits.idle_timeout
+            return self._last_activity + seconds, (
+                f"no message for {seconds:g} s with no session open (csmd serve --idle-timeout; a ping keeps an "
+                "idle connection open)"
+            )
+        return math.inf, ""
+
+    def _refresh_deadline(self) -> None:
+        """The deadline may have changed (the last session closed): move the waiting read's."""
+        if self._read_scope is not None:
+            self._read_scope.deadline = self._deadline()[0]
+
+    def _note_progress(self, completed: bool) -> None:
+        """After a read: `completed` says it finished at least one message."""
+        now = trio.current_time()
+        if completed:
+            self._last_activity = now
+        if not self.conn.buffered:
+            self._message_since = None
+        elif completed or self._message_since is None:  # the partial message began in this read
+            self._message_since = now
+
+    async def _reserve_incomplete(self) -> bool:
+        """Hold room in the daemon's budget for the whole message being received; False if the connection's
+        deadline passed while it waited for room (the client is told)."""
+        size = self.conn.incomplete_body
+        if size == self._reserved:  # (nothing to hold, or held already)
+            return True
+        budget = self.daemon.buffers
+        with trio.move_on_at(self._deadline()[0]):
+            await budget.acquire(size)
+            self._reserved = size
+            return True
+        mib = budget.capacity / 2**20
+        await self._farewell(
+            "timeout", f"the daemon's {mib:g} MiB for incoming messages stayed full until this message's deadline"
+        )
+        return False
+
+    async def _farewell(self, code: str, message: str) -> None:
+        """End the connection with a fatal error, then read and drop what the client still sends for a moment,
+        so that it reads the error instead of a reset connection (closing with unread data resets it)."""
+        log.info("closing a connection: %s: %s", code, message)
+        with trio.move_on_after(FAREWELL_SECONDS):
+            await self.send(m.Error(code=code, message=message, fatal=True))
+            await self.stream.send_eof()
+            while await self.stream.receive_some(RECEIVE_BYTES):
+                pass
 
     async def _dispatch(self, msg: m.Message, nursery: trio.Nursery) -> bool:
         """Handle one message; False ends the connection."""
@@ -231,6 +359,9 @@ class ClientHandler:
             raise CommandError("session_exists", f"session {name!r} is already open")
         if self.daemon.sessions_open >= self.daemon.max_sessions:
             raise CommandError("too_many_sessions", f"the daemon holds {self.daemon.max_sessions} sessions at most")
+        per_connection = self.daemon.limits.max_sessions_per_connection
+        if len(self.sessions) >= per_connection:
+            raise CommandError("too_many_sessions", f"one connection holds {per_connection} sessions at most")
         self.daemon.sessions_open += 1
         session = Session(name)
         self.sessions[name] = session
@@ -260,6 +391,9 @@ class ClientHandler:
     def _drop(self, session: Session) -> None:
         if self.sessions.pop(session.name, None) is not None:
             self.daemon.sessions_open -= 1
+            if not self.sessions:  # idle from now on
+                self._last_activity = trio.current_time()
+                self._refresh_deadline()
 
     async def _add_context(self, session: Session, msg: m.AddContext) -> None:
         mimi = self.daemon.mimi
@@ -393,16 +527,28 @@ def _params(msg: m.Speak) -> GenerationParams:
 
 
 def peer_is_allowed(sock: trio.socket.SocketType) -> bool:
-    """Only our own user (or root) may talk to the daemon: checked with the kernel's SO_PEERCRED."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _, uid, _ = struct.unpack("3i", creds)
-    return uid in (os.getuid(), 0)
+    """Only our own user (or root) may talk to the daemon: checked with the kernel's record of the peer."""
+    return peercred.is_trusted(peercred.peer_uid(sock))
+
+
+def default_socket_dir() -> Path:
+    """Where the daemon's socket lives unless --socket says otherwise: a directory private to this user.
+
+    $XDG_RUNTIME_DIR/csmd where the session has one (Linux desktops; per-user, 0700, cleared at logout); on
+    macOS $TMPDIR/csmd (launchd gives each user a private TMPDIR under /var/folders); else /tmp/csmd-UID.
+    """
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime_dir:
+        return Path(runtime_dir) / "csmd"
+    temp_dir = os.environ.get("TMPDIR")
+    if sys.platform == "darwin" and temp_dir:
+        return Path(temp_dir) / "csmd"
+    return Path(f"/tmp/csmd-{os.getuid()}")
 
 
 def default_socket_path() -> Path:
-    """$XDG_RUNTIME_DIR/csmd/csmd.sock, else /tmp/csmd-UID/csmd.sock; the directory must be private to us."""
-    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime_dir) / "csmd" if runtime_dir else Path(f"/tmp/csmd-{os.getuid()}")
+    """`default_socket_dir()/csmd.sock`; the directory, if it exists, must be private to us."""
+    base = default_socket_dir()
     if base.exists():
         st = base.lstat()
         # In a shared /tmp someone else could have made the directory first: never put our socket in it.
@@ -415,10 +561,58 @@ class DaemonRunningError(RuntimeError):
     pass
 
 
-async def bind_unix_socket(path: Path) -> trio.socket.SocketType:
-    """Bind `path` (mode 0600, in a 0700 directory if we create it), replacing a stale socket file."""
+class SharedSocketDirError(PermissionError):
+    """The socket's directory (or one above it) lets another user replace the socket."""
+
+
+def check_socket_dir(directory: Path) -> None:
+    """Refuse a socket directory where another user could move our socket aside and put their own in its place.
+
+    The directory itself must belong to us or root and be writable by nobody else (no group or other write bit,
+    sticky or not: csmd's default is its own subdirectory, never /tmp itself). Each directory above it must
+    belong to us or root and be writable by nobody else unless sticky (as /tmp is: others cannot rename what
+    is ours in it).
+    """
+    me = os.geteuid()
+    resolved = directory.resolve()
+    hint = "use a directory only you can write (mode 0700), or pass --allow-shared-socket-dir to serve there anyway"
+    st = resolved.stat()
+    if st.st_uid not in (me, 0):
+        raise SharedSocketDirError(f"socket directory {directory} belongs to uid {st.st_uid}: {hint}")
+    if st.st_mode & 0o022:
+        mode = stat.S_IMODE(st.st_mode)
+        raise SharedSocketDirError(f"socket directory {directory} is writable by other users (mode {mode:04o}): {hint}")
+    for parent in resolved.parents:
+        st = parent.stat()
+        shared = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+        if st.st_uid not in (me, 0) or shared:
+            mode = stat.S_IMODE(st.st_mode)
+            raise SharedSocketDirError(
+                f"{parent}, above the socket directory {directory}, can be changed by another user "
+                f"(uid {st.st_uid}, mode {mode:04o}): {hint}"
+            )
+
+
+def max_socket_path_bytes() -> int:
+    """The longest Unix socket path, leaving room for the terminating NUL C clients expect: sun_path is 108
+    bytes on Linux, 104 on macOS and the BSDs."""
+    return (108 if sys.platform.startswith("linux") else 104) - 1
+
+
+async def bind_unix_socket(path: Path, *, allow_shared_dir: bool = False) -> trio.socket.SocketType:
+    """Bind `path` (mode 0600, in a 0700 directory if we create it), replacing a stale socket file.
+
+    The directory must be private (`check_socket_dir`) unless `allow_shared_dir`."""
+    size = len(os.fsencode(path))
+    if size > max_socket_path_bytes():
+        raise ValueError(
+            f"socket path {path} is {size} bytes, longer than Unix sockets allow here ({max_socket_path_bytes()}): "
+            "choose a shorter --socket"
+        )
     if not path.parent.exists():
         path.parent.mkdir(mode=0o700, parents=True)
+    if not allow_shared_dir:
+        check_socket_dir(path.parent)
     if path.exists() or path.is_symlink():
         if not path.is_socket():
             raise DaemonRunningError(f"{path} exists and is not a socket; refusing to replace it")
@@ -442,11 +636,26 @@ async def bind_unix_socket(path: Path) -> trio.socket.SocketType:
     return sock
 
 
-async def serve_until_signal(daemon: Daemon, path: Path, announce: Callable[[Path], None] | None = None) -> None:
+def remove_own_socket(path: Path, bound: os.stat_result) -> None:
+    """Unlink `path` if it is still the socket file this daemon bound (same device and inode), else leave it:
+    whoever put another file there owns it."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if (st.st_dev, st.st_ino) != (bound.st_dev, bound.st_ino):
+        log.warning("%s is no longer the socket this daemon bound (now owned by uid %d): leaving it", path, st.st_uid)
+        return
+    path.unlink()
+
+
+async def serve_until_signal(
+    daemon: Daemon, path: Path, announce: Callable[[Path], None] | None = None, *, allow_shared_dir: bool = False
+) -> None:
     """`csmd serve`: serve until SIGINT or SIGTERM, then shut down cleanly (the socket file goes too)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(daemon.serve, path)
+            await nursery.start(partial(daemon.serve, allow_shared_dir=allow_shared_dir), path)
             if announce is not None:
                 announce(path)
             async for _ in signals:

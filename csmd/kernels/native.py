@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -74,15 +76,34 @@ def cpu_features() -> dict[str, Any]:
     """What the CPU offers (from the extension when loaded, else from the OS)."""
     if module is not None:
         return dict(module.cpu_features())
-    features: dict[str, Any] = {"arch": platform.machine()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
-    except OSError:
-        flags = []
+    arch = platform.machine()
+    flags = _os_cpu_flags()
+    if arch.lower() in ("arm64", "aarch64"):
+        flags.add("asimd")  # Advanced SIMD is part of every ARMv8-A core (macOS does not list it)
+    features: dict[str, Any] = {"arch": arch}
     for name in ("avx2", "fma", "avx512vnni", "asimd"):
         features[name] = name in flags
     return features
+
+
+def _os_cpu_flags() -> set[str]:
+    """The CPU's feature flags as the OS lists them, lowercase: /proc/cpuinfo on Linux, sysctl on macOS (Intel
+    Macs; Apple silicon lists none of these); empty where neither answers."""
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/cpuinfo") as f:
+                line = next((x for x in f if x.startswith(("flags", "Features"))), "")
+        except OSError:
+            return set()
+        return set(line.partition(":")[2].lower().split())
+    if sys.platform == "darwin":
+        keys = ("machdep.cpu.features", "machdep.cpu.leaf7_features")
+        try:
+            out = subprocess.run(["sysctl", "-n", *keys], capture_output=True, text=True, timeout=5, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return set()
+        return {flag.replace("1.0", "") for flag in out.stdout.lower().split()}  # "AVX1.0" is avx
+    return set()
 
 
 def describe() -> dict[str, Any]:

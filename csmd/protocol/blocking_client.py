@@ -32,6 +32,7 @@ from csmd.protocol.client_core import (
     SessionReply,
     SpeechState,
     make_add_context,
+    verify_server,
 )
 from csmd.protocol.connection import DEFAULT_MAX_MESSAGE
 from csmd.protocol.errors import ConnectionLost, RequestError
@@ -74,12 +75,14 @@ def connect(
 
     `timeout` (seconds) bounds every socket operation: a wait that times out raises TimeoutError and the
     client stays usable; a write that times out breaks the connection (part of a message may have gone).
-    Raises ConnectionLost if the server refuses (e.g. code "unsupported_version") or goes away.
+    Raises ConnectionLost if the server refuses (e.g. code "unsupported_version") or goes away, and
+    UntrustedServerError (a PermissionError), before sending anything, if another user serves the socket.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         sock.connect(os.fspath(path))
+        verify_server(sock, path)  # before the first byte goes out
         result = Client(sock, ClientCore(client, versions=versions, max_message=max_message))
         result._handshake()
     except BaseException:

@@ -10,12 +10,15 @@ about routing lives here, once:
 - a non-fatal `error` with a request id fails that request's speech and pending cancels; one with only a
   session id fails the oldest pending command of that session; anything else is logged;
 - a fatal `error`, a protocol violation, or the end of the stream fails everything: `ConnectionLost`.
+
+Before anything is sent, both clients check who serves the socket (`verify_server`).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections import deque
 from collections.abc import Iterable
 from typing import Generic, NamedTuple, TypeVar
@@ -23,8 +26,9 @@ from typing import Generic, NamedTuple, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from csmd.protocol import peercred
 from csmd.protocol.connection import Connection, ConnectionClosed
-from csmd.protocol.errors import ConnectionLost, ProtocolError, RequestError
+from csmd.protocol.errors import ConnectionLost, ProtocolError, RequestError, UntrustedServerError
 from csmd.protocol.messages import (
     PROTOCOL_VERSION,
     AddContext,
@@ -145,6 +149,13 @@ class SpeechState:
     def decode(self, chunk: AudioChunk) -> Chunk:
         assert self.start is not None  # the connection refuses chunks before audio.start
         return Chunk(chunk.frame, decode_pcm(chunk.pcm, self.start.format))
+
+
+def verify_server(sock: peercred.HasFileno, path: str | os.PathLike[str]) -> None:
+    """Raise UntrustedServerError unless the process serving the connected socket is this user or root."""
+    uid = peercred.peer_uid(sock)
+    if not peercred.is_trusted(uid):
+        raise UntrustedServerError(os.fspath(path), uid)
 
 
 class ClientCore:

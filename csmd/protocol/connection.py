@@ -144,6 +144,12 @@ class Connection:
         return len(self._buffer)
 
     @property
+    def incomplete_body(self) -> int:
+        """The body length of the message being received, once its length prefix is in (else 0): what the
+        buffer grows to, beyond the 4 prefix bytes, before the message completes."""
+        return self._body_len if len(self._buffer) >= _HEADER.size else 0
+
+    @property
     def open_streams(self) -> frozenset[str]:
         """Requests whose audio.start went by without their audio.end."""
         return frozenset(self._streams)

@@ -1,11 +1,13 @@
 """Exceptions of the protocol layer and of the clients built on it.
 
 `ProtocolError` is about the wire: a peer (or a local caller) broke the framing, the message schema or the
-message order. `RequestError` and `ConnectionLost` are what the clients raise for the daemon's answers.
+message order. `RequestError` and `ConnectionLost` are what the clients raise for the daemon's answers;
+`UntrustedServerError`, for a socket served by another user.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Final, Literal
 
 # Every code that the protocol layer itself raises. All of them end the connection when the peer caused them
@@ -71,3 +73,19 @@ class ConnectionLost(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class UntrustedServerError(PermissionError):
+    """The socket is served by another user (not this process's user, nor root): nothing was sent to it.
+
+    Another user could have moved the daemon's socket aside and put their own listener at its path, to read
+    what this client would send (session names, text, voice prompts) or to answer with audio of their own.
+    """
+
+    def __init__(self, path: str, uid: int) -> None:
+        super().__init__(
+            f"refusing to talk to {path}: the process serving it runs as uid {uid}, not as this user "
+            f"(uid {os.geteuid()}) or root; another user may have replaced the daemon's socket"
+        )
+        self.path = path
+        self.uid = uid

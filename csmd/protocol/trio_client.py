@@ -31,6 +31,7 @@ from csmd.protocol.client_core import (
     SessionReply,
     SpeechState,
     make_add_context,
+    verify_server,
 )
 from csmd.protocol.connection import DEFAULT_MAX_MESSAGE
 from csmd.protocol.errors import ConnectionLost, RequestError
@@ -71,12 +72,14 @@ async def connect(
 ) -> Client:
     """Connect to the daemon's Unix socket and do the handshake; use the result with `async with`.
 
-    Raises ConnectionLost if the server refuses (e.g. code "unsupported_version") or goes away.
+    Raises ConnectionLost if the server refuses (e.g. code "unsupported_version") or goes away, and
+    UntrustedServerError (a PermissionError), before sending anything, if another user serves the socket.
     `max_buffered` is the per-speech backlog (in chunks, ~80 ms each) at which reading pauses.
     """
     stream = await trio.open_unix_socket(os.fspath(path))
     core = ClientCore(client, versions=versions, max_message=max_message)
     try:
+        verify_server(stream.socket, path)  # before the first byte goes out
         await stream.send_all(core.hello())
         while core.welcome is None and core.lost is None:
             core.receive(await stream.receive_some(RECEIVE_BYTES))
