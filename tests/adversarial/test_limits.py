@@ -23,6 +23,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import trio
+import trio.testing
 
 from csmd.audio.mimi.model import Mimi
 from csmd.daemon.limits import Limits, MiB
@@ -36,6 +37,21 @@ from csmd.protocol.errors import ConnectionLost, RequestError
 from csmd.speak import codec_for
 
 Event = m.Message | ConnectionClosed
+
+
+@contextlib.contextmanager
+def clock_held(clock: trio.testing.MockClock) -> Iterator[None]:
+    """Stops the mock clock's jumps while a test waits on a real thread (the model worker).
+
+    Under autojump, a task that waits for a thread looks idle, so the clock would jump past every deadline while
+    the thread works; on a loaded machine that fired the client's own timeouts.
+    """
+    threshold = clock.autojump_threshold
+    clock.autojump_threshold = float("inf")
+    try:
+        yield
+    finally:
+        clock.autojump_threshold = threshold
 
 
 class Raw:
@@ -177,13 +193,15 @@ async def test_idle_connection_is_closed_but_pings_and_sessions_keep_one(
 
     holding = await connect(path)
     await holding.hello()
-    await holding.send(m.OpenSession(session="s"))
-    assert await holding.next() == m.SessionOpened(session="s")
+    with clock_held(autojump_clock):  # the session's context is made on the model thread, in real time
+        await holding.send(m.OpenSession(session="s"))
+        assert await holding.next() == m.SessionOpened(session="s")
     await trio.sleep(1000)  # a connection with a session may be quiet (a conversation pauses)
     await holding.send(m.Ping(nonce=1))
     assert await holding.next() == m.Pong(nonce=1)
-    await holding.send(m.CloseSession(session="s"))
-    assert await holding.next() == m.SessionClosed(session="s")
+    with clock_held(autojump_clock):
+        await holding.send(m.CloseSession(session="s"))
+        assert await holding.next() == m.SessionClosed(session="s")
     closed_at = trio.current_time()
     error = await holding.fatal()  # idle from the moment its last session closed
     assert error.code == "timeout"
