@@ -1,0 +1,44 @@
+"""Fixtures of the hostile-client suite: real daemons in subprocesses, raw connections closed after each test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from adversarial.hostile import DaemonProcess, RawClient
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """One daemon for a whole test module (its tests must leave it serving); it must exit cleanly at the end,
+    with no traceback in its log: nothing a hostile client sends may be a bug. Sessions of a test's closed
+    connections are freed as the daemon reads their end, maybe after the next test began: hence room for 64."""
+    process = DaemonProcess(tmp_path_factory.mktemp("daemon"), "--max-sessions", "64")
+    yield process
+    process.check_clean_exit()
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """A factory of daemons of the test's own (`faults=` installs test-only patches, see faults.py); any left
+    running at the end are killed. The test checks how each one ends."""
+    started: list[DaemonProcess] = []
+
+    def start(*args: str, faults: tuple[str, ...] = ()) -> DaemonProcess:
+        process = DaemonProcess(tmp_path / f"daemon{len(started)}", *args, faults=faults)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+@pytest.fixture(autouse=True)
+async def close_clients() -> AsyncIterator[None]:
+    yield
+    for client in RawClient.opened:
+        await client.aclose()
+    RawClient.opened.clear()
