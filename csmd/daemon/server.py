@@ -34,6 +34,7 @@ import numpy as np
 import trio
 
 import csmd
+from csmd import runtime
 from csmd.audio import io
 from csmd.audio.mimi.model import Mimi, StreamingDecoder
 from csmd.daemon import limits
@@ -141,6 +142,7 @@ class Daemon:
         self.worker = ModelWorker()
         self.scheduler = Scheduler(self.worker)
         self.handlers: set[ClientHandler] = set()
+        self._sessions_closed = trio.Event()
         self.shutting_down = False
         # Decoding and resampling context audio runs in threads (never on the event loop), two at a time: each
         # holds up to a capped message's worth of samples.
@@ -163,12 +165,25 @@ class Daemon:
             max_message=DEFAULT_MAX_MESSAGE,
         )
 
+    def session_closed(self) -> None:
+        self.sessions_open -= 1
+        self._sessions_closed.set()
+
+    async def _return_memory(self) -> None:
+        """After sessions close, give the memory they held (their KV caches and decoder states now sit in MLX's
+        buffer cache) back to the system, on the model thread: else the daemon keeps its busiest moment's memory."""
+        while True:
+            await self._sessions_closed.wait()
+            self._sessions_closed = trio.Event()
+            await self.worker.run(runtime.release_memory)
+
     async def serve(self, path: Path, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on `path` until cancelled; the socket file is removed on the way out."""
         listener = await bind_unix_socket(path)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.scheduler.run)
+                nursery.start_soon(self._return_memory)
                 task_status.started(path)
                 await trio.serve_listeners(self._handle, [trio.SocketListener(listener)])
         finally:
@@ -449,7 +464,7 @@ class ClientHandler:
     def _drop(self, session: Session) -> None:
         if not session.closed:
             session.closed = True
-            self.daemon.sessions_open -= 1
+            self.daemon.session_closed()
             self._open_sessions.discard(session)
         if self.sessions.get(session.name) is session:  # (a session.open read since may have replaced it)
             del self.sessions[session.name]

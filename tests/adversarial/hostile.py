@@ -209,3 +209,53 @@ def about(request: str) -> Callable[[Msg], bool]:
 def ends(request: str) -> Callable[[Msg], bool]:
     """The message that closes a request: its audio.end, or an error about it."""
     return lambda msg: msg.get("request") == request and msg["type"] in ("audio.end", "error")
+
+
+PROBE_SCRIPT = """
+import json, socket, struct, sys, time
+import msgpack
+
+def frame(obj):
+    body = msgpack.packb(obj, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+def read(sock):
+    head = b""
+    while len(head) < 4:
+        part = sock.recv(4 - len(head))
+        if not part:
+            raise EOFError
+        head += part
+    (length,) = struct.unpack(">I", head)
+    body = b""
+    while len(body) < length:
+        part = sock.recv(length - len(body))
+        if not part:
+            raise EOFError
+        body += part
+    return msgpack.unpackb(body, raw=False)
+
+path, seconds, every = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline:
+    started = time.monotonic()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(path)
+        sock.sendall(frame({"type": "hello", "protocol": [1], "client": "probe"}))
+        welcome = read(sock)
+        sock.sendall(frame({"type": "ping", "nonce": 1}))
+        pong = read(sock)
+    took = time.monotonic() - started
+    assert welcome["type"] == "welcome" and pong == {"type": "pong", "nonce": 1}, (welcome, pong)
+    print(json.dumps({"at": started, "seconds": took}), flush=True)
+    time.sleep(every)
+"""
+
+
+def start_prober(path: Path, seconds: float, every: float = 0.1) -> subprocess.Popen[str]:
+    """A process of its own that connects afresh every `every` s for `seconds` and times hello -> welcome and
+    ping -> pong: the daemon's answer to a new client, measured apart from the test's own busy event loop.
+    Its stdout is one JSON line per probe."""
+    command = [sys.executable, "-c", PROBE_SCRIPT, str(path), str(seconds), str(every)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
