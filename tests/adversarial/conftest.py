@@ -22,12 +22,12 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
 
 @pytest.fixture
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    """A factory of daemons of the test's own (`faults=` installs test-only patches, see faults.py); any left
-    running at the end are killed. The test checks how each one ends."""
+    """A factory of daemons of the test's own: extra `csmd serve` arguments, `faults=` (test-only patches, see
+    faults.py), `env=`. Any left running at the end are killed; the test checks how each one ends."""
     started: list[DaemonProcess] = []
 
-    def start(*args: str, faults: tuple[str, ...] = ()) -> DaemonProcess:
-        process = DaemonProcess(tmp_path / f"daemon{len(started)}", *args, faults=faults)
+    def start(*args: str, faults: tuple[str, ...] = (), env: dict[str, str] | None = None) -> DaemonProcess:
+        process = DaemonProcess(tmp_path / f"daemon{len(started)}", *args, faults=faults, env=env)
         started.append(process)
         return process
 
