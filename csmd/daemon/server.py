@@ -394,8 +394,10 @@ class ClientHandler:
         return await self._guarded(self.daemon.worker.run(fn))
 
     async def _in_thread(self, fn: Callable[[], T]) -> T:
-        """Run CPU work that is not the model's (decoding, resampling) in a thread: never on the event loop."""
-        return await self._guarded(trio.to_thread.run_sync(fn, limiter=self.daemon.audio_threads))
+        """Run CPU work that is not the model's (decoding, resampling) in a thread: never on the event loop.
+        `fn` touches nothing shared, so a cancelled caller (its client gone, or shutdown) need not wait for it."""
+        work = trio.to_thread.run_sync(fn, limiter=self.daemon.audio_threads, abandon_on_cancel=True)
+        return await self._guarded(work)
 
     async def _guarded(self, work: Awaitable[T]) -> T:
         # The user's mistakes were refused at the edge (limits.py); what the engine still refuses is about the

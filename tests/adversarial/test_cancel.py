@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import trio
 
 from adversarial.hostile import DaemonProcess, Msg, RawClient, about, frame, speak
 
@@ -110,10 +111,14 @@ async def test_the_reader_never_waits_for_a_turn(start_daemon: Callable[..., Dae
     add = {"type": "context.add", "session": "s", "speaker": 1, "text": "", "rate": 16_000, "format": "pcm_f32le",
            "audio": np.zeros(16_000, "<f4").tobytes()}  # fmt: skip
     clear = {"type": "context.clear", "session": "s"}
-    await client.send_raw(frame(add) + frame(speak("s", "r")) + frame(clear) + frame({"type": "cancel", "request": "r"})
-                          + frame({"type": "ping", "nonce": 5}))  # fmt: skip
-    assert await client.recv() == {"type": "pong", "nonce": 5}  # while the context.add is held in the resampler
-    assert (daemon.fault_dir / "resample.entered").exists()
+    await client.send_raw(
+        frame(add) + frame(speak("s", "r")) + frame(clear) + frame({"type": "cancel", "request": "r"})
+    )
+    with trio.fail_after(20):
+        while not (daemon.fault_dir / "resample.entered").exists():
+            await trio.sleep(0.01)
+    await client.send(type="ping", nonce=5)  # read only once the three commands behind the held one were
+    assert await client.recv() == {"type": "pong", "nonce": 5}
     (daemon.fault_dir / "resample.release").touch()
     msgs = await client.until(lambda x: x["type"] == "context.cleared")
     msgs += [await client.recv()] if not any(x["type"] == "cancelled" for x in msgs) else []  # type: ignore[list-item]
