@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,3 +76,23 @@ def _cache_limit_gb() -> float:
     previous = mx.set_cache_limit(0)
     mx.set_cache_limit(previous)
     return round(previous / 2**30, 2)
+
+
+def release_memory() -> None:
+    """Give memory that is free but kept for reuse back to the system: MLX's buffer cache and, with glibc,
+    the malloc arenas' free pages. For a long-running process after a load spike (the daemon calls it when
+    sessions close, on its model thread); whatever is needed again is simply allocated again."""
+    mx.clear_cache()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None  # other allocators (macOS's) return freed pages by themselves
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # a libc without it (musl): nothing more to give back
+        return None

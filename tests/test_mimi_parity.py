@@ -204,3 +204,14 @@ def test_bf16_weights_stay_close_to_fp32() -> None:
     audio = (expected / np.abs(expected).max()).astype(np.float32)
     agree = np.mean(bf16.encode(audio) == fp32.encode(audio))
     assert agree > 0.5  # RVQ codes flip where bf16 moves a latent across a boundary; most must not
+
+
+def test_offline_encode_pads_to_a_few_shapes_without_changing_codes() -> None:
+    """The last chunk is padded to a power of two frames (few compiled shapes); the encoder is causal, so the
+    codes of every frame are those of a plain streaming encode."""
+    mimi = load_mimi("random:tiny")
+    audio = (0.1 * np.random.default_rng(7).standard_normal(1920 * 140)).astype(np.float32)
+    for frames in (1, 3, 17, 64, 65, 125, 126, 131):
+        clip = audio[: frames * 1920]
+        streamed = StreamingEncoder(mimi).step(clip)
+        np.testing.assert_array_equal(mimi.encode(clip), streamed, err_msg=f"{frames} frames")

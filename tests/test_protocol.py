@@ -431,6 +431,10 @@ CONTEXT = {"type": "context.add", "session": "s", "speaker": 0, "text": "t"}
         ({"type": "audio.end", "request": "r", "reason": "eos", "frames": 0, "total_ms": -1.0}, "total_ms"),
         ({"type": "error", "code": "", "message": "m", "fatal": False}, "code"),
         ({"type": "error", "code": "x", "message": "m", "fatal": "yes"}, "fatal"),
+        ({**SPEAK, "request": "r" * 257}, "request"),  # ids are at most 256 bytes of UTF-8
+        ({**SPEAK, "session": "é" * 129}, "session"),  # 258 bytes in 129 characters
+        ({"type": "hello", "protocol": [1], "client": "c" * 257}, "client"),
+        ({"type": "hello", "protocol": [[[[[[1]]]]]], "client": "c"}, "protocol[0]"),  # nested: named, shown short
     ],
 )
 def test_bad_field(wire: dict[str, Any], field: str) -> None:
@@ -439,6 +443,33 @@ def test_bad_field(wire: dict[str, Any], field: str) -> None:
     receiver = pair()[1] if MESSAGE_TYPES[wire["type"]].sender is Role.CLIENT else pair()[0]
     with raises("bad_field", field):
         receiver.receive_data(frame(wire))
+
+
+def test_ids_of_256_bytes_are_fine() -> None:
+    client, server = pair()
+    speak = Speak(session="s" * 256, request="é" * 128, text="x", speaker=0)
+    assert transfer(speak, client, server) == [speak]
+
+
+def test_deep_nesting_and_many_containers_are_refused_before_they_cost_memory() -> None:
+    _, server = pair()
+    deep: Any = 1
+    for _ in range(1000):  # as deep as msgpack itself decodes; a plain repr() of it would recurse too deep
+        deep = [deep]
+    with raises("malformed") as info:
+        server.receive_data(frame({"type": "ping", "nonce": 1, "future": deep}))
+    assert "more than 256 arrays and maps" in info.value.message
+    _, server = pair()
+    with raises("malformed") as info:  # 40 000 empty arrays in 40 kB: ~2.5 MB of Python lists if decoded
+        server.receive_data(frame({"type": "ping", "nonce": 1, "future": [[[]] * 200] * 200}))
+    assert "more than 256 arrays and maps" in info.value.message
+    _, server = pair()
+    with raises("malformed") as info:
+        server.receive_data(frame({"type": "ping", "nonce": 1, "future": list(range(257))}))
+    assert "exceeds max_array_len" in info.value.message
+    _, server = pair()
+    nested = {"type": "ping", "nonce": 1, "future": [[i] for i in range(200)]}  # 202 containers: fine
+    assert server.receive_data(frame(nested)) == [Ping(nonce=1)]
 
 
 def test_normalizations() -> None:

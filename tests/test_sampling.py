@@ -43,17 +43,21 @@ def test_defaults() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "allowed"),
     [
-        ("temperature", -0.1, "[0, 10]"),
-        ("temperature", 10.5, "[0, 10]"),
-        ("temperature", math.nan, "[0, 10]"),
-        ("temperature", math.inf, "[0, 10]"),
-        ("top_k", -1, ">= 0"),
-        ("top_k", 2.5, ">= 0"),
-        ("top_p", 0.0, "(0, 1]"),
-        ("top_p", 1.01, "(0, 1]"),
-        ("top_p", math.nan, "(0, 1]"),
-        ("min_p", -0.1, "[0, 1)"),
-        ("min_p", 1.0, "[0, 1)"),
+        ("temperature", -0.1, "[0.001, 10]"),
+        ("temperature", 10.5, "[0.001, 10]"),
+        ("temperature", math.nan, "[0.001, 10]"),
+        ("temperature", math.inf, "[0.001, 10]"),
+        ("temperature", 1e-46, "[0.001, 10]"),  # 0 as a float32: the kernels would disagree about greedy
+        ("top_k", -1, "[0, 2**31 - 1]"),
+        ("top_k", 2.5, "[0, 2**31 - 1]"),
+        ("top_k", 2**31, "[0, 2**31 - 1]"),  # the kernels' int32
+        ("top_p", 0.0, "[1e-06, 1]"),
+        ("top_p", 1e-46, "[1e-06, 1]"),  # 0 as a float32
+        ("top_p", 1.01, "[1e-06, 1]"),
+        ("top_p", math.nan, "[1e-06, 1]"),
+        ("min_p", -0.1, "[0, 0.999]"),
+        ("min_p", 1.0, "[0, 0.999]"),
+        ("min_p", 1 - 1e-9, "[0, 0.999]"),  # 1 as a float32
         ("max_frames", 0, ">= 1"),
         ("max_frames", 2.0, ">= 1"),
         ("seed", -1, "[0, 2**32)"),

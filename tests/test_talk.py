@@ -243,3 +243,70 @@ def test_expected_frames_bounds_the_prebuffer_by_the_sentence() -> None:
     assert expected_frames("Hi.", 250) == 9
     assert expected_frames("This is the first of two long sentences.", 250) == 58  # 40 characters
     assert expected_frames("word " * 200, 250) == 250  # never beyond max_frames
+
+
+class StuckEngine:
+    """An engine whose first add_user_turn does not return until `release` is set: the conversing task falls
+    behind while the user keeps talking."""
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+        self.added: list[float] = []  # the trio time each turn was added
+
+    async def add_user_turn(self, pcm: np.ndarray, transcript: str, speaker: int) -> None:
+        await self.release.wait()
+        self.added.append(trio.current_time())
+
+    async def start(self, text: str, speaker: int, params: GenerationParams) -> object:
+        raise AssertionError("the responder says nothing, so nothing is spoken")
+
+    async def trim(self, sentence: object, frames: int, text: str) -> None:
+        raise AssertionError("nothing was spoken, so nothing is trimmed")
+
+
+class SilentResponder:
+    async def respond(self, history: list[Turn]) -> AsyncIterator[str]:
+        for sentence in ():
+            yield sentence
+
+
+class FrameMic:
+    """One 10 ms VAD frame of silence per read (the speech itself is the VAD's script)."""
+
+    def read(self) -> np.ndarray:
+        return np.zeros(240, np.float32)
+
+
+class ScriptedVad:
+    """Speech in bursts: `bursts` times 0.5 s of speech then 0.5 s of silence, then silence for good."""
+
+    frame_samples = 240
+
+    def __init__(self, bursts: int) -> None:
+        self.frames = 0
+        self.bursts = bursts
+
+    def process(self, pcm: np.ndarray) -> list[bool]:
+        self.frames += 1
+        second, within = divmod(self.frames, 100)
+        return [second < self.bursts and within < 50]
+
+
+async def test_turns_beyond_the_waiting_limit_are_dropped_and_counted(autojump_clock: trio.abc.Clock) -> None:
+    """The user keeps talking while the conversing task is stuck: the listener never blocks or fails; the
+    first 16 waiting turns are kept, in order, and answered once the task moves again; the rest are counted."""
+    from csmd.talk.loop import MAX_WAITING_TURNS
+
+    engine = StuckEngine()
+    config = TalkConfig(turns=TurnConfig(min_speech=0.2, end_silence=0.3, barge_in_speech=0.1, grace=0.2))
+    talk = Conversation(engine, FrameMic(), RealTimeSpeaker(), ScriptedVad(bursts=20), SilentResponder(),
+                        config=config)  # type: ignore[arg-type]  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(talk.run)
+        await trio.sleep(25)  # 20 turns have ended: one taken (stuck), 16 waiting, 3 with no room
+        assert talk.stats.turns == 0 and talk.stats.turns_dropped == 20 - 1 - MAX_WAITING_TURNS
+        engine.release.set()
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+    assert talk.stats.turns == len(engine.added) == 1 + MAX_WAITING_TURNS
+    assert [t.role for t in talk.history] == ["user", "assistant"] * (1 + MAX_WAITING_TURNS)

@@ -8,6 +8,7 @@ is a flag, honoured at the next frame boundary.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -20,6 +21,7 @@ from csmd.daemon.worker import ModelWorker
 from csmd.model.generator import Utterance
 from csmd.speak import next_audio
 
+log = logging.getLogger("csmd.daemon")
 AUDIO_BUFFER_FRAMES = 4  # per reply: 320 ms decoded ahead of the socket at most
 
 EndReason = Literal["eos", "max_length", "cancelled", "error"]
@@ -111,6 +113,7 @@ class Scheduler:
         try:
             chunk = await self.worker.run(speech.step)
         except Exception as exc:  # a failed reply ends with an error; the daemon and other replies go on
+            log.exception("generating a frame of reply %r failed (a bug)", speech.request)
             await self.worker.run(speech.utterance.cancel)
             self._finish(speech, speech.end("error", f"{type(exc).__name__}: {exc}"))
             return

@@ -56,7 +56,17 @@ class ModelWorker:
         await done.wait()
         return result[0].unwrap()
 
-    def close(self) -> None:
-        """Finish queued jobs, then stop the thread. Safe from the trio thread: jobs never wait on it."""
+    def close(self, timeout: float | None = None, *, drop_queued: bool = False) -> bool:
+        """Stop the thread once the job it is running (and, unless `drop_queued`, every queued one) is done.
+
+        Returns False if the thread is still running after `timeout` seconds: a job that never ends (a bug)
+        must not hang the caller forever. Safe from the trio thread: jobs never wait on it. Dropped jobs never
+        complete, so drop only when nobody awaits them any more (at shutdown, once every caller is cancelled).
+        """
+        if drop_queued:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._jobs.get_nowait()
         self._jobs.put(None)
-        self._thread.join()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()

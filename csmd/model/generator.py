@@ -38,6 +38,11 @@ class ContextBusyError(RuntimeError):
     """The context is speaking; wait for the utterance to end or cancel it."""
 
 
+class ContextRequestError(ValueError):
+    """A request that does not fit the context as it is now (trimming more frames than a reply has, a reply
+    no longer in the context): the caller's mistake, unlike other ValueErrors, which are bugs."""
+
+
 @dataclass(frozen=True)
 class Segment:
     """One turn: a speaker id, what was said, and (for recorded or generated speech) its Mimi codes."""
@@ -113,11 +118,11 @@ class Context:
         """
         self._check_idle()
         if not self._entries or self._entries[-1].segment.codes is None:
-            raise ValueError("the last segment has no audio to trim")
+            raise ContextRequestError("the last segment has no audio to trim")
         last = self._entries[-1].segment
         assert last.codes is not None
         if not 0 <= frames <= len(last.codes):
-            raise ValueError(f"frames must be in 0..{len(last.codes)}, got {frames}")
+            raise ContextRequestError(f"frames must be in 0..{len(last.codes)}, got {frames}")
         trimmed = Segment(last.speaker, text, last.codes[:frames], pinned=last.pinned)
         start = self.length - len(self._entries[-1].tokens)
         rows = self._entry(trimmed)
@@ -133,7 +138,7 @@ class Context:
         self._check_idle()
         index = next((i for i, e in enumerate(self._entries) if e is utterance._entry), None)
         if index is None:
-            raise ValueError("that reply is no longer in the context (cleared, or dropped by window overflow)")
+            raise ContextRequestError("that reply is no longer in the context (cleared, or dropped by window overflow)")
         while len(self._entries) - 1 > index:
             self.drop_last()
         if frames == 0 and not text:
@@ -145,7 +150,7 @@ class Context:
         """Remove the last segment (e.g. a reply sentence made ahead but never played)."""
         self._check_idle()
         if not self._entries:
-            raise ValueError("the context is empty")
+            raise ContextRequestError("the context is empty")
         entry = self._entries.pop()
         self._truncate(min(self.length, self.cached))
         return entry.segment

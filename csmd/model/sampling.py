@@ -16,6 +16,15 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 FRAME_MS = 80  # one Mimi frame
+# The sampling kernels compute in float32 and take top_k as a 32-bit int, so the ranges below are ones whose
+# values keep their meaning there (1e-46 is a valid double but 0 as a float32). Nothing useful is lost: a
+# temperature under MIN_TEMPERATURE is greedy to within float32 precision (use 0), and any top_p under 1/vocab
+# (~5e-4 for 2051 codes) already keeps only the most likely code.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 10.0
+MAX_TOP_K = 2**31 - 1  # values at or above the vocabulary size keep every code, like 0
+MIN_TOP_P = 1e-6
+MAX_MIN_P = 0.999
 
 
 @dataclass(frozen=True)
@@ -30,14 +39,15 @@ class GenerationParams:
 
     def validate(self) -> GenerationParams:
         problems = []
-        if not 0.0 <= self.temperature <= 10.0:
-            problems.append(f"temperature must be in [0, 10] (0 = greedy), got {self.temperature}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            problems.append(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            problems.append(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if not 0.0 <= self.min_p < 1.0:
-            problems.append(f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
+        if not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            allowed = f"0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"
+            problems.append(f"temperature must be {allowed}, got {self.temperature}")
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOP_K:
+            problems.append(f"top_k must be an integer in [0, 2**31 - 1] (0 = off), got {self.top_k!r}")
+        if not MIN_TOP_P <= self.top_p <= 1.0:
+            problems.append(f"top_p must be in [{MIN_TOP_P:g}, 1] (1 = off), got {self.top_p}")
+        if not 0.0 <= self.min_p <= MAX_MIN_P:
+            problems.append(f"min_p must be in [0, {MAX_MIN_P:g}] (0 = off), got {self.min_p}")
         if not _is_int(self.max_frames) or self.max_frames < 1:
             problems.append(f"max_frames must be an integer >= 1 ({FRAME_MS} ms each), got {self.max_frames!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32):

@@ -37,6 +37,11 @@ from csmd.protocol.messages import (
 )
 
 DEFAULT_MAX_MESSAGE: Final = 16 * 1024 * 1024
+# What one message body may hold besides str and bin: a few arrays and maps in all (at any depth), each of a
+# few items. v1 needs one map and at most one small array; the bounds keep a 16 MiB body of tiny containers
+# (each a Python object of ~60 bytes) from costing a gigabyte to parse, and nesting from recursing deep.
+MAX_CONTAINERS: Final = 256
+MAX_CONTAINER_ITEMS: Final = 256
 _HEADER: Final = struct.Struct(">I")
 
 
@@ -323,9 +328,31 @@ class Connection:
             del self._streams[msg.request]
 
 
+class _TooManyContainers(Exception):
+    pass
+
+
 def _decode(body: bytes | memoryview) -> Message:
+    containers = 0
+
+    def count(container: object) -> object:  # msgpack calls this as each array or map is completed
+        nonlocal containers
+        containers += 1
+        if containers > MAX_CONTAINERS:
+            raise _TooManyContainers
+        return container
+
     try:
-        obj = msgpack.unpackb(body, raw=False)
+        obj = msgpack.unpackb(
+            body,
+            raw=False,
+            list_hook=count,
+            object_hook=count,
+            max_array_len=MAX_CONTAINER_ITEMS,
+            max_map_len=MAX_CONTAINER_ITEMS,
+        )
+    except _TooManyContainers:
+        raise ProtocolError("malformed", f"more than {MAX_CONTAINERS} arrays and maps in one message") from None
     except Exception as exc:  # msgpack signals bad input with many exception types (ValueError, TypeError, ...)
-        raise ProtocolError("malformed", f"not a msgpack value: {exc}") from None
+        raise ProtocolError("malformed", f"not a msgpack value: {exc!r}"[:200]) from None
     return from_wire(obj)

@@ -9,8 +9,9 @@ normalizes ints in float fields to float, lists to tuples), so `to_wire` cannot 
   floats must be finite (NaN or inf is never a meaningful value here).
 - `tuple[X, ...]`: a msgpack array (list or tuple when constructing), stored as a tuple so messages hash.
 - `Literal[...]`: an enum of strings.
-- `Annotated[..., NON_EMPTY]` / `Annotated[..., AtLeast(n)]`: protocol-level ranges (ids non-empty, counts
-  non-negative, rates positive). Ranges that depend on the model (temperature, top_k...) are the daemon's.
+- `Annotated[..., NON_EMPTY]` / `Annotated[..., AtLeast(n)]` / `Annotated[..., AtMostBytes(n)]`: protocol-level
+  ranges (ids non-empty and at most 256 bytes of UTF-8, counts non-negative, rates positive). Ranges that
+  depend on the model (temperature, top_k, text length...) are the daemon's.
 - `X | None = None`: optional; absent on the wire when None, and an explicit nil on the wire means absent.
   A field with another default (`pinned: bool = False`) is optional on the wire too, and always written.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import reprlib
 import types
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -39,6 +41,7 @@ SAMPLE_WIDTH: Final[dict[str, int]] = {"pcm_s16le": 2, "pcm_f32le": 4}
 EndReason = Literal["eos", "max_length", "cancelled", "error"]
 END_REASONS: Final[tuple[EndReason, ...]] = ("eos", "max_length", "cancelled", "error")
 
+MAX_ID_BYTES: Final = 256  # ids are echoed in replies: bounded, so no reply can outgrow the message cap
 _INT_MIN: Final = -(2**63)
 _INT_MAX: Final = 2**64 - 1  # msgpack's uint64
 
@@ -66,7 +69,14 @@ class AtLeast:
     bound: float
 
 
-Id = Annotated[str, NON_EMPTY]  # session and request ids, peer names, error codes
+@dataclasses.dataclass(frozen=True)
+class AtMostBytes:
+    """A str of at most `bound` bytes once encoded as UTF-8."""
+
+    bound: int
+
+
+Id = Annotated[str, NON_EMPTY, AtMostBytes(MAX_ID_BYTES)]  # session and request ids, peer names, error codes
 Count = Annotated[int, AtLeast(0)]  # sequence numbers, frame indices and counts, speaker ids
 PositiveInt = Annotated[int, AtLeast(1)]  # sample rates, sizes, protocol versions
 Millis = Annotated[float, AtLeast(0.0)]
@@ -77,13 +87,27 @@ Millis = Annotated[float, AtLeast(0.0)]
 _Checker = Callable[[str, Any], Any]  # (field name, value) -> normalized value, or raise bad_field
 
 
+# Shows a value in an error message: short, and never recursing deeper than a few levels (a peer may send
+# arrays nested hundreds deep, whose plain repr() would raise RecursionError).
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict = 3, 4, 4, 4
+    short.maxstring = short.maxlong = short.maxother = 40
+    return short
+
+
+_SHORT_REPR: Final = _short_repr()
+
+
 def _describe(value: object) -> str:
     if value is None:
         return "nil"
     if isinstance(value, bytes | bytearray):
         return f"bin of {len(value)} bytes"
-    text = repr(value)
-    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+    if isinstance(value, list | tuple | dict):
+        return f"{type(value).__name__} of {len(value)} items {_SHORT_REPR.repr(value)}"
+    text = _SHORT_REPR.repr(value)
+    return f"{type(value).__name__} {text}"
 
 
 def _bad(name: str, expected: str, value: object) -> ProtocolError:
@@ -176,6 +200,8 @@ def _compile(tp: object) -> _Checker:
                     raise _bad(name, "non-empty", value)
                 if isinstance(c, AtLeast) and value < c.bound:
                     raise _bad(name, f">= {c.bound:g}", value)
+                if isinstance(c, AtMostBytes) and len(value.encode("utf-8")) > c.bound:
+                    raise _bad(name, f"at most {c.bound} bytes of UTF-8", value)
             return value
 
         return check_constrained

@@ -38,6 +38,12 @@ FRAME = 1920
 RATE = 24_000
 POLL_SECONDS = 0.01
 KEEP_SECONDS = 60.0
+# User turns waiting for the conversing task. The listener can never wait for room (it must keep draining the
+# microphone and watching for barge-in every few ms), so a turn that finds the queue full is dropped and
+# counted (`Stats.turns_dropped`, and a warning). The newest is the one dropped: the waiting turns are then
+# answered in order, a gap-free prefix of what was said, rather than the conversation losing a turn from its
+# middle. 16 turns behind means the conversing task is stuck (a recognizer or responder that does not answer).
+MAX_WAITING_TURNS = 16
 # How many frames a sentence may take, to size the playback prebuffer: English speech runs ~14 characters a
 # second (12.5 frames); the margin covers slow speakers and pauses. A sentence that runs longer may underrun
 # at its very end; one that ends sooner just started a little late.
@@ -96,6 +102,7 @@ class Stats:
     holds: int = 0  # playback paused at the first frame of user speech (confirmed or not)
     held_at: list[float] = field(default_factory=list)  # trio times of those pauses
     first_audio_after_turn: list[float] = field(default_factory=list)  # seconds, end of user turn -> first audio
+    turns_dropped: int = 0  # user turns that found MAX_WAITING_TURNS already waiting
 
 
 class Conversation:
@@ -128,7 +135,10 @@ class Conversation:
         self._speaking = False  # reply audio is queued or playing
         self._holding = False  # playback is paused on suspicion of a barge-in
         # User turns (start, end), and TRIM: "trim the last reply to what was heard", in the order they happen.
-        self._turns_send, self._turns_receive = trio.open_memory_channel[tuple[float, float] | None](16)
+        # Unbounded as a channel, bounded by `_waiting_turns`: turns beyond MAX_WAITING_TURNS are dropped, and a
+        # TRIM, which must never be lost, comes at most once per barge-in (so once per reply).
+        self._turns_send, self._turns_receive = trio.open_memory_channel[tuple[float, float] | None](math.inf)
+        self._waiting_turns = 0
         self._frame_seconds: float | None = None  # measured time to make and decode one frame (moving average)
 
     async def run(self) -> None:
@@ -151,13 +161,21 @@ class Conversation:
                     if isinstance(event, BargeIn):
                         self._barge_in()
                     elif isinstance(event, TurnEnded):
-                        self._turns_send.send_nowait((event.start, event.end))
+                        self._turn_ended(event.start, event.end)
                 self._hold_for_possible_barge_in()
             # The reply is over when it is all made and all played; running dry while slow generation catches
             # up is still the same reply (the user may still barge in).
             if self._speaking and not self._replying and self.speaker.played >= self._queued:
                 self._speaking = False
                 self.taker.assistant_stopped(self._heard / RATE)
+
+    def _turn_ended(self, start: float, end: float) -> None:
+        if self._waiting_turns >= MAX_WAITING_TURNS:
+            self.stats.turns_dropped += 1
+            log.warning("dropped a user turn: %d are still waiting for a reply", self._waiting_turns)
+            return
+        self._waiting_turns += 1
+        self._turns_send.send_nowait((start, end))
 
     def _keep(self, pcm: np.ndarray) -> None:
         self._audio = np.concatenate([self._audio, pcm])
@@ -202,6 +220,7 @@ class Conversation:
             if item is None:
                 await self._trim()
                 continue
+            self._waiting_turns -= 1
             start, end = item
             user_audio = self._cut(start, end)
             turn_done = trio.current_time()

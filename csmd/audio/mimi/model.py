@@ -152,14 +152,19 @@ class Mimi(nn.Module):
         if audio.shape[1] == 0:
             raise ValueError("cannot encode empty audio")
         frames = -(-audio.shape[1] // self.frame_size)
-        audio = np.pad(audio, ((0, 0), (0, frames * self.frame_size - audio.shape[1])))
+        # The last chunk is padded further, to a power of two frames: every step is compiled once per input
+        # shape and the trace is kept, so arbitrary lengths would each keep one (~1 MB apiece); this way there
+        # are at most eight. The encoder is causal: silence after the end does not change the codes before it.
+        tail = frames % OFFLINE_CHUNK_FRAMES or OFFLINE_CHUNK_FRAMES
+        padded = frames - tail + min(1 << (tail - 1).bit_length(), OFFLINE_CHUNK_FRAMES)
+        audio = np.pad(audio, ((0, 0), (0, padded * self.frame_size - audio.shape[1])))
         chunk = OFFLINE_CHUNK_FRAMES * self.frame_size
         state, out = None, []
         for start in range(0, audio.shape[1], chunk):
             codes, state = self.encode_step(mx.array(audio[:, start : start + chunk], dtype=mx.float32), state)
             mx.eval(codes, state)
             out.append(np.array(codes))
-        codes_np = np.concatenate(out, axis=-1).astype(np.int32)
+        codes_np = np.concatenate(out, axis=-1)[..., :frames].astype(np.int32)
         return codes_np if batched else codes_np[0]
 
     def decode(self, codes: np.ndarray | mx.array) -> np.ndarray:
