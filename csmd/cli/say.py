@@ -108,8 +108,9 @@ def _in_process(args: argparse.Namespace, reply: checks.Reply, params: Generatio
             on_audio=speaker, stop=stopped,
         )  # fmt: skip
         _drain(speaker, len(result.pcm), stopped)
+    cut = stopped() and result.finish_reason == "cancelled"  # (Ctrl-C while the tail played cuts no frame)
     return Said(result.pcm, result.finish_reason, result.seed, result.seconds_to_first_audio,
-                result.seconds_total, interrupted=stopped())  # fmt: skip
+                result.seconds_total, interrupted=cut)  # fmt: skip
 
 
 def _through_daemon(args: argparse.Namespace, daemon: checks.Daemon, reply: checks.Reply, p: GenerationParams) -> Said:
@@ -131,6 +132,7 @@ def _through_daemon(args: argparse.Namespace, daemon: checks.Daemon, reply: chec
                                   top_p=p.top_p, min_p=p.min_p, seed=p.seed, max_frames=p.max_frames)  # fmt: skip
             chunks: list[np.ndarray] = []
             first_audio = 0.0
+            cut = False
             with first_ctrl_c_stops() as stopped, _player(args) as speaker:
                 for chunk in speech:
                     if not chunks:
@@ -139,6 +141,7 @@ def _through_daemon(args: argparse.Namespace, daemon: checks.Daemon, reply: chec
                     chunks.append(chunk.pcm)
                     if stopped():
                         speech.cancel()
+                        cut = True
                         break
                 _drain(speaker, sum(len(c) for c in chunks), stopped)
             end = speech.end
@@ -146,7 +149,7 @@ def _through_daemon(args: argparse.Namespace, daemon: checks.Daemon, reply: chec
             reason = end.reason if end is not None else "cancelled"
             pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
             return Said(pcm, reason, start.seed if start else None, first_audio, time.perf_counter() - started,
-                        interrupted=stopped())  # fmt: skip
+                        interrupted=cut)  # fmt: skip
     except RequestError as exc:
         raise _refused(exc, daemon, reply) from exc
     except ConnectionLost as exc:
