@@ -5,10 +5,10 @@ This is `csmd say`: the first end-to-end voice path, and the core the daemon str
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -20,14 +20,26 @@ from csmd.model.generator import Context, Generator, Segment, Utterance
 from csmd.model.loading import LoadedModel
 from csmd.model.sampling import GenerationParams
 
+FRAME_SAMPLES = 1920  # 24 kHz samples per 80 ms Mimi frame
 
-@dataclass
+
+@dataclass(frozen=True)
 class ContextClip:
-    """A recorded turn to condition the voice on: its audio file, transcript and speaker."""
+    """A recorded turn to condition the voice on: its audio (24 kHz mono float32), transcript and speaker."""
 
-    audio: Path
+    pcm: np.ndarray
     text: str
     speaker: int = 0
+
+    @property
+    def frames(self) -> int:
+        """The Mimi frames it becomes (the codec pads the end to a whole 80 ms frame)."""
+        return math.ceil(len(self.pcm) / FRAME_SAMPLES)
+
+    @classmethod
+    def read(cls, path: str, text: str, speaker: int = 0) -> ContextClip:
+        """A recording in any format libsndfile reads, mixed down and resampled (AudioFileError if unreadable)."""
+        return cls(io.read_audio(path, sample_rate=io.SAMPLE_RATE), text, speaker)
 
 
 @dataclass
@@ -41,8 +53,8 @@ class SpeechResult:
 
 
 def codec_for(loaded: LoadedModel, spec: str | None, bf16: bool = False) -> Mimi:
-    """The codec a model speaks through: an explicit one, the one its checkpoint bundles, a random one
-    matching a random model, or Kyutai's release. bf16: with its weight-bound matrices in bfloat16
+    """The codec a model speaks through: an explicit one, the one its checkpoint bundles or names (a random
+    one matching a random model), or Kyutai's release. bf16: with its weight-bound matrices in bfloat16
     (`Mimi.use_bf16_weights`)."""
     mimi = _codec(loaded, spec)
     if bf16:
@@ -53,9 +65,8 @@ def codec_for(loaded: LoadedModel, spec: str | None, bf16: bool = False) -> Mimi
 def _codec(loaded: LoadedModel, spec: str | None) -> Mimi:
     n = loaded.model.config.num_codebooks
     if spec is None:
-        if loaded.random:
-            preset = "tiny" if loaded.source == "random:tiny" else "mimi"
-            spec = f"random:{preset}"
+        if loaded.codec is not None:
+            spec = loaded.codec
         elif loaded.codec_tensors:
             cfg = from_hf_config(loaded.codec_config, n) if loaded.codec_config else MIMI.with_codebooks(n)
             return _checked(loaded, from_tensors(loaded.codec_tensors, cfg, loaded.source))
@@ -75,8 +86,8 @@ def _checked(loaded: LoadedModel, mimi: Mimi) -> Mimi:
 
 
 def add_context(context: Context, mimi: Mimi, clip: ContextClip) -> None:
-    """Resample and Mimi-encode a recorded turn, and pin it in the context as a voice prompt."""
-    codes = mimi.encode(io.read_audio(clip.audio, sample_rate=mimi.config.sample_rate))
+    """Mimi-encode a recorded turn and pin it in the context as a voice prompt."""
+    codes = mimi.encode(clip.pcm)
     context.append(Segment(clip.speaker, clip.text, codes.T, pinned=True))
 
 
@@ -95,15 +106,17 @@ def speak(
     speaker: int,
     params: GenerationParams,
     on_audio: Callable[[np.ndarray], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> SpeechResult:
-    """Generate `text` frame by frame, decoding each frame at once; `on_audio` gets every 1920 samples."""
+    """Generate `text` frame by frame, decoding each frame at once; `on_audio` gets every 1920 samples.
+    `stop` is asked before each frame: True cancels the reply there (finish reason "cancelled")."""
     decoder = StreamingDecoder(mimi)
     chunks: list[np.ndarray] = []
     start = time.perf_counter()
     first_audio = None
     utterance = generator.start(context, text, speaker, params)
     try:
-        while (pcm := next_audio(utterance, decoder)) is not None:
+        while not (stop is not None and stop()) and (pcm := next_audio(utterance, decoder)) is not None:
             if first_audio is None:
                 first_audio = time.perf_counter() - start
             chunks.append(pcm)

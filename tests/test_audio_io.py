@@ -35,7 +35,7 @@ def wav_bytes(rate: int, data: bytes, *, channels: int = 1, claimed_len: int | N
     fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * align, align, 16)
     return (
         b"RIFF"
-        + struct.pack("<I", 36 + n)
+        + struct.pack("<I", min(36 + n, 0xFFFFFFFF))
         + b"WAVE"
         + b"fmt "
         + struct.pack("<I", 16)
@@ -233,9 +233,16 @@ def test_sample_rate_zero_header(tmp_path: Path) -> None:
     read_error(path, "invalid audio header.*sample rate")
 
 
-def test_truncated_whole_frames_are_accepted(tmp_path: Path) -> None:
-    data = np.arange(1, 101, dtype="<i2").tobytes()  # 100 frames present, header claims 1000
-    back = read_audio(make(tmp_path, "cut.wav", wav_bytes(24_000, data, claimed_len=2000)))
+def test_truncated_on_a_frame_boundary_is_an_error(tmp_path: Path) -> None:
+    """libsndfile reads the 100 frames that are there without a word; the header promised 1000."""
+    data = np.arange(1, 101, dtype="<i2").tobytes()
+    path = make(tmp_path, "cut.wav", wav_bytes(24_000, data, claimed_len=2000))
+    read_error(path, r"truncated: header claims 2000 data bytes, file holds 200 \(100 of 1000 frames")
+
+
+def test_a_streaming_writers_placeholder_length_is_not_a_truncation(tmp_path: Path) -> None:
+    data = np.arange(1, 101, dtype="<i2").tobytes()  # written to a pipe: the length was not known yet
+    back = read_audio(make(tmp_path, "piped.wav", wav_bytes(24_000, data, claimed_len=0xFFFFFFFF)))
     np.testing.assert_array_equal(back, np.arange(1, 101) / 32768)
 
 

@@ -384,7 +384,7 @@ def _serve_and_say(tmp_path: Path) -> None:
         assert "speaking through the daemon" in said.stderr
         frames = int(re.search(r"\((\d+) frames", said.stdout).group(1))  # type: ignore[union-attr]
         assert sf.info(str(tmp_path / "a.wav")).frames == frames * 1920
-        local = subprocess.run([*cli, "say", "Hi.", "-o", str(tmp_path / "b.wav"), "--socket", str(sock), "--local",
+        local = subprocess.run([*cli, "say", "Hi.", "-o", str(tmp_path / "b.wav"), "--local",
                                 "--model", "random:tiny", "--max-seconds", "0.4", "--seed", "9"],
                                capture_output=True, text=True, check=False)  # fmt: skip
         assert local.returncode == 0 and "daemon" not in local.stderr

@@ -29,7 +29,9 @@ import soundfile as sf
 import soxr
 import trio
 
-from csmd.cli import _recognizer, build_parser, main
+from csmd.cli import build_parser, main
+from csmd.cli.talk import recognizer_for
+from csmd.errors import UserError
 from csmd.talk.loop import NoRecognizer as LoopNoRecognizer
 from csmd.talk.recognizer import (
     NoRecognizer,
@@ -286,11 +288,11 @@ def test_asr_option_parses_kinds_and_models() -> None:
             parse(["talk", "--asr", bad])
 
 
-def test_asr_option_builds_the_recognizer(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert isinstance(_recognizer("none", None), NoRecognizer)
-    assert isinstance(_recognizer("typed", None), TypedRecognizer)
-    with pytest.raises(ValueError, match="only knows English"):
-        _recognizer("whisper:small.en", "de")
+def test_asr_option_builds_therecognizer_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert isinstance(recognizer_for("none", None), NoRecognizer)
+    assert isinstance(recognizer_for("typed", None), TypedRecognizer)
+    with pytest.raises(UserError, match="only knows English"):
+        recognizer_for("whisper:small.en", "de")
     made: list[tuple[str, str | None]] = []
 
     class Fake:
@@ -298,21 +300,22 @@ def test_asr_option_builds_the_recognizer(monkeypatch: pytest.MonkeyPatch) -> No
             made.append((model, language))
 
     monkeypatch.setattr("csmd.talk.recognizer.WhisperRecognizer", Fake)
-    _recognizer("whisper", None)
-    _recognizer("whisper", "de")
-    _recognizer("whisper:large-v3", "fr")
+    recognizer_for("whisper", None)
+    recognizer_for("whisper", "de")
+    recognizer_for("whisper:large-v3", "fr")
     assert made == [("base.en", None), ("base", "de"), ("large-v3", "fr")]
 
 
 @needs_whisper
 @pytest.mark.usefixtures("no_network")
 def test_asr_option_loads_a_local_whisper_directory(tiny_whisper: Path) -> None:
-    assert isinstance(_recognizer(f"whisper:{tiny_whisper}", "en"), WhisperRecognizer)
+    assert isinstance(recognizer_for(f"whisper:{tiny_whisper}", "en"), WhisperRecognizer)
 
 
 def test_talk_without_the_whisper_extra_fails_before_loading_anything(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setitem(sys.modules, "faster_whisper", None)
+    monkeypatch.setattr("csmd.audio.devices.device_info", lambda name, kind: {})  # as if the devices were there
     assert main(["talk", "--asr", "whisper", "--model", "no-such-model"]) == 2
     assert 'pip install "csmd[whisper]"' in capsys.readouterr().err

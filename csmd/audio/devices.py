@@ -14,13 +14,14 @@ import numpy as np
 import soxr
 
 from csmd.audio.io import SAMPLE_RATE
+from csmd.errors import UserError
 
 # A running stream whose callback has not run for this long has lost its device (unplugged, server gone).
 # PortAudio calls back every few ms; a second of nothing is never scheduling jitter.
 STALL_SECONDS = 1.0
 
 
-class AudioDeviceError(RuntimeError):
+class AudioDeviceError(UserError, RuntimeError):
     """No usable sound device (PortAudio missing, no such device, or the device refuses 24 kHz)."""
 
 
@@ -82,6 +83,27 @@ def find_device(name: str | int | None, kind: str = "output") -> int | None:
     return found[0]
 
 
+def device_info(name: str | int | None, kind: str) -> dict[str, Any]:
+    """PortAudio's description of the `kind` ("input" or "output") device `name` (None: the default), or an
+    AudioDeviceError saying there is none: PortAudio's own errors here are a bare "Error querying device"."""
+    sd = _sounddevice()
+    index = find_device(name, kind)
+    try:
+        info: dict[str, Any] = sd.query_devices(index, kind)
+    except (sd.PortAudioError, ValueError) as exc:
+        which = f"{kind} device {name!r}" if name is not None else f"default {kind} device"
+        raise AudioDeviceError(f"no {which} (see `csmd devices`): {exc}") from exc
+    return info
+
+
+def _start(stream: Any, kind: str) -> None:
+    sd = _sounddevice()
+    try:
+        stream.start()
+    except sd.PortAudioError as exc:
+        raise AudioDeviceError(f"cannot start the {kind} device: {exc}") from exc
+
+
 class Microphone:
     """Captures mono audio at the device's own rate and hands it out resampled to 24 kHz.
 
@@ -92,7 +114,7 @@ class Microphone:
     def __init__(self, device: str | int | None = None, sample_rate: int = SAMPLE_RATE, block_ms: float = 20.0):
         sd = _sounddevice()
         index = find_device(device, "input")
-        info = sd.query_devices(index, "input")
+        info = device_info(index, "input")
         self.device_rate = int(info["default_samplerate"])
         self.sample_rate = sample_rate
         self._channels = min(2, int(info["max_input_channels"]))
@@ -110,7 +132,7 @@ class Microphone:
                 blocksize=int(self.device_rate * block_ms / 1000),
                 callback=self._capture,
             )
-        except sd.PortAudioError as exc:
+        except (sd.PortAudioError, ValueError) as exc:
             raise AudioDeviceError(f"cannot open the input device at {self.device_rate} Hz: {exc}") from exc
 
     def _capture(self, data: np.ndarray, frames: int, time: object, status: object) -> None:
@@ -135,7 +157,7 @@ class Microphone:
         return np.asarray(self._resampler.resample_chunk(pcm), dtype=np.float32)
 
     def __enter__(self) -> Microphone:
-        self._stream.start()
+        _start(self._stream, "input")
         with self._lock:
             self._last_callback = time_module.monotonic()
         return self
@@ -169,11 +191,13 @@ class Speaker:
         self._lock = threading.Lock()
         self._drained = threading.Event()
         self._last_callback: float | None = None  # monotonic time of the last fill; None when not running
+        index = find_device(device, "output")
+        device_info(index, "output")  # a missing device named as such, not as a failure to open it
         try:
             self._stream = sd.OutputStream(
-                samplerate=sample_rate, channels=1, dtype="float32", device=find_device(device), callback=self._fill
+                samplerate=sample_rate, channels=1, dtype="float32", device=index, callback=self._fill
             )
-        except sd.PortAudioError as exc:
+        except (sd.PortAudioError, ValueError) as exc:
             raise AudioDeviceError(f"cannot open the output device at {sample_rate} Hz: {exc}") from exc
 
     def _fill(self, out: np.ndarray, frames: int, time: object, status: object) -> None:
@@ -204,7 +228,7 @@ class Speaker:
         out[written:] = 0.0
 
     def __enter__(self) -> Speaker:
-        self._stream.start()
+        _start(self._stream, "output")
         with self._lock:
             self._last_callback = time_module.monotonic()
         return self

@@ -14,6 +14,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from csmd.errors import UserError
+
 SAMPLE_RATE = 24_000
 
 # Extension -> (libsndfile major format, default subtype). PCM_16 is plenty for speech and keeps files small.
@@ -22,9 +24,11 @@ _WRITE_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg"
 # "data : <header size> (should be <bytes present>)"; that log line is the one place this is visible.
 _TRUNCATED_DATA = re.compile(r"data\s*:\s*(\d+)\s*\(should be (\d+)\)")
 _BLOCK_ALIGN = re.compile(r"Block Align\s*:\s*(\d+)")
+# Data sizes that writers streaming to a pipe put in the header because they cannot know the length yet.
+_LENGTH_UNKNOWN = (0xFFFFFFFF, 0x7FFFFFFF)
 
 
-class AudioFileError(ValueError):
+class AudioFileError(UserError, ValueError):
     """An audio file could not be read or written; the message names the file and the problem."""
 
 
@@ -90,10 +94,10 @@ def read_audio(path: str | os.PathLike[str], *, sample_rate: int = SAMPLE_RATE) 
     """Any file libsndfile reads (WAV, FLAC, OGG, ...) -> mono float32 in [-1, 1] at `sample_rate`.
 
     Channels are mixed down by their mean, and the audio is resampled with soxr 'HQ' if the file's rate
-    differs. A truncated WAV (its header promises more data than the file holds) is accepted if the data
-    that is there ends on a frame boundary and holds at least one frame: a recording cut off by a crash
-    is still useful. If the cut falls mid-frame the bytes can no longer be trusted to line up, so that,
-    like a file with no frames at all, raises AudioFileError.
+    differs. A truncated WAV (its header promises more data than the file holds) raises AudioFileError,
+    even when the cut falls on a frame boundary (libsndfile would quietly read the part that is there):
+    the file is not what was recorded, and the caller should know. A header whose data size is a
+    streaming writer's placeholder (0xFFFFFFFF) is not a truncation.
     """
     _check_rate(sample_rate, "sample_rate")
     name = os.fspath(path)
@@ -123,8 +127,13 @@ def read_audio(path: str | os.PathLike[str], *, sample_rate: int = SAMPLE_RATE) 
 
     if (cut := _TRUNCATED_DATA.search(log)) and (align := _BLOCK_ALIGN.search(log)):
         claimed, present, block = int(cut[1]), int(cut[2]), int(align[1])
-        if block > 0 and (present % block or present < block):
-            where = "cut mid-frame" if present % block else "no complete frame left"
+        if claimed > present and claimed not in _LENGTH_UNKNOWN and block > 0:
+            if present % block:
+                where = "cut mid-frame"
+            elif present < block:
+                where = "no complete frame left"
+            else:
+                where = f"{present // block} of {claimed // block} frames"
             raise AudioFileError(
                 f"{name!r}: truncated: header claims {claimed} data bytes, file holds {present} "
                 f"({where}; frames are {block} bytes)"
@@ -136,6 +145,25 @@ def read_audio(path: str | os.PathLike[str], *, sample_rate: int = SAMPLE_RATE) 
     mono = resample(to_mono(data), rate, sample_rate)
     # Float files and resampler overshoot (Gibbs ringing) can step outside [-1, 1]; the contract is [-1, 1].
     return np.clip(mono, -1.0, 1.0, out=mono)
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Raise AudioFileError unless `write_audio(path, ...)` can work: a known extension, in a directory that
+    exists and that we may write to. Cheap: for checking an output path before any work."""
+    name = os.fspath(path)
+    p = Path(name)
+    ext = p.suffix.lower()
+    if ext not in _WRITE_FORMATS:
+        allowed = ", ".join(_WRITE_FORMATS)
+        raise AudioFileError(f"{name!r}: unknown extension {ext or '(none)'!r} for writing; use one of {allowed}")
+    directory = p.parent
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise AudioFileError(f"{name!r}: cannot write there: directory {os.fspath(directory)!r} {what}")
+    if p.is_dir():
+        raise AudioFileError(f"{name!r}: is a directory")
+    if not os.access(directory, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise AudioFileError(f"{name!r}: cannot write there: permission denied")
 
 
 def write_audio(
@@ -153,11 +181,8 @@ def write_audio(
     """
     _check_rate(sample_rate, "sample_rate")
     name = os.fspath(path)
-    ext = Path(name).suffix.lower()
-    if ext not in _WRITE_FORMATS:
-        allowed = ", ".join(_WRITE_FORMATS)
-        raise AudioFileError(f"{name!r}: unknown extension {ext or '(none)'!r} for writing; use one of {allowed}")
-    fmt, default_subtype = _WRITE_FORMATS[ext]
+    check_writable(name)  # libsndfile would only say "System error."
+    fmt, default_subtype = _WRITE_FORMATS[Path(name).suffix.lower()]
     subtype = subtype or default_subtype
     if not sf.check_format(fmt, subtype):
         raise AudioFileError(f"{name!r}: subtype {subtype!r} is not valid for {fmt} files")

@@ -155,7 +155,8 @@ CSM_1B = CsmConfig(
 )
 
 # Small enough to build in milliseconds, but with GQA, several layers and Llama-3 scaling that bites
-# (original context 16, so the scaled and smoothed frequency bands are both exercised).
+# (original context 16, so the scaled and smoothed frequency bands are both exercised). Its window is
+# csm-1b's 2048 rows, so that every default of the commands (a 20 s reply, a 300-row prefill) fits it too.
 _TINY_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
 TINY = CsmConfig(
     backbone=TransformerConfig(
@@ -164,7 +165,7 @@ TINY = CsmConfig(
         num_heads=4,
         num_kv_heads=2,
         intermediate_size=128,
-        max_seq_len=256,
+        max_seq_len=2048,
         rope_scaling=_TINY_ROPE,
     ),
     decoder=TransformerConfig(

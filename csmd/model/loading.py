@@ -1,10 +1,12 @@
 """Turn a model argument into a ready CSM: a local path, an HF repo id, or `random:<preset>`.
 
 Recognised layouts (a directory, or a weights file whose directory holds the config):
-- csmd's own:  config.json with "format": "csmd", model.safetensors (csmd naming, maybe quantized)
+- csmd's own:  config.json with "format": "csmd", model.safetensors (csmd naming, maybe quantized); what
+               `csmd convert` writes, naming the tokenizer and codec it bundles (see convert.py)
 - HF:          config.json with "model_type": "csm", model.safetensors or a sharded index (HF naming)
 - Sesame:      config.json with "backbone_flavor" (or none), model.safetensors or ckpt.pt (Sesame naming)
-A tokenizer.json or tokenizer.model beside the weights is picked up unless one is given.
+A tokenizer.json or tokenizer.model beside the weights is picked up unless one is given. A path (anything
+that exists, starts with ./ ../ / ~, or names a checkpoint file) is never looked up on the HF hub.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from csmd import hub
 from csmd.model import config as configs
 from csmd.model.config import CsmConfig
 from csmd.model.csm import CSM
@@ -40,6 +43,11 @@ DTYPES = {
     "fp16": mx.float16,
 }
 _WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "ckpt.safetensors", "ckpt.pt")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "ckpt.pt"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # the names looked for beside the weights
+BYTE_TOKENIZER = "utf8_bytes"  # config.json's "tokenizer" for a model that reads TextTokenizer.utf8_bytes()
+# The codec of matching shapes for each random model.
+RANDOM_CODECS = {"csm-1b": "random:mimi", "tiny": "random:tiny"}
 # Sesame's ModelArgs name its transformers by torchtune flavor.
 _SESAME_FLAVORS = {"llama-1B": configs.CSM_1B.backbone, "llama-100M": configs.CSM_1B.decoder}
 
@@ -49,9 +57,10 @@ class LoadedModel:
     model: CSM
     tokenizer: TextTokenizer | None
     source: str
-    random: bool = False
+    random: bool = False  # random weights (random:<preset>, or a conversion of one): they do not speak
     codec_tensors: dict[str, mx.array] = field(default_factory=dict)  # Mimi, when the checkpoint bundles it
     codec_config: dict[str, Any] = field(default_factory=dict)  # its HF MimiConfig, if the config has one
+    codec: str | None = None  # the codec argument the model names: a random preset, or a bundled weights file
 
 
 def parse_dtype(name: str) -> mx.Dtype:
@@ -66,30 +75,28 @@ def load_model(
     *,
     dtype: str = "float32",
     config: CsmConfig | None = None,
-    tokenizer: str | os.PathLike[str] | None = None,
+    tokenizer: str | os.PathLike[str] | TextTokenizer | None = None,
 ) -> LoadedModel:
     """Load `spec` (path, HF repo id or random:<preset>). `config` overrides what the files say."""
     mx_dtype = parse_dtype(dtype)
-    text_tokenizer = TextTokenizer.from_file(tokenizer) if tokenizer else None
+    text_tokenizer = TextTokenizer.from_file(tokenizer) if isinstance(tokenizer, str | os.PathLike) else tokenizer
     if spec.startswith("random:"):
-        cfg = config or configs.preset(spec.removeprefix("random:"))
+        name = spec.removeprefix("random:")
+        cfg = config or preset(name)
         model = build_model(cfg, random_params(cfg, mx_dtype), mx_dtype, spec)
         # Random weights mean nothing, so any text encoding will do: UTF-8 bytes need no file.
-        return LoadedModel(model, text_tokenizer or TextTokenizer.utf8_bytes(), spec, random=True)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        if _looks_like_repo_id(spec):
-            path = _download(spec)
-        else:
-            raise CheckpointError(f"{spec}: no such file or directory (nor an HF repo id or random:<preset>)")
-    weights_file, directory = _locate(path)
+        words = text_tokenizer or TextTokenizer.utf8_bytes()
+        return LoadedModel(model, words, spec, random=True, codec=RANDOM_CODECS.get(name, "random:mimi"))
+    weights_file, directory = _locate(checkpoint_path(spec))
     meta = _read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
     tensors = read_tensors(weights_file)
     quantization = None
     codec: dict[str, mx.array] = {}
+    named_codec = None
     if meta.get("format") == CSMD_FORMAT:
         cfg = config or CsmConfig.from_dict(meta["model"])
         params, quantization = tensors, meta.get("quantization")
+        named_codec = _named_codec(meta, directory)
     elif is_hf_naming(tensors):
         cfg = config or (configs.from_hf_config(meta) if meta.get("model_type") == "csm" else configs.CSM_1B)
         checkpoint = from_hf_naming(tensors, cfg)
@@ -99,21 +106,75 @@ def load_model(
         params = tensors
     model = build_model(cfg, params, mx_dtype, str(weights_file), quantization)
     if text_tokenizer is None:
-        text_tokenizer = _find_tokenizer(directory)
-    codec_config = (meta.get("codec_config") or {}) if codec else {}
-    return LoadedModel(model, text_tokenizer, str(weights_file), codec_tensors=codec, codec_config=codec_config)
+        text_tokenizer = find_tokenizer(directory, meta)
+    return LoadedModel(
+        model,
+        text_tokenizer,
+        str(weights_file),
+        random=bool(meta.get("random")),
+        codec_tensors=codec,
+        codec_config=(meta.get("codec_config") or {}) if codec else {},
+        codec=named_codec,
+    )
 
 
-def _looks_like_repo_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
+def preset(name: str) -> CsmConfig:
+    """A `random:<name>` model's config."""
+    if name not in configs.PRESETS:
+        raise CheckpointError(f"unknown model preset {name!r}; choose one of {', '.join(configs.PRESETS)}")
+    return configs.PRESETS[name]
 
 
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download  # only needed for hub ids; never used in tests
+def check_argument(spec: str) -> None:
+    """Raise what `load_model(spec)` would for a bad argument (an unknown preset, a path that does not exist),
+    without reading or downloading anything."""
+    if spec.startswith("random:"):
+        preset(spec.removeprefix("random:"))
+    elif not Path(spec).expanduser().exists() and (hub.looks_local(spec) or not hub.is_repo_id(spec)):
+        if spec in configs.PRESETS:
+            raise CheckpointError(f"{spec}: no such file or directory; did you mean random:{spec}?")
+        other = "" if hub.looks_local(spec) else " (nor an HF repo id owner/name or random:<preset>)"
+        raise CheckpointError(f"{spec}: no such file or directory{other}")
 
-    patterns = ["*.json", "*.safetensors", "tokenizer.model", "ckpt.pt"]
-    return Path(snapshot_download(repo_id, allow_patterns=patterns))
+
+def checkpoint_path(spec: str) -> Path:
+    """The local file or directory a (non-random) model argument names; an HF repo id is downloaded.
+
+    CheckpointError for a path that does not exist, HubError when the hub cannot give the repo."""
+    check_argument(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    return hub.download(spec, patterns=_HUB_PATTERNS, fallback="--model random:tiny")
+
+
+def peek_config(spec: str) -> CsmConfig | None:
+    """The config `spec` would load, where that is known without reading weights or the network: a random
+    preset, or a local checkpoint's config.json (Sesame's numbers when there is none). None otherwise."""
+    if spec.startswith("random:"):
+        return preset(spec.removeprefix("random:"))
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return None
+    directory = path if path.is_dir() else path.parent
+    meta = _read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
+    if meta.get("format") == CSMD_FORMAT:
+        return CsmConfig.from_dict(meta["model"])
+    if meta.get("model_type") == "csm":
+        return configs.from_hf_config(meta)
+    return _sesame_config(meta) if not meta or "backbone_flavor" in meta else None
+
+
+def peek_tokenizer(spec: str) -> TextTokenizer | None:
+    """The tokenizer `spec` would load, where that needs no weights or network (None otherwise)."""
+    if spec.startswith("random:"):
+        return TextTokenizer.utf8_bytes()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return None
+    directory = path if path.is_dir() else path.parent
+    meta = _read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
+    return find_tokenizer(directory, meta)
 
 
 def _locate(path: Path) -> tuple[Path, Path]:
@@ -136,6 +197,18 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _named_codec(meta: dict[str, Any], directory: Path) -> str | None:
+    """The codec a csmd checkpoint names (convert.py): {"spec": "random:tiny"} or {"file": "codec.safetensors"}."""
+    codec = meta.get("codec")
+    if codec is None:
+        return None
+    if isinstance(codec, dict) and isinstance(codec.get("spec"), str):
+        return str(codec["spec"])
+    if isinstance(codec, dict) and isinstance(codec.get("file"), str):
+        return str(directory / codec["file"])
+    raise CheckpointError(f'{directory / "config.json"}: \'codec\' must be {{"spec": ...}} or {{"file": ...}}')
+
+
 def _sesame_config(meta: dict[str, Any]) -> CsmConfig:
     """Sesame's ModelArgs (config.json of the safetensors release), or the csm-1b numbers if there is none."""
     if not meta:
@@ -156,8 +229,11 @@ def _sesame_config(meta: dict[str, Any]) -> CsmConfig:
     )
 
 
-def _find_tokenizer(directory: Path) -> TextTokenizer | None:
-    for name in ("tokenizer.json", "tokenizer.model"):
+def find_tokenizer(directory: Path, meta: dict[str, Any]) -> TextTokenizer | None:
+    """The tokenizer a checkpoint directory holds (or names, for converted random models), if any."""
+    if meta.get("tokenizer") == BYTE_TOKENIZER:
+        return TextTokenizer.utf8_bytes()
+    for name in TOKENIZER_FILES:
         if (directory / name).is_file():
             return TextTokenizer.from_file(directory / name)
     return None

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from csmd import progress
 from csmd.arrays import materialize
 from csmd.model.config import CsmConfig
 from csmd.model.csm import CSM, QuantizedCodebookHeads
@@ -179,12 +180,15 @@ def build_model(
     source: str,
     quantization: dict[str, int] | None = None,
 ) -> CSM:
-    """A CSM holding `params` (csmd naming), checked against the config, in `dtype`."""
+    """A CSM holding `params` (csmd naming), checked against the config, in `dtype`. The tensors are read (or
+    generated, for random weights) one at a time, with a progress bar in bytes when that takes a while."""
     model = CSM(cfg)
     if quantization:
-        quantize(model, **quantization)
+        quantize(model, **quantization, layout_only=True)
     check_params(params, model, source)
-    model.update(tree_unflatten(list(cast_floats(params, dtype).items())))
+    cast = cast_floats(params, dtype)
+    progress.evaluate(cast.values(), f"{'building' if source.startswith('random:') else 'loading'} {source}")
+    model.update(tree_unflatten(list(cast.items())))
     materialize(model)
     return model
 
@@ -193,13 +197,14 @@ def _quantizable(path: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Linear | nn.Embedding) and module.weight.shape[-1] % 64 == 0
 
 
-def quantize(model: CSM, bits: int, group_size: int = 64) -> None:
+def quantize(model: CSM, bits: int, group_size: int = 64, *, layout_only: bool = False) -> None:
     """Affine-quantize every projection and embedding (and the codebook heads) in MLX's layout.
 
     Group scales and biases are bf16 whatever the model's dtype: MLX quantizes the weights as bf16, as it does
     for a bf16 model. They are 2 of the 10 bytes per 16 weights at 4 bits in fp32; in bf16 a 4-bit csm-1b frame
     reads 2.58 GB instead of 2.87 GB, and its depth decoder took 0.90x the time (BENCHMARKS.md). Rounding them
     costs nothing next to the 4-bit steps. The products still run in the activations' dtype.
+    `layout_only`: only give the modules the quantized layout (lazily), for a checkpoint's weights to replace.
     """
     if bits not in (4, 8):
         raise ValueError(f"quantize to 4 or 8 bits, not {bits}")
@@ -210,8 +215,10 @@ def quantize(model: CSM, bits: int, group_size: int = 64) -> None:
     # The depth decoder reads one codebook head per step: 31 x 2.1 M weights a frame, worth quantizing too.
     if isinstance(model.audio_head, mx.array) and model.config.decoder.hidden_size % group_size == 0:
         model.audio_head = QuantizedCodebookHeads(model.audio_head.astype(QUANT_PARAM_DTYPE), group_size, bits)
-    # Quantize now, not lazily inside the first forward pass (which would then take seconds longer).
-    mx.eval(model.parameters())
+    if layout_only:  # the caller replaces every weight: computing these would only waste time
+        return
+    # Quantize now (with a progress bar), not lazily inside the first forward pass.
+    progress.evaluate(dict(tree_flatten(model.parameters())).values(), f"quantizing to {bits} bits")
 
 
 def random_params(cfg: CsmConfig, dtype: mx.Dtype, seed: int = 0) -> dict[str, mx.array]:
@@ -228,8 +235,10 @@ def random_params(cfg: CsmConfig, dtype: mx.Dtype, seed: int = 0) -> dict[str, m
     return params
 
 
-def save_csmd(model: CSM, directory: Path, quantization: dict[str, int] | None) -> None:
-    """csmd's own format: `model.safetensors` in csmd naming beside `config.json`."""
+def save_csmd(
+    model: CSM, directory: Path, quantization: dict[str, int] | None, extra: dict[str, Any] | None = None
+) -> None:
+    """csmd's own format: `model.safetensors` in csmd naming beside `config.json` (which also gets `extra`)."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(directory / "model.safetensors"), tensors, metadata={"format": CSMD_FORMAT})
@@ -239,5 +248,6 @@ def save_csmd(model: CSM, directory: Path, quantization: dict[str, int] | None) 
         "dtype": str(model.activation_dtype()).removeprefix("mlx.core."),
         "quantization": quantization,
         "model": model.config.to_dict(),
+        **(extra or {}),
     }
     (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")

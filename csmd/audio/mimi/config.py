@@ -82,6 +82,19 @@ class MimiConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MimiConfig:
+        """The inverse of `to_dict` (csmd's own config files)."""
+        d = dict(data)
+        seanet = dict(d.pop("seanet"))
+        seanet["ratios"] = tuple(seanet["ratios"])
+        return cls(
+            seanet=SeanetConfig(**seanet),
+            transformer=MimiTransformerConfig(**d.pop("transformer")),
+            quantizer=QuantizerConfig(**d.pop("quantizer")),
+            **d,
+        )
+
 
 MIMI = MimiConfig()
 

@@ -3,6 +3,8 @@
 - Kyutai's safetensors (`tokenizer-e351c8d8-checkpoint125.safetensors`, the one Sesame's CSM uses)
 - HF `kyutai/mimi` (config.json + model.safetensors, q/k permuted)
 - an HF CSM checkpoint directory: its bundled `codec_model.*` tensors and `codec_config`
+- a directory `csmd convert` wrote: its `codec.safetensors` (csmd naming), configured by its config.json
+A path is never looked up on the HF hub (see csmd.hub).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from csmd import hub, progress
 from csmd.audio.mimi import config as configs
 from csmd.audio.mimi.config import MimiConfig
 from csmd.audio.mimi.model import Mimi
@@ -20,7 +23,9 @@ from csmd.model.errors import CheckpointError
 
 DEFAULT_CODEC = "kyutai/moshiko-pytorch-bf16"
 KYUTAI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
+BUNDLED_FILE = "codec.safetensors"  # the codec `csmd convert` writes beside the model
 _REPO_FILES = {DEFAULT_CODEC: [KYUTAI_FILE], "kyutai/mimi": ["config.json", "model.safetensors"]}
+_WEIGHT_FILES = (KYUTAI_FILE, BUNDLED_FILE, "model.safetensors", "model.safetensors.index.json")
 
 
 def load_mimi(spec: str = DEFAULT_CODEC, num_codebooks: int = 32, config: MimiConfig | None = None) -> Mimi:
@@ -29,37 +34,51 @@ def load_mimi(spec: str = DEFAULT_CODEC, num_codebooks: int = 32, config: MimiCo
     `config` overrides what the files say (Kyutai's file carries no config: it is the `mimi` preset).
     """
     if spec.startswith("random:"):
-        cfg = config or configs.PRESETS.get(spec.removeprefix("random:"))
-        if cfg is None:
-            raise ValueError(f"unknown codec preset {spec!r}; choose random:{' or random:'.join(configs.PRESETS)}")
+        check_argument(spec)
+        cfg = config or configs.PRESETS[spec.removeprefix("random:")]
         cfg = cfg.with_codebooks(min(num_codebooks, cfg.quantizer.n_q))
         return from_tensors(random_tensors(cfg), cfg, spec)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        if spec not in _REPO_FILES and spec.count("/") != 1:
-            raise CheckpointError(f"{spec}: no such file or directory (nor an HF repo id or random:<preset>)")
-        path = _download(spec)
-    weights, cfg = _locate(path, num_codebooks)
+    weights, cfg = _locate(codec_path(spec), num_codebooks)
     if config is not None:
         cfg = config.with_codebooks(min(num_codebooks, config.quantizer.n_q))
-    mimi = Mimi(cfg)
-    mimi.load_tensors(load_mimi_tensors(weights, cfg), str(weights))
-    return mimi
+    return _ready(load_mimi_tensors(weights, cfg), cfg, str(weights))
+
+
+def check_argument(spec: str) -> None:
+    """Raise what `load_mimi(spec)` would for a bad argument (an unknown preset, a path that does not exist),
+    without reading or downloading anything."""
+    if spec.startswith("random:"):
+        if spec.removeprefix("random:") not in configs.PRESETS:
+            choices = " or random:".join(configs.PRESETS)
+            raise CheckpointError(f"unknown codec preset {spec!r}; choose random:{choices}")
+    elif not Path(spec).expanduser().exists() and (hub.looks_local(spec) or not hub.is_repo_id(spec)):
+        hint = (
+            f"; did you mean random:{spec}?" if spec in configs.PRESETS else " (nor an HF repo id or random:<preset>)"
+        )
+        raise CheckpointError(f"{spec}: no such file or directory{hint}")
+
+
+def codec_path(spec: str) -> Path:
+    """The local file or directory a (non-random) codec argument names; an HF repo id is downloaded."""
+    check_argument(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    files = _REPO_FILES.get(spec, ["config.json", "model.safetensors"])
+    return hub.download(spec, files=files, fallback="--codec random:mimi")
 
 
 def from_tensors(tensors: dict[str, mx.array], cfg: MimiConfig, source: str) -> Mimi:
     """A Mimi from tensors in any naming (e.g. `LoadedModel.codec_tensors` of an HF CSM checkpoint)."""
+    return _ready(to_csmd_naming(tensors, cfg, source), cfg, source)
+
+
+def _ready(tensors: dict[str, mx.array], cfg: MimiConfig, source: str) -> Mimi:
+    # Read (or generate) the tensors one by one, with a progress bar when that takes a while.
+    progress.evaluate(tensors.values(), f"{'building' if source.startswith('random:') else 'loading'} {source}")
     mimi = Mimi(cfg)
-    mimi.load_tensors(to_csmd_naming(tensors, cfg, source), source)
+    mimi.load_tensors(tensors, source)
     return mimi
-
-
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import hf_hub_download  # only for hub ids; never used in tests
-
-    files = _REPO_FILES.get(repo_id, ["config.json", "model.safetensors"])
-    paths = [Path(hf_hub_download(repo_id, name)) for name in files]
-    return paths[0].parent
 
 
 def _locate(path: Path, num_codebooks: int) -> tuple[Path, MimiConfig]:
@@ -74,12 +93,14 @@ def _locate(path: Path, num_codebooks: int) -> tuple[Path, MimiConfig]:
         cfg = configs.from_hf_config(meta)
     elif meta.get("model_type") == "csm" and meta.get("codec_config"):
         cfg = configs.from_hf_config(meta["codec_config"])
+    elif meta.get("format") == "csmd" and isinstance(meta.get("codec"), dict) and "config" in meta["codec"]:
+        cfg = MimiConfig.from_dict(meta["codec"]["config"])
     else:
         cfg = configs.MIMI
     cfg = cfg.with_codebooks(min(num_codebooks, cfg.quantizer.n_q))
     if path.is_file():
         return path, cfg
-    for name in (KYUTAI_FILE, "model.safetensors", "model.safetensors.index.json"):
+    for name in _WEIGHT_FILES:
         if (path / name).is_file():
             return path / name, cfg
-    raise CheckpointError(f"{path}: no Mimi weights found (looked for {KYUTAI_FILE}, model.safetensors)")
+    raise CheckpointError(f"{path}: no Mimi weights found (looked for {', '.join(_WEIGHT_FILES)})")

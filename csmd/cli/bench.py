@@ -1,0 +1,129 @@
+"""`csmd bench frame|codec|daemon|talk`: each says what it is doing while it measures (stderr)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from csmd.cli import checks
+from csmd.cli.errors import flagged
+from csmd.cli.options import model_spec
+from csmd.cli.runtime import apply_runtime
+from csmd.cli.voice import load_model, load_voice
+from csmd.errors import UserError
+
+
+def _say(message: str) -> None:
+    print(f"csmd: {message}", file=sys.stderr, flush=True)
+
+
+def cmd_bench_frame(args: argparse.Namespace) -> int:
+    from csmd.bench.frame import add_comparison, format_result, run
+    from csmd.bench.machine import measure
+    from csmd.model.loading import peek_config
+
+    spec = model_spec(args)
+    checks.model_argument(spec)
+    with flagged("--model"):
+        cfg = peek_config(spec)
+    if cfg is not None:
+        _check_frame_rows(args, cfg.backbone.max_seq_len, spec)
+    apply_runtime(args)
+    loaded = load_model(args)
+    _check_frame_rows(args, loaded.model.config.backbone.max_seq_len, spec)
+    name = spec
+    if args.quantize:
+        from csmd.model.weights import quantize
+
+        quantize(loaded.model, args.quantize)
+        name += f" (q{args.quantize})"
+    _say("measuring this machine's memory bandwidth and GEMM rate")
+    machine = measure()
+    _say(f"timing {args.prefill_repeats} prefills of {args.prefill} rows, then {args.warmup} + {args.frames} frames")
+    result = run(
+        loaded.model,
+        name,
+        frames=args.frames,
+        warmup=args.warmup,
+        prefill_rows=args.prefill,
+        prefill_repeats=args.prefill_repeats,
+        machine=machine,
+    )
+    if args.compare_transformers:
+        from csmd.bench import transformers_frame
+
+        _say("timing transformers' CsmForConditionalGeneration on the same frames")
+        # The same shapes and frame counts; a quantized model is compared with transformers at its float dtype.
+        cfg = loaded.model.config
+        del loaded  # the torch copy needs the memory more than csmd's, whose run is over
+        theirs = transformers_frame.run(
+            cfg,
+            result.dtype,
+            frames=args.frames,
+            warmup=args.warmup,
+            prefill_rows=args.prefill,
+            prefill_repeats=args.prefill_repeats,
+        )
+        add_comparison(result, theirs)
+    print(json.dumps(result.as_dict()) if args.json else format_result(result))
+    return 0
+
+
+def _check_frame_rows(args: argparse.Namespace, window: int, spec: str) -> None:
+    rows = args.prefill + args.warmup + args.frames
+    if rows > window:
+        raise UserError(
+            f"--prefill {args.prefill} + --warmup {args.warmup} + --frames {args.frames} = {rows} rows, more than "
+            f"the window of {spec} ({window} rows)"
+        )
+
+
+def cmd_bench_codec(args: argparse.Namespace) -> int:
+    from csmd.audio.mimi.loading import load_mimi
+    from csmd.bench.codec import format_result, run, steady_state_frames
+    from csmd.bench.machine import measure
+
+    checks.codec_argument(args.codec)
+    apply_runtime(args)
+    _say(f"loading the codec {args.codec}")
+    with flagged("--codec"):
+        mimi = load_mimi(args.codec)
+    if args.bf16:
+        mimi.use_bf16_weights()
+    name = args.codec + (" (bf16 weights)" if args.bf16 else "")
+    _say("measuring this machine's memory bandwidth and GEMM rate")
+    machine = measure()
+    warmup = steady_state_frames(mimi) if args.warmup is None else args.warmup
+    moshi = " against moshi's, frame by frame" if args.compare_moshi else ""
+    _say(f"streaming {warmup} warm-up + {args.frames} timed frames through the decoder{moshi}, then the encoder")
+    result = run(mimi, name, frames=args.frames, warmup=warmup, compare_moshi=args.compare_moshi, machine=machine)
+    print(json.dumps(result.as_dict()) if args.json else format_result(result))
+    return 0
+
+
+def cmd_bench_daemon(args: argparse.Namespace) -> int:
+    from csmd.bench.daemon import format_result, run
+
+    checks.model_argument(model_spec(args))
+    checks.codec_argument(args.codec)
+    apply_runtime(args)
+    voice = load_voice(args)
+    _say(f"making {args.runs} replies of {args.frames} frames each way, in-process and through a socket")
+    result = run(voice.generator, voice.mimi, model_spec(args), frames=args.frames, runs=args.runs)
+    print(json.dumps(result.as_dict()) if args.json else format_result(result))
+    return 0
+
+
+def cmd_bench_talk(args: argparse.Namespace) -> int:
+    from csmd.bench.talk import format_result, run
+
+    checks.model_argument(model_spec(args))
+    checks.codec_argument(args.codec)
+    checks.sound_device(args.user_device, "output", "--user-device")
+    apply_runtime(args)
+    voice = load_voice(args)
+    _say(f"playing {args.rounds} scripted rounds through {args.user_device}")
+    result = run(voice.generator, voice.mimi, model_spec(args), args.rounds, args.user_device, args.csmd_device)
+    print(json.dumps(result.as_dict()) if args.json else format_result(result))
+    return 0

@@ -1,0 +1,49 @@
+"""`csmd serve`: the daemon on a Unix socket. A daemon already on the socket, or a bad model or codec
+argument, is found before the model loads; SIGINT or SIGTERM stop it cleanly (exit 0)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from functools import partial
+from pathlib import Path
+
+from csmd.cli import checks
+from csmd.cli.options import model_spec
+from csmd.cli.runtime import apply_runtime
+from csmd.cli.voice import load_voice
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import trio
+
+    from csmd.daemon.limits import Limits
+    from csmd.daemon.server import Daemon, default_socket_path, serve_until_signal
+
+    path = Path(args.socket) if args.socket else default_socket_path()
+    checks.socket_to_serve(path, args.allow_shared_socket_dir)
+    checks.no_daemon_on(path)
+    limits = Limits(
+        max_connections=args.max_connections,
+        max_sessions=args.max_sessions,
+        max_sessions_per_connection=args.max_sessions_per_connection,
+        idle_timeout=args.idle_timeout or math.inf,  # 0: never
+    )
+    spec = model_spec(args)
+    checks.model_argument(spec)
+    checks.codec_argument(args.codec)
+    tokenizer = checks.tokenizer_file(args.tokenizer)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    apply_runtime(args)
+    voice = load_voice(args, tokenizer)
+    daemon = Daemon(voice.generator, voice.mimi, spec, limits)
+
+    def announce(where: Path) -> None:
+        print(f"csmd: serving {spec} on {where}", flush=True)
+
+    trio.run(partial(serve_until_signal, allow_shared_dir=args.allow_shared_socket_dir), daemon, path, announce)
+    print(f"csmd: stopped serving on {path}", file=sys.stderr)
+    return 0
