@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from csmd import runtime
+from csmd import __version__, environment, runtime
 
 if TYPE_CHECKING:
     from csmd.model.sampling import GenerationParams
@@ -231,6 +231,7 @@ def _say_in_process(args: argparse.Namespace) -> int:
     from csmd.speak import ContextClip, add_context, codec_for, speak
 
     _apply_runtime(args)
+    runtime.announce()
     params = _params(args)
     loaded = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
     if loaded.random:
@@ -288,6 +289,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _apply_runtime(args)
+    runtime.announce()
     loaded = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
     if loaded.random:
         print("note: random weights do not speak; replies will be noise", file=sys.stderr)
@@ -379,6 +381,7 @@ async def _talk_in_process(
     from csmd.speak import ContextClip, add_context, codec_for
     from csmd.talk.engine import LocalEngine
 
+    runtime.announce()
     loaded = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
     if loaded.random:
         print("note: random weights do not speak; replies will be noise", file=sys.stderr)
@@ -481,6 +484,7 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csmd", description="Local real-time voice conversation with CSM-1B")
+    parser.add_argument("--version", action="version", version=f"csmd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run_opts, model_opts = _runtime_options(), _model_options()
 
@@ -613,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     expected = (ValueError, OSError, RuntimeError)  # bad input, files or devices: a message, not a traceback
     try:
+        environment.check()  # a bad CSMD_* variable is the user's error, whatever the command
         return int(args.func(args))
     except expected as exc:
         print(f"csmd: error: {exc}", file=sys.stderr)

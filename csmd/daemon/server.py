@@ -73,13 +73,14 @@ class Daemon:
     def welcome(self) -> m.Welcome:
         return m.Welcome(
             protocol=m.PROTOCOL_VERSION,
-            server=f"csmd {getattr(csmd, '__version__', '0.1.0')}",
+            server=f"csmd {csmd.__version__}",
             sample_rate=m.SAMPLE_RATE,
             frame_samples=m.FRAME_SAMPLES,
             formats=m.FORMATS,
             model=self.model_name,
             watermark=False,
             max_message=DEFAULT_MAX_MESSAGE,
+            version=csmd.__version__,
         )
 
     async def serve(self, path: Path, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
