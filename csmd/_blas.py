@@ -6,7 +6,8 @@ scope, so loading a fast library with RTLD_GLOBAL first makes MLX use it. The ch
 numpy once MLX is imported; a mismatch is reported, never hidden (see `check`).
 
 CSMD_BLAS selects it: "auto" (default: BLIS, then OpenBLAS, if installed), "off", or a library path/soname.
-Imported after mlx.core, csmd can no longer do this, and warns.
+Imported after mlx.core, csmd can no longer do this, and warns. A library that does not load is a UserError,
+raised by `check_setting()` and `check()` rather than while csmd is imported.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ import os
 import sys
 import warnings
 
+from csmd import environment
+from csmd.errors import UserError
+
 _AUTO = ("libblis.so.4", "libopenblas.so.0")
 loaded: str | None = None  # the library in use, or None for MLX's bundled one
+problem: UserError | None = None  # CSMD_BLAS named a library that did not load
 
 
 def preload() -> str | None:
-    global loaded
-    choice = os.environ.get("CSMD_BLAS", "auto")
+    global loaded, problem
+    choice = environment.value("CSMD_BLAS") or "auto"
     if choice == "off" or not sys.platform.startswith("linux"):
         return None
     if "mlx.core" in sys.modules:  # too late: libmlx has bound its BLAS symbols
@@ -40,15 +45,26 @@ def preload() -> str | None:
             ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             if choice != "auto":
-                raise RuntimeError(f"CSMD_BLAS={choice!r}: cannot load that library") from None
+                problem = UserError(
+                    f"CSMD_BLAS must be auto, off, or the soname or path of a BLAS library that loads (such as "
+                    f"{' or '.join(_AUTO)}), got {choice!r}"
+                )
             continue
         loaded = name
         return name
     return None
 
 
+def check_setting() -> None:
+    """Raise the UserError of a CSMD_BLAS that named a library that did not load."""
+    if problem is not None:
+        raise problem
+
+
 def check() -> None:
-    """Compare an MLX matmul with numpy's; raise if the preloaded BLAS gives wrong numbers."""
+    """Compare an MLX matmul with numpy's; raise if the preloaded BLAS gives wrong numbers (or the setting
+    was bad)."""
+    check_setting()
     if loaded is None:
         return
     import mlx.core as mx

@@ -5,9 +5,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
+import shutil
 import sys
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import mlx.core as mx
 
@@ -15,6 +18,7 @@ from csmd import _blas
 from csmd.kernels import native
 
 DEVICES = ("auto", "cpu", "gpu")
+MLX_VERSION: str = mx.__version__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -96,3 +100,37 @@ def _malloc_trim() -> Any:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # a libc without it (musl): nothing more to give back
         return None
+
+
+def jit_cache_dir() -> Path:
+    """Where MLX's CPU backend keeps the kernels it compiles for `mx.compile`d graphs (csmd's Mimi steps):
+    std::filesystem::temp_directory_path() / "mlx" / <version> / "cpu", the temp directory being the first of
+    TMPDIR, TMP, TEMP and TEMPDIR that is set (libstdc++'s rule), else /tmp."""
+    temp = next((os.environ[name] for name in ("TMPDIR", "TMP", "TEMP", "TEMPDIR") if os.environ.get(name)), "/tmp")
+    return Path(temp) / "mlx" / MLX_VERSION / "cpu"
+
+
+def jit_notice(device: mx.Device | None = None) -> str | None:
+    """A line announcing MLX's first compilation of CPU kernels, or None when none is coming: on Linux, MLX
+    compiles each new fused kernel with g++ (when `g++` runs) into jit_cache_dir() and reuses it from there
+    in every later process, so only a run that finds the cache empty pays it."""
+    device = device or mx.default_device()
+    if device != mx.cpu or not sys.platform.startswith("linux") or shutil.which("g++") is None:
+        return None
+    cache = jit_cache_dir()
+    if cache.is_dir() and any(cache.glob("*.so")):
+        return None
+    return (
+        f"csmd: first run of MLX {MLX_VERSION} here: it compiles its fused CPU kernels with g++ into {cache} "
+        "(seconds, up to half a minute on the reference path); later runs reuse them"
+    )
+
+
+def announce(file: TextIO | None = None) -> None:
+    """Print, before the model loads, which kernels run and what that costs, and whether MLX is about to
+    compile its CPU kernels for the first time (what `say`, `serve` and `talk` tell the user)."""
+    out = file or sys.stderr
+    print(native.status_line(), file=out)
+    notice = jit_notice()
+    if notice:
+        print(notice, file=out)

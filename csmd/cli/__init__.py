@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from csmd import environment
 from csmd.cli.errors import DaemonFault, show_bug, show_user_error, user_errors
 from csmd.cli.interrupt import INTERRUPTED
 from csmd.cli.parser import build_parser
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help, or a bad argument (already reported in one line)
         return done.code if isinstance(done.code, int) else 2
     try:
+        environment.check()  # a bad CSMD_* variable is the user's error, whatever the command
         return int(args.func(args))
     except (SystemExit, GeneratorExit):
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from csmd import __version__
 from csmd.cli import bench, convert, info, say, serve, talk
 from csmd.cli.options import (
     DTYPE_NAMES,
@@ -20,6 +21,7 @@ from csmd.cli.options import (
 
 def build_parser() -> Parser:
     parser = Parser(prog="csmd", description="Local real-time voice conversation with CSM-1B")
+    parser.add_argument("--version", action="version", version=f"csmd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run_opts, model_opts = runtime_options(), model_options()
 

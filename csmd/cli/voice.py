@@ -50,9 +50,11 @@ def load_model(args: argparse.Namespace, tokenizer: TextTokenizer | None = None)
 
 def load_voice(args: argparse.Namespace, tokenizer: TextTokenizer | None = None) -> Voice:
     """The model and the codec it speaks through (--codec, else its own), ready to generate."""
+    from csmd import runtime
     from csmd.model.generator import Generator
     from csmd.speak import codec_for
 
+    runtime.announce()  # which kernels run, and MLX's first compile: before the slow part, not after
     loaded = load_model(args, tokenizer)
     with flagged("--codec"):
         mimi = codec_for(loaded, args.codec, bf16=args.codec_bf16)

@@ -166,13 +166,14 @@ class Daemon:
     def welcome(self) -> m.Welcome:
         return m.Welcome(
             protocol=m.PROTOCOL_VERSION,
-            server=f"csmd {getattr(csmd, '__version__', '0.1.0')}",
+            server=f"csmd {csmd.__version__}",
             sample_rate=m.SAMPLE_RATE,
             frame_samples=m.FRAME_SAMPLES,
             formats=m.FORMATS,
             model=self.model_name,
             watermark=False,
             max_message=self.limits.max_message,
+            version=csmd.__version__,
         )
 
     def session_closed(self) -> None:

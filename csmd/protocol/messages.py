@@ -417,6 +417,7 @@ class Welcome(Message):
     model: str
     watermark: bool
     max_message: PositiveInt
+    version: Id | None = None  # the server software's version (csmd's package version); absent from older ones
 
 
 @_message

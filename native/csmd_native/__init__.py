@@ -1,8 +1,8 @@
-"""Native CPU kernels for csmd, built as an MLX C++ extension.
+"""Native CPU kernels for csmd, built as an MLX C++ extension when csmd is installed.
 
 The extension links against libmlx's C++ API, whose ABI changes between
 releases, so it refuses to load under any MLX other than the one it was built
-against (rebuild with ``pip install ./native``).
+against (reinstall csmd to rebuild it).
 """
 
 import mlx.core as _mx
@@ -12,10 +12,12 @@ from ._build_info import mlx_version
 if _mx.__version__ != mlx_version:
     raise ImportError(
         f"csmd_native was built against mlx {mlx_version} but mlx {_mx.__version__} is installed; "
-        "rebuild it (pip install --force-reinstall ./native) or install that mlx version"
+        "reinstall csmd to rebuild it (pip install --force-reinstall --no-deps <csmd source>) "
+        "or install that mlx version"
     )
 
 from ._ext import (
+    _pool_fault,  # noqa: F401  (a test hook: tests/test_native_pool.py)
     _pool_roundtrip_us,  # noqa: F401  (for native/bench_kernels.py)
     causal_conv_step,
     causal_softmax,

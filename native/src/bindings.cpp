@@ -1,5 +1,9 @@
 // Python bindings of csmd_native (nanobind, NB_DOMAIN mlx).
+#include <atomic>
 #include <chrono>
+#include <new>
+#include <stdexcept>
+#include <thread>
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
@@ -87,6 +91,43 @@ NB_MODULE(_ext, m) {
         return dt.count() / std::max(1, iters);
       },
       "iters"_a = 10000, "Mean time of a no-op job on the thread pool (wake-up and barrier), in us.");
+  m.def(
+      "_pool_fault",
+      [](const std::string& job, const std::string& error) {
+        // Test hook: a pool job whose parts on worker threads throw `error`; the caller must rethrow it.
+        if (job != "run" && job != "chunks") throw std::invalid_argument("_pool_fault: job is 'run' or 'chunks'");
+        if (error != "bad_alloc" && error != "runtime_error")
+          throw std::invalid_argument("_pool_fault: error is 'bad_alloc' or 'runtime_error'");
+        auto& p = csmd::pool();
+        if (p.size() < 2) throw std::invalid_argument("_pool_fault: needs a pool of 2 or more threads");
+        const auto caller = std::this_thread::get_id();
+        auto fail = [&] {
+          if (error == "bad_alloc") throw std::bad_alloc();
+          throw std::runtime_error("_pool_fault: a worker's chunk failed");
+        };
+        if (job == "run") {
+          const std::function<void(int, int)> part = [&](int i, int) {
+            if (i != 0) fail();  // every worker runs its part of a plain job
+          };
+          p.run(part);
+          return;
+        }
+        // Chunks go to whichever threads come: the caller's wait in its chunks until a worker has taken one
+        // (it will: the caller holds the job open meanwhile), so that a worker's chunk does throw.
+        std::atomic<bool> worker_came{false};
+        const std::function<void(int)> chunk = [&](int) {
+          if (std::this_thread::get_id() != caller) {
+            worker_came = true;
+            fail();
+          }
+          const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+          while (!worker_came && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+        };
+        p.run_chunks(4 * p.size(), chunk);
+      },
+      "job"_a, "error"_a,
+      "Test hook: run a pool job ('run' or 'chunks') whose parts on worker threads throw 'bad_alloc' or\n"
+      "'runtime_error'; the exception must come back here (MemoryError or RuntimeError).");
   m.def("num_threads", &csmd::num_threads);
   m.def("set_num_threads", &csmd::set_num_threads, "n"_a);
   m.def(

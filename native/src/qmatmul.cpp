@@ -27,9 +27,12 @@ std::mutex g_pool_mu;
 std::unique_ptr<ThreadPool> g_pool;
 
 int default_threads() {
+  // CSMD_THREADS: a whole number from 1 to 256 (csmd checks it and reports any other value as an error
+  // before the pool starts, csmd/environment.py; an unset, empty or bad one gives the default here).
   if (const char* env = std::getenv("CSMD_THREADS")) {
-    const int n = std::atoi(env);
-    if (n > 0) return n;
+    char* end = nullptr;
+    const long n = std::strtol(env, &end, 10);
+    if (*env >= '0' && *env <= '9' && *end == '\0' && n >= 1 && n <= 256) return static_cast<int>(n);
   }
   int n = static_cast<int>(std::thread::hardware_concurrency());
   if (n <= 0) n = 1;

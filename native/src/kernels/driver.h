@@ -6,12 +6,14 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "avx2.h"
@@ -192,7 +194,9 @@ inline void load_row(const void* base, SBType t, size_t offset, int n, float* ou
 //                      audio callbacks) then holds back one chunk at most, not a fixed share of the job; a
 //                      worker that has not woken up yet when the chunks run out is not waited for at all.
 // Idle workers spin briefly (low wake latency for the back-to-back matvecs of a decode step) and then sleep
-// on a condvar.
+// on a condvar. An exception thrown in any part or chunk (a std::bad_alloc, say) reaches the caller: the job's
+// other threads finish or skip their work, and run/run_chunks rethrow the first exception, so a failed product
+// is an error rather than an output with rows never written.
 
 class ThreadPool {
  public:
@@ -216,15 +220,14 @@ class ThreadPool {
     job_ = &fn;
     pending_.store(n_ - 1, std::memory_order_relaxed);
     publish(false);
-    std::exception_ptr err;
     try {
       fn(0, n_);
     } catch (...) {
-      err = std::current_exception();
+      record_error(std::current_exception());
     }
-    while (pending_.load(std::memory_order_acquire) != 0) CSMD_CPU_RELAX();
+    wait_until([&] { return pending_.load(std::memory_order_acquire) == 0; });
     job_ = nullptr;
-    if (err) std::rethrow_exception(err);
+    rethrow_error();
   }
 
   void run_chunks(int count, const std::function<void(int)>& fn) {
@@ -243,30 +246,56 @@ class ThreadPool {
     const uint64_t g = gen_.load(std::memory_order_relaxed) + 1;
     entry_.store((g & 0xFFFFFFFFu) << 32, std::memory_order_release);  // open, nobody inside
     publish(true);
-    std::exception_ptr err;
-    try {
-      take_chunks(0);
-    } catch (...) {
-      err = std::current_exception();
-      for (int i = 0; i < n_; ++i) shares_[i].next.store(shares_[i].end, std::memory_order_relaxed);  // stop
-    }
+    take_chunks_or_stop(0);
     // Close the door (no worker enters after this), then wait for those inside to finish their chunk.
     entry_.fetch_or(kClosed, std::memory_order_acq_rel);
-    // Spin first (a chunk takes microseconds), then yield: a worker preempted inside its chunk may be
-    // waiting for this very core.
-    for (int spins = 0; (entry_.load(std::memory_order_acquire) & kInsideMask) != 0; ++spins) {
-      if (spins < 2000)
-        CSMD_CPU_RELAX();
-      else
-        std::this_thread::yield();
-    }
+    wait_until([&] { return (entry_.load(std::memory_order_acquire) & kInsideMask) == 0; });
     chunk_fn_ = nullptr;
-    if (err) std::rethrow_exception(err);
+    rethrow_error();
   }
 
  private:
   static constexpr uint64_t kClosed = uint64_t{1} << 31;
   static constexpr uint64_t kInsideMask = kClosed - 1;
+
+  // The caller's wait for the job's other threads: spin first (a part or chunk takes microseconds), then
+  // yield the core, since with as many threads as cores a worker the OS preempted may be waiting for this
+  // very core (spinning there would hold it off until the caller's time slice ends).
+  template <class Done>
+  static void wait_until(Done done) {
+    for (int spins = 0; !done(); ++spins) {
+      if (spins < 2000)
+        CSMD_CPU_RELAX();
+      else
+        std::this_thread::yield();
+    }
+  }
+
+  // The job's first exception, from whichever thread threw it; the caller rethrows it once the job is over.
+  void record_error(std::exception_ptr e) {
+    std::lock_guard<std::mutex> lk(error_mu_);
+    if (!error_) error_ = std::move(e);
+  }
+
+  void rethrow_error() {
+    std::exception_ptr e;
+    {
+      std::lock_guard<std::mutex> lk(error_mu_);
+      e = std::exchange(error_, nullptr);
+    }
+    if (e) std::rethrow_exception(e);
+  }
+
+  // take_chunks, except that an exception is recorded and every share emptied, so that the other threads
+  // stop after their current chunk instead of computing rows of a result that will not be used.
+  void take_chunks_or_stop(int self) {
+    try {
+      take_chunks(self);
+    } catch (...) {
+      record_error(std::current_exception());
+      for (int i = 0; i < n_; ++i) shares_[i].next.store(shares_[i].end, std::memory_order_relaxed);
+    }
+  }
 
   // Make the job set up by the caller visible: its kind under the next generation, then the generation.
   void publish(bool chunked) {
@@ -299,11 +328,7 @@ class ThreadPool {
     uint64_t st = entry_.load(std::memory_order_acquire);
     while ((st >> 32) == (g & 0xFFFFFFFFu) && !(st & kClosed)) {
       if (entry_.compare_exchange_weak(st, st + 1, std::memory_order_acq_rel)) {
-        try {
-          take_chunks(self);
-        } catch (...) {
-          // kernels do not throw; never let an exception escape a worker
-        }
+        take_chunks_or_stop(self);  // an exception never escapes a worker: the caller rethrows it
         entry_.fetch_sub(1, std::memory_order_acq_rel);
         return;
       }
@@ -362,7 +387,7 @@ class ThreadPool {
       try {
         (*job_)(idx, n_);
       } catch (...) {
-        // kernels do not throw; never let an exception escape a worker
+        record_error(std::current_exception());  // an exception never escapes a worker: the caller rethrows it
       }
       pending_.fetch_sub(1, std::memory_order_acq_rel);
     }
@@ -370,7 +395,8 @@ class ThreadPool {
 
   int n_ = 1;
   std::vector<std::thread> workers_;
-  std::mutex run_mu_, mu_;
+  std::mutex run_mu_, mu_, error_mu_;
+  std::exception_ptr error_;  // the running job's first exception (guarded by error_mu_)
   std::condition_variable cv_;
   std::atomic<uint64_t> gen_{0};
   std::atomic<uint64_t> job_kind_{0};  // (generation << 1) | chunked
