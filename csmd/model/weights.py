@@ -210,6 +210,7 @@ def quantize(model: CSM, bits: int, group_size: int = 64) -> None:
     # The depth decoder reads one codebook head per step: 31 x 2.1 M weights a frame, worth quantizing too.
     if isinstance(model.audio_head, mx.array) and model.config.decoder.hidden_size % group_size == 0:
         model.audio_head = QuantizedCodebookHeads(model.audio_head.astype(QUANT_PARAM_DTYPE), group_size, bits)
+        model.weights_changed()
     # Quantize now, not lazily inside the first forward pass (which would then take seconds longer).
     mx.eval(model.parameters())
 
