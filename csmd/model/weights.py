@@ -197,9 +197,9 @@ def quantize(model: CSM, bits: int, group_size: int = 64) -> None:
     """Affine-quantize every projection and embedding (and the codebook heads) in MLX's layout.
 
     Group scales and biases are bf16 whatever the model's dtype: MLX quantizes the weights as bf16, as it does
-    for a bf16 model. They are 2 of the 10 bytes per 16 weights at 4 bits in fp32; in bf16 a 4-bit csm-1b frame
-    reads 2.58 GB instead of 2.87 GB, and its depth decoder took 0.90x the time (BENCHMARKS.md). Rounding them
-    costs nothing next to the 4-bit steps. The products still run in the activations' dtype.
+    for a bf16 model. In fp32 they would be 2 of the 10 bytes per 16 weights at 4 bits, read every frame (for
+    the bytes and times, see BENCHMARKS.md, "bf16 group scales and biases"). Rounding them costs nothing next
+    to the 4-bit steps. The products still run in the activations' dtype.
     """
     if bits not in (4, 8):
         raise ValueError(f"quantize to 4 or 8 bits, not {bits}")
