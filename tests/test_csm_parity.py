@@ -86,9 +86,7 @@ def test_depth_decoder_logits_match_for_every_codebook(hf_dir: Path, reference: 
         seen.append(logits)
         return mx.array([int(frame[codebook])], dtype=mx.int32)
 
-    out = model.decode_frame(
-        mx.array(hidden), mx.array([int(frame[0])], dtype=mx.int32), teacher, model.make_decoder_cache()
-    )
+    out = model.decode_frame(mx.array(hidden), mx.array([int(frame[0])], dtype=mx.int32), teacher)
     assert np.array_equal(np.array(out[0]), frame)
     assert len(seen) == NQ - 1
     for k, logits in enumerate(seen, start=1):

@@ -110,7 +110,7 @@ def concat(*parts: Rows) -> Rows:
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def prefill(model: CSM, rows: Rows) -> tuple[mx.array, list[KVCache]]:
+def prefill(model: CSM, rows: Rows) -> tuple[mx.array, KVCache]:
     """All rows at once through a fresh backbone cache: (hidden state of the last row, the cache)."""
     cache = model.make_backbone_cache(batch=1)
     hidden = model.backbone_step(mx.array(rows[0][None]), mx.array(rows[1][None]), cache)
@@ -123,8 +123,8 @@ def assert_cache_holds(ctx: Context, rows: Rows) -> mx.array:
     n = len(rows[0])
     assert ctx.cached == n
     hidden, cold = prefill(ctx.model, rows)
-    for ours, ref in zip(ctx._cache, cold, strict=True):
-        assert ours.offset == ref.offset == n
+    assert ctx._cache.offset == cold.offset == n
+    for ours, ref in zip(ctx._cache.layers, cold.layers, strict=True):
         for got, want in ((ours.keys, ref.keys), (ours.values, ref.values)):
             np.testing.assert_allclose(np.array(got[:, :, :n]), np.array(want[:, :, :n]), rtol=TOL, atol=TOL)
     return hidden
@@ -444,7 +444,7 @@ def test_any_frame_can_be_reproduced_from_its_own_keys(gen: Generator, tok: Text
         return sample(logits, SAMPLED, CODES, sampling_key(seed, 2, codebook))
 
     code0 = pick(model.codebook0_logits(hidden), 0)
-    frame = model.decode_frame(hidden, code0, pick, model.make_decoder_cache(batch=1))
+    frame = model.decode_frame(hidden, code0, pick)
     np.testing.assert_array_equal(np.array(frame[0]), utt.frames[2])
 
 

@@ -158,9 +158,11 @@ def test_streaming_state_stays_bounded() -> None:
     sizes = []
     for t in range(40):
         decoder.step(codes[:, t])
-        _, (position, past_k, past_v, _, _), _ = decoder.snapshot().state
-        sizes.append(max(past_k.shape[2], past_v.shape[2]))
-    assert position == 80
+        state = decoder.snapshot().state
+        assert state is not None
+        rings = state.transformer
+        sizes.append(max(rings.past_keys.shape[2], rings.past_values.shape[2]))
+    assert rings.position == 80
     assert max(sizes) == sizes[-1] == mimi.config.transformer.context - 1
 
 

@@ -52,8 +52,8 @@ def both_paths(model: CSM, sampler: FrameSampler, hidden: mx.array, monkeypatch:
     real = kernels.depth_frame
     monkeypatch.setattr(kernels, "depth_frame", lambda *a, **k: calls.append(1) or real(*a, **k))
     code0 = mx.array([11], dtype=mx.int32)
-    whole = model.decode_frame(hidden, code0, sampler, model.make_decoder_cache())
-    stepwise = model.decode_frame(hidden, code0, lambda logits, k: sampler(logits, k), model.make_decoder_cache())
+    whole = model.decode_frame(hidden, code0, sampler)
+    stepwise = model.decode_frame(hidden, code0, lambda logits, k: sampler(logits, k))
     assert calls == [1], "the FrameSampler did not take the native frame"
     return np.array(whole), np.array(stepwise)
 
@@ -90,7 +90,10 @@ def test_bf16_native_frame_is_the_stepwise_frame_up_to_rounding(monkeypatch) -> 
 
 def frame_inputs(cfg: CsmConfig = WIDE):
     model = make_model(cfg, "q4")
-    stack, heads, embeddings, projection, group_size, bits = model._depth_frame_weights()  # type: ignore[misc]
+    weights = model.native_weights.depth_frame
+    assert weights is not None
+    stack, heads, embeddings, projection = weights.stack, weights.heads, weights.embeddings, weights.projection
+    group_size, bits = weights.group_size, weights.bits
     x0 = mx.zeros((2, cfg.decoder.hidden_size))
     c, v = cfg.num_codebooks - 1, cfg.audio_vocab_size
     args = dict(

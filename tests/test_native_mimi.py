@@ -27,7 +27,7 @@ from csmd.audio.mimi import fastmath
 from csmd.audio.mimi.config import MimiTransformerConfig
 from csmd.audio.mimi.loading import load_mimi
 from csmd.audio.mimi.model import StreamingDecoder
-from csmd.audio.mimi.transformer import MimiTransformer, ring_write
+from csmd.audio.mimi.transformer import MimiTransformer, TransformerState, ring_write
 
 if os.environ.get("CSMD_REQUIRE_NATIVE") == "1":
     import csmd_native
@@ -142,22 +142,24 @@ def test_streaming_decoder_updates_its_rings_in_place() -> None:
     codes = np.random.default_rng(2).integers(0, mimi.config.quantizer.bins, size=(mimi.num_codebooks, 6))
 
     def rings() -> tuple[int, int]:
-        _, (_, keys, values, _, _), _ = decoder.snapshot().state
-        return _address(keys), _address(values)
+        state = decoder.snapshot().state
+        assert state is not None
+        return _address(state.transformer.past_keys), _address(state.transformer.past_values)
 
     decoder.step(codes[:, 0])  # a stream's first step allocates them
     for t in range(1, 4):
         before = rings()
         decoder.step(codes[:, t])
         assert rings() == before
-    parked = decoder.snapshot()
-    kept = np.array(parked.state[1][1])
+    parked = decoder.snapshot().state
+    assert parked is not None
+    kept = np.array(parked.transformer.past_keys)
     decoder.step(codes[:, 4])
     decoder.step(codes[:, 5])
-    np.testing.assert_array_equal(np.array(parked.state[1][1]), kept)
+    np.testing.assert_array_equal(np.array(parked.transformer.past_keys), kept)
 
 
-def _mlx_layers(stack: MimiTransformer, x: mx.array, state: tuple) -> tuple[mx.array, tuple]:
+def _mlx_layers(stack: MimiTransformer, x: mx.array, state: TransformerState) -> tuple[mx.array, TransformerState]:
     """The stack's MLX path, whatever the extension: CSMD_KERNELS=reference for the call."""
     previous = os.environ.get("CSMD_KERNELS")
     os.environ["CSMD_KERNELS"] = "reference"
@@ -181,7 +183,7 @@ def test_mimi_transformer_bf16_weights_close_to_fp32() -> None:
     state = stack.initial_state(1)
     x = mx.array(np.random.default_rng(3).standard_normal((1, 2, cfg.d_model)).astype(np.float32))
     inv_freqs = mx.exp(mx.arange(0, 16, 2, dtype=mx.float32) * (-np.log(cfg.max_period) / 16))
-    args = (state[1], state[2], state[0], inv_freqs, cfg.num_heads, cfg.context)
+    args = (state.past_keys, state.past_values, state.position, inv_freqs, cfg.num_heads, cfg.context)
     full = np.array(csmd_native.mimi_transformer(x, weights, *args)[0])
     half = np.array(csmd_native.mimi_transformer(x, halves, *args)[0])
     assert np.linalg.norm(half - full) / np.linalg.norm(full) < 2e-2
@@ -190,7 +192,8 @@ def test_mimi_transformer_bf16_weights_close_to_fp32() -> None:
 def test_mimi_transformer_rejects_bad_shapes() -> None:
     cfg = MimiTransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=128, context=10)
     stack = _stack(cfg, seed=0, weights=mx.float32)
-    position, past_k, past_v, last_k, _ = stack.initial_state(1)
+    state = stack.initial_state(1)
+    position, past_k, past_v, last_k = state.position, state.past_keys, state.past_values, state.last_keys
     x = mx.zeros((1, 2, 64))
     inv_freqs = mx.zeros((8,))
     with pytest.raises(ValueError, match="10 arrays per layer"):

@@ -75,7 +75,7 @@ def probe(model: CSM) -> tuple[np.ndarray, np.ndarray]:
         seen.append(logits)
         return mx.array([codebook], dtype=mx.int32)
 
-    model.decode_frame(hidden, mx.array([2], dtype=mx.int32), teacher, model.make_decoder_cache())
+    model.decode_frame(hidden, mx.array([2], dtype=mx.int32), teacher)
     return np.array(model.codebook0_logits(hidden)), np.array(mx.concatenate(seen))
 
 

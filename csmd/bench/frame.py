@@ -22,6 +22,7 @@ from csmd.bench.machine import MachineRates, measure
 from csmd.bench.transformers_frame import TransformersFrameResult
 from csmd.model.csm import CSM
 from csmd.model.generator import audio_rows, text_rows
+from csmd.model.llama import KVCache
 from csmd.model.sampling import FRAME_MS, FrameSampler, GenerationParams
 
 
@@ -66,8 +67,8 @@ def _prompt_rows(model: CSM, rows: int, rng: np.random.Generator) -> tuple[mx.ar
     return mx.array(tokens), mx.array(mask)
 
 
-def _evaluate_cache(cache: list) -> None:
-    mx.eval(*[a for layer in cache for a in layer.state()])
+def _evaluate_cache(cache: KVCache) -> None:
+    mx.eval(*cache.state())
 
 
 def run(
@@ -99,7 +100,6 @@ def run(
         _evaluate_cache(cache)
         prefill_times.append(time.perf_counter() - start)
 
-    decoder_cache = model.make_decoder_cache()
     backbone_times, decoder_times = [], []
     frame = np.ones(cfg.num_codebooks, dtype=np.int32)
     for i in range(warmup + frames):
@@ -111,7 +111,7 @@ def run(
         middle = time.perf_counter()
 
         pick = FrameSampler(params, cfg.audio_codebook_size, seed=0, frame=i)
-        codes = model.decode_frame(hidden, pick(model.codebook0_logits(hidden), 0), pick, decoder_cache)
+        codes = model.decode_frame(hidden, pick(model.codebook0_logits(hidden), 0), pick)
         mx.eval(codes)
         end = time.perf_counter()
         frame = np.array(codes[0], dtype=np.int32)

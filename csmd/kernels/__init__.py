@@ -63,7 +63,8 @@ def dense(x: mx.array, weight: mx.array) -> mx.array:
 def _native_dense(x: mx.array, weight: mx.array) -> bool:
     """bf16 and fp32 weights, any rows: MLX's CPU bf16 matmul runs on one core; for fp32, one row is a
     bandwidth-bound matvec that beats BLAS's GEMM path, and many rows go through the native blocked GEMM,
-    which prefilled 300 rows of csm-1b in 4.0 s against 7.3 s through MLX with BLIS (BENCHMARKS.md)."""
+    which prefills faster than MLX's matmul with BLIS (BENCHMARKS.md, "fp32 prefill through the native GEMM
+    too")."""
     return weight.dtype in (mx.bfloat16, mx.float32)
 
 
@@ -78,7 +79,7 @@ def attention(q: mx.array, keys: mx.array, values: mx.array, scale: float, causa
 def _prefill_attention(q: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
     """Causal attention as two batched matmuls (BLAS) around the native causal softmax. MLX's CPU fallback
     for `scaled_dot_product_attention` computes the same products but spends most of its time in a slow
-    exp (about 35 of 50 ms for 300 rows and 32 heads)."""
+    scalar exp."""
     batch, heads, rows, dim = q.shape
     kv_heads = keys.shape[1]
     # The query heads sharing one kv head (heads h * rep .. h * rep + rep - 1) become one [rep * rows, D] block.
@@ -221,8 +222,9 @@ def pack_panels(weight: mx.array) -> mx.array | None:
 def panel_matmul(x: mx.array, packed: mx.array, n: int, bias: mx.array | None = None) -> mx.array:
     """x [..., K] @ W.T (+ bias) -> [..., n] for W packed by `pack_panels`, as one native product.
 
-    For many-row products with constant weights (Mimi's SEANet convolutions), where it measured faster than
-    BLAS and, on a busy machine, does not wait for threads that the OS has not scheduled.
+    For many-row products with constant weights (Mimi's SEANet convolutions), where it is faster than BLAS
+    (BENCHMARKS.md, "Native streaming codec") and, on a busy machine, does not wait for threads that the OS
+    has not scheduled.
     """
     assert native.module is not None
     out: mx.array = native.module.panel_matmul(x, packed, n, bias)

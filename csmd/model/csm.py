@@ -8,13 +8,15 @@ decoder, with a fresh 32-slot cache, then produces codebooks 1..31 from that sta
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from csmd import kernels
 from csmd.model.config import CsmConfig
-from csmd.model.llama import KVCache, Transformer, fused_step_weights, make_cache
+from csmd.model.llama import KVCache, StackWeights, Transformer, fused_step_weights, make_cache
 from csmd.model.sampling import FrameSampler
 
 # Picks codes from logits: (logits [B, vocab] float32, codebook index) -> ids [B].
@@ -38,6 +40,29 @@ class QuantizedCodebookHeads(nn.Module):
         return kernels.quantized_matmul(
             x, self.weight[index], self.scales[index], self.biases[index], self.group_size, self.bits
         )
+
+
+@dataclass(frozen=True)
+class DepthFrameWeights:
+    """What `kernels.depth_frame` reads: the decoder stack, the heads, the audio embeddings and the projection,
+    all in one format (a list of one float array each, or (weight, scales, biases) when quantized)."""
+
+    stack: list[mx.array]
+    heads: list[mx.array]
+    embeddings: list[mx.array]
+    projection: list[mx.array]
+    group_size: int
+    bits: int
+
+
+@dataclass(frozen=True)
+class NativeWeights:
+    """The weights each native primitive would read, gathered once for the weights a CSM holds; None where
+    they are in a format that primitive does not take (the MLX ops then run that part)."""
+
+    backbone: StackWeights | None  # the fused one-row backbone step
+    decoder: StackWeights | None  # the fused one-row decoder step
+    depth_frame: DepthFrameWeights | None  # the whole depth-decoder frame
 
 
 def embedding_rows(table: nn.Module, ids: mx.array, dtype: mx.Dtype) -> mx.array:
@@ -69,15 +94,41 @@ class CSM(nn.Module):
             (cfg.num_codebooks - 1, cfg.decoder.hidden_size, cfg.audio_vocab_size)
         )
         self._offsets = mx.arange(cfg.num_codebooks) * cfg.audio_vocab_size
+        self._native: NativeWeights
+        self.weights_changed()
 
-    def make_backbone_cache(self, batch: int = 1, max_len: int | None = None) -> list[KVCache]:
+    # -- which path each step takes ------------------------------------------------------------------
+    #
+    # Whether a native primitive can read the weights depends on the weights alone, so it is settled once for
+    # the weights held (`native_weights`) and again after every change of them. Whether the native kernels
+    # serve the current device (CSMD_KERNELS, the default device) is asked at each call: a few lookups.
+
+    @property
+    def native_weights(self) -> NativeWeights:
+        return self._native
+
+    def weights_changed(self) -> None:
+        """Choose the paths anew for the weights now held. `update` and `update_modules` (so loading,
+        `load_weights`, `set_dtype` and `nn.quantize`) call it; so must code that assigns a weight directly."""
+        decoder = fused_step_weights(self.decoder)
+        self._native = NativeWeights(fused_step_weights(self.backbone), decoder, self._depth_frame_weights(decoder))
+
+    # (nn.Module's own `update` already differs from dict.update's signature, hence the ignore.)
+    def update(self, parameters: dict[str, Any], strict: bool = True) -> CSM:  # type: ignore[override]
+        super().update(parameters, strict)
+        self.weights_changed()
+        return self
+
+    def update_modules(self, modules: dict[str, Any], strict: bool = True) -> CSM:
+        super().update_modules(modules, strict)
+        self.weights_changed()
+        return self
+
+    def make_backbone_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         # On the native kernels the cache is fp32 whatever the weights: the fused step reads fp32, and a
         # bf16 model then keeps its keys and values at full precision too.
         dtype = mx.float32 if kernels.native.active() else self.activation_dtype()
         return make_cache(self.config.backbone, batch, dtype, max_len)
-
-    def make_decoder_cache(self, batch: int = 1) -> list[KVCache]:
-        return make_cache(self.config.decoder, batch, self.activation_dtype())
 
     def activation_dtype(self) -> mx.Dtype:
         # The norms are never quantized and carry the model's dtype; a quantized model's group scales are bf16
@@ -92,48 +143,41 @@ class CSM(nn.Module):
         audio = embedding_rows(self.audio_embeddings, tokens[..., :-1] + self._offsets, dtype) * mask[..., :-1, None]
         return text + audio.sum(axis=-2)
 
-    def backbone_step(self, tokens: mx.array, mask: mx.array, cache: list[KVCache]) -> mx.array:
+    def backbone_step(self, tokens: mx.array, mask: mx.array, cache: KVCache) -> mx.array:
         """Run new rows through the backbone; returns the final-norm state of the last row, [B, hidden]."""
         x = self.embed_rows(tokens, mask)
+        fused = self._native.backbone
         # The fused step reads an fp32 cache (what `make_backbone_cache` makes when the native kernels run).
-        if x.shape[1] == 1 and cache[0].storage.keys.dtype == mx.float32 and kernels.fused_step_available(x[:, 0]):
-            fused = fused_step_weights(self.backbone)
-            if fused is not None:
-                return self._backbone_step_fused(x[:, 0], cache, *fused)
+        if fused and x.shape[1] == 1 and cache.keys.dtype == mx.float32 and kernels.fused_step_available(x[:, 0]):
+            return self._backbone_step_fused(x[:, 0], cache, fused)
         return self.backbone(x, cache)[:, -1, :]
 
-    def _backbone_step_fused(
-        self, x: mx.array, cache: list[KVCache], weights: list[mx.array], group_size: int, bits: int
-    ) -> mx.array:
+    def _backbone_step_fused(self, x: mx.array, cache: KVCache, weights: StackWeights) -> mx.array:
         """One row through the whole backbone as one native primitive.
 
-        The kernel only reads the cache; the new position's keys and values are written here as a slice
+        The kernel only reads the cache; the new position's keys and values are written after it as a slice
         update, which MLX does in place, so the 16-layer cache is never copied.
         """
         cfg = self.config.backbone
-        storage, position = cache[0].storage, cache[0].offset
-        cache[0].room_for(1)
-        layers, _, heads, length, dims = storage.keys.shape
+        cache.room_for(1)
+        layers, _, heads, length, dims = cache.keys.shape
         h, new_k, new_v = kernels.transformer_step(
             x.astype(mx.float32),
-            weights,
-            storage.keys.reshape(layers, heads, length, dims),
-            storage.values.reshape(layers, heads, length, dims),
-            position,
+            weights.arrays,
+            cache.keys.reshape(layers, heads, length, dims),
+            cache.values.reshape(layers, heads, length, dims),
+            cache.offset,
             self.backbone._inv_freqs,
             cfg.num_heads,
             cfg.num_kv_heads,
             cfg.rms_norm_eps,
-            group_size,
-            bits,
+            weights.group_size,
+            weights.bits,
         )
         # Evaluated first so that nothing pending still reads the old cache arrays: only then does MLX write
-        # the rows below in place (a 16-layer cache of 2048 positions would otherwise be copied every frame).
+        # the new position in place (a 16-layer cache of 2048 positions would otherwise be copied every frame).
         mx.eval(h, new_k, new_v)
-        storage.keys[:, 0, :, position, :] = new_k
-        storage.values[:, 0, :, position, :] = new_v
-        for layer_cache in cache:
-            layer_cache.offset = position + 1
+        cache.append_position(new_k, new_v)
         return self.backbone.norm(h.astype(self.activation_dtype()))
 
     def codebook0_logits(self, hidden: mx.array) -> mx.array:
@@ -152,24 +196,25 @@ class CSM(nn.Module):
             return self.audio_head(decoder_out, codebook - 1).astype(mx.float32)
         return (decoder_out @ self.audio_head[codebook - 1]).astype(mx.float32)
 
-    def decode_frame(self, hidden: mx.array, code0: mx.array, sample: Sampler, cache: list[KVCache]) -> mx.array:
+    def decode_frame(self, hidden: mx.array, code0: mx.array, sample: Sampler) -> mx.array:
         """Codebooks 1..N-1 for a frame whose codebook 0 is `code0`; returns the whole frame [B, N].
 
         The decoder sees the backbone state at position 0 and code0 at position 1, then one code per step.
-        Nothing here forces evaluation, so the whole frame is one lazy graph. On the CPU with the native
-        kernels, the whole frame is one primitive when `sample` is a `FrameSampler` (`_decode_frame_native`),
-        else each step is one fused primitive instead of ~140 small ops (`_decode_frame_fused`).
+        Its KV cache lives for one frame, so each path makes its own. Nothing here forces evaluation, so the
+        whole frame is one lazy graph. On the CPU with the native kernels, the whole frame is one primitive
+        when `sample` is a `FrameSampler` (`_decode_frame_native`), else each step is one fused primitive
+        instead of ~140 small ops (`_decode_frame_fused`); elsewhere the MLX ops run (`_decode_frame_ops`).
         """
-        if isinstance(sample, FrameSampler) and kernels.depth_frame_available(hidden):
-            weights = self._depth_frame_weights()
-            if weights is not None:
-                return self._decode_frame_native(hidden, code0, sample, *weights)
-        if kernels.fused_step_available(hidden):
-            fused = fused_step_weights(self.decoder)
-            if fused is not None:
-                return self._decode_frame_fused(hidden, code0, sample, *fused)
-        for layer_cache in cache:
-            layer_cache.offset = 0  # a fresh cache every frame: positions restart at 0
+        native = self._native
+        if native.depth_frame and isinstance(sample, FrameSampler) and kernels.depth_frame_available(hidden):
+            return self._decode_frame_native(hidden, code0, sample, native.depth_frame)
+        if native.decoder and kernels.fused_step_available(hidden):
+            return self._decode_frame_fused(hidden, code0, sample, native.decoder)
+        return self._decode_frame_ops(hidden, code0, sample)
+
+    def _decode_frame_ops(self, hidden: mx.array, code0: mx.array, sample: Sampler) -> mx.array:
+        """`decode_frame` as MLX ops (and the kernels' per-op choices), over a cache made for this frame."""
+        cache = make_cache(self.config.decoder, hidden.shape[0], self.activation_dtype())
         x = mx.stack([kernels.linear(hidden, self.projection), self.embed_code(code0, 0)], axis=1)
         codes = [code0]
         for k in range(1, self.config.num_codebooks):
@@ -180,12 +225,12 @@ class CSM(nn.Module):
         return mx.stack(codes, axis=1)
 
     def _decode_frame_fused(
-        self, hidden: mx.array, code0: mx.array, sample: Sampler, weights: list[mx.array], group_size: int, bits: int
+        self, hidden: mx.array, code0: mx.array, sample: Sampler, weights: StackWeights
     ) -> mx.array:
         """`decode_frame` with every decoder step as one native primitive over the whole stack.
 
         The two opening rows go in one at a time (causal attention makes that the same computation), and the
-        caches are the step's own fp32 arrays, fresh every frame, as the depth decoder's always are.
+        cache is the step's own fp32 arrays, made for this frame.
         """
         cfg = self.config.decoder
         dtype = self.activation_dtype()
@@ -195,8 +240,8 @@ class CSM(nn.Module):
 
         def step(x: mx.array, position: int) -> mx.array:
             h, new_k, new_v = kernels.transformer_step(
-                x.astype(mx.float32), weights, cache_k, cache_v, position, inv_freqs,
-                cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, group_size, bits,
+                x.astype(mx.float32), weights.arrays, cache_k, cache_v, position, inv_freqs,
+                cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, weights.group_size, weights.bits,
             )  # fmt: skip
             cache_k[:, :, position, :] = new_k
             cache_v[:, :, position, :] = new_v
@@ -212,15 +257,12 @@ class CSM(nn.Module):
                 out = step(self.embed_code(code, k), k + 1)
         return mx.stack(codes, axis=1)
 
-    def _depth_frame_weights(
-        self,
-    ) -> tuple[list[mx.array], list[mx.array], list[mx.array], list[mx.array], int, int] | None:
-        """(stack, heads, embeddings, projection, group_size, bits) for `kernels.depth_frame`, or None when
-        the heads, the audio embeddings and the projection are not all in the decoder stack's format."""
-        fused = fused_step_weights(self.decoder)
-        if fused is None:
+    def _depth_frame_weights(self, decoder: StackWeights | None) -> DepthFrameWeights | None:
+        """What `kernels.depth_frame` reads, or None when the decoder stack cannot run fused (`decoder` None)
+        or the heads, the audio embeddings and the projection are not all in its format."""
+        if decoder is None:
             return None
-        stack, group_size, bits = fused
+        stack, group_size, bits = decoder.arrays, decoder.group_size, decoder.bits
         if "bias" in self.projection:
             return None
         if bits in (4, 8):
@@ -232,24 +274,15 @@ class CSM(nn.Module):
                     return None
                 parts.append(part)
             heads, embeddings, projection = ([p["weight"], p["scales"], p["biases"]] for p in parts)
-            return stack, heads, embeddings, projection, group_size, bits
+            return DepthFrameWeights(stack, heads, embeddings, projection, group_size, bits)
         dtype = mx.float32 if bits == 0 else mx.bfloat16
         head, table, proj = self.audio_head, self.audio_embeddings["weight"], self.projection["weight"]
         if not isinstance(head, mx.array) or any(a.dtype != dtype for a in (head, table, proj)):
             return None
-        return stack, [head], [table], [proj], group_size, bits
+        return DepthFrameWeights(stack, [head], [table], [proj], group_size, bits)
 
     def _decode_frame_native(
-        self,
-        hidden: mx.array,
-        code0: mx.array,
-        sampler: FrameSampler,
-        stack: list[mx.array],
-        heads: list[mx.array],
-        embeddings: list[mx.array],
-        projection: list[mx.array],
-        group_size: int,
-        bits: int,
+        self, hidden: mx.array, code0: mx.array, sampler: FrameSampler, weights: DepthFrameWeights
     ) -> mx.array:
         """`decode_frame` as one native primitive: steps, heads, sampling and embeddings for codebooks 1..N-1.
 
@@ -263,9 +296,10 @@ class CSM(nn.Module):
         noise = mx.zeros((0,)) if greedy else sampler.noise(cfg.audio_vocab_size, codebooks)
         reserved = not params.allow_reserved_codes and sampler.codebook_size < cfg.audio_vocab_size
         codes = kernels.depth_frame(
-            x0.astype(mx.float32), stack, self.decoder._inv_freqs, self.decoder.norm.scale, heads, embeddings,
-            projection, noise, cfg.decoder.num_heads, cfg.decoder.num_kv_heads, cfg.decoder.rms_norm_eps,
-            group_size, bits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-            min_p=params.min_p, codebook_size=sampler.codebook_size if reserved else cfg.audio_vocab_size,
+            x0.astype(mx.float32), weights.stack, self.decoder._inv_freqs, self.decoder.norm.scale,
+            weights.heads, weights.embeddings, weights.projection, noise, cfg.decoder.num_heads,
+            cfg.decoder.num_kv_heads, cfg.decoder.rms_norm_eps, weights.group_size, weights.bits,
+            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+            codebook_size=sampler.codebook_size if reserved else cfg.audio_vocab_size,
         )  # fmt: skip
         return mx.concatenate([code0, codes])[None]

@@ -58,6 +58,7 @@ class _Entry:
     segment: Segment
     tokens: np.ndarray  # [rows, num_codebooks + 1]
     mask: np.ndarray  # same shape, bool
+    reply: Utterance | None = None  # the utterance that spoke it, if it was a reply
 
 
 class Context:
@@ -76,7 +77,7 @@ class Context:
 
     @property
     def window(self) -> int:
-        return self._cache[0].max_len
+        return self._cache.max_len
 
     @property
     def length(self) -> int:
@@ -85,7 +86,7 @@ class Context:
 
     @property
     def cached(self) -> int:
-        return self._cache[0].offset
+        return self._cache.offset
 
     @property
     def segments(self) -> list[Segment]:
@@ -126,7 +127,7 @@ class Context:
         trimmed = Segment(last.speaker, text, last.codes[:frames], pinned=last.pinned)
         start = self.length - len(self._entries[-1].tokens)
         rows = self._entry(trimmed)
-        entry = self._entries[-1]  # changed in place: an utterance keeps pointing at its own entry
+        entry = self._entries[-1]  # changed in place: it stays the entry of the reply that spoke it
         entry.segment, entry.tokens, entry.mask = rows.segment, rows.tokens, rows.mask
         self._truncate(min(start, self.cached))
         return trimmed
@@ -136,7 +137,7 @@ class Context:
         its first `frames` frames and `text` (see `trim_last`). Nothing heard at all (0 frames, no text): the
         reply goes too, and None is returned."""
         self._check_idle()
-        index = next((i for i, e in enumerate(self._entries) if e is utterance._entry), None)
+        index = next((i for i, e in enumerate(self._entries) if e.reply is utterance), None)
         if index is None:
             raise ContextRequestError("that reply is no longer in the context (cleared, or dropped by window overflow)")
         while len(self._entries) - 1 > index:
@@ -160,6 +161,45 @@ class Context:
         self._check_idle()
         self._run_pending()
 
+    # -- the reply being spoken: `start_reply` makes it, its Utterance calls the rest ----------------------
+
+    def start_reply(self, text: str, speaker: int, params: GenerationParams, seed: int) -> Utterance:
+        """Begin a reply (validated `params`): make room for it, run its text rows; no frame yet.
+
+        The room is the reply's text rows, a row per frame up to `params.max_frames`, and the closing frame.
+        Until the reply ends the context is busy: every other change waits for it.
+        """
+        self._check_idle()
+        tokens, mask = self._text_rows(speaker, text)
+        self._make_room(len(tokens) + params.max_frames + 1)
+        entry = _Entry(Segment(speaker, text), tokens, mask)
+        self._entries.append(entry)
+        hidden = self._run_pending()
+        assert hidden is not None  # the text rows are never empty: BOS and EOS at least
+        entry.reply = self._active = Utterance(self, params, seed, hidden)
+        return entry.reply
+
+    def advance_reply(self, reply: Utterance) -> mx.array | None:
+        """Run the rows `reply` added since the last call (its previous frame); returns the backbone state of
+        the last one, which predicts the next frame, or None when there were none."""
+        self._active_entry(reply)
+        return self._run_pending()
+
+    def add_frame(self, reply: Utterance, frame: np.ndarray) -> None:
+        """Add a frame's row to `reply`'s segment; it runs at the next `advance_reply` (or with what follows)."""
+        entry = self._active_entry(reply)
+        tokens, mask = audio_rows(frame[None])
+        entry.tokens = np.concatenate([entry.tokens, tokens])
+        entry.mask = np.concatenate([entry.mask, mask])
+
+    def end_reply(self, reply: Utterance) -> None:
+        """`reply` has ended: its segment gets its codes and the closing all-zero frame (run later, with
+        whatever the context gets next), and the context is free again."""
+        self.add_frame(reply, np.zeros(self.model.config.num_codebooks, dtype=np.int32))
+        entry = self._active_entry(reply)
+        entry.segment = Segment(entry.segment.speaker, entry.segment.text, reply.codes)
+        self._active = None
+
     # -- internals -----------------------------------------------------------------------------------
 
     def _run_pending(self) -> mx.array | None:
@@ -173,13 +213,21 @@ class Context:
         for chunk in range(0, len(tokens), PREFILL_CHUNK):
             rows = slice(chunk, chunk + PREFILL_CHUNK)
             hidden = self.model.backbone_step(mx.array(tokens[None, rows]), mx.array(mask[None, rows]), self._cache)
-            mx.eval(hidden, *[a for c in self._cache for a in c.state()])
+            mx.eval(hidden, *self._cache.state())
             self.rows_computed += len(tokens[rows])
         return hidden
 
     def _check_idle(self) -> None:
         if self._active is not None:
             raise ContextBusyError("this context is speaking; cancel the utterance or let it finish first")
+
+    def _active_entry(self, reply: Utterance) -> _Entry:
+        """The entry of `reply`, which must be the reply being spoken (it is always the last one)."""
+        if reply is not self._active:
+            raise ValueError("that utterance is not this context's reply in progress")
+        entry = self._entries[-1]  # nothing else changes the entries while a reply is in progress
+        assert entry.reply is reply
+        return entry
 
     def _entry(self, segment: Segment) -> _Entry:
         tokens, mask = self._text_rows(segment.speaker, segment.text)
@@ -237,8 +285,8 @@ class Context:
         self._truncate(min(kept_prefix, self.cached))
 
     def _truncate(self, rows: int) -> None:
-        for layer in self._cache:
-            layer.offset = rows
+        """Keep the first `rows` positions of the cache; the rows after them run again at the next flush."""
+        self._cache.trim(self.cached - rows)
 
 
 def text_rows(ids: np.ndarray, num_codebooks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -262,14 +310,13 @@ def audio_rows(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Utterance:
     """A reply being spoken. Iterate it, or call `step()` until it returns None."""
 
-    def __init__(self, context: Context, entry: _Entry, params: GenerationParams, seed: int, hidden: mx.array):
+    def __init__(self, context: Context, params: GenerationParams, seed: int, hidden: mx.array):
+        """Made by `Context.start_reply`, with the backbone state after the reply's text rows."""
         self.context = context
         self.params = params
         self.seed = seed
         self.frames: list[np.ndarray] = []
         self.finish_reason: FinishReason | None = None
-        self._entry = entry
-        self._decoder_cache = context.model.make_decoder_cache(batch=1)
         self._hidden = hidden  # backbone state after the last row run: it predicts the next frame
 
     @property
@@ -280,7 +327,7 @@ class Utterance:
         """The next frame ([num_codebooks] int32), or None once the utterance has ended."""
         if self.done:
             return None
-        hidden = self.context._run_pending()  # feeds the previous frame, if there is one
+        hidden = self.context.advance_reply(self)  # feeds the previous frame, if there is one
         if hidden is not None:
             self._hidden = hidden
         frame = self._next_frame(self._hidden)
@@ -288,7 +335,7 @@ class Utterance:
             self._finish("eos")  # the all-zero frame closes the utterance and is not emitted
             return None
         self.frames.append(frame)
-        self._add_rows(*audio_rows(frame[None]))
+        self.context.add_frame(self, frame)
         if len(self.frames) >= self.params.max_frames:
             self._finish("max_length")
         return frame
@@ -315,20 +362,13 @@ class Utterance:
 
         pick = FrameSampler(self.params, codebook_size, self.seed, frame_index)
         code0 = pick(model.codebook0_logits(hidden), 0)
-        frame = model.decode_frame(hidden, code0, pick, self._decoder_cache)
+        frame = model.decode_frame(hidden, code0, pick)
         mx.eval(frame)
         return np.array(frame[0], dtype=np.int32)
 
-    def _add_rows(self, tokens: np.ndarray, mask: np.ndarray) -> None:
-        self._entry.tokens = np.concatenate([self._entry.tokens, tokens])
-        self._entry.mask = np.concatenate([self._entry.mask, mask])
-
     def _finish(self, reason: FinishReason) -> None:
         self.finish_reason = reason
-        closing = np.zeros((1, self.context.model.config.num_codebooks), dtype=np.int32)
-        self._add_rows(*audio_rows(closing))  # run later, with whatever the context gets next
-        self._entry.segment = Segment(self._entry.segment.speaker, self._entry.segment.text, self.codes)
-        self.context._active = None
+        self.context.end_reply(self)
 
 
 class Generator:
@@ -346,18 +386,8 @@ class Generator:
         params = (params or GenerationParams()).validate()
         if context.model is not self.model:
             raise ValueError("this context belongs to another model")
-        context._check_idle()
-        tokens, mask = context._text_rows(speaker, text)
-        # The reply needs its text rows, a row per frame, and the closing all-zero frame.
-        context._make_room(len(tokens) + params.max_frames + 1)
-        entry = _Entry(Segment(speaker, text), tokens, mask)
-        context._entries.append(entry)
-        hidden = context._run_pending()
-        assert hidden is not None  # the text rows are never empty: BOS and EOS at least
         seed = params.seed if params.seed is not None else secrets.randbits(31)
-        utterance = Utterance(context, entry, params, seed, hidden)
-        context._active = utterance
-        return utterance
+        return context.start_reply(text, speaker, params, seed)
 
     def generate(
         self,

@@ -3,13 +3,14 @@
 Parameter names follow Sesame's checkpoint (torchtune's `attn.output_proj`, `mlp.w1/w2/w3`, `sa_norm.scale`),
 so Sesame weights load without renaming; the loader maps HF names onto these.
 
-The KV cache is passed in explicitly, one `KVCache` per layer, and never hidden inside a module: a
+The KV cache is passed in explicitly, one `KVCache` per stack, and never hidden inside a module: a
 conversation owns its cache, and the same weights serve every conversation.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -45,38 +46,25 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.scale, self.eps)
 
 
-class CacheStorage:
-    """Keys and values of every layer of a stack, [layers, B, kv heads, max_len, head_dim] each.
+class KVCache:
+    """A stack's keys and values, [layers, B, kv heads, max_len, head_dim] each, and `offset`: how many
+    positions hold data, one number for every layer.
 
     One array per stack (not per layer) so that a fused kernel can take the whole stack's cache in one
-    argument and write it in place.
+    argument and write it in place. A forward pass writes each layer's new positions through that layer's
+    view (`layers[i]`, which reads `offset` and never moves it) and then `advance`s past them once; `trim`
+    forgets positions from the end (the rows after them are run again).
     """
 
     def __init__(self, layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int, dtype: mx.Dtype):
         self.keys = mx.zeros((layers, batch, num_kv_heads, max_len, head_dim), dtype=dtype)
         self.values = mx.zeros((layers, batch, num_kv_heads, max_len, head_dim), dtype=dtype)
-
-
-class KVCache:
-    """One layer's view of its stack's `CacheStorage`; `offset` is how many positions hold data."""
-
-    def __init__(self, storage: CacheStorage, layer: int):
-        self.storage = storage
-        self.layer = layer
         self.offset = 0
+        self.layers = [LayerCache(self, layer) for layer in range(layers)]
 
     @property
     def max_len(self) -> int:
-        return int(self.storage.keys.shape[3])
-
-    @property
-    def keys(self) -> mx.array:
-        """This layer's keys, [B, kv heads, max_len, head_dim] (positions from `offset` on are stale)."""
-        return self.storage.keys[self.layer]
-
-    @property
-    def values(self) -> mx.array:
-        return self.storage.values[self.layer]
+        return int(self.keys.shape[3])
 
     def room_for(self, rows: int) -> int:
         """Where `rows` more positions would end; raises if they do not fit."""
@@ -85,23 +73,67 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {end} positions requested, {self.max_len} available")
         return end
 
-    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Write `keys`/`values` ([B, H, T, D]) after the filled part; return everything filled so far."""
-        end = self.room_for(keys.shape[2])
-        store, i = self.storage, self.layer
-        store.keys[i, :, :, self.offset : end, :] = keys
-        store.values[i, :, :, self.offset : end, :] = values
-        self.offset = end
-        return store.keys[i, :, :, :end, :], store.values[i, :, :, :end, :]
+    def advance(self, rows: int) -> None:
+        """Count `rows` more positions as filled, once every layer has written them."""
+        self.offset = self.room_for(rows)
+
+    def append_position(self, keys: mx.array, values: mx.array) -> None:
+        """Write one new position of every layer (batch of one; keys/values [layers, kv heads, head_dim]).
+
+        A slice update, which MLX does in place when nothing pending still reads the old arrays.
+        """
+        position = self.offset
+        self.room_for(1)
+        self.keys[:, 0, :, position, :] = keys
+        self.values[:, 0, :, position, :] = values
+        self.advance(1)
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` positions (at most all of them); returns how many were forgotten."""
+        if n < 0:
+            raise ValueError(f"cannot trim {n} positions")
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
 
     def state(self) -> list[mx.array]:
         """The arrays to evaluate so pending writes are materialised."""
-        return [self.storage.keys, self.storage.values]
+        return [self.keys, self.values]
 
 
-def make_cache(cfg: TransformerConfig, batch: int, dtype: mx.Dtype, max_len: int | None = None) -> list[KVCache]:
-    storage = CacheStorage(cfg.num_layers, batch, cfg.num_kv_heads, max_len or cfg.max_seq_len, cfg.dim_per_head, dtype)
-    return [KVCache(storage, layer) for layer in range(cfg.num_layers)]
+class LayerCache:
+    """One layer's view of its stack's `KVCache`: it writes at the stack's `offset` and leaves moving it to
+    the stack."""
+
+    def __init__(self, cache: KVCache, layer: int):
+        self.cache = cache
+        self.layer = layer
+
+    @property
+    def offset(self) -> int:
+        return self.cache.offset
+
+    @property
+    def keys(self) -> mx.array:
+        """This layer's keys, [B, kv heads, max_len, head_dim] (positions from `offset` on are stale)."""
+        return self.cache.keys[self.layer]
+
+    @property
+    def values(self) -> mx.array:
+        return self.cache.values[self.layer]
+
+    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Write `keys`/`values` ([B, H, T, D]) after the filled part; return everything filled so far,
+        these included."""
+        cache, i, start = self.cache, self.layer, self.cache.offset
+        end = cache.room_for(keys.shape[2])
+        cache.keys[i, :, :, start:end, :] = keys
+        cache.values[i, :, :, start:end, :] = values
+        return cache.keys[i, :, :, :end, :], cache.values[i, :, :, :end, :]
+
+
+def make_cache(cfg: TransformerConfig, batch: int, dtype: mx.Dtype, max_len: int | None = None) -> KVCache:
+    return KVCache(cfg.num_layers, batch, cfg.num_kv_heads, max_len or cfg.max_seq_len, cfg.dim_per_head, dtype)
 
 
 class Attention(nn.Module):
@@ -122,7 +154,7 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         return x.reshape(batch, length, count, self.head_dim).transpose(0, 2, 1, 3)
 
-    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: LayerCache) -> mx.array:
         batch, length, _ = x.shape
         q = self._heads(kernels.linear(x, self.q_proj), self.num_heads)
         k = self._heads(kernels.linear(x, self.k_proj), self.num_kv_heads)
@@ -156,7 +188,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: LayerCache) -> mx.array:
         h = x + self.attn(self.sa_norm(x), cache)
         return h + self.mlp(self.mlp_norm(h))
 
@@ -173,9 +205,10 @@ class Transformer(nn.Module):
         self._inv_freqs = 1.0 / periods  # what the fused step takes: the same angles as the ops path
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: list[KVCache]) -> mx.array:
-        for layer, layer_cache in zip(self.layers, cache, strict=True):
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
             x = layer(x, layer_cache)
+        cache.advance(x.shape[1])
         return self.norm(x)
 
 
@@ -183,11 +216,19 @@ class Transformer(nn.Module):
 _DENSE_BITS = {mx.float32: 0, mx.bfloat16: 16}
 
 
-def fused_step_weights(stack: Transformer) -> tuple[list[mx.array], int, int] | None:
-    """The stack's weights in the order `kernels.transformer_step` takes them, with (group_size, bits).
+class StackWeights(NamedTuple):
+    """A stack's weights in the order `kernels.transformer_step` takes them, and their format."""
 
-    None when the fused step cannot run this stack. It takes dense float32 or bfloat16 matrices (bits 0 or
-    16), or affine-quantized ones (bits 4 or 8), all projections alike, without biases.
+    arrays: list[mx.array]
+    group_size: int
+    bits: int  # 0: float32, 16: bfloat16, 4 or 8: affine-quantized
+
+
+def fused_step_weights(stack: Transformer) -> StackWeights | None:
+    """The stack's weights for `kernels.transformer_step`, or None when the fused step cannot run this stack.
+
+    It takes dense float32 or bfloat16 matrices (bits 0 or 16), or affine-quantized ones (bits 4 or 8), all
+    projections alike, without biases.
     """
     weights: list[mx.array] = []
     formats: set[tuple[int, int]] = set()
@@ -214,4 +255,4 @@ def fused_step_weights(stack: Transformer) -> tuple[list[mx.array], int, int] | 
     if len(formats) != 1:
         return None
     group_size, bits = formats.pop()
-    return weights, group_size, bits
+    return StackWeights(weights, group_size, bits)

@@ -201,9 +201,9 @@ def quantize(model: CSM, bits: int, group_size: int = 64, *, layout_only: bool =
     """Affine-quantize every projection and embedding (and the codebook heads) in MLX's layout.
 
     Group scales and biases are bf16 whatever the model's dtype: MLX quantizes the weights as bf16, as it does
-    for a bf16 model. They are 2 of the 10 bytes per 16 weights at 4 bits in fp32; in bf16 a 4-bit csm-1b frame
-    reads 2.58 GB instead of 2.87 GB, and its depth decoder took 0.90x the time (BENCHMARKS.md). Rounding them
-    costs nothing next to the 4-bit steps. The products still run in the activations' dtype.
+    for a bf16 model. In fp32 they would be 2 of the 10 bytes per 16 weights at 4 bits, read every frame (for
+    the bytes and times, see BENCHMARKS.md, "bf16 group scales and biases"). Rounding them costs nothing next
+    to the 4-bit steps. The products still run in the activations' dtype.
     `layout_only`: only give the modules the quantized layout (lazily), for a checkpoint's weights to replace.
     """
     if bits not in (4, 8):
@@ -215,6 +215,7 @@ def quantize(model: CSM, bits: int, group_size: int = 64, *, layout_only: bool =
     # The depth decoder reads one codebook head per step: 31 x 2.1 M weights a frame, worth quantizing too.
     if isinstance(model.audio_head, mx.array) and model.config.decoder.hidden_size % group_size == 0:
         model.audio_head = QuantizedCodebookHeads(model.audio_head.astype(QUANT_PARAM_DTYPE), group_size, bits)
+        model.weights_changed()
     if layout_only:  # the caller replaces every weight: computing these would only waste time
         return
     # Quantize now (with a progress bar), not lazily inside the first forward pass.

@@ -1,8 +1,8 @@
 """exp-based activations built only from MLX ops that are fast on x86 CPUs.
 
 MLX's x86 wheels build their CPU kernels for baseline x86-64: `mx.exp`, `mx.erf`, `mx.where`, `mx.floor` and
-the softmax run scalar code that calls libm (`fmaf`, `floorf`) per element, 10-25 ns each, 20-50x slower
-than a multiply. Mimi's decoder runs ~550 k ELUs per 80 ms frame, so that alone would cost ~6 ms. Adds,
+the softmax run scalar code that calls libm (`fmaf`, `floorf`) per element, many times slower than a
+multiply (BENCHMARKS.md, "Figures moved out of the code"), and Mimi's decoder runs ~550 k ELUs per frame. Adds,
 multiplies, min/max, float<->int casts and shifts vectorize, and `mx.compile` fuses a chain of them into
 one loop, so these versions cost about as much as a copy.
 

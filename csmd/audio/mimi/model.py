@@ -10,8 +10,9 @@ processing is the streaming code run over longer chunks: `decode(codes)` equals 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,11 +23,32 @@ from csmd.arrays import materialize
 from csmd.audio.mimi import seanet
 from csmd.audio.mimi.config import MimiConfig
 from csmd.audio.mimi.quantizer import SplitQuantizer
-from csmd.audio.mimi.seanet import CausalConv1d, CausalConvTranspose1d, SeanetDecoder, SeanetEncoder
-from csmd.audio.mimi.transformer import MimiTransformer
+from csmd.audio.mimi.seanet import CausalConv1d, CausalConvTranspose1d, SeanetDecoder, SeanetEncoder, State
+from csmd.audio.mimi.transformer import MimiTransformer, TransformerState
 from csmd.audio.mimi.weights import check_tensors
 
 OFFLINE_CHUNK_FRAMES = 125  # offline work is done 10 s at a time: bounded memory, same result
+
+
+class DecoderState(NamedTuple):
+    """A decoding stream's state, stage by stage (a pytree of arrays, as `mx.compile` and `mx.eval` take it)."""
+
+    upsample: State  # the transposed convolution's overlapping tail
+    transformer: TransformerState
+    seanet: State  # one state per SEANet decoder layer
+
+
+class EncoderState(NamedTuple):
+    """An encoding stream's state; None in a field until the stream's first step has run through it."""
+
+    seanet: State  # one state per SEANet encoder layer
+    transformer: TransformerState | None
+    downsample: State  # the replicate-padded convolution's past inputs
+
+
+FRESH_ENCODER = EncoderState(None, None, None)  # a fresh stream: each stage starts from its first input
+_Step = TypeVar("_Step", bound=Callable[..., Any])
+_State = TypeVar("_State", DecoderState, EncoderState)
 
 
 class Mimi(nn.Module):
@@ -62,10 +84,10 @@ class Mimi(nn.Module):
         _encode_step, and MimiTransformer's state: a stream's first step has no previous steps to add).
         """
         codes = mx.zeros((1, self.num_codebooks, 1), dtype=mx.int32)
-        _, state = self.decode_step(codes, None)
-        mx.eval(self.decode_step(codes, state))
-        _, state = self.encode_step(mx.zeros((1, self.frame_size)), None)
-        mx.eval(self.encode_step(mx.zeros((1, self.frame_size)), state))
+        _, decoding = self.decode_step(codes, None)
+        mx.eval(self.decode_step(codes, decoding))
+        _, encoding = self.encode_step(mx.zeros((1, self.frame_size)), None)
+        mx.eval(self.encode_step(mx.zeros((1, self.frame_size)), encoding))
 
     def use_bf16_weights(self) -> None:
         """Store the weight-bound matrices in bfloat16 (computed in fp32): half the bytes read per frame.
@@ -101,45 +123,44 @@ class Mimi(nn.Module):
     # explicit input and output, and has the same shapes at every step (see initial_decode_state), so one
     # trace serves the whole stream. Weights are captured as constants: load_tensors drops the traces.
 
-    def encode_step(self, pcm: mx.array, state: Any) -> tuple[mx.array, Any]:
+    def encode_step(self, pcm: mx.array, state: EncoderState | None) -> tuple[mx.array, EncoderState]:
         """pcm [B, n * frame_size] -> codes [B, num_codebooks, n]."""
         return self._compile("encode", self._encode_step)(pcm, state)
 
-    def decode_step(self, codes: mx.array, state: Any) -> tuple[mx.array, Any]:
+    def decode_step(self, codes: mx.array, state: DecoderState | None) -> tuple[mx.array, DecoderState]:
         """codes [B, K, n] -> pcm [B, n * frame_size] (unclipped, as the model makes it)."""
         if state is None:
             state = self.initial_decode_state(codes.shape[0])
         return self._compile("decode", self._decode_step)(codes, state)
 
-    def initial_decode_state(self, batch: int) -> Any:
+    def initial_decode_state(self, batch: int) -> DecoderState:
         """A fresh stream's decoder state: zeros of the shapes every later step has."""
-        return (
+        return DecoderState(
             self.upsample.initial_state(batch),
             self.decoder_transformer.initial_state(batch),
             self.decoder.initial_state(batch),
         )
 
-    def _compile(self, name: str, step: Any) -> Any:
+    def _compile(self, name: str, step: _Step) -> _Step:
         if name not in self._compiled:
             self._compiled[name] = mx.compile(step)
-        return self._compiled[name]
+        return cast(_Step, self._compiled[name])
 
-    def _encode_step(self, pcm: mx.array, state: Any) -> tuple[mx.array, Any]:
+    def _encode_step(self, pcm: mx.array, state: EncoderState | None) -> tuple[mx.array, EncoderState]:
         # A fresh stream (state None) traces once more: the downsample pads with the stream's first step.
-        s_seanet, s_transformer, s_down = state or (None, None, None)
-        latent, s_seanet = self.encoder(pcm[:, :, None], s_seanet)
-        latent, s_transformer = self.encoder_transformer(latent, s_transformer)
-        latent, s_down = self.downsample(latent, s_down)
+        state = state or FRESH_ENCODER
+        latent, seanet_state = self.encoder(pcm[:, :, None], state.seanet)
+        latent, transformer_state = self.encoder_transformer(latent, state.transformer)
+        latent, downsample_state = self.downsample(latent, state.downsample)
         codes = self.quantizer.encode(latent, self.num_codebooks)
-        return codes.transpose(0, 2, 1), (s_seanet, s_transformer, s_down)
+        return codes.transpose(0, 2, 1), EncoderState(seanet_state, transformer_state, downsample_state)
 
-    def _decode_step(self, codes: mx.array, state: Any) -> tuple[mx.array, Any]:
-        s_up, s_transformer, s_seanet = state
+    def _decode_step(self, codes: mx.array, state: DecoderState) -> tuple[mx.array, DecoderState]:
         latent = self.quantizer.decode(codes.transpose(0, 2, 1))
-        latent, s_up = self.upsample(latent, s_up)
-        latent, s_transformer = self.decoder_transformer(latent, s_transformer)
-        pcm, s_seanet = self.decoder(latent, s_seanet)
-        return pcm[:, :, 0], (s_up, s_transformer, s_seanet)
+        latent, upsample_state = self.upsample(latent, state.upsample)
+        latent, transformer_state = self.decoder_transformer(latent, state.transformer)
+        pcm, seanet_state = self.decoder(latent, state.seanet)
+        return pcm[:, :, 0], DecoderState(upsample_state, transformer_state, seanet_state)
 
     # -- whole clips -------------------------------------------------------------------------------------
 
@@ -200,39 +221,44 @@ def _as_batch(x: np.ndarray | mx.array, kind: type, name: str, ndim: int = 1) ->
     raise ValueError(f"{name} must have {ndim} or {ndim + 1} dimensions, got shape {list(array.shape)}")
 
 
-def _advance(stream: StreamingDecoder | StreamingEncoder, step: Any, inputs: mx.array) -> mx.array:
-    """Run `step(inputs, state)` on the stream's state, keep the new state, and return the output, evaluated.
-
-    The stream lets go of its old state before the evaluation, so that MLX may donate the old state's
-    buffers to the step: the transformer's key/value rings are then written in place rather than copied
-    (a snapshot still holding them gets a copy instead). If building the step fails, the state stays.
-    """
-    state, stream._state = stream._state, None
-    try:
-        out, stream._state = step(inputs, state)
-    except BaseException:
-        stream._state = state
-        raise
-    del state  # now only the step's graph holds the old state
-    mx.eval(out, stream._state)
-    return out
-
-
 @dataclass(frozen=True)
-class StreamSnapshot:
+class StreamSnapshot(Generic[_State]):
     """A parked stream: hand it back to `restore` to continue exactly where it was."""
 
-    state: Any
+    state: _State | None  # None: the stream had not started
     pending: np.ndarray | None = None
 
 
-class StreamingDecoder:
-    """One frame of codes in, exactly `frame_size` (1920) samples out."""
+class _Stream(Generic[_State]):
+    """What both streams hold: the codec, the batch size, and the state between steps (None: not started)."""
 
     def __init__(self, mimi: Mimi, batch: int = 1):
         self.mimi = mimi
         self.batch = batch
-        self._state: Any = None
+        self._state: _State | None = None
+
+    def _advance(
+        self, step: Callable[[mx.array, _State | None], tuple[mx.array, _State]], inputs: mx.array
+    ) -> mx.array:
+        """Run `step(inputs, state)` on the stream's state, keep the new state, and return the output, evaluated.
+
+        The stream lets go of its old state before the evaluation, so that MLX may donate the old state's
+        buffers to the step: the transformer's key/value rings are then written in place rather than copied
+        (a snapshot still holding them gets a copy instead). If building the step fails, the state stays.
+        """
+        state, self._state = self._state, None
+        try:
+            out, self._state = step(inputs, state)
+        except BaseException:
+            self._state = state
+            raise
+        del state  # now only the step's graph holds the old state
+        mx.eval(out, self._state)
+        return out
+
+
+class StreamingDecoder(_Stream[DecoderState]):
+    """One frame of codes in, exactly `frame_size` (1920) samples out."""
 
     def step(self, frame: np.ndarray | mx.array) -> np.ndarray:
         """frame [K] (or [B, K]) -> pcm [1920] (or [B, 1920]), float32, unclipped."""
@@ -240,26 +266,24 @@ class StreamingDecoder:
         if codes.shape[0] != self.batch:
             raise ValueError(f"this decoder streams a batch of {self.batch}, got {codes.shape[0]}")
         self.mimi.check_codes(codes[:, :, None])
-        out = np.array(_advance(self, self.mimi.decode_step, mx.array(codes[:, :, None].astype(np.int32))))
+        out = np.array(self._advance(self.mimi.decode_step, mx.array(codes[:, :, None].astype(np.int32))))
         return out if batched else out[0]
 
     def reset(self) -> None:
         self._state = None
 
-    def snapshot(self) -> StreamSnapshot:
+    def snapshot(self) -> StreamSnapshot[DecoderState]:
         return StreamSnapshot(self._state)  # MLX arrays are immutable: sharing them is a copy
 
-    def restore(self, snapshot: StreamSnapshot) -> None:
+    def restore(self, snapshot: StreamSnapshot[DecoderState]) -> None:
         self._state = snapshot.state
 
 
-class StreamingEncoder:
+class StreamingEncoder(_Stream[EncoderState]):
     """PCM of any length in; codes out for every whole 80 ms frame so far (the rest waits for more)."""
 
     def __init__(self, mimi: Mimi, batch: int = 1):
-        self.mimi = mimi
-        self.batch = batch
-        self._state: Any = None
+        super().__init__(mimi, batch)
         self._pending = np.zeros((batch, 0), dtype=np.float32)
 
     def step(self, pcm: np.ndarray | mx.array) -> np.ndarray:
@@ -272,17 +296,17 @@ class StreamingEncoder:
         self._pending = audio[:, whole:]
         codes = np.zeros((self.batch, self.mimi.num_codebooks, 0), dtype=np.int32)
         if whole:
-            codes = np.array(_advance(self, self.mimi.encode_step, mx.array(audio[:, :whole]))).astype(np.int32)
+            codes = np.array(self._advance(self.mimi.encode_step, mx.array(audio[:, :whole]))).astype(np.int32)
         return codes if batched else codes[0]
 
     def reset(self) -> None:
         self._state = None
         self._pending = np.zeros((self.batch, 0), dtype=np.float32)
 
-    def snapshot(self) -> StreamSnapshot:
+    def snapshot(self) -> StreamSnapshot[EncoderState]:
         return StreamSnapshot(self._state, self._pending.copy())
 
-    def restore(self, snapshot: StreamSnapshot) -> None:
+    def restore(self, snapshot: StreamSnapshot[EncoderState]) -> None:
         self._state = snapshot.state
         assert snapshot.pending is not None
         self._pending = snapshot.pending.copy()

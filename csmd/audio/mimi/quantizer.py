@@ -29,8 +29,8 @@ class Codebook(nn.Module):
 
     def encode(self, x: mx.array) -> mx.array:
         # argmin ||x - e||^2 == argmin (||e||^2 / 2 - x.e): one matmul, no [N, bins, D] difference tensor.
-        # (dense: a streaming step's one row reads the 2 MB codebook at the memory's speed, where MLX's
-        # matmul took 440 us, 32 times a frame)
+        # (dense: a streaming step's one row reads the 2 MB codebook at the memory's speed, several times
+        # faster than MLX's matmul, 32 times a frame; BENCHMARKS.md, "Figures moved out of the code")
         return mx.argmin(self._half_sq_norm - dense(x, self._embedding), axis=-1)
 
     def decode(self, codes: mx.array) -> mx.array:
@@ -49,7 +49,7 @@ class Projection(nn.Module):
         self._w = mx.contiguous(self.weight[:, :, 0])  # [out, in], as dense reads it
 
     def __call__(self, x: mx.array) -> mx.array:
-        return dense(x, self._w)  # (one streaming row: 13-43 us, against 130-160 through MLX's matmul)
+        return dense(x, self._w)  # one streaming row: the few-row product beats MLX's matmul (BENCHMARKS.md)
 
 
 class ResidualQuantizer(nn.Module):

@@ -11,7 +11,7 @@ MLX layouts once after loading. Derived arrays start with `_`, which MLX leaves 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,7 +21,7 @@ from csmd.audio.mimi import fastmath
 from csmd.audio.mimi.config import SeanetConfig
 from csmd.kernels import FEW_ROWS, dense
 
-State = Any  # a module's streaming state: None (fresh), an array, or a list of child states
+State = Any  # a module's streaming state: None (fresh), an array, a ResBlockState, or one state per layer (a list)
 
 
 def elu(x: mx.array) -> mx.array:
@@ -54,8 +54,8 @@ class CausalConv1d(nn.Module):
         self._packed: mx.array | None = None
 
     def prepare(self) -> None:
-        # [out, (tap, in)], used transposed: BLAS reads a weight row per output, which for the few-step
-        # products of streaming is 2-3x faster than the [(tap, in), out] layout (see _WEIGHT_LAYOUT).
+        # [out, (tap, in)], used transposed: each output reads one contiguous weight row, the layout that
+        # streaming's few-step products read fastest (BENCHMARKS.md, "Figures moved out of the code").
         cout, cin, k = self.weight.shape
         self._w = self.weight.transpose(0, 2, 1).reshape(cout, k * cin)
         self._packed = kernels.pack_panels(self._w)
@@ -194,6 +194,11 @@ class CausalConvTranspose1d(nn.Module):
         return (y + self.bias if "bias" in self else y), tail[:, -1:]
 
 
+class ResBlockState(NamedTuple):
+    conv: State  # the kernel-k convolution's past inputs
+    pointwise: State  # the 1x1 convolution's (None: it needs no past)
+
+
 class ResBlock(nn.Module):
     """x + conv1x1(elu(conv_k(elu(x)))), Kyutai's pre-activation residual unit with an identity skip."""
 
@@ -201,14 +206,14 @@ class ResBlock(nn.Module):
         super().__init__()
         self.block = [nn.ELU(), CausalConv1d(dim, hidden, kernel), nn.ELU(), CausalConv1d(hidden, dim, 1)]
 
-    def __call__(self, x: mx.array, state: State) -> tuple[mx.array, State]:
-        state = state or [None, None]
-        h, first = self.block[1](x, state[0], elu_input=True)
-        y, second = self.block[3](h, state[1], elu_input=True, residual=x)
-        return y, [first, second]
+    def __call__(self, x: mx.array, state: ResBlockState | None) -> tuple[mx.array, ResBlockState]:
+        state = state or ResBlockState(None, None)
+        h, conv = self.block[1](x, state.conv, elu_input=True)
+        y, pointwise = self.block[3](h, state.pointwise, elu_input=True, residual=x)
+        return y, ResBlockState(conv, pointwise)
 
-    def initial_state(self, batch: int) -> State:
-        return [self.block[1].initial_state(batch), self.block[3].initial_state(batch)]
+    def initial_state(self, batch: int) -> ResBlockState:
+        return ResBlockState(self.block[1].initial_state(batch), self.block[3].initial_state(batch))
 
 
 def _run(layers: list[nn.Module], x: mx.array, state: State) -> tuple[mx.array, State]:

@@ -22,7 +22,7 @@ A few steps at a time (streaming) the whole stack runs as one native primitive w
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,6 +33,16 @@ from csmd.audio.mimi.fastmath import gelu, softmax
 from csmd.kernels import dense
 
 KeyValues = tuple[mx.array, mx.array]  # [B, context - 1, d_model] each: past keys, values (rings, see above)
+
+
+class TransformerState(NamedTuple):
+    """A MimiTransformer stream's state (a pytree of arrays: MLX's compile and eval take it as it is)."""
+
+    position: mx.array  # int32 scalar: the absolute position of the next step
+    past_keys: mx.array  # [layers, B, context - 1, d_model]: rings of the steps before the previous call's
+    past_values: mx.array
+    last_keys: mx.array  # [layers, B, T', d_model]: the previous call's T' steps, for the rings at the next call
+    last_values: mx.array
 
 
 def ring_positions(position: mx.array, past: int) -> mx.array:
@@ -70,7 +80,8 @@ def rope(x: mx.array, position: mx.array, max_period: float) -> mx.array:
 
     Kyutai's weights pair dims (2i, 2i+1) (the "traditional" layout), with angle (position + t) * f_i and
     f_i = max_period^(-2i / D), all in fp32 as in moshi. Written as elementwise ops, which mx.compile fuses,
-    rather than mx.fast.rope, whose CPU version costs ~50 us a call.
+    rather than mx.fast.rope, which on the CPU is a kernel call of its own (BENCHMARKS.md, "Figures moved out
+    of the code").
     """
     steps, dims = x.shape[-2], x.shape[-1]
     freqs = mx.exp(mx.arange(0, dims, 2, dtype=mx.float32) * (-math.log(max_period) / dims))
@@ -111,7 +122,7 @@ _FEW_STEPS = 8
 def _attend_few(q: mx.array, keys: mx.array, values: mx.array, bias: mx.array) -> mx.array:
     """q [B, H, T, D], keys/values [B, S, H * D], bias [T, S] -> [B, T, H * D], for small T.
 
-    Per-head matmuls this small cost a BLAS call each (~20 us with its thread handoff, 16 per layer), so all
+    Per-head matmuls this small cost a BLAS call each, mostly its thread handoff (16 per layer), so all
     heads go through one matmul: q is spread block-diagonally over [B, H * T, H * D] (head h's row holds q in
     head h's columns, zeros elsewhere), which against the time-major keys gives every head's scores. The
     same product with the values gives each head's output in its own column block. 8x the (tiny) FLOPs.
@@ -163,12 +174,10 @@ class Layer(nn.Module):
 
 
 class MimiTransformer(nn.Module):
-    """[B, T, d_model] -> [B, T, d_model].
+    """[B, T, d_model] -> [B, T, d_model], with a `TransformerState`.
 
-    State: (next position, past keys, past values, last keys, last values). The pasts are rings stacked over
-    layers, [layers, B, context - 1, d_model] each, the layout of the native step; the last keys and values,
-    [layers, B, T', d_model], are the previous call's T' steps, which join the rings at the start of this call
-    (see the module's docstring).
+    The pasts are rings stacked over layers, the layout of the native step; the last keys and values are the
+    previous call's steps, which join the rings at the start of this call (see the module's docstring).
     """
 
     def __init__(self, cfg: MimiTransformerConfig):
@@ -176,24 +185,28 @@ class MimiTransformer(nn.Module):
         self.config = cfg
         self.layers = [Layer(cfg) for _ in range(cfg.num_layers)]
 
-    def initial_state(self, batch: int) -> Any:
+    def initial_state(self, batch: int) -> TransformerState:
         cfg = self.config
         past = (cfg.num_layers, batch, cfg.context - 1, cfg.d_model)
         last = (cfg.num_layers, batch, 0, cfg.d_model)
-        return mx.array(0, dtype=mx.int32), mx.zeros(past), mx.zeros(past), mx.zeros(last), mx.zeros(last)
+        return TransformerState(
+            mx.array(0, dtype=mx.int32), mx.zeros(past), mx.zeros(past), mx.zeros(last), mx.zeros(last)
+        )
 
-    def __call__(self, x: mx.array, state: Any) -> tuple[mx.array, Any]:
-        position, past_k, past_v, last_k, last_v = state if state is not None else self.initial_state(x.shape[0])
-        start = position - last_k.shape[2]
+    def __call__(self, x: mx.array, state: TransformerState | None) -> tuple[mx.array, TransformerState]:
+        state = state if state is not None else self.initial_state(x.shape[0])
+        position = state.position
+        start = position - state.last_keys.shape[2]
         # The whole stack as one native primitive when the extension is loaded: at a streaming frame's 2 rows
         # the ~40 MLX ops of a layer cost more to dispatch than their arithmetic, and at an offline chunk's
-        # 250 rows it still took 0.55x the MLX layers' time (BENCHMARKS.md, "Mimi codec").
+        # 250 rows it is still faster than the MLX layers (BENCHMARKS.md, "Mimi codec").
         if kernels.mimi_transformer_available():
-            past_k = kernels.mimi_ring_write(past_k, last_k, start)
-            past_v = kernels.mimi_ring_write(past_v, last_v, start)
+            past_k = kernels.mimi_ring_write(state.past_keys, state.last_keys, start)
+            past_v = kernels.mimi_ring_write(state.past_values, state.last_values, start)
             y, new_k, new_v = self._native(x, position, past_k, past_v)
         else:
-            past_k, past_v = ring_write(past_k, last_k, start), ring_write(past_v, last_v, start)
+            past_k = ring_write(state.past_keys, state.last_keys, start)
+            past_v = ring_write(state.past_values, state.last_values, start)
             bias = attention_bias(position, x.shape[1], past_k.shape[2], self.config.context)
             keys, values = [], []
             y = x
@@ -202,7 +215,7 @@ class MimiTransformer(nn.Module):
                 keys.append(k)
                 values.append(v)
             new_k, new_v = mx.stack(keys), mx.stack(values)
-        return y, (position + x.shape[1], past_k, past_v, new_k, new_v)
+        return y, TransformerState(position + x.shape[1], past_k, past_v, new_k, new_v)
 
     def _native(self, x: mx.array, position: mx.array, past_k: mx.array, past_v: mx.array) -> tuple[mx.array, ...]:
         cfg = self.config
