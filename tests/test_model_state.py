@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -121,3 +124,25 @@ def test_quantizing_chooses_the_quantized_paths() -> None:
     assert model.native_weights.backbone is not None and model.native_weights.backbone.bits == 0
     quantize(model, 4)
     assert model.native_weights.backbone is not None and model.native_weights.backbone.bits == 4
+
+
+def test_a_conversation_is_freed_by_reference_counting_alone() -> None:
+    """Nothing of a context (its cache views, its replies) points back at it: a closed conversation's KV cache
+    is freed the moment its last reference goes, not whenever the garbage collector next runs (a daemon that
+    waits for the collector keeps every closed session's cache)."""
+    gen = Generator(tiny(0), TextTokenizer.utf8_bytes())
+    gc.collect()
+    gc.disable()
+    try:
+        ctx = gen.new_context()
+        spoken = gen.start(ctx, "hello", 0, GenerationParams(max_frames=3, seed=1))
+        list(spoken)
+        cut = gen.start(ctx, "again", 1, GenerationParams(max_frames=3, seed=2))
+        next(iter(cut))
+        cut.cancel()
+        ctx.trim_reply(cut, 1, "ag")
+        freed = [weakref.ref(ctx), weakref.ref(ctx._cache), weakref.ref(spoken), weakref.ref(cut)]
+        del ctx, spoken, cut
+        assert [ref() for ref in freed] == [None] * 4
+    finally:
+        gc.enable()

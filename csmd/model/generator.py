@@ -15,6 +15,7 @@ they alone leave no room, that is an error before any work is done.
 from __future__ import annotations
 
 import secrets
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -58,7 +59,12 @@ class _Entry:
     segment: Segment
     tokens: np.ndarray  # [rows, num_codebooks + 1]
     mask: np.ndarray  # same shape, bool
-    reply: Utterance | None = None  # the utterance that spoke it, if it was a reply
+    # The utterance that spoke it, if it was a reply. Weak: an utterance refers to its context, so a strong
+    # reference would make every context a cycle that only the garbage collector frees (its KV cache with it).
+    reply: weakref.ref[Utterance] | None = None
+
+    def spoken_by(self, utterance: Utterance) -> bool:
+        return self.reply is not None and self.reply() is utterance
 
 
 class Context:
@@ -137,7 +143,7 @@ class Context:
         its first `frames` frames and `text` (see `trim_last`). Nothing heard at all (0 frames, no text): the
         reply goes too, and None is returned."""
         self._check_idle()
-        index = next((i for i, e in enumerate(self._entries) if e.reply is utterance), None)
+        index = next((i for i, e in enumerate(self._entries) if e.spoken_by(utterance)), None)
         if index is None:
             raise ContextRequestError("that reply is no longer in the context (cleared, or dropped by window overflow)")
         while len(self._entries) - 1 > index:
@@ -176,8 +182,9 @@ class Context:
         self._entries.append(entry)
         hidden = self._run_pending()
         assert hidden is not None  # the text rows are never empty: BOS and EOS at least
-        entry.reply = self._active = Utterance(self, params, seed, hidden)
-        return entry.reply
+        self._active = Utterance(self, params, seed, hidden)
+        entry.reply = weakref.ref(self._active)
+        return self._active
 
     def advance_reply(self, reply: Utterance) -> mx.array | None:
         """Run the rows `reply` added since the last call (its previous frame); returns the backbone state of
@@ -226,7 +233,7 @@ class Context:
         if reply is not self._active:
             raise ValueError("that utterance is not this context's reply in progress")
         entry = self._entries[-1]  # nothing else changes the entries while a reply is in progress
-        assert entry.reply is reply
+        assert entry.spoken_by(reply)
         return entry
 
     def _entry(self, segment: Segment) -> _Entry:

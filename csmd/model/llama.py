@@ -60,7 +60,12 @@ class KVCache:
         self.keys = mx.zeros((layers, batch, num_kv_heads, max_len, head_dim), dtype=dtype)
         self.values = mx.zeros((layers, batch, num_kv_heads, max_len, head_dim), dtype=dtype)
         self.offset = 0
-        self.layers = [LayerCache(self, layer) for layer in range(layers)]
+
+    @property
+    def layers(self) -> list[LayerCache]:
+        """A view per layer, made when asked: views kept here would each point back at the cache, a cycle that
+        only the garbage collector frees, and with it a closed conversation's whole cache."""
+        return [LayerCache(self, layer) for layer in range(self.keys.shape[0])]
 
     @property
     def max_len(self) -> int:
