@@ -289,7 +289,9 @@ def test_offline_without_the_weights_points_at_random_tiny(tmp_path: Path) -> No
                           env=env, check=False)  # fmt: skip
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "HF_HUB_OFFLINE is set" in lines[0] and "--model random:tiny" in lines[0], lines
+    *notes, error = lines  # csmd's own notes first (the kernel line), then the one error line
+    assert all(n.startswith("csmd: ") and "error" not in n for n in notes), lines
+    assert error.startswith("csmd: error: ") and "HF_HUB_OFFLINE is set" in error and "--model random:tiny" in error
 
 
 @pytest.mark.usefixtures("no_loading")

@@ -86,9 +86,8 @@ def test_a_variable_set_later_is_checked_at_its_next_use(monkeypatch: pytest.Mon
 
 def test_version_comes_from_the_package_metadata(capsys: pytest.CaptureFixture[str]) -> None:
     assert csmd.__version__ == importlib.metadata.version("csmd")
-    with pytest.raises(SystemExit) as exited:
-        main(["--version"])
-    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"csmd {csmd.__version__}"
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"csmd {csmd.__version__}"
 
 
 async def test_welcome_carries_the_version(tmp_path: Path) -> None:
@@ -140,7 +139,7 @@ def test_say_prints_the_kernel_line_before_the_model_loads(tmp_path: Path, capsy
     out = tmp_path / "a.wav"
     assert main(["say", "Hi.", "-o", str(out), "--model", "random:tiny", "--max-seconds", "0.4", "--local"]) == 0
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == native.status_line() and "note: random weights do not speak; expect noise" in err[1:]
+    assert err[0] == native.status_line() and any("random weights, which do not speak" in line for line in err[1:])
 
 
 def test_jit_notice_only_when_mlx_will_compile_for_the_first_time(

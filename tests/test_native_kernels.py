@@ -26,6 +26,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from csmd.errors import UserError
+
 if os.environ.get("CSMD_REQUIRE_NATIVE") == "1":
     import csmd_native
 else:
@@ -780,7 +782,7 @@ def test_matvec_mode_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
             assert native.apply_matvec_mode() == mode
             assert csmd_native.get_matvec_mode() == mode
         monkeypatch.setenv("CSMD_MATVEC", "fast")
-        with pytest.raises(ValueError, match="CSMD_MATVEC must be one of auto, int16, int8, exact"):
+        with pytest.raises(UserError, match="CSMD_MATVEC must be one of auto, int16, int8, exact"):
             native.apply_matvec_mode()
         assert csmd_native.get_matvec_mode() == "auto"  # a bad value changes nothing
         monkeypatch.delenv("CSMD_MATVEC")
@@ -798,7 +800,7 @@ def test_variant_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         assert native.apply_variant() == variant
         assert csmd_native.cpu_features()["variant"] == variant
     monkeypatch.setenv("CSMD_VARIANT", "sse9")
-    with pytest.raises(ValueError, match="sse9"):
+    with pytest.raises(UserError, match="sse9"):
         native.apply_variant()
     monkeypatch.delenv("CSMD_VARIANT")
     assert native.apply_variant() == "auto"
