@@ -34,6 +34,9 @@ def default_socket_path() -> Path:
     runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
     if runtime_dir:
         return Path(runtime_dir) / "csmd" / "csmd.sock"
+    temp_dir = os.environ.get("TMPDIR")
+    if sys.platform == "darwin" and temp_dir:  # launchd's per-user temporary directory
+        return Path(temp_dir) / "csmd" / "csmd.sock"
     return Path(f"/tmp/csmd-{os.getuid()}") / "csmd.sock"
 
 

@@ -164,6 +164,10 @@ def test_raw_client_default_path_is_the_daemons(tmp_path: Path, monkeypatch: pyt
     assert raw["default_socket_path"]() == default_socket_path() == tmp_path / "csmd" / "csmd.sock"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     assert raw["default_socket_path"]() == default_socket_path()
+    # macOS: launchd's per-user TMPDIR (the daemon's rule, simulated; the raw client reads sys.platform too)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "t"))
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert raw["default_socket_path"]() == default_socket_path() == tmp_path / "t" / "csmd" / "csmd.sock"
 
 
 def make_voice_prompt(path: Path) -> float:
