@@ -28,11 +28,9 @@ from captured import capture_contexts
 
 from csmd.daemon.server import Daemon, DaemonRunningError
 from csmd.model.generator import Generator
-from csmd.model.loading import load_model
 from csmd.protocol import messages as m
 from csmd.protocol.connection import Connection, ConnectionClosed
 from csmd.protocol.pcm import decode_pcm
-from csmd.speak import codec_for
 
 
 class RawClient:
@@ -90,16 +88,9 @@ async def close_clients() -> AsyncIterator[None]:
     RawClient.opened.clear()
 
 
-@pytest.fixture(scope="module")
-def generator_and_codec() -> tuple[Generator, object]:
-    loaded = load_model("random:tiny")
-    assert loaded.tokenizer is not None
-    return Generator(loaded.model, loaded.tokenizer), codec_for(loaded, None)
-
-
 @pytest.fixture
-async def daemon(generator_and_codec: tuple[Generator, object], tmp_path: Path) -> AsyncIterator[tuple[Daemon, Path]]:
-    generator, mimi = generator_and_codec
+async def daemon(tiny_voice: tuple[Generator, object], tmp_path: Path) -> AsyncIterator[tuple[Daemon, Path]]:
+    generator, mimi = tiny_voice
     d = Daemon(generator, mimi, "random:tiny")  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         path = await nursery.start(d.serve, tmp_path / "run" / "csmd.sock")

@@ -29,12 +29,10 @@ from csmd.audio.mimi.model import Mimi
 from csmd.daemon.limits import Limits, MiB
 from csmd.daemon.server import Daemon
 from csmd.model.generator import Generator
-from csmd.model.loading import load_model
 from csmd.protocol import blocking_client, trio_client
 from csmd.protocol import messages as m
 from csmd.protocol.connection import Connection, ConnectionClosed
 from csmd.protocol.errors import ConnectionLost, RequestError
-from csmd.speak import codec_for
 
 Event = m.Message | ConnectionClosed
 
@@ -97,21 +95,14 @@ def padded_ping(nonce: int, body_size: int) -> bytes:
 Start = Callable[..., Awaitable[tuple[Daemon, Path]]]
 
 
-@pytest.fixture(scope="module")
-def tiny() -> tuple[Generator, Mimi]:
-    loaded = load_model("random:tiny")
-    assert loaded.tokenizer is not None
-    return Generator(loaded.model, loaded.tokenizer), codec_for(loaded, None)
-
-
 @pytest.fixture
-async def start_daemon(tiny: tuple[Generator, Mimi], tmp_path: Path) -> AsyncIterator[Start]:
+async def start_daemon(tiny_voice: tuple[Generator, Mimi], tmp_path: Path) -> AsyncIterator[Start]:
     """start_daemon(limits) -> (daemon, socket path), served until the test ends."""
     daemons: list[Daemon] = []
     async with trio.open_nursery() as nursery:
 
         async def start(limits: Limits | None = None) -> tuple[Daemon, Path]:
-            daemon = Daemon(*tiny, "random:tiny", limits)
+            daemon = Daemon(*tiny_voice, "random:tiny", limits)
             daemons.append(daemon)
             path = await nursery.start(daemon.serve, tmp_path / f"d{len(daemons)}" / "csmd.sock")
             return daemon, path

@@ -27,19 +27,10 @@ import trio
 from csmd.audio.mimi.model import Mimi
 from csmd.daemon.server import Daemon, SharedSocketDirError, bind_unix_socket, check_socket_dir
 from csmd.model.generator import Generator
-from csmd.model.loading import load_model
 from csmd.protocol import blocking_client, peercred, trio_client
 from csmd.protocol.errors import UntrustedServerError
-from csmd.speak import codec_for
 
 NOBODY = 65534
-
-
-@pytest.fixture(scope="module")
-def tiny() -> tuple[Generator, Mimi]:
-    loaded = load_model("random:tiny")
-    assert loaded.tokenizer is not None
-    return Generator(loaded.model, loaded.tokenizer), codec_for(loaded, None)
 
 
 @pytest.fixture
@@ -125,8 +116,8 @@ def test_serve_refuses_a_shared_directory_unless_told(shared_tmp: Path) -> None:
 # ---- removing only our own socket ----
 
 
-async def test_shutdown_removes_only_the_socket_it_bound(tiny: tuple[Generator, Mimi], tmp_path: Path) -> None:
-    daemon = Daemon(*tiny, "random:tiny")
+async def test_shutdown_removes_only_the_socket_it_bound(tiny_voice: tuple[Generator, Mimi], tmp_path: Path) -> None:
+    daemon = Daemon(*tiny_voice, "random:tiny")
     path = tmp_path / "run" / "csmd.sock"
     aside = tmp_path / "run" / "moved.sock"
     async with trio.open_nursery() as nursery:
@@ -139,7 +130,7 @@ async def test_shutdown_removes_only_the_socket_it_bound(tiny: tuple[Generator, 
     other.close()
     assert path.is_socket() and aside.is_socket()  # neither was ours at that path: both stay
 
-    daemon = Daemon(*tiny, "random:tiny")
+    daemon = Daemon(*tiny_voice, "random:tiny")
     path.unlink()
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.serve, path)
