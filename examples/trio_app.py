@@ -49,7 +49,7 @@ async def run(socket_path: Path, max_frames: int | None, cancel_after: int) -> i
     arrivals: list[str] = []  # which session each chunk came from, in order
     reports: dict[str, str] = {}
     failures = 0
-    async with await trio_client.connect(socket_path, client="trio-app") as client:
+    async with trio_client.open_client(socket_path, client="trio-app") as client:
         print(f"connected to {client.welcome.server}, model {client.welcome.model}")
         speeches = []
         try:

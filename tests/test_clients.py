@@ -196,7 +196,7 @@ def check_frames(chunks: list[trio_client.Chunk], speaker: int, atol: float = 0.
 async def test_trio_handshake_and_ping(fake: tuple[FakeServer, Path]) -> None:
     server, path = fake
     with trio.fail_after(10):
-        async with await trio_client.connect(path, client="test-app") as client:
+        async with trio_client.open_client(path, client="test-app") as client:
             assert client.welcome.sample_rate == 24000 and client.welcome.formats == FORMATS
             assert await client.ping() >= 0
     assert server.received[:2] == [Hello(protocol=(1,), client="test-app"), Ping(nonce=1)]
@@ -205,7 +205,7 @@ async def test_trio_handshake_and_ping(fake: tuple[FakeServer, Path]) -> None:
 async def test_trio_speak(fake: tuple[FakeServer, Path]) -> None:
     _, path = fake
     with trio.fail_after(10):
-        async with await trio_client.connect(path) as client:
+        async with trio_client.open_client(path) as client:
             assert await client.open_session("s") == SessionOpened(session="s")
             speech = client.speak("s", "Hello.", speaker=1)
             chunks = [chunk async for chunk in speech]
@@ -224,7 +224,7 @@ async def test_trio_two_speeches_in_flight(fake: tuple[FakeServer, Path]) -> Non
     server, path = fake
     results: dict[int, list[trio_client.Chunk]] = {}
     with trio.fail_after(10):
-        async with await trio_client.connect(path) as client:
+        async with trio_client.open_client(path) as client:
             await client.open_session("s")
 
             async def listen(speaker: int) -> None:
@@ -241,7 +241,7 @@ async def test_trio_two_speeches_in_flight(fake: tuple[FakeServer, Path]) -> Non
 async def test_trio_context_commands(fake: tuple[FakeServer, Path]) -> None:
     server, path = fake
     with trio.fail_after(10):
-        async with await trio_client.connect(path) as client:
+        async with trio_client.open_client(path) as client:
             await client.open_session("s")
             added = await client.add_context("s", 0, "Hi.", np.zeros(2 * 1920, dtype=np.float32), pinned=True)
             assert added == ContextAdded(session="s", frames=2, rows=12)
@@ -257,7 +257,7 @@ async def test_trio_context_commands(fake: tuple[FakeServer, Path]) -> None:
 async def test_trio_non_fatal_error_fails_only_its_request(fake: tuple[FakeServer, Path]) -> None:
     _, path = fake
     with trio.fail_after(10):
-        async with await trio_client.connect(path) as client:
+        async with trio_client.open_client(path) as client:
             with pytest.raises(RequestError) as info:
                 await client.open_session("bad")
             assert info.value.code == "unknown_session" and info.value.session == "bad"
@@ -277,7 +277,7 @@ async def test_trio_non_fatal_error_fails_only_its_request(fake: tuple[FakeServe
 async def test_trio_fatal_error_closes_the_client(fake: tuple[FakeServer, Path]) -> None:
     _, path = fake
     with trio.fail_after(10), pytest.raises(ConnectionLost) as info:
-        async with await trio_client.connect(path) as client:
+        async with trio_client.open_client(path) as client:
             speech = client.speak("s", "Interrupted.", 0, max_frames=1000)
             await speech.start()
             try:
@@ -295,7 +295,7 @@ async def test_trio_fatal_error_closes_the_client(fake: tuple[FakeServer, Path])
 async def test_trio_cancel_mid_stream(fake: tuple[FakeServer, Path]) -> None:
     _, path = fake
     with trio.fail_after(10):
-        async with await trio_client.connect(path) as client:
+        async with trio_client.open_client(path) as client:
             speech = client.speak("s", "A long story.", 0, max_frames=1000)
             chunks = []
             async for chunk in speech:
@@ -315,7 +315,7 @@ async def test_trio_cancel_mid_stream(fake: tuple[FakeServer, Path]) -> None:
 async def test_trio_closing_an_unread_speech_does_not_block_others(fake: tuple[FakeServer, Path]) -> None:
     server, path = fake
     with trio.fail_after(10):
-        async with await trio_client.connect(path, max_buffered=2) as client:
+        async with trio_client.open_client(path, max_buffered=2) as client:
             async with client.speak("s", "Nobody listens.", 0, max_frames=1000) as speech:
                 await speech.start()
                 await trio.sleep(0.05)  # its backlog fills up and the reader pauses
@@ -328,26 +328,34 @@ async def test_trio_closing_an_unread_speech_does_not_block_others(fake: tuple[F
 async def test_trio_unsupported_version(fake: tuple[FakeServer, Path]) -> None:
     _, path = fake
     with trio.fail_after(10), pytest.raises(ConnectionLost) as info:
-        await trio_client.connect(path, versions=(2,))
+        async with trio_client.open_client(path, versions=(2,)):
+            pass
     assert info.value.code == "unsupported_version"
 
 
 async def test_trio_bad_arguments_fail_locally(fake: tuple[FakeServer, Path]) -> None:
     _, path = fake
     with trio.fail_after(10):
-        async with await trio_client.connect(path) as client:
+        async with trio_client.open_client(path) as client:
             with pytest.raises(ProtocolError) as info:
                 client.speak("s", "x", speaker=-1)
             assert info.value.field == "speaker"
             assert await client.ping() >= 0  # the connection is untouched
 
 
-async def test_trio_client_must_be_entered(fake: tuple[FakeServer, Path]) -> None:
-    _, path = fake
-    client = await trio_client.connect(path)
-    with pytest.raises(RuntimeError):
-        await client.ping()
-    await client.aclose()
+async def test_trio_client_is_closed_after_its_block(fake: tuple[FakeServer, Path]) -> None:
+    server, path = fake
+    with trio.fail_after(10):
+        async with trio_client.open_client(path) as client:
+            await client.open_session("s")
+            speech = client.speak("s", "Never sent.", 0)
+        assert client.lost is not None and client.lost.code == "closed"
+        with pytest.raises(ConnectionLost):
+            await client.ping()
+        with pytest.raises(ConnectionLost):
+            await speech.start()
+        speech.close()  # nothing to cancel, and no nursery to do it in
+    assert not any(isinstance(msg, Speak | Ping) for msg in server.received)
 
 
 # ---- blocking client, in a thread against the same fake server ----
@@ -411,10 +419,10 @@ async def test_trio_client_block_exceptions_and_cancellation_pass_through(fake: 
     _, path = fake
     with trio.fail_after(10):
         with pytest.raises(KeyError):  # not wrapped in an ExceptionGroup by the client's internal nursery
-            async with await trio_client.connect(path):
+            async with trio_client.open_client(path):
                 raise KeyError("mine")
         with trio.move_on_after(0.05) as scope:
-            async with await trio_client.connect(path) as client:
+            async with trio_client.open_client(path) as client:
                 async for _ in client.speak("s", "Cut short from outside.", 0, max_frames=1000):
                     pass
         assert scope.cancelled_caught

@@ -490,7 +490,7 @@ async def test_trio_client_against_the_daemon(daemon: tuple[Daemon, Path]) -> No
     from csmd.protocol import trio_client
 
     _, path = daemon
-    async with await trio_client.connect(path, client="test") as client:
+    async with trio_client.open_client(path, client="test") as client:
         await client.open_session("c")
         added = await client.add_context("c", 1, "Hi.", np.zeros(4800, np.float32), rate=24_000, pinned=True)
         assert added.frames == 3

@@ -106,7 +106,7 @@ async def test_welcome_carries_the_version(tmp_path: Path) -> None:
         async with trio.open_nursery() as nursery:
             path = await nursery.start(daemon.serve, tmp_path / "run" / "csmd.sock")
             with trio.fail_after(30):
-                async with await trio_client.connect(path, client="version-test") as client:
+                async with trio_client.open_client(path, client="version-test") as client:
                     assert client.welcome.version == csmd.__version__
                     assert client.welcome.server == f"csmd {csmd.__version__}"
             nursery.cancel_scope.cancel()

@@ -216,7 +216,7 @@ async def test_barge_in_through_the_daemon(
     try:
         async with trio.open_nursery() as nursery:
             path = await nursery.start(daemon.serve, tmp_path / "csmd.sock")
-            async with await trio_client.connect(path) as client:
+            async with trio_client.open_client(path) as client:
                 await client.open_session("talk")
                 speaker = RealTimeSpeaker()
                 mic = ScriptedMic(lambda t: 0.2 < t < 0.8 or 2.8 < t < 3.4)

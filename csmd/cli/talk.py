@@ -142,7 +142,7 @@ async def _through_daemon(
     from csmd.talk.engine import DaemonEngine
 
     try:
-        async with await trio_client.connect(path, client="csmd talk") as client:
+        async with trio_client.open_client(path, client="csmd talk") as client:
             model = client.welcome.model
             print(f"csmd: talking through the daemon on {path} (model {model})", file=sys.stderr)
             if model.startswith("random:"):

@@ -5,10 +5,10 @@
         for chunk in client.speak("chat", "Hello there.", speaker=0):
             play(chunk.pcm)
 
-The socket is read only while a call waits for its reply; messages for other requests that arrive meanwhile
-are buffered (see `client_core`), so several speeches may be in flight. A speech nobody reads buffers in
-memory while you wait for something else: close speeches you do not want (`speech.close()` or `with`).
-Not thread-safe: use one client per thread.
+This module is `client_core`'s transport: it writes what the core builds and reads the socket only while a
+call waits for its reply; messages for other requests that arrive meanwhile are buffered by the core, so
+several speeches may be in flight. A speech nobody reads buffers in memory while you wait for something else:
+close speeches you do not want (`speech.close()` or `with`). Not thread-safe: use one client per thread.
 """
 
 from __future__ import annotations
@@ -19,59 +19,32 @@ import socket
 import time
 import types
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar, Unpack
 
 import numpy as np
 import numpy.typing as npt
 
-from csmd.protocol.client_core import (
-    Chunk,
-    ClientCore,
-    Pending,
-    SessionCommand,
-    SessionReply,
-    SpeechState,
-    make_add_context,
-    verify_server,
-)
+from csmd.protocol import client_core
+from csmd.protocol import messages as m
+from csmd.protocol.client_core import Chunk
 from csmd.protocol.connection import DEFAULT_MAX_MESSAGE
-from csmd.protocol.errors import ConnectionLost, RequestError
-from csmd.protocol.messages import (
-    PROTOCOL_VERSION,
-    SAMPLE_RATE,
-    AudioEnd,
-    AudioStart,
-    Cancelled,
-    ClearContext,
-    CloseSession,
-    ContextAdded,
-    ContextCleared,
-    ContextTrimmed,
-    Format,
-    OpenSession,
-    SessionClosed,
-    SessionOpened,
-    Speak,
-    TrimContext,
-    Welcome,
-)
+from csmd.protocol.errors import ConnectionLost
 
 __all__ = ["Chunk", "Client", "Speech", "connect"]
 
 RECEIVE_BYTES = 256 * 1024
 T = TypeVar("T")
-R = TypeVar("R", bound=SessionReply)
 
 
 def connect(
     path: str | os.PathLike[str],
     *,
     client: str = "csmd-python",
-    versions: tuple[int, ...] = (PROTOCOL_VERSION,),
+    versions: tuple[int, ...] = (m.PROTOCOL_VERSION,),
     max_message: int = DEFAULT_MAX_MESSAGE,
     timeout: float | None = None,
 ) -> Client:
-    """Connect to the daemon's Unix socket and do the handshake.
+    """Connect to the daemon's Unix socket and do the handshake; use the result with `with` (it closes).
 
     `timeout` (seconds) bounds every socket operation: a wait that times out raises TimeoutError and the
     client stays usable; a write that times out breaks the connection (part of a message may have gone).
@@ -82,9 +55,9 @@ def connect(
     try:
         sock.settimeout(timeout)
         sock.connect(os.fspath(path))
-        verify_server(sock, path)  # before the first byte goes out
-        result = Client(sock, ClientCore(client, versions=versions, max_message=max_message))
-        result._handshake()
+        client_core.verify_server(sock, path)  # before the first byte goes out
+        result = Client(sock, client_core.ClientCore(client, versions=versions, max_message=max_message))
+        result._call(result._core.hello)
     except BaseException:
         sock.close()
         raise
@@ -94,12 +67,12 @@ def connect(
 class Client:
     """A connected client; use `connect()`. A context manager that closes the socket on exit."""
 
-    def __init__(self, sock: socket.socket, core: ClientCore) -> None:
+    def __init__(self, sock: socket.socket, core: client_core.ClientCore) -> None:
         self._sock = sock
         self._core = core
 
     @property
-    def welcome(self) -> Welcome:
+    def welcome(self) -> m.Welcome:
         assert self._core.welcome is not None, "use connect(): it does the handshake"
         return self._core.welcome
 
@@ -123,11 +96,11 @@ class Client:
 
     # ---- session and context commands ----
 
-    def open_session(self, session: str) -> SessionOpened:
-        return self._command(OpenSession(session=session), SessionOpened)
+    def open_session(self, session: str) -> m.SessionOpened:
+        return self._call(lambda: self._core.open_session(session))
 
-    def close_session(self, session: str) -> SessionClosed:
-        return self._command(CloseSession(session=session), SessionClosed)
+    def close_session(self, session: str) -> m.SessionClosed:
+        return self._call(lambda: self._core.close_session(session))
 
     def add_context(
         self,
@@ -135,99 +108,64 @@ class Client:
         speaker: int,
         text: str,
         audio: npt.ArrayLike | bytes | None = None,
-        *,
-        rate: int = SAMPLE_RATE,
-        format: Format = "pcm_f32le",
-        pinned: bool = False,
-    ) -> ContextAdded:
-        """Add a segment: text, optionally with mono audio (float samples at `rate`, or bytes already in `format`)."""
-        return self._command(make_add_context(session, speaker, text, audio, rate, format, pinned), ContextAdded)
+        **options: Unpack[client_core.ContextOptions],
+    ) -> m.ContextAdded:
+        """Add a segment: text, optionally with mono audio (float samples at `rate`, or bytes already in `format`;
+        see `client_core.ContextOptions`)."""
+        return self._call(lambda: self._core.add_context(session, speaker, text, audio, **options))
 
-    def clear_context(self, session: str) -> ContextCleared:
-        return self._command(ClearContext(session=session), ContextCleared)
+    def clear_context(self, session: str) -> m.ContextCleared:
+        return self._call(lambda: self._core.clear_context(session))
 
-    def trim_context(self, session: str, request: str, frames: int, text: str) -> ContextTrimmed:
+    def trim_context(self, session: str, request: str, frames: int, text: str) -> m.ContextTrimmed:
         """Keep only the heard part of reply `request` (first `frames` frames, `text`); drop what came after."""
-        msg = TrimContext(session=session, request=request, frames=frames, text=text)
-        return self._command(msg, ContextTrimmed)
+        return self._call(lambda: self._core.trim_context(session, request, frames, text))
 
     # ---- speech ----
 
-    def speak(
-        self,
-        session: str,
-        text: str,
-        speaker: int,
-        *,
-        request: str | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        seed: int | None = None,
-        max_frames: int | None = None,
-        format: Format | None = None,
-    ) -> Speech:
-        """A speech, sent when first iterated (or `start`ed): `for chunk in client.speak(...)`."""
-        msg = Speak(
-            session=session,
-            request=request if request is not None else self._core.new_request_id(),
-            text=text,
-            speaker=speaker,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            seed=seed,
-            max_frames=max_frames,
-            format=format,
-        )
-        return Speech(self, msg)
+    def speak(self, session: str, text: str, speaker: int, **options: Unpack[client_core.SpeakOptions]) -> Speech:
+        """A speech, sent when first iterated (or `start`ed): `for chunk in client.speak(...)`.
 
-    def start_speaking(self, session: str, text: str, speaker: int, **params: Any) -> Speech:
+        Options left out take the daemon's defaults (see `client_core.SpeakOptions`). Raises ProtocolError
+        "bad_field" at once for arguments of the wrong type.
+        """
+        return Speech(self, self._core.speech(session, text, speaker, **options))
+
+    def start_speaking(
+        self, session: str, text: str, speaker: int, **options: Unpack[client_core.SpeakOptions]
+    ) -> Speech:
         """`speak(...)`, sent and accepted: returns once audio.start arrived (RequestError if refused)."""
-        speech = self.speak(session, text, speaker, **params)
+        speech = self.speak(session, text, speaker, **options)
         speech.start()
         return speech
 
-    def cancel(self, request: str) -> Cancelled:
+    def cancel(self, request: str) -> m.Cancelled:
         """Stop a speech on the server; its iterator still yields what was sent before, then ends."""
-        pending, _ = self._send(lambda: self._core.cancel(request))
-        return self._result(pending)
+        return self._call(lambda: self._core.cancel(request))
 
     def ping(self) -> float:
         """Round trip to the daemon, in seconds."""
         started = time.perf_counter()
-        pending, _ = self._send(self._core.ping)
-        self._result(pending)
+        self._call(self._core.ping)
         return time.perf_counter() - started
 
-    # ---- internals ----
+    # ---- the transport ----
 
-    def _handshake(self) -> None:
-        self._send(lambda: (None, self._core.hello()))
-        self._wait(lambda: self._core.welcome is not None)
-        if self._core.lost is not None:
-            raise ConnectionLost(self._core.lost.code, self._core.lost.message)
-
-    def _command(self, msg: SessionCommand, reply: type[R]) -> R:
-        pending, _ = self._send(lambda: self._core.command(msg))
-        result = self._result(pending)
-        assert isinstance(result, reply)  # routing matched the reply type
-        return result
+    def _call(self, make: Callable[[], tuple[client_core.Pending[T], bytes]]) -> T:
+        pending, _ = self._send(make)
+        self._wait(lambda: pending.done)
+        return pending.result()
 
     def _send(self, make: Callable[[], tuple[T, bytes]]) -> tuple[T, bytes]:
         result, data = make()
+        if not data:
+            return result, data
         try:
             self._sock.sendall(data)
         except OSError as exc:  # including a timeout: part of the message may be on the wire
             self._core.fail(ConnectionLost("closed", f"could not write to the daemon: {exc!r}"))
             raise ConnectionLost("closed", f"could not write to the daemon: {exc!r}") from exc
         return result, data
-
-    def _result(self, pending: Pending[T]) -> T:
-        self._wait(lambda: pending.done)
-        return pending.result()
 
     def _wait(self, ready: Callable[[], bool]) -> None:
         """Read and route messages until `ready()` or the connection ends (which completes every wait)."""
@@ -242,71 +180,45 @@ class Client:
             self._core.receive(data)
 
 
-class Speech:
+class Speech(client_core.SpeechView):
     """One speak request: an iterator of `Chunk`s; `audio_start` and `end` once they arrived.
 
     Use as `with` (or call `close()`) to drop it early: the rest is discarded and the server told to cancel it.
     """
 
-    def __init__(self, client: Client, msg: Speak) -> None:
+    def __init__(self, client: Client, state: client_core.SpeechState) -> None:
+        super().__init__(state)
         self._client = client
-        self._msg = msg
-        self._state: SpeechState | None = None
-        self.request = msg.request
-        self.session = msg.session
 
-    @property
-    def audio_start(self) -> AudioStart | None:
-        return None if self._state is None else self._state.start
-
-    @property
-    def end(self) -> AudioEnd | None:
-        return None if self._state is None else self._state.end
-
-    def start(self) -> AudioStart:
+    def start(self) -> m.AudioStart:
         """Send the request (once) and wait for audio.start. RequestError if the daemon refused it."""
-        if self._state is None:
-            self._state, _ = self._client._send(lambda: self._client._core.speak(self._msg))
-        state = self._state
-        assert state is not None
-        self._client._wait(state.started_or_failed)
-        if state.start is None:
-            state.take()  # raises the error (a speech can only finish without start by failing)
-            raise AssertionError("speech ended without audio.start")
-        return state.start
+        self._client._send(lambda: self._client._core.send_speech(self._state))
+        self._client._wait(self._state.started_or_failed)
+        return self._state.started()
 
     def __iter__(self) -> Iterator[Chunk]:
         return self
 
     def __next__(self) -> Chunk:
-        if self._state is None:
+        if not self._state.sent:
             self.start()
-        assert self._state is not None
-        state = self._state
-        self._client._wait(state.has_item)
-        item = state.take()
-        if item is None:
+        self._client._wait(self._state.has_item)
+        chunk = self._state.next_chunk()
+        if chunk is None:
             raise StopIteration
-        return state.decode(item)
+        return chunk
 
     def read_all(self) -> npt.NDArray[np.float32]:
         """Every remaining sample, concatenated."""
-        parts = [chunk.pcm for chunk in self]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        return client_core.join_chunks(list(self))
 
-    def cancel(self) -> Cancelled:
-        """Cancel on the server. If the speech already ended, answers from its end record (the daemon would
-        say "no_such_request": a cancel racing the natural end is not an error for the caller)."""
-        try:
-            return self._client.cancel(self.request)
-        except RequestError as exc:
-            if exc.code != "no_such_request" or self.end is None:
-                raise
-            return Cancelled(request=self.request, frames_sent=self.end.frames)
+    def cancel(self) -> m.Cancelled:
+        """Cancel on the server (answered from the end record if the speech already ended)."""
+        return self._client._call(lambda: self._client._core.cancel(self.request, speech=self._state))
 
     def close(self) -> None:
         """Stop listening; cancel on the server if it is still running (without waiting for the reply)."""
-        if self._state is not None and self._client._core.close_speech(self._state):
+        if self._client._core.close_speech(self._state):
             with contextlib.suppress(ConnectionLost):  # the connection is gone: nothing left to cancel
                 self._client._send(lambda: self._client._core.cancel_quietly(self.request))
 

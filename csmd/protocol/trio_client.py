@@ -1,111 +1,101 @@
 """An async client for the csmd daemon, on trio.
 
-    async with await connect("/run/user/1000/csmd.sock", client="my-app") as client:
+    async with open_client("/run/user/1000/csmd.sock", client="my-app") as client:
         await client.open_session("chat")
         async for chunk in client.speak("chat", "Hello there.", speaker=0):
             play(chunk.pcm)
 
-One background task reads the socket and routes every message (see `client_core`); any number of calls and
-speeches may be in flight at once. Backpressure: when some speech has `max_buffered` chunks that nobody has
-read, the reader stops reading the socket, which in turn stops the daemon. So read every speech you start, or
-close it (`speech.close()`, or leave its `async with` block) to drop the rest and cancel it on the server.
+This module is `client_core`'s transport: it writes what the core builds, feeds it what it reads, and waits.
+One background task reads the socket (so any number of calls and speeches may be in flight at once); it lives
+in a nursery that `open_client` holds for the length of the `async with` block. Backpressure: when some speech
+has `max_buffered` chunks that nobody has read, the reader stops reading the socket, which in turn stops the
+daemon. So read every speech you start, or close it (`speech.close()`, or leave its `async with` block) to drop
+the rest and cancel it on the server.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import types
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar, Unpack
 
 import numpy as np
 import numpy.typing as npt
 import trio
 
-from csmd.protocol.client_core import (
-    Chunk,
-    ClientCore,
-    Pending,
-    SessionCommand,
-    SessionReply,
-    SpeechState,
-    make_add_context,
-    verify_server,
-)
+from csmd.protocol import client_core
+from csmd.protocol import messages as m
+from csmd.protocol.client_core import Chunk
 from csmd.protocol.connection import DEFAULT_MAX_MESSAGE
-from csmd.protocol.errors import ConnectionLost, RequestError
-from csmd.protocol.messages import (
-    PROTOCOL_VERSION,
-    SAMPLE_RATE,
-    AudioEnd,
-    AudioStart,
-    Cancelled,
-    ClearContext,
-    CloseSession,
-    ContextAdded,
-    ContextCleared,
-    ContextTrimmed,
-    Format,
-    OpenSession,
-    SessionClosed,
-    SessionOpened,
-    Speak,
-    TrimContext,
-    Welcome,
-)
+from csmd.protocol.errors import ConnectionLost
 
-__all__ = ["Chunk", "Client", "Speech", "connect"]
+__all__ = ["Chunk", "Client", "Speech", "open_client"]
 
 RECEIVE_BYTES = 256 * 1024
 T = TypeVar("T")
-R = TypeVar("R", bound=SessionReply)
 
 
-async def connect(
+@contextlib.asynccontextmanager
+async def open_client(
     path: str | os.PathLike[str],
     *,
     client: str = "csmd-python",
-    versions: tuple[int, ...] = (PROTOCOL_VERSION,),
+    versions: tuple[int, ...] = (m.PROTOCOL_VERSION,),
     max_message: int = DEFAULT_MAX_MESSAGE,
     max_buffered: int = 1024,
-) -> Client:
-    """Connect to the daemon's Unix socket and do the handshake; use the result with `async with`.
+) -> AsyncIterator[Client]:
+    """Connect to the daemon's Unix socket, do the handshake and serve the client for the `async with` block;
+    leaving the block closes the connection (the daemon closes its sessions).
 
     Raises ConnectionLost if the server refuses (e.g. code "unsupported_version") or goes away, and
     UntrustedServerError (a PermissionError), before sending anything, if another user serves the socket.
-    `max_buffered` is the per-speech backlog (in chunks, ~80 ms each) at which reading pauses.
+    `max_buffered` is the per-speech backlog (in chunks, ~80 ms each) at which reading pauses. The block's own
+    exception comes out as it is, not wrapped in an ExceptionGroup by the reader's nursery.
     """
     stream = await trio.open_unix_socket(os.fspath(path))
-    core = ClientCore(client, versions=versions, max_message=max_message)
+    core = client_core.ClientCore(client, versions=versions, max_message=max_message)
     try:
-        verify_server(stream.socket, path)  # before the first byte goes out
-        await stream.send_all(core.hello())
-        while core.welcome is None and core.lost is None:
+        client_core.verify_server(stream.socket, path)  # before the first byte goes out
+        welcome, data = core.hello()
+        await stream.send_all(data)
+        while not welcome.done:
             core.receive(await stream.receive_some(RECEIVE_BYTES))
-        if core.lost is not None:
-            raise ConnectionLost(core.lost.code, core.lost.message)
+        welcome.result()
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
-    return Client(stream, core, max_buffered=max_buffered)
+    failure: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        result = Client(stream, core, nursery, max_buffered=max_buffered)
+        nursery.start_soon(result._read)
+        try:
+            yield result
+        except BaseException as exc:
+            failure = exc  # raised below, outside the nursery, which would wrap it in an ExceptionGroup
+        finally:
+            with trio.CancelScope(shield=True):  # a half-closed client would leave the reader running
+                await result.aclose()
+            nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 class Client:
-    """A connected, welcomed client. Enter it (`async with`) to start its reader before making calls."""
+    """A connected, welcomed client, made by `open_client` and usable inside its `async with` block."""
 
-    def __init__(self, stream: trio.SocketStream, core: ClientCore, *, max_buffered: int = 1024) -> None:
-        assert core.welcome is not None, "use connect(): it does the handshake"
+    def __init__(
+        self, stream: trio.SocketStream, core: client_core.ClientCore, nursery: trio.Nursery, *, max_buffered: int
+    ):
         self._stream = stream
         self._core = core
+        self._nursery = nursery
         self._max_buffered = max_buffered
         self._send_lock = trio.Lock()
         self._changed = trio.Event()  # set (and replaced) whenever routing state changes
-        self._nursery: trio.Nursery | None = None
-        self._nursery_manager: Any = None
 
     @property
-    def welcome(self) -> Welcome:
+    def welcome(self) -> m.Welcome:
         assert self._core.welcome is not None
         return self._core.welcome
 
@@ -114,43 +104,20 @@ class Client:
         """Why the connection ended, once it has."""
         return self._core.lost
 
-    # ---- lifetime ----
-
-    async def __aenter__(self) -> Client:
-        # The reader needs a nursery that lives as long as the `async with` block: enter one by hand here and
-        # leave it in __aexit__ (same task, properly nested, as trio requires).
-        self._nursery_manager = trio.open_nursery()
-        self._nursery = await self._nursery_manager.__aenter__()
-        self._nursery.start_soon(self._read)
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None
-    ) -> None:
-        assert self._nursery is not None
-        try:
-            await self.aclose()
-        finally:
-            # Leave the nursery whatever happened (even if aclose was cancelled), or trio's task tree breaks.
-            self._nursery.cancel_scope.cancel()
-            # Not passing the body's exception on: the nursery would wrap it in an ExceptionGroup, and the caller
-            # should see its own exception (or our ConnectionLost) as is. The reader never raises, so nothing is
-            # lost by this.
-            await self._nursery_manager.__aexit__(None, None, None)
-
     async def aclose(self) -> None:
-        """Close the connection (the daemon closes this connection's sessions). Pending calls raise ConnectionLost."""
+        """Close the connection now (leaving the `async with` block does it too). Pending calls raise
+        ConnectionLost."""
         self._core.fail(ConnectionLost("closed", "the client was closed"))
         self._notify()
         await self._stream.aclose()
 
     # ---- session and context commands ----
 
-    async def open_session(self, session: str) -> SessionOpened:
-        return await self._command(OpenSession(session=session), SessionOpened)
+    async def open_session(self, session: str) -> m.SessionOpened:
+        return await self._call(lambda: self._core.open_session(session))
 
-    async def close_session(self, session: str) -> SessionClosed:
-        return await self._command(CloseSession(session=session), SessionClosed)
+    async def close_session(self, session: str) -> m.SessionClosed:
+        return await self._call(lambda: self._core.close_session(session))
 
     async def add_context(
         self,
@@ -158,97 +125,64 @@ class Client:
         speaker: int,
         text: str,
         audio: npt.ArrayLike | bytes | None = None,
-        *,
-        rate: int = SAMPLE_RATE,
-        format: Format = "pcm_f32le",
-        pinned: bool = False,
-    ) -> ContextAdded:
-        """Add a segment: text, optionally with mono audio (float samples at `rate`, or bytes already in `format`).
+        **options: Unpack[client_core.ContextOptions],
+    ) -> m.ContextAdded:
+        """Add a segment: text, optionally with mono audio (float samples at `rate`, or bytes already in `format`;
+        see `client_core.ContextOptions`)."""
+        return await self._call(lambda: self._core.add_context(session, speaker, text, audio, **options))
 
-        The daemon resamples audio at another rate than 24 kHz.
-        """
-        return await self._command(make_add_context(session, speaker, text, audio, rate, format, pinned), ContextAdded)
+    async def clear_context(self, session: str) -> m.ContextCleared:
+        return await self._call(lambda: self._core.clear_context(session))
 
-    async def clear_context(self, session: str) -> ContextCleared:
-        return await self._command(ClearContext(session=session), ContextCleared)
-
-    async def trim_context(self, session: str, request: str, frames: int, text: str) -> ContextTrimmed:
+    async def trim_context(self, session: str, request: str, frames: int, text: str) -> m.ContextTrimmed:
         """Keep only the heard part of reply `request` (first `frames` frames, `text`); drop what came after."""
-        msg = TrimContext(session=session, request=request, frames=frames, text=text)
-        return await self._command(msg, ContextTrimmed)
+        return await self._call(lambda: self._core.trim_context(session, request, frames, text))
 
     # ---- speech ----
 
-    def speak(
-        self,
-        session: str,
-        text: str,
-        speaker: int,
-        *,
-        request: str | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        seed: int | None = None,
-        max_frames: int | None = None,
-        format: Format | None = None,
-    ) -> Speech:
+    def speak(self, session: str, text: str, speaker: int, **options: Unpack[client_core.SpeakOptions]) -> Speech:
         """A speech, sent when first iterated (or `start`ed): `async for chunk in client.speak(...)`.
 
-        Parameters left as None take the daemon's defaults. Raises ProtocolError "bad_field" at once for
-        arguments of the wrong type.
+        Options left out take the daemon's defaults (see `client_core.SpeakOptions`). Raises ProtocolError
+        "bad_field" at once for arguments of the wrong type.
         """
-        msg = Speak(
-            session=session,
-            request=request if request is not None else self._core.new_request_id(),
-            text=text,
-            speaker=speaker,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            seed=seed,
-            max_frames=max_frames,
-            format=format,
-        )
-        return Speech(self, msg)
+        return Speech(self, self._core.speech(session, text, speaker, **options))
 
-    async def start_speaking(self, session: str, text: str, speaker: int, **params: Any) -> Speech:
+    async def start_speaking(
+        self, session: str, text: str, speaker: int, **options: Unpack[client_core.SpeakOptions]
+    ) -> Speech:
         """`speak(...)`, sent and accepted: returns once audio.start arrived (RequestError if refused)."""
-        speech = self.speak(session, text, speaker, **params)
+        speech = self.speak(session, text, speaker, **options)
         await speech.start()
         return speech
 
-    async def cancel(self, request: str) -> Cancelled:
+    async def cancel(self, request: str) -> m.Cancelled:
         """Stop a speech on the server; its iterator still yields what was sent before, then ends."""
-        pending, _ = await self._send(lambda: self._core.cancel(request))
-        return await self._result(pending)
+        return await self._call(lambda: self._core.cancel(request))
 
     async def ping(self) -> float:
         """Round trip to the daemon, in seconds."""
         started = trio.current_time()
-        pending, _ = await self._send(self._core.ping)
-        await self._result(pending)
+        await self._call(self._core.ping)
         return trio.current_time() - started
 
-    # ---- internals ----
+    # ---- the transport ----
 
-    async def _command(self, msg: SessionCommand, reply: type[R]) -> R:
-        pending, _ = await self._send(lambda: self._core.command(msg))
-        result = await self._result(pending)
-        assert isinstance(result, reply)  # routing matched the reply type
-        return result
+    async def _call(self, make: Callable[[], tuple[client_core.Pending[T], bytes]]) -> T:
+        pending, _ = await self._send(make)
+        await self._wait(lambda: pending.done)
+        return pending.result()
 
     async def _send(self, make: Callable[[], tuple[T, bytes]]) -> tuple[T, bytes]:
         """Build a message with the core and write it, in one critical section so wire order = core order."""
-        self._check_running()
         async with self._send_lock:
             # Honour a cancellation before the core records the call: a recorded call must reach the wire,
             # or the next reply would be matched to it. After this point the write is shielded, because a
             # half-written message would corrupt the stream for every other call.
             await trio.lowlevel.checkpoint_if_cancelled()
             result, data = make()
+            if not data:
+                return result, data
             try:
                 with trio.CancelScope(shield=True):
                     await self._stream.send_all(data)
@@ -262,10 +196,6 @@ class Client:
         with contextlib.suppress(ConnectionLost):  # the connection is gone: nothing left to cancel
             await self._send(lambda: self._core.cancel_quietly(request))
 
-    async def _result(self, pending: Pending[T]) -> T:
-        await self._wait(lambda: pending.done)
-        return pending.result()
-
     async def _wait(self, ready: Callable[[], bool]) -> None:
         # No checkpoint between testing `ready` and waiting on the current event, so no change is missed.
         while not ready():
@@ -275,15 +205,11 @@ class Client:
         self._changed.set()
         self._changed = trio.Event()
 
-    def _check_running(self) -> None:
-        if self._nursery is None:
-            raise RuntimeError("enter the client first: `async with await connect(...) as client:`")
-
     async def _read(self) -> None:
         try:
             while self._core.lost is None:
-                # Backpressure: stop reading while a speech has a full backlog; consumers notify as they take.
-                await self._wait(lambda: self._core.lost is not None or self._core.most_buffered() < self._max_buffered)
+                # Backpressure: consumers notify as they take chunks.
+                await self._wait(lambda: not self._core.reading_paused(self._max_buffered))
                 if self._core.lost is not None:
                     break
                 try:
@@ -302,78 +228,48 @@ class Client:
                     await trio.aclose_forcefully(self._stream)
 
 
-class Speech:
+class Speech(client_core.SpeechView):
     """One speak request: an async iterator of `Chunk`s; `audio_start` and `end` once they arrived.
 
     Use as `async with` (or call `close()`) to drop it early: the rest is discarded and the server told to
     cancel it.
     """
 
-    def __init__(self, client: Client, msg: Speak) -> None:
+    def __init__(self, client: Client, state: client_core.SpeechState) -> None:
+        super().__init__(state)
         self._client = client
-        self._msg = msg
-        self._state: SpeechState | None = None
-        self.request = msg.request
-        self.session = msg.session
 
-    @property
-    def audio_start(self) -> AudioStart | None:
-        return None if self._state is None else self._state.start
-
-    @property
-    def end(self) -> AudioEnd | None:
-        return None if self._state is None else self._state.end
-
-    async def start(self) -> AudioStart:
+    async def start(self) -> m.AudioStart:
         """Send the request (once) and wait for audio.start. RequestError if the daemon refused it."""
-        if self._state is None:
-            self._state, _ = await self._client._send(lambda: self._client._core.speak(self._msg))
-        state = self._state
-        assert state is not None
-        await self._client._wait(state.started_or_failed)
-        if state.start is None:
-            state.take()  # raises the error (a speech can only finish without start by failing)
-            raise AssertionError("speech ended without audio.start")
-        return state.start
+        await self._client._send(lambda: self._client._core.send_speech(self._state))
+        await self._client._wait(self._state.started_or_failed)
+        return self._state.started()
 
     def __aiter__(self) -> Speech:
         return self
 
     async def __anext__(self) -> Chunk:
-        if self._state is None:
+        if not self._state.sent:
             await self.start()
-        assert self._state is not None
-        state = self._state
-        await self._client._wait(state.has_item)
-        item = state.take()
+        await self._client._wait(self._state.has_item)
+        chunk = self._state.next_chunk()
         self._client._notify()  # room in the backlog: the reader may be waiting for it
-        if item is None:
+        if chunk is None:
             raise StopAsyncIteration
-        return state.decode(item)
+        return chunk
 
     async def read_all(self) -> npt.NDArray[np.float32]:
         """Every remaining sample, concatenated."""
-        parts = [chunk.pcm async for chunk in self]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        return client_core.join_chunks([chunk async for chunk in self])
 
-    async def cancel(self) -> Cancelled:
-        """Cancel on the server. If the speech already ended, answers from its end record (the daemon would
-        say "no_such_request": a cancel racing the natural end is not an error for the caller)."""
-        try:
-            return await self._client.cancel(self.request)
-        except RequestError as exc:
-            if exc.code != "no_such_request" or self.end is None:
-                raise
-            return Cancelled(request=self.request, frames_sent=self.end.frames)
+    async def cancel(self) -> m.Cancelled:
+        """Cancel on the server (answered from the end record if the speech already ended)."""
+        return await self._client._call(lambda: self._client._core.cancel(self.request, speech=self._state))
 
     def close(self) -> None:
         """Stop listening; cancel on the server if it is still running (fire and forget)."""
-        if self._state is None:
-            return
         if self._client._core.close_speech(self._state):
-            nursery = self._client._nursery
-            if nursery is not None:
-                nursery.start_soon(self._client._send_quiet_cancel, self.request)
+            self._client._nursery.start_soon(self._client._send_quiet_cancel, self.request)
         self._client._notify()  # its backlog is gone: a reader paused for room may go on
 
     async def __aenter__(self) -> Speech:

@@ -261,7 +261,8 @@ async def test_connection_cap(start_daemon: Start, connect) -> None:
     assert d.connections == 2
     # Both Python clients report it as the reason the connection was lost, not as a reset.
     with pytest.raises(ConnectionLost) as lost:
-        await trio_client.connect(path)
+        async with trio_client.open_client(path):
+            pass
     assert lost.value.code == "too_many_connections"
     with pytest.raises(ConnectionLost) as lost:
         await trio.to_thread.run_sync(lambda: blocking_client.connect(path, timeout=10))

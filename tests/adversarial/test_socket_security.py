@@ -164,13 +164,18 @@ async def fake_listener(tmp_path: Path) -> AsyncIterator[tuple[Path, list[bytes]
         nursery.cancel_scope.cancel()
 
 
+async def trio_handshake(path: Path) -> None:
+    async with trio_client.open_client(path):
+        pass
+
+
 async def test_clients_refuse_a_server_of_another_user(
     fake_listener: tuple[Path, list[bytes]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, received = fake_listener
     monkeypatch.setattr(peercred, "peer_uid", lambda sock: 4242)
     with pytest.raises(UntrustedServerError, match=f"refusing to talk to {path}: .* uid 4242") as refused:
-        await trio_client.connect(path)
+        await trio_handshake(path)
     assert refused.value.uid == 4242 and refused.value.path == str(path)
     with pytest.raises(UntrustedServerError, match=str(path)):
         await trio.to_thread.run_sync(lambda: blocking_client.connect(path, timeout=10))
@@ -260,7 +265,7 @@ def _impostor_scenario(shared_tmp: Path) -> None:
             with pytest.raises(UntrustedServerError, match=f"refusing to talk to {path}: .* uid {NOBODY}"):
                 blocking_client.connect(path, timeout=10)
             with pytest.raises(UntrustedServerError):
-                trio.run(trio_client.connect, path)
+                trio.run(trio_handshake, path)
             wav = str(shared_tmp / "x.wav")
             say = [sys.executable, "-m", "csmd.cli", "say", "Hi.", "-o", wav, "--socket", str(path)]
             said = subprocess.run(say, capture_output=True, text=True, timeout=120, check=False)
