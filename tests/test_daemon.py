@@ -26,7 +26,8 @@ import soundfile as sf
 import trio
 from captured import capture_contexts
 
-from csmd.daemon.server import Daemon, DaemonRunningError
+from csmd.daemon.server import Daemon
+from csmd.daemon.unix_socket import DaemonRunningError, SharedSocketDirError
 from csmd.model.generator import Generator
 from csmd.model.loading import load_model
 from csmd.protocol import messages as m
@@ -457,13 +458,13 @@ async def test_commands_queued_behind_a_close_find_no_session(daemon: tuple[Daem
 
 
 async def test_default_socket_directory_must_be_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from csmd.daemon.server import default_socket_path
+    from csmd.daemon.unix_socket import default_socket_path
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert default_socket_path() == tmp_path / "csmd" / "csmd.sock"
     (tmp_path / "csmd").mkdir(mode=0o755)
     (tmp_path / "csmd").chmod(0o755)
-    with pytest.raises(DaemonRunningError, match="not a private directory"):
+    with pytest.raises(SharedSocketDirError, match="not a private directory"):
         default_socket_path()
     (tmp_path / "csmd").chmod(0o700)
     assert default_socket_path() == tmp_path / "csmd" / "csmd.sock"
