@@ -131,6 +131,25 @@ async def test_speak_round_trip(daemon: tuple[Daemon, Path]) -> None:
     assert np.array_equal(audio_of(await client.speak("t", "r2", max_frames=6)), audio_of(msgs))
 
 
+async def test_audio_end_times_count_from_accepting_the_request(
+    daemon: tuple[Daemon, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """total_ms and first_audio_ms include the prefill (docs/protocol.md: "from accepting the request")."""
+    d, path = daemon
+    real = d.generator.start
+
+    def slow_start(*args: object, **kwargs: object) -> object:
+        time.sleep(0.3)  # on the model thread: a long prefill
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(d.generator, "start", slow_start)
+    client = await RawClient.connect(path)
+    await client.open("s")
+    end = (await client.speak("s", "r1", max_frames=3))[-1]
+    assert isinstance(end, m.AudioEnd) and end.frames == 3 and end.first_audio_ms is not None
+    assert 300 <= end.first_audio_ms <= end.total_ms
+
+
 async def test_three_sessions_speak_at_once(daemon: tuple[Daemon, Path]) -> None:
     _, path = daemon
     order: list[str] = []
