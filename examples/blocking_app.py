@@ -20,7 +20,7 @@ import numpy as np
 import soundfile
 
 from csmd.audio.io import AudioFileError, read_audio
-from csmd.daemon.server import default_socket_path
+from csmd.daemon.unix_socket import default_socket_path
 from csmd.protocol.blocking_client import connect
 from csmd.protocol.errors import ConnectionLost, RequestError
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from csmd.daemon.server import default_socket_path
+from csmd.daemon.unix_socket import default_socket_path
 from csmd.protocol.blocking_client import connect
 from csmd.protocol.errors import ConnectionLost, RequestError
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from csmd.daemon.server import default_socket_path
+from csmd.daemon.unix_socket import default_socket_path
 from csmd.protocol import trio_client
 from csmd.protocol.errors import ConnectionLost, RequestError
 

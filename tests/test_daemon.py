@@ -26,7 +26,8 @@ import soundfile as sf
 import trio
 from captured import capture_contexts
 
-from csmd.daemon.server import Daemon, DaemonRunningError
+from csmd.daemon.server import Daemon
+from csmd.daemon.unix_socket import DaemonRunningError, SharedSocketDirError
 from csmd.model.generator import Generator
 from csmd.protocol import messages as m
 from csmd.protocol.connection import Connection, ConnectionClosed
@@ -119,6 +120,25 @@ async def test_speak_round_trip(daemon: tuple[Daemon, Path]) -> None:
     # The same seed in a fresh session gives the same audio.
     await client.open("t")
     assert np.array_equal(audio_of(await client.speak("t", "r2", max_frames=6)), audio_of(msgs))
+
+
+async def test_audio_end_times_count_from_accepting_the_request(
+    daemon: tuple[Daemon, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """total_ms and first_audio_ms include the prefill (docs/protocol.md: "from accepting the request")."""
+    d, path = daemon
+    real = d.generator.start
+
+    def slow_start(*args: object, **kwargs: object) -> object:
+        time.sleep(0.3)  # on the model thread: a long prefill
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(d.generator, "start", slow_start)
+    client = await RawClient.connect(path)
+    await client.open("s")
+    end = (await client.speak("s", "r1", max_frames=3))[-1]
+    assert isinstance(end, m.AudioEnd) and end.frames == 3 and end.first_audio_ms is not None
+    assert 300 <= end.first_audio_ms <= end.total_ms
 
 
 async def test_three_sessions_speak_at_once(daemon: tuple[Daemon, Path]) -> None:
@@ -448,13 +468,13 @@ async def test_commands_queued_behind_a_close_find_no_session(daemon: tuple[Daem
 
 
 async def test_default_socket_directory_must_be_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from csmd.daemon.server import default_socket_path
+    from csmd.daemon.unix_socket import default_socket_path
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert default_socket_path() == tmp_path / "csmd" / "csmd.sock"
     (tmp_path / "csmd").mkdir(mode=0o755)
     (tmp_path / "csmd").chmod(0o755)
-    with pytest.raises(DaemonRunningError, match="not a private directory"):
+    with pytest.raises(SharedSocketDirError, match="not a private directory"):
         default_socket_path()
     (tmp_path / "csmd").chmod(0o700)
     assert default_socket_path() == tmp_path / "csmd" / "csmd.sock"

@@ -157,7 +157,7 @@ def test_raw_client_imports_only_the_standard_library_and_msgpack() -> None:
 def test_raw_client_default_path_is_the_daemons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import runpy
 
-    from csmd.daemon.server import default_socket_path
+    from csmd.daemon.unix_socket import default_socket_path
 
     raw = runpy.run_path(str(EXAMPLES / "raw_client.py"))  # defines its functions; main() runs only as __main__
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import trio
 
-from csmd.daemon import server
+from csmd.daemon import unix_socket
 from csmd.protocol import blocking_client, peercred
 
 
@@ -169,18 +169,18 @@ def test_default_socket_dir(monkeypatch: pytest.MonkeyPatch, platform: str, env:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert server.default_socket_dir() == Path(expected.format(uid=os.getuid()))
+    assert unix_socket.default_socket_dir() == Path(expected.format(uid=os.getuid()))
 
 
 async def test_socket_path_length_per_platform(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    assert server.max_socket_path_bytes() == (107 if sys.platform.startswith("linux") else 103)
+    assert unix_socket.max_socket_path_bytes() == (107 if sys.platform.startswith("linux") else 103)
     monkeypatch.setattr(sys, "platform", "darwin")
-    assert server.max_socket_path_bytes() == 103  # sun_path is 104 bytes on macOS and the BSDs
+    assert unix_socket.max_socket_path_bytes() == 103  # sun_path is 104 bytes on macOS and the BSDs
     deep = tmp_path / ("d" * max(1, 105 - len(str(tmp_path)) - len("/csmd.sock")))
     path = deep / "csmd.sock"
     assert 104 <= len(str(path)) <= 107  # fine on Linux, too long on macOS
     with pytest.raises(ValueError, match=r"longer than Unix sockets allow here \(103\).*--socket"):
-        await server.bind_unix_socket(path)
+        await unix_socket.bind_unix_socket(path)
     assert not deep.exists()  # refused before anything was made
 
 
@@ -271,7 +271,7 @@ async def test_a_peer_gone_before_its_credentials_are_read(
     path = tmp_path / "run" / "csmd.sock"
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.serve, path)
-        monkeypatch.setattr(server.peercred, "peer_uid", flaky)
+        monkeypatch.setattr(unix_socket.peercred, "peer_uid", flaky)
         gone = await trio.open_unix_socket(str(path))
         assert await gone.receive_some(100) == b""  # closed without a word
         await gone.aclose()

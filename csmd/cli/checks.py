@@ -164,7 +164,7 @@ class Daemon:
 def daemon_for(args: argparse.Namespace) -> Daemon | None:
     """The daemon `say` or `talk` should speak through: the one on --socket (which must answer), else one on
     the default path if it answers; None means: load the model in this process."""
-    from csmd.daemon.server import default_socket_path
+    from csmd.daemon.unix_socket import SharedSocketDirError, default_socket_path
 
     if args.local:
         return None
@@ -179,7 +179,7 @@ def daemon_for(args: argparse.Namespace) -> Daemon | None:
         return Daemon(path, welcome)
     try:
         path = default_socket_path()
-    except RuntimeError:  # the default directory is not private to us: no daemon of ours is there
+    except SharedSocketDirError:  # the default directory is not private to us: no daemon of ours is there
         return None
     welcome = probe(path)
     return Daemon(path, welcome) if welcome is not None else None
@@ -214,7 +214,7 @@ def _same_model(ours: str, theirs: str) -> bool:
 def socket_to_serve(path: Path, allow_shared_dir: bool) -> None:
     """For `serve`: a socket path the platform takes, in a directory no other user can change (unless
     --allow-shared-socket-dir); checked again when binding."""
-    from csmd.daemon.server import SharedSocketDirError, check_socket_dir, max_socket_path_bytes
+    from csmd.daemon.unix_socket import SharedSocketDirError, check_socket_dir, max_socket_path_bytes
 
     size, most = len(os.fsencode(path)), max_socket_path_bytes()
     if size > most:

@@ -25,7 +25,7 @@ class DaemonFault(Exception):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that are the user's to fix (imported late: they live in heavy modules)."""
-    from csmd.daemon.server import DaemonRunningError, SharedSocketDirError
+    from csmd.daemon.unix_socket import DaemonRunningError, SharedSocketDirError
     from csmd.model.errors import CheckpointError
     from csmd.model.tokenizer import TokenizerError
     from csmd.protocol.errors import UntrustedServerError

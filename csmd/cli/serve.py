@@ -21,7 +21,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
     from csmd.daemon.limits import Limits
-    from csmd.daemon.server import Daemon, default_socket_path, serve_until_signal
+    from csmd.daemon.server import Daemon, serve_until_signal
+    from csmd.daemon.unix_socket import default_socket_path
 
     path = Path(args.socket) if args.socket else default_socket_path()
     checks.socket_to_serve(path, args.allow_shared_socket_dir)

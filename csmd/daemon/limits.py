@@ -1,7 +1,7 @@
 """What one client may hold of the daemon: connections, sessions, time, and memory for incoming messages.
 
 Every limit is here, with its default; docs/protocol.md ("Limits") lists them with the error a client sees
-when it hits one. The daemon enforces them in `server.ClientHandler`.
+when it hits one. The daemon enforces them in `handler.ClientHandler`.
 """
 
 from __future__ import annotations

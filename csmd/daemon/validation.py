@@ -1,9 +1,10 @@
 """What the daemon accepts: every field's range, checked as a message is read and before any work is done.
 
 The protocol layer has checked types and protocol-level ranges (ids, counts, rates > 0). These are the model's
-and the daemon's ranges; a value outside one is refused with `invalid_params` (or `context_overflow` for audio
-longer than the model's window) in a message that names the field, so that nothing a client sends can reach
-the native kernels or the resampler out of range, or cost unbounded work. docs/protocol.md lists them.
+and the daemon's ranges; a value outside one is refused (a `RequestError`) with `invalid_params` (or
+`context_overflow` for audio longer than the model's window) in a message that names the field, so that
+nothing a client sends can reach the native kernels or the resampler out of range, or cost unbounded work.
+docs/protocol.md lists them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Final
 
 from csmd.model.sampling import FRAME_MS, GenerationParams
 from csmd.protocol import messages as m
+from csmd.protocol.errors import RequestError
 
 MAX_TEXT_BYTES: Final = 8192  # per segment or reply (UTF-8); the 2048-row window holds ~2048 tokens of text
 MAX_SPEAKER: Final = 65535
@@ -20,17 +22,8 @@ MIN_AUDIO_RATE: Final = 8_000  # Hz: telephone audio ...
 MAX_AUDIO_RATE: Final = 192_000  # ... to studio audio; soxr's cost (and its output) grow with the ratio
 
 
-class LimitError(Exception):
-    """A field outside the daemon's range: the request is refused, nothing was started."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _invalid(message: str) -> LimitError:
-    return LimitError("invalid_params", message)
+def _invalid(message: str) -> RequestError:
+    return RequestError("invalid_params", message)
 
 
 def check_text(text: str, field: str = "text") -> None:
@@ -77,7 +70,7 @@ def check_context(msg: m.AddContext, window: int) -> None:
     frames = math.ceil(samples * m.SAMPLE_RATE / msg.rate / m.FRAME_SAMPLES)
     if frames + 1 > window:
         longest = (window - 1) * FRAME_MS / 1000
-        raise LimitError(
+        raise RequestError(
             "context_overflow",
             f"'audio' is {samples / msg.rate:.2f} s long; a segment holds at most {longest:g} s (the model's window)",
         )

@@ -1,7 +1,8 @@
 """Exceptions of the protocol layer and of the clients built on it.
 
 `ProtocolError` is about the wire: a peer (or a local caller) broke the framing, the message schema or the
-message order. `RequestError` and `ConnectionLost` are what the clients raise for the daemon's answers;
+message order. `RequestError` is a refused or failed request (the daemon raises it to refuse one, the clients
+for the daemon's answer); `ConnectionLost`, what the clients raise once the connection is over;
 `UntrustedServerError`, for a socket served by another user.
 """
 

@@ -25,7 +25,8 @@ import pytest
 import trio
 
 from csmd.audio.mimi.model import Mimi
-from csmd.daemon.server import Daemon, SharedSocketDirError, bind_unix_socket, check_socket_dir
+from csmd.daemon.server import Daemon
+from csmd.daemon.unix_socket import SharedSocketDirError, bind_unix_socket, check_socket_dir
 from csmd.model.generator import Generator
 from csmd.protocol import blocking_client, peercred, trio_client
 from csmd.protocol.errors import UntrustedServerError
