@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -488,8 +489,9 @@ class ClientHandler:
                     # Checked under the lock: once cancelled, nothing but the audio.end below goes out.
                     if reply.cancelled:
                         continue
+                    handed_at = time.perf_counter()
                     await self.stream.send_all(self.conn.send(chunk))
-                    reply.chunk_sent()
+                    reply.chunk_sent(handed_at)
                 continue
             if reply.cancelled:
                 continue

@@ -84,12 +84,13 @@ class Reply:
     cancelled: bool = False  # a cancel (or the end of the session or connection) came for it
     generation: Generation | None = None  # once its prefill is done and its audio.start sent
     frames_sent: int = 0  # audio chunks written to the socket
-    first_sent: float | None = None  # when the first of them was
+    first_sent: float | None = None  # when the first of them was handed to the socket
     ended: trio.Event = field(default_factory=trio.Event)
 
-    def chunk_sent(self) -> None:
+    def chunk_sent(self, handed_at: float) -> None:
+        """A chunk went out; `handed_at` is when its write began (the client may hold it before the write returns)."""
         if self.first_sent is None:
-            self.first_sent = time.perf_counter()
+            self.first_sent = handed_at
         self.frames_sent += 1
 
     def audio_end(self, reason: m.EndReason) -> m.AudioEnd:
