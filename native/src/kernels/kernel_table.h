@@ -65,22 +65,14 @@ inline Kernels kernels_for(Variant v) {
       };
 #endif
 #if defined(CSMD_HAVE_AVX512VNNI_KERNELS)
-    case Variant::AVX512VNNI:  // AVX2's table but for the integer dots, which use vpdpwssd / vpdpbusd
-      return {
-          .dot_f = avx2::dot_f,
-          .dot_i = avx512vnni::dot_i,
-          .dot_i16 = avx512vnni::dot_i16,
-          .dot_i16_g64_bf16 = avx512vnni::dot_i16_g64_bf16,
-          .prep_i16_g64 = avx2::prep_i16_g64,
-          .dot_i8_g64_bf16 = avx512vnni::dot_i8_g64_bf16,
-          .prep_i8_g64 = avx2::prep_i8_g64,
-          .dequant = avx2::dequant,
-          .gemm = {.micro = avx2::gemm_micro, .pack_w = avx2::gemm_pack_w},
-          .dot_f32 = avx2::dot_f32,
-          .dot_bf16 = avx2::dot_bf16,
-          .cvt_bf16 = avx2::cvt_bf16,
-          .softmax_row = avx2::softmax_row,
-      };
+    case Variant::AVX512VNNI: {  // AVX2's table but for the integer dots, which use vpdpwssd / vpdpbusd
+      Kernels k = kernels_for(Variant::AVX2);
+      k.dot_i = avx512vnni::dot_i;
+      k.dot_i16 = avx512vnni::dot_i16;
+      k.dot_i16_g64_bf16 = avx512vnni::dot_i16_g64_bf16;
+      k.dot_i8_g64_bf16 = avx512vnni::dot_i8_g64_bf16;
+      return k;
+    }
 #endif
 #if defined(CSMD_HAVE_NEON_KERNELS)
     case Variant::NEON:
