@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "native" / "tests" / "neon_check.cpp"
 INCLUDE = ROOT / "native" / "src"
-FLAGS = ["-O2", "-std=c++17", "-pthread", "-Wall", "-Werror", f"-I{INCLUDE}", str(SRC)]
+FLAGS = ["-O2", "-std=c++20", "-pthread", "-Wall", "-Werror", f"-I{INCLUDE}", str(SRC)]
 
 
 def require(tool: str, env: str) -> str:

@@ -44,7 +44,10 @@ def linear(x: mx.array, layer: nn.Module) -> mx.array:
 
 
 # Up to this many rows, the native product that reads each weight row once for all rows (fewrows.h) beats
-# BLAS; beyond, BLAS's packed GEMM wins (BENCHMARKS.md, "Mimi codec").
+# BLAS; beyond, BLAS's packed GEMM wins (BENCHMARKS.md, "Mimi codec"), as does the native panel GEMM for
+# packed convolution weights. Not the limit inside csmd_native.matmul (kMatmulFewRowsMax, 8, in
+# native/src/matmul.cpp): that one is the crossover against the native blocked GEMM, which the few-row product
+# beats for longer.
 FEW_ROWS = 4
 
 

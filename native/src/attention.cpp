@@ -3,7 +3,7 @@
 #include <stdexcept>
 
 #include "dispatch.h"
-#include "kernels/driver.h"
+#include "kernels/causal_softmax.h"
 #include "qmatmul.h"
 #include "state.h"
 

@@ -35,7 +35,7 @@ NB_MODULE(_ext, m) {
         "Same result as mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=...,\n"
         "bits=...) on the CPU.  bits 4 or 8, group_size 32/64/128, x float32/bfloat16/float16\n"
         "with any leading dims; the output has x's dtype.  Single rows use the matvec mode set by\n"
-        "set_matvec_mode ('int16' by default).");
+        "set_matvec_mode ('auto' by default: see get_effective_matvec_mode).");
 
   m.def("matmul", &csmd::matmul, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x @ w.T for bfloat16 or float32 weights w [out, in] (Linear layout), in fp32.\n\n"

@@ -241,8 +241,8 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
         std::memcpy(outs[1].data<float>() + fresh, row + s.D, sizeof(float) * s.D);
         std::memcpy(outs[2].data<float>() + fresh, row + 2 * s.D, sizeof(float) * s.D);
       }
-      // The heads over the pool: at the window's full 249 steps the attention (~140 us a layer on one
-      // thread) is worth splitting.
+      // The heads over the pool: at the window's full 249 steps the attention is long enough to pay for
+      // waking the pool (BENCHMARKS.md, "Third session" of the codec).
       const std::function<void(int)> attend_head = [&](int c) {
         const int b = c / s.H;
         const size_t kv = l * layer_kv + b * batch_kv;

@@ -19,8 +19,8 @@ namespace {
 
 std::atomic<int> g_variant{-1};  // -1: not yet chosen
 // A MatvecMode, or kAutoMode (the default): int8 x where the variant has an int8 4-bit kernel that reads bf16
-// scales in place (AVX2: 0.81x a 4-bit csm-1b frame's int16 time; AVX-512 VNNI: 0.85x), int16 x elsewhere
-// (scalar, NEON: their int8 kernels convert each row's scales first). BENCHMARKS.md has the measurements.
+// scales in place (AVX2, AVX-512 VNNI: there it is faster than int16), int16 x elsewhere (scalar, NEON: their
+// int8 kernels convert each row's scales first, which costs what int8 saves). BENCHMARKS.md has the measurements.
 constexpr int kAutoMode = 3;
 std::atomic<int> g_mode{kAutoMode};
 std::mutex g_pool_mu;
@@ -185,6 +185,18 @@ std::string shape_str(const mx::array& a) {
   return os.str();
 }
 
+void check_product_x(const char* op, const mx::array& x) {
+  const std::string prefix = std::string(op) + ": ";
+  if (!is_float_type(x.dtype())) throw std::invalid_argument(prefix + "x must be float32, bfloat16 or float16");
+  if (x.ndim() < 1) throw std::invalid_argument(prefix + "x must have at least one dimension");
+}
+
+mx::Shape product_shape(const mx::array& x, int N) {
+  mx::Shape sh = x.shape();
+  sh.back() = N;
+  return sh;
+}
+
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits,
                            mx::StreamOrDevice s) {
@@ -192,8 +204,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
   if (bits != 4 && bits != 8) fail("bits must be 4 or 8, got " + std::to_string(bits));
   if (group_size != 32 && group_size != 64 && group_size != 128)
     fail("group_size must be 32, 64 or 128, got " + std::to_string(group_size));
-  if (!is_float_type(x.dtype())) fail("x must be float32, bfloat16 or float16");
-  if (x.ndim() < 1) fail("x must have at least one dimension");
+  check_product_x("quantized_matmul", x);
   if (w.dtype() != mx::uint32) fail("w must be uint32 (packed MLX affine quantization)");
   if (w.ndim() != 2) fail("w must be 2-D [out, in*bits/32], got shape " + shape_str(w));
   if (!is_float_type(scales.dtype()) || scales.dtype() != biases.dtype())
@@ -214,12 +225,8 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
     fail("biases must have the shape of scales " + shape_str(scales) + ", got " + shape_str(biases));
   if (N == 0 || K == 0) fail("empty weight matrix");
 
-  auto st = mx::to_stream(s);
-  mx::Shape out_shape = x.shape();
-  out_shape.back() = N;
-  return mx::array(out_shape, x.dtype(), std::make_shared<QMatmul>(st, group_size, bits),
-                   {x, w,
-                    scales, biases});
+  return mx::array(product_shape(x, N), x.dtype(), std::make_shared<QMatmul>(mx::to_stream(s), group_size, bits),
+                   {x, w, scales, biases});
 }
 
 bool QMatmul::is_equivalent(const mx::Primitive& other) const {
@@ -228,9 +235,7 @@ bool QMatmul::is_equivalent(const mx::Primitive& other) const {
 }
 
 std::vector<mx::Shape> QMatmul::output_shapes(const std::vector<mx::array>& inputs) {
-  mx::Shape sh = inputs[0].shape();
-  sh.back() = inputs[1].shape(0);
-  return {sh};
+  return {product_shape(inputs[0], inputs[1].shape(0))};
 }
 
 void QMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
@@ -242,27 +247,21 @@ void QMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   dispatch_cpu(stream(), inputs, out, [G = group_size_, bits = bits_](std::vector<mx::array>& ins, mx::array& out) {
     const mx::array &x = ins[0], &w = ins[1], &sc = ins[2], &bi = ins[3];
-    const int K = x.shape(-1);
-    const int N = w.shape(0);
-    const int M = static_cast<int>(x.size() / K);
-    if (M == 0) return;
-    std::vector<float> xbuf, obuf;
-    const float* xf = fp32_input(x, xbuf);
-    float* of = fp32_output(out, obuf);
-    QMatmulArgs a;
-    a.x = xf;
-    a.M = M;
-    a.K = K;
-    a.N = N;
-    a.G = G;
-    a.bits = bits;
-    a.w = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
-    a.scales = sc.data<void>();
-    a.biases = bi.data<void>();
-    a.sbt = sb_type(sc.dtype());
-    a.out = of;
-    qmatmul(a, current_kernels(), matvec_mode(), &pool());
-    store_output(out, obuf);
+    eval_product_fp32(x, out, [&](const float* xf, int M, float* of) {
+      QMatmulArgs a;
+      a.x = xf;
+      a.M = M;
+      a.K = x.shape(-1);
+      a.N = w.shape(0);
+      a.G = G;
+      a.bits = bits;
+      a.w = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
+      a.scales = sc.data<void>();
+      a.biases = bi.data<void>();
+      a.sbt = sb_type(sc.dtype());
+      a.out = of;
+      qmatmul(a, current_kernels(), matvec_mode(), &pool());
+    });
   });
 }
 

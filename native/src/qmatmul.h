@@ -6,7 +6,7 @@
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
 
-#include "kernels/driver.h"
+#include "kernels/qmatmul_driver.h"
 
 namespace csmd {
 
@@ -50,5 +50,21 @@ void to_float(const mx::array& a, float* out);
 const float* fp32_input(const mx::array& x, std::vector<float>& buf);
 float* fp32_output(mx::array& out, std::vector<float>& buf);
 void store_output(mx::array& out, const std::vector<float>& buf);
+
+// The products x @ w.T (matmul, quantized_matmul): the checks of x they share (std::invalid_argument
+// "<op>: ..."), the output's shape (x's, with N in the last dimension), and the CPU evaluation's frame:
+// product(xf, M, out) on x's M rows in fp32 (converted if x is not) into out's fp32 data, then stored.
+void check_product_x(const char* op, const mx::array& x);
+mx::Shape product_shape(const mx::array& x, int N);
+template <class Product>
+void eval_product_fp32(const mx::array& x, mx::array& out, Product product) {
+  const int M = static_cast<int>(x.size() / x.shape(-1));
+  if (M == 0) return;
+  std::vector<float> xbuf, obuf;
+  const float* xf = fp32_input(x, xbuf);
+  float* of = fp32_output(out, obuf);
+  product(xf, M, of);
+  store_output(out, obuf);
+}
 
 }  // namespace csmd

@@ -5,7 +5,7 @@
 // convolutions' overlap-add were each a pass over the activations (up to 1920 x 64 floats a decoded frame,
 // 72000 x 64 for 3 s offline) into a fresh buffer. Here they happen in the buffers that the products read and
 // write, and the products are the same kernels as before (fewrows.h for a few rows, panel_gemm.h for many), so
-// the results are the same floats. A whole decoded frame took 0.90-0.92 of its time with the MLX ops.
+// the results are the same floats (BENCHMARKS.md, "Fifth session", has the time saved).
 #include "seanet.h"
 
 #include <cstring>
@@ -56,7 +56,7 @@ void product(const mx::array& w, const float* x, int M, int K, size_t ldx, int N
   a.ldx = ldx;
   a.wp = w.data<float>();
   a.bias = bias;
-  a.residual = residual;  // added as each tile is stored: at 72000 rows a pass of its own took 3-4 ms
+  a.residual = residual;  // added as each tile is stored, while it is in cache, rather than in a pass of its own
   a.out = out;
   panel_product(a, current_variant(), pool());
 }

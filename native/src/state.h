@@ -3,7 +3,10 @@
 
 #include <string>
 
-#include "kernels/driver.h"
+#include "kernels/cpu_features.h"
+#include "kernels/kernel_table.h"
+#include "kernels/qmatmul_driver.h"
+#include "kernels/thread_pool.h"
 
 namespace csmd {
 

@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "dispatch.h"
+#include "kernels/fmatmul_driver.h"
 #include "qmatmul.h"
 #include "state.h"
 

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "kernels/strided_rows.h"
-#include "kernels/driver.h"
+#include "kernels/thread_pool.h"
 #include "kernels/elu.h"
 #include "kernels/fewrows.h"
 #include "kernels/panel_gemm.h"

@@ -5,7 +5,7 @@
 // scalar variant itself is checked against a float64 reference computed from
 // the packed uint32 words in natural order.  Exit code 0 on success.
 //
-//   aarch64-linux-gnu-g++ -O2 -static -march=armv8-a -std=c++17 -pthread
+//   aarch64-linux-gnu-g++ -O2 -static -march=armv8-a -std=c++20 -pthread
 //       -I native/src native/tests/neon_check.cpp -o neon_check
 //   qemu-aarch64-static ./neon_check
 #include <cmath>
@@ -14,7 +14,8 @@
 #include <utility>
 #include <vector>
 
-#include "kernels/driver.h"
+#include "kernels/fmatmul_driver.h"
+#include "kernels/qmatmul_driver.h"
 
 using namespace csmd;
 

@@ -333,44 +333,17 @@ CSMD_AVX2 static inline void cvt_bf16(const uint16_t* w, int n, float* out) {
 
 // Ask for the 256 bytes (four cache lines) kWeightPrefetch bytes past p: the weight rows of a matvec lie one
 // after another, so this runs ahead into the next rows. The hardware prefetchers alone left the int16 4-bit
-// matvec waiting on DRAM: with it, 0.80x the time of a backbone-sized set of products and 0.82x of a
-// depth-decoder step (a C++ harness, 2 threads; 2 KB ahead beat 0.5, 1, 3, 4, 6 and 8 KB). A prefetch
-// past the end of the matrix is harmless (prefetches never fault).
+// matvec waiting on DRAM; 2 KB was the best of the distances tried (BENCHMARKS.md, "Weight prefetch 2 KB
+// ahead"). A prefetch past the end of the matrix is harmless (prefetches never fault).
 constexpr int kWeightPrefetch = 2048;
 
 CSMD_AVX2 static inline void prefetch_ahead(const uint8_t* p) {
   for (int o = 0; o < 256; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kWeightPrefetch + o), _MM_HINT_T0);
 }
 
-// The loop of every matvec kernel that reads bf16 scales and biases in place (the format csmd's quantize
-// writes), for groups of 64 weights of group_bytes each: group(g) is group g's integer dot as 8 float lanes;
-// eight groups' scale * dx, bias * gsum and scale * gcorr (the centring term, which p.gcorr must hold) come
-// from one vector each, where dot_i16 takes fp32 rows converted beforehand and a scalar product per group. A 4-bit csm-1b depth-decoder step took 0.81-0.83x the time
-// (BENCHMARKS.md). avx512vnni.h has a copy for its own kernels (the target attributes keep them apart).
-template <class Group>
-CSMD_AVX2 static inline float sum_groups_bf16(const uint8_t* w, int group_bytes, const uint16_t* s,
-                                              const uint16_t* bias, const XPrep& p, Group group) {
-  const int ng = p.K / 64;
-  __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps(), bsum = _mm256_setzero_ps();
-  int g = 0;
-  for (; g + 8 <= ng; g += 8) {
-    for (int o = 0; o < 8 * group_bytes; o += 256) prefetch_ahead(w + group_bytes * g + o);
-    const __m256 sv = bf16x8(s + g);
-    const __m256 sc = _mm256_mul_ps(sv, _mm256_loadu_ps(p.gdx + g));
-    bsum = _mm256_fmadd_ps(bf16x8(bias + g), _mm256_loadu_ps(p.gsum + g), bsum);
-    bsum = _mm256_fmadd_ps(sv, _mm256_loadu_ps(p.gcorr + g), bsum);
-    for (int j = 0; j < 8; j += 2) {
-      tot0 = _mm256_fmadd_ps(group(g + j), _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j)), tot0);
-      tot1 = _mm256_fmadd_ps(group(g + j + 1), _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j + 1)), tot1);
-    }
-  }
-  float tail = 0.f;
-  for (; g < ng; ++g) {
-    tot0 = _mm256_fmadd_ps(group(g), _mm256_set1_ps(bf16_to_f32(s[g]) * p.gdx[g]), tot0);
-    tail += bf16_to_f32(bias[g]) * p.gsum[g] + bf16_to_f32(s[g]) * p.gcorr[g];
-  }
-  return hsum(_mm256_add_ps(_mm256_add_ps(tot0, tot1), bsum)) + tail;
-}
+#define CSMD_GROUP_TARGET CSMD_AVX2
+#include "sum_groups_bf16.inc"
+#undef CSMD_GROUP_TARGET
 
 // 8 bits: u8 weights widened to int16 against natural-order int16 x, 64 bytes a group.
 CSMD_AVX2 static inline float dot_i16_g64_bf16_8bit(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
@@ -448,7 +421,8 @@ CSMD_AVX2 static inline __m128 group_step(const float* xg, float qmax, float& gs
 // MatvecPrep's x for the int16 matvecs in groups of 64 (prep_gsum and prep_x_i16_4 or prep_x_int in one
 // pass, same integers): per group the step dx = max|x| / 32767, x / dx rounded to nearest even, for 4 bits
 // (permute) in permute4w's order (a 64-element block is a 16x4 matrix to transpose), and the group's sum.
-// The scalar loops took 50 us for K = 8192, on the caller while the other threads waited; this takes a few.
+// One SIMD pass because the prep runs on the caller while the pool's threads wait for it (the scalar loops
+// were a visible share of a step: BENCHMARKS.md, "Next session").
 CSMD_AVX2 static inline void prep_i16_g64(const float* x, int K, bool permute, int16_t* q16, float* gdx,
                                          float* gsum) {
   const __m128 lim = _mm_set1_ps(32767.f), nlim = _mm_set1_ps(-32767.f);

@@ -150,31 +150,9 @@ CSMD_VNNI static inline float dot_i(const uint8_t* w, const float* s, const floa
   return avx2::hsum(tot) + tail + avx2::dot_f32(bias, p.gsum, ng);
 }
 
-// avx2::sum_groups_bf16 for this variant's kernels (a copy: the target attributes keep the two apart).
-template <class Group>
-CSMD_VNNI static inline float sum_groups_bf16(const uint8_t* w, int group_bytes, const uint16_t* s,
-                                              const uint16_t* bias, const XPrep& p, Group group) {
-  const int ng = p.K / 64;
-  __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps(), bsum = _mm256_setzero_ps();
-  int g = 0;
-  for (; g + 8 <= ng; g += 8) {
-    for (int o = 0; o < 8 * group_bytes; o += 256) avx2::prefetch_ahead(w + group_bytes * g + o);
-    const __m256 sv = avx2::bf16x8(s + g);
-    const __m256 sc = _mm256_mul_ps(sv, _mm256_loadu_ps(p.gdx + g));
-    bsum = _mm256_fmadd_ps(avx2::bf16x8(bias + g), _mm256_loadu_ps(p.gsum + g), bsum);
-    bsum = _mm256_fmadd_ps(sv, _mm256_loadu_ps(p.gcorr + g), bsum);
-    for (int j = 0; j < 8; j += 2) {
-      tot0 = _mm256_fmadd_ps(group(g + j), _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j)), tot0);
-      tot1 = _mm256_fmadd_ps(group(g + j + 1), _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j + 1)), tot1);
-    }
-  }
-  float tail = 0.f;
-  for (; g < ng; ++g) {
-    tot0 = _mm256_fmadd_ps(group(g), _mm256_set1_ps(bf16_to_f32(s[g]) * p.gdx[g]), tot0);
-    tail += bf16_to_f32(bias[g]) * p.gsum[g] + bf16_to_f32(s[g]) * p.gcorr[g];
-  }
-  return avx2::hsum(_mm256_add_ps(_mm256_add_ps(tot0, tot1), bsum)) + tail;
-}
+#define CSMD_GROUP_TARGET CSMD_VNNI
+#include "sum_groups_bf16.inc"
+#undef CSMD_GROUP_TARGET
 
 // avx2::dot_i16_g64_bf16 with vpdpwssd for 4 bits.
 CSMD_VNNI static inline float dot_i16_g64_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,

@@ -1,6 +1,6 @@
 // Shared definitions for the csmd_native CPU kernels.
 //
-// Plain C++17, no MLX, no Python: these headers also compile standalone
+// No MLX, no Python: these headers also compile standalone
 // (for example for aarch64 in tests/neon_check.cpp).
 //
 // Weight layout (MLX "affine" quantization, transpose=True):

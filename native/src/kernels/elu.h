@@ -1,7 +1,7 @@
 // ELU (alpha 1) over float32: y = x for x > 0, exp(x) - 1 otherwise; and the exact (erf) GELU of Mimi's
 // transformer MLP, with erf as fastmath.erf (Abramowitz & Stegun 7.1.26, within 6e-7), in place. Mimi's SEANet runs ~550 k of them per
-// 80 ms frame; MLX's compiled elementwise loop of csmd/audio/mimi/fastmath.py (the reference, same formula)
-// costs ~2 ns each on x86, these SIMD loops a small fraction of that.
+// 80 ms frame; these SIMD loops take a fraction of the time of MLX's compiled elementwise loop of
+// csmd/audio/mimi/fastmath.py (the reference, same formula; BENCHMARKS.md, "Figures moved out of the code").
 //
 // exp(z) for z <= 0 as fastmath.exp_nonpositive: 2^n exp(r), n = round(z / ln 2), |r| <= ln(2) / 2, a degree-7
 // Taylor polynomial (remainder < 6e-9), z clamped at -87 so that 2^n stays normal.
@@ -14,7 +14,8 @@
 #include <functional>
 
 #include "common.h"
-#include "driver.h"
+#include "cpu_features.h"
+#include "thread_pool.h"
 
 namespace csmd {
 
@@ -159,7 +160,7 @@ static inline void gelu(float* x, int n) {
 inline EluFn elu_kernel(Variant v) {
   switch (v) {
 #if defined(CSMD_HAVE_AVX2_KERNELS)
-    case Variant::AVX2:  // AVX512VNNI only differs in the matvec dots (driver.h)
+    case Variant::AVX2:  // AVX512VNNI only differs in the matvec dots (kernel_table.h)
     case Variant::AVX512VNNI: return avx2::elu;
 #endif
 #if defined(CSMD_HAVE_NEON_KERNELS)
@@ -186,7 +187,7 @@ inline void elu_pooled(EluFn kernel, const float* x, size_t n, float* y, ThreadP
 inline GeluFn gelu_kernel(Variant v) {
   switch (v) {
 #if defined(CSMD_HAVE_AVX2_KERNELS)
-    case Variant::AVX2:  // AVX512VNNI only differs in the matvec dots (driver.h)
+    case Variant::AVX2:  // AVX512VNNI only differs in the matvec dots (kernel_table.h)
     case Variant::AVX512VNNI: return avx2::gelu;
 #endif
 #if defined(CSMD_HAVE_NEON_KERNELS)

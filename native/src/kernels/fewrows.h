@@ -7,14 +7,14 @@
 // many-row path of fmatmul) or letting BLAS pack them.
 //
 // Scalar, AVX2+FMA and NEON variants with the same signature; fewrows_kernel() picks one for a Variant.
-// Plain C++17 like the other kernel headers.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
 #include "common.h"
-#include "driver.h"
+#include "cpu_features.h"
+#include "thread_pool.h"
 
 namespace csmd {
 
@@ -24,9 +24,8 @@ constexpr int kFewRowsChunk = 4;
 
 // The x rows are reread for every weight row and must stay in L1 (32 KB here) while the weights stream
 // through it. Past this many bytes of x the AVX2 kernel takes weight rows in pairs, which halves the x loads
-// per weight byte. Measured on one thread, 2 rows, K = 3584 (Mimi's first convolution, 28 KB of x): 8.1 GB/s
-// one weight row at a time, 10.6 in pairs. Not below: K = 2048 (16 KB) read 12.2-12.4 GB/s either way, K =
-// 1792 was slower in pairs, and over the transformer's K = 512 products pairs read 20 GB/s against 27.
+// per weight byte; below it pairs were no faster or slower (BENCHMARKS.md, "The few-row product takes weight
+// rows in pairs").
 constexpr size_t kFewRowsXBytes = 16 << 10;
 
 struct FewRowsArgs {
@@ -249,7 +248,7 @@ static inline void fewrows(const FewRowsArgs& a, int n0, int n1) {
 inline FewRowsFn fewrows_kernel(Variant v) {
   switch (v) {
 #if defined(CSMD_HAVE_AVX2_KERNELS)
-    case Variant::AVX2:  // AVX512VNNI only differs in the matvec dots (driver.h)
+    case Variant::AVX2:  // AVX512VNNI only differs in the matvec dots (kernel_table.h)
     case Variant::AVX512VNNI: return avx2::fewrows;
 #endif
 #if defined(CSMD_HAVE_NEON_KERNELS)

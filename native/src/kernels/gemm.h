@@ -1,7 +1,7 @@
 // Many-row fp32 GEMM for the matmul drivers: out[M, N] = x[M, K] @ W[N, K]^T where
 // W is produced block by block by a "fill" callback (dequantized 4/8-bit rows,
 // bf16 converted to fp32, or fp32 copied), so every weight is unpacked once
-// per call and reused by all M rows.  Plain C++17, no MLX.
+// per call and reused by all M rows.  No MLX.
 //
 // Blocking (BLIS style, threads over N):
 //   x is packed once per call into K blocks of kGemmKC columns, each block

@@ -14,7 +14,8 @@
 #include <vector>
 
 #include "common.h"
-#include "driver.h"
+#include "cpu_features.h"
+#include "thread_pool.h"
 #include "strided_rows.h"
 
 namespace csmd {
@@ -153,7 +154,7 @@ static inline void panel_tile(const PanelArgs& a, int m0, int rows, int p) {
 inline PanelFn panel_kernel(Variant v) {
   switch (v) {
 #if defined(CSMD_HAVE_AVX2_KERNELS)
-    case Variant::AVX2:  // AVX512VNNI only differs in the matvec dots (driver.h)
+    case Variant::AVX2:  // AVX512VNNI only differs in the matvec dots (kernel_table.h)
     case Variant::AVX512VNNI: return avx2::panel_tile;
 #endif
 #if defined(CSMD_HAVE_NEON_KERNELS)
@@ -185,8 +186,8 @@ inline void panel_gemv(const PanelArgs& a, RowDotsFn dots, ThreadPool& pool) {
 // The whole product, in chunks that the pool's threads claim:
 // - When all the packed weights fit in L2 (SEANet's long convolutions: K x N up to 128 k floats), chunks of row
 //   tiles, each tile through every panel: the output rows (and the residual) are then written whole and in
-//   order. Panel by panel instead, each pass wrote one 64-byte line of every output row; at 72000 rows of 64
-//   outputs that took 7.5 ms against 3.1 ms with a residual to add.
+//   order. Panel by panel instead, each pass wrote one 64-byte line of every output row, over twice the time
+//   for SEANet's long 1x1 convolutions with a residual (BENCHMARKS.md, "Fifth session").
 // - Else chunks of (panels x row tiles), so a chunk reuses its panels from cache while x streams.
 constexpr size_t kPanelWeightsInL2 = 512 << 10;
 

@@ -1,7 +1,7 @@
 // Row softmax with a causal limit, for prefill attention (scores of new query rows against the cache):
 // out[j] = exp(x[j] - max) / sum over j < n, and out[j] = 0 for n <= j < S (out may be x; Mimi's streaming
 // attention uses it in place).  Variants: scalar (std::exp), AVX2+FMA and NEON (a polynomial exp, ~2 ulp).
-// Plain C++17, no MLX.
+// No MLX.
 #pragma once
 
 #include <algorithm>

@@ -13,7 +13,9 @@
 #include <cstddef>
 
 #include "common.h"
-#include "driver.h"
+#include "cpu_features.h"
+#include "scalar.h"
+#include "thread_pool.h"
 
 namespace csmd {
 
@@ -109,7 +111,7 @@ static inline void weighted_sum(const float* p, const float* rows, size_t stride
 inline StridedRowKernels strided_rows_kernels(Variant v) {
   switch (v) {
 #if defined(CSMD_HAVE_AVX2_KERNELS)
-    case Variant::AVX2:  // AVX512VNNI only differs in the matvec dots (driver.h)
+    case Variant::AVX2:  // AVX512VNNI only differs in the matvec dots (kernel_table.h)
     case Variant::AVX512VNNI: return {avx2::row_dots, avx2::weighted_sum};
 #endif
 #if defined(CSMD_HAVE_NEON_KERNELS)

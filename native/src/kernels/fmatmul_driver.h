@@ -1,0 +1,115 @@
+// Products with float weights (bfloat16 or float32, Linear layout): one pass over the weights for one row of
+// x, the blocked GEMM for many. No MLX or Python.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#include "gemm_pool.h"
+#include "kernel_table.h"
+#include "thread_pool.h"
+
+namespace csmd {
+
+// Float weights: out[m, n] = sum_k x[m, k] * w[n, k] with w bfloat16 or float32
+// [N, K] (Linear layout), fp32 arithmetic, any K.
+//   M == 1: rows split over the threads, each row one pass over its weights
+//           (dot_bf16 / dot_f32: every weight byte read once);
+//   M > 1:  the blocked fp32 GEMM of gemm.h on weight blocks converted to fp32
+//           (fgemm).
+struct FMatmulArgs {
+  const float* x = nullptr;  // [M, K]
+  int M = 0, K = 0, N = 0;
+  const void* w = nullptr;   // [N, K] uint16 (bfloat16 bits) or float
+  bool bf16 = true;
+  float* out = nullptr;      // [M, N]
+};
+
+inline size_t fweight_bytes(const FMatmulArgs& a) {
+  return static_cast<size_t>(a.N) * a.K * (a.bf16 ? 2 : 4);
+}
+
+// a.out[n] = w[n] . a.x for n in [n0, n1).
+inline void fmatvec_rows(const FMatmulArgs& a, const Kernels& kern, int n0, int n1) {
+  const size_t K = static_cast<size_t>(a.K);
+  if (a.bf16) {
+    const uint16_t* w = static_cast<const uint16_t*>(a.w);
+    for (int n = n0; n < n1; ++n) a.out[n] = kern.dot_bf16(w + n * K, a.x, a.K);
+  } else {
+    const float* w = static_cast<const float*>(a.w);
+    for (int n = n0; n < n1; ++n) a.out[n] = kern.dot_f32(w + n * K, a.x, a.K);
+  }
+}
+
+// gemm_part's weight rows of a bfloat16 or float32 matrix, as fp32.
+struct FloatFill {
+  const FMatmulArgs& a;
+  const Kernels& kern;
+  int n0 = 0, nrows = 0;
+
+  void rows(int first, int count) {
+    n0 = first;
+    nrows = count;
+  }
+
+  void operator()(int k0, int kc, float* dst, int ldd) const {
+    for (int r = 0; r < nrows; ++r) {
+      const size_t off = static_cast<size_t>(n0 + r) * a.K + k0;
+      float* d = dst + static_cast<size_t>(r) * ldd;
+      if (a.bf16)
+        kern.cvt_bf16(static_cast<const uint16_t*>(a.w) + off, kc, d);
+      else
+        std::memcpy(d, static_cast<const float*>(a.w) + off, sizeof(float) * kc);
+    }
+  }
+};
+
+inline void fgemm(const FMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
+  std::vector<float> xp;
+  gemm_packed_x(a.x, a.M, a.K, false, pool, xp);
+  const GemmArgs g{a.M, a.N, a.K, xp.data(), a.out, kern.gemm};
+  run_gemm_parts(pool, a.N, fweight_bytes(a) * static_cast<size_t>(a.M), [&](int part, int parts) {
+    FloatFill fill{a, kern};
+    gemm_part(g, fill, part, parts);
+  });
+}
+
+inline void fmatmul(const FMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
+  const int N = a.N, M = a.M;
+  if (M == 1) {
+    run_rows(pool, N, fweight_bytes(a) / N, [&](int n0, int n1) { fmatvec_rows(a, kern, n0, n1); });
+    return;
+  }
+  fgemm(a, kern, pool);
+}
+
+// Several single-row float products (same K; each a[c].x is used) as one pool
+// job; paired and post as in qmatvec_multi.
+inline void fmatvec_multi(const FMatmulArgs* a, int count, const Kernels& kern, ThreadPool* pool,
+                          bool paired = false, const std::function<void(int, int)>* post = nullptr) {
+  if (paired) {  // all N equal: each chunk is rows [n0, n1) of every output, then post
+    size_t row_bytes = 0;
+    for (int c = 0; c < count; ++c) row_bytes += fweight_bytes(a[c]) / a[c].N;
+    run_rows(pool, a[0].N, row_bytes, [&](int n0, int n1) {
+      for (int c = 0; c < count; ++c) fmatvec_rows(a[c], kern, n0, n1);
+      if (post && n1 > n0) (*post)(n0, n1);
+    });
+    return;
+  }
+  int rows = 0;
+  for (int c = 0; c < count; ++c) rows += a[c].N;
+  // the outputs' rows one after another, chunked together (all of one K and dtype in the model)
+  run_rows(pool, rows, fweight_bytes(a[0]) / a[0].N, [&](int r0, int r1) {
+    int base = 0;
+    for (int c = 0; c < count; ++c) {
+      const int lo = std::max(r0, base), hi = std::min(r1, base + a[c].N);
+      if (lo < hi) fmatvec_rows(a[c], kern, lo - base, hi - base);
+      base += a[c].N;
+    }
+  });
+}
+
+}  // namespace csmd
