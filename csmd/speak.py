@@ -16,6 +16,7 @@ from csmd.audio import io
 from csmd.audio.mimi.config import MIMI, from_hf_config
 from csmd.audio.mimi.loading import DEFAULT_CODEC, from_tensors, load_mimi
 from csmd.audio.mimi.model import Mimi, StreamingDecoder
+from csmd.model.errors import CheckpointError
 from csmd.model.generator import Context, Generator, Segment, Utterance
 from csmd.model.loading import LoadedModel
 from csmd.model.sampling import GenerationParams
@@ -77,8 +78,10 @@ def _codec(loaded: LoadedModel, spec: str | None) -> Mimi:
 
 def _checked(loaded: LoadedModel, mimi: Mimi) -> Mimi:
     cfg = loaded.model.config
-    if mimi.num_codebooks != cfg.num_codebooks or mimi.config.quantizer.bins < cfg.audio_codebook_size:
-        raise ValueError(
+    # Both ways: the model's codes must decode (bins >= its codebook), and encoded audio must be codes the
+    # model knows (bins <= it); a mismatch would fail only at the first context audio.
+    if mimi.num_codebooks != cfg.num_codebooks or mimi.config.quantizer.bins != cfg.audio_codebook_size:
+        raise CheckpointError(
             f"codec ({mimi.num_codebooks} codebooks of {mimi.config.quantizer.bins}) does not fit the model "
             f"({cfg.num_codebooks} codebooks of {cfg.audio_codebook_size})"
         )

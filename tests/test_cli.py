@@ -115,6 +115,11 @@ def test_bad_flag_values_are_one_line_naming_the_flag(capsys: pytest.CaptureFixt
         (["--top-p", "0"], "--top-p"),
         (["--min-p", "1"], "--min-p"),
         (["--seed", "-1"], "--seed"),
+        # The engine's own ranges (GenerationParams, the daemon's field ranges), not merely the type's:
+        (["--top-p", "1e-7"], "--top-p"),
+        (["--temperature", "0.0001"], "--temperature"),
+        (["--top-k", "3000000000"], "--top-k"),
+        (["--speaker", "70000"], "--speaker"),
         (["--context", "a.wav", "--context-text", "x", "--context-speaker", "-2"], "--context-speaker"),
         (["--socket", "s", "--local"], "--local"),
     ],
@@ -411,6 +416,23 @@ def test_daemon_refusals_are_one_line(
     one_error_line(capsys, "refused the request (invalid_params)", "temperature")
 
 
+def test_serve_refuses_a_directory_as_its_socket(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "run").mkdir(mode=0o700)
+    assert main(["serve", "--model", "random:tiny", "--socket", str(tmp_path / "run")]) == 2
+    one_error_line(capsys, f"--socket {tmp_path / 'run'}: is a directory", "csmd.sock")
+
+
+def test_a_codec_that_does_not_fit_the_model_is_refused_before_serving(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """random:mimi's 2048 codes per codebook are not random:tiny's 64: audio it encodes would be codes the
+    model does not know, so the mismatch is refused at load, not at the first context audio (`internal`)."""
+    args = ["say", "Hi.", "-o", str(tmp_path / "o.wav"), "--model", "random:tiny", "--codec", "random:mimi", "--local"]
+    assert main(args) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # (after the codec's progress bar)
+    assert last.startswith("csmd: error: --codec") and "does not fit the model (4 codebooks of 64)" in last
+
+
 def test_model_flags_while_a_daemon_answers(daemon: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--model naming another model than the daemon's is an error that says which model speaks."""
     args = ["say", "Hi.", "-o", str(tmp_path / "o.wav"), "--socket", str(daemon)]
@@ -531,6 +553,11 @@ def test_convert_random_tiny_speaks_offline(
     for name, value in theirs.items():
         assert mx.array_equal(ours[name], value).item(), name
     _say_offline(out, tmp_path, monkeypatch, capsys)
+    # Converting the quantized directory again would write integer levels as weights: refused, nothing written.
+    again = tmp_path / "again"
+    assert main(["convert", str(out), str(again), "--quantize", "8"]) == 2
+    one_error_line(capsys, f"SRC {out}: already quantized ({bits}-bit)")
+    assert not again.exists()
 
 
 def test_convert_random_csm_1b_speaks_offline(

@@ -110,7 +110,8 @@ def fits_window(cfg: CsmConfig, tokenizer: TextTokenizer | None, reply: Reply, m
         parts.append(f"{reply.clips_flag} ({clip_rows} rows)")
     what = " and ".join(parts)
     if room < 1:
-        raise UserError(f"{what} fill the window of {model} ({window} rows): shorten the text or {reply.clips_flag}")
+        verb = "fill" if clip_rows else "fills"
+        raise UserError(f"{what} {verb} the window of {model} ({window} rows): shorten the text or {reply.clips_flag}")
     raise UserError(
         f"--max-seconds {reply.max_seconds:g} ({reply.max_frames} frames) with {what} needs {need} rows, "
         f"more than the window of {model} ({window} rows): use --max-seconds {room * 0.08:.2f} or less"
@@ -216,6 +217,8 @@ def socket_to_serve(path: Path, allow_shared_dir: bool) -> None:
     --allow-shared-socket-dir); checked again when binding."""
     from csmd.daemon.unix_socket import SharedSocketDirError, check_socket_dir, max_socket_path_bytes
 
+    if path.is_dir():
+        raise UserError(f"--socket {path}: is a directory; give the socket file's path, e.g. {path / 'csmd.sock'}")
     size, most = len(os.fsencode(path)), max_socket_path_bytes()
     if size > most:
         raise UserError(

@@ -25,6 +25,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from csmd.speak import codec_for
 
     checks.model_argument(args.src, "SRC")
+    _not_quantized(args.src)
     checks.codec_argument(args.codec)
     dst = Path(args.dst)
     _check_destination(dst)
@@ -54,6 +55,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
     written = write_converted(loaded, dst, quantization=quantization, tokenizer_file=tokenizer, codec=codec)
     print(f"wrote {dst}: {', '.join(written)}")
     return 0
+
+
+def _not_quantized(src: str) -> None:
+    """Converting reads float weights: a quantized csmd directory (already converted) is refused up front,
+    since its integer levels would be written as if they were weights, and a model that cannot load would
+    come out."""
+    import json
+
+    path = Path(src).expanduser()
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if src.startswith("random:") or not config.is_file():
+        return
+    try:
+        quantization = json.loads(config.read_text()).get("quantization")
+    except (OSError, ValueError, AttributeError):
+        return  # not ours to judge here: the load says what is wrong with it
+    if quantization:
+        raise UserError(
+            f"SRC {src}: already quantized ({quantization.get('bits')}-bit); convert the float checkpoint it came "
+            "from instead"
+        )
 
 
 def _check_destination(dst: Path) -> None:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from csmd import runtime
+from csmd.daemon.validation import MAX_SPEAKER
+from csmd.model.sampling import MAX_MIN_P, MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, MIN_TOP_P
 
 DEFAULT_MODEL = "sesame/csm-1b"
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
@@ -57,9 +59,26 @@ count = _ranged(_int, "an integer >= 0", 0)
 seconds = _ranged(float, "a number of seconds > 0", 0, low_open=True)
 seconds_or_never = _ranged(float, "a number of seconds >= 0 (0: never)", 0)
 gigabytes = _ranged(float, "a number of GB >= 0", 0)
-temperature = _ranged(float, "a temperature in [0, 10] (0 = greedy)", 0, 10)
-top_p = _ranged(float, "a probability in (0, 1] (1 = off)", 0, 1, low_open=True)
-min_p = _ranged(float, "a probability in [0, 1) (0 = off)", 0, 1, high_open=True)
+# The sampling ranges are GenerationParams' own (what the float32 kernels can represent), so that every value
+# the parser takes is one the engine takes.
+_some_temperature = _ranged(float, f"0 (greedy) or a temperature in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]",
+                            MIN_TEMPERATURE, MAX_TEMPERATURE)  # fmt: skip
+
+
+def temperature(text: str) -> float:
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    return _some_temperature(text)
+
+
+temperature.__name__ = _some_temperature.__name__
+top_k = _ranged(_int, f"an integer in [0, {MAX_TOP_K}] (0 = off)", 0, MAX_TOP_K)
+top_p = _ranged(float, f"a probability in [{MIN_TOP_P:g}, 1] (1 = off)", MIN_TOP_P, 1)
+min_p = _ranged(float, f"a probability in [0, {MAX_MIN_P:g}] (0 = off)", 0, MAX_MIN_P)
+speaker = _ranged(_int, f"a speaker id in [0, {MAX_SPEAKER}]", 0, MAX_SPEAKER)
 seed = _ranged(_int, "an integer in [0, 2**32)", 0, 2**32, high_open=True)
 
 
@@ -116,7 +135,7 @@ def sampling_options() -> Parser:
     group.add_argument(
         "--temperature", type=temperature, default=d.temperature, help="0 = greedy (default: %(default)s)"
     )
-    group.add_argument("--top-k", type=count, default=d.top_k, help="0 = off (default: %(default)s)")
+    group.add_argument("--top-k", type=top_k, default=d.top_k, help="0 = off (default: %(default)s)")
     group.add_argument("--top-p", type=top_p, default=d.top_p, help="1 = off (default: %(default)s)")
     group.add_argument("--min-p", type=min_p, default=d.min_p, help="0 = off (default: %(default)s)")
     group.add_argument(

@@ -16,6 +16,7 @@ from csmd.cli.options import (
     seconds,
     seconds_or_never,
     socket_options,
+    speaker,
 )
 
 
@@ -112,13 +113,13 @@ def build_parser() -> Parser:
     say_.add_argument("--play", action="store_true", help="play on the speaker as it is generated")
     say_.add_argument("--output-device", help="sound device name or index for --play (default: the system's)")
     socket_options(say_)
-    say_.add_argument("--speaker", type=count, default=0, help="speaker id of the reply (default: 0)")
+    say_.add_argument("--speaker", type=speaker, default=0, help="speaker id of the reply (default: 0)")
     say_.add_argument("--context", action="append", default=[], metavar="AUDIO", help="a recorded turn (repeatable)")
     say_.add_argument("--context-text", action="append", default=[], metavar="TEXT", help="its transcript")
     say_.add_argument(
         "--context-speaker",
         action="append",
-        type=count,
+        type=speaker,
         default=[],
         metavar="N",
         help="its speaker (default: --speaker)",

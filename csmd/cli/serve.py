@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -42,9 +43,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     voice = load_voice(args, tokenizer)
     daemon = Daemon(voice.generator, voice.mimi, spec, limits)
 
+    served: list[Path] = []
+
     def announce(where: Path) -> None:
+        served.append(where)
         print(f"csmd: serving {spec} on {where}", flush=True)
 
-    trio.run(partial(serve_until_signal, allow_shared_dir=args.allow_shared_socket_dir), daemon, path, announce)
+    try:
+        try:
+            trio.run(partial(serve_until_signal, allow_shared_dir=args.allow_shared_socket_dir), daemon, path, announce)
+        finally:
+            if served:  # the daemon has stopped: later signals have nothing left to stop
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except KeyboardInterrupt:
+        # A second Ctrl-C during the shutdown is delivered again once the daemon has stopped (trio keeps it
+        # until then): it has nothing left to interrupt. Before the daemon served, it is an interruption (130).
+        if not served:
+            raise
     print(f"csmd: stopped serving on {path}", file=sys.stderr)
     return 0

@@ -160,10 +160,13 @@ async def serve_until_signal(
                 break
             await daemon.say_goodbye()
             nursery.cancel_scope.cancel()
-    if not daemon.close(timeout=WORKER_STOP_SECONDS):
-        log.error("the model thread did not stop within %g s (a job that never ends: a bug); exiting anyway",
-                  WORKER_STOP_SECONDS)  # fmt: skip
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)  # a normal exit would wait on the thread (and the native pool) forever
+        # Still inside the signal receiver: a second Ctrl-C now is only queued (trio delivers it again once the
+        # receiver closes), so it cannot interrupt the stop and leave the process exiting under a running
+        # model thread (the native pool then aborts the process).
+        if not daemon.close(timeout=WORKER_STOP_SECONDS):
+            log.error("the model thread did not stop within %g s (a job that never ends: a bug); exiting anyway",
+                      WORKER_STOP_SECONDS)  # fmt: skip
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)  # a normal exit would wait on the thread (and the native pool) forever

@@ -3,10 +3,12 @@ fatal `error`; the model thread stops, and a model thread that never finishes it
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 import trio
 
 from adversarial.hostile import DaemonProcess, RawClient, speak
@@ -71,4 +73,25 @@ async def test_a_frozen_model_thread_cannot_hang_shutdown(start_daemon: Callable
     assert "the model thread did not stop within 1 s" in daemon.log()
     msgs = await client.until_closed()
     assert [(x["type"], x["code"], x["fatal"]) for x in msgs] == [("error", "shutting_down", True)]
+    assert not daemon.socket.exists()
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.02, 0.2])
+async def test_a_second_ctrl_c_during_shutdown_changes_nothing(
+    start_daemon: Callable[..., DaemonProcess], gap: float
+) -> None:
+    """Ctrl-C twice (or `timeout`, which signals the child and then its group): the shutdown in progress goes
+    on, the exit is still 0; neither an interrupted stop (130) nor the native pool's abort ("terminate called")."""
+    daemon = start_daemon()
+    client = await RawClient.connect(daemon.socket)
+    await client.open("a")
+    await client.send(**speak("a", "long", max_frames=200))
+    await client.until(lambda x: x["type"] == "audio.chunk")  # a frame in flight on the model thread
+    daemon.process.send_signal(signal.SIGINT)
+    await trio.sleep(gap)
+    daemon.process.send_signal(signal.SIGINT)
+    code = await trio.to_thread.run_sync(lambda: daemon.process.wait(30))
+    log = daemon.log()
+    assert code == 0, log
+    assert "stopped serving" in log and "Traceback" not in log and "terminate called" not in log, log
     assert not daemon.socket.exists()
