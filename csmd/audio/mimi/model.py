@@ -169,24 +169,10 @@ class Mimi(nn.Module):
 
         The end is padded with silence to a whole frame, as Kyutai's encoder does.
         """
-        audio, batched = _as_batch(pcm, np.floating, "pcm")
-        if audio.shape[1] == 0:
-            raise ValueError("cannot encode empty audio")
-        frames = -(-audio.shape[1] // self.frame_size)
-        # The last chunk is padded further, to a power of two frames: every step is compiled once per input
-        # shape and the trace is kept, so arbitrary lengths would each keep one (~1 MB apiece); this way there
-        # are at most eight. The encoder is causal: silence after the end does not change the codes before it.
-        tail = frames % OFFLINE_CHUNK_FRAMES or OFFLINE_CHUNK_FRAMES
-        padded = frames - tail + min(1 << (tail - 1).bit_length(), OFFLINE_CHUNK_FRAMES)
-        audio = np.pad(audio, ((0, 0), (0, padded * self.frame_size - audio.shape[1])))
-        chunk = OFFLINE_CHUNK_FRAMES * self.frame_size
-        state, out = None, []
-        for start in range(0, audio.shape[1], chunk):
-            codes, state = self.encode_step(mx.array(audio[:, start : start + chunk], dtype=mx.float32), state)
-            mx.eval(codes, state)
-            out.append(np.array(codes))
-        codes_np = np.concatenate(out, axis=-1)[..., :frames].astype(np.int32)
-        return codes_np if batched else codes_np[0]
+        encoder = OfflineEncoder(self, pcm)
+        while not encoder.done:
+            encoder.step()
+        return encoder.codes()
 
     def decode(self, codes: np.ndarray | mx.array) -> np.ndarray:
         """codes [K, frames] (or [B, K, frames]) -> pcm [frames * 1920] (or [B, ...]), float32, unclipped."""
@@ -219,6 +205,60 @@ def _as_batch(x: np.ndarray | mx.array, kind: type, name: str, ndim: int = 1) ->
     if array.ndim == ndim + 1:
         return array, True
     raise ValueError(f"{name} must have {ndim} or {ndim + 1} dimensions, got shape {list(array.shape)}")
+
+
+class OfflineEncoder:
+    """A whole clip's encoding, one chunk of `chunk_frames` frames per `step`: `Mimi.encode` in pieces.
+
+    Each step is short work of its own, so that a caller sharing one thread with other streams (the daemon's
+    model thread) can run their steps between this clip's. The codes are those of `Mimi.encode`, bit for bit:
+    the encoder is causal and carries its state from chunk to chunk.
+    """
+
+    def __init__(self, mimi: Mimi, pcm: np.ndarray | mx.array, chunk_frames: int = OFFLINE_CHUNK_FRAMES):
+        audio, self._batched = _as_batch(pcm, np.floating, "pcm")
+        if audio.shape[1] == 0:
+            raise ValueError("cannot encode empty audio")
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
+        self.mimi = mimi
+        self.frames = -(-audio.shape[1] // mimi.frame_size)
+        # The last chunk is padded further, to a power of two frames: every step is compiled once per input
+        # shape and the trace is kept, so arbitrary lengths would each keep one (~1 MB apiece); this way a chunk
+        # size keeps one per power of two below it plus its own (eight for 125 frames). The encoder is causal:
+        # silence after the end does not change the codes before it.
+        tail = self.frames % chunk_frames or chunk_frames
+        padded = self.frames - tail + min(1 << (tail - 1).bit_length(), chunk_frames)
+        self._audio = np.pad(audio, ((0, 0), (0, padded * mimi.frame_size - audio.shape[1])))
+        self._chunk = chunk_frames * mimi.frame_size
+        self._start = 0
+        self._state: EncoderState | None = None
+        self._out: list[np.ndarray] = []
+
+    @property
+    def done(self) -> bool:
+        return self._start >= self._audio.shape[1]
+
+    @property
+    def steps_left(self) -> int:
+        return -(-(self._audio.shape[1] - self._start) // self._chunk)
+
+    def step(self) -> None:
+        """Encode the next chunk (evaluated before returning)."""
+        if self.done:
+            raise RuntimeError("the clip is already encoded")
+        pcm = mx.array(self._audio[:, self._start : self._start + self._chunk], dtype=mx.float32)
+        codes, self._state = self.mimi.encode_step(pcm, self._state)
+        mx.eval(codes, self._state)
+        self._out.append(np.array(codes))
+        self._start += self._chunk
+
+    def codes(self) -> np.ndarray:
+        """The clip's codes [K, frames] (or [B, K, frames]), once every step has run."""
+        if not self.done:
+            raise RuntimeError(f"the clip is not encoded yet: {self.steps_left} steps left")
+        codes = np.concatenate(self._out, axis=-1)[..., : self.frames].astype(np.int32)
+        return codes if self._batched else codes[0]
 
 
 @dataclass(frozen=True)
