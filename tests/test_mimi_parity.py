@@ -217,3 +217,22 @@ def test_offline_encode_pads_to_a_few_shapes_without_changing_codes() -> None:
         clip = audio[: frames * 1920]
         streamed = StreamingEncoder(mimi).step(clip)
         np.testing.assert_array_equal(mimi.encode(clip), streamed, err_msg=f"{frames} frames")
+
+
+@pytest.mark.parametrize("chunk_frames", [1, 3, 8])
+@pytest.mark.parametrize("frames", [1, 7, 9, 17, 131])
+def test_offline_encoder_in_pieces_equals_encode(chunk_frames: int, frames: int) -> None:
+    """The daemon encodes context audio a few frames a job (OfflineEncoder.step): the same codes, bit for bit,
+    as one `encode`, at lengths that are not multiples of the piece (the last piece is padded)."""
+    from csmd.audio.mimi.loading import load_mimi
+    from csmd.audio.mimi.model import OfflineEncoder
+
+    mimi = load_mimi("random:tiny")
+    pcm = np.random.default_rng(frames).standard_normal(frames * 1920 - 700).astype(np.float32) * 0.1
+    encoder = OfflineEncoder(mimi, pcm, chunk_frames=chunk_frames)
+    steps = 0
+    while not encoder.done:
+        encoder.step()
+        steps += 1
+    assert steps == -(-frames // chunk_frames)
+    np.testing.assert_array_equal(encoder.codes(), mimi.encode(pcm))

@@ -28,7 +28,7 @@ import numpy as np
 import trio
 
 from csmd.audio import io
-from csmd.audio.mimi.model import StreamingDecoder
+from csmd.audio.mimi.model import OfflineEncoder, StreamingDecoder
 from csmd.daemon import validation
 from csmd.daemon.scheduler import DecodedFrame, Generation
 from csmd.daemon.session import Reply, Session
@@ -49,6 +49,7 @@ FAREWELL_SECONDS = 1.0  # after a fatal error, how long the daemon still reads (
 MAX_COMMANDS_AHEAD = 8  # per connection: commands read but not yet done; beyond that the reader waits
 MAX_ERROR_MESSAGE = 1000  # characters of an error's text: engine messages can quote anything
 SHUTDOWN_GRACE_SECONDS = 2.0  # to tell every client why its replies end (a client not reading is left behind)
+ENCODE_PIECE_FRAMES = 8  # context audio encoded 0.64 s a job: ~50 ms with the full codec, under one 80 ms frame
 
 # The commands that belong to a session: each waits for the session's turn.
 SessionCommand = m.OpenSession | m.CloseSession | m.AddContext | m.ClearContext | m.TrimContext | m.Speak
@@ -418,7 +419,12 @@ class ClientHandler:
         if msg.audio is not None:
             assert msg.rate is not None and msg.format is not None  # the protocol checked they come together
             pcm = await self._in_thread(partial(context_samples, msg.audio, msg.format, msg.rate))
-            codes = (await self._run(lambda: mimi.encode(pcm))).T
+            # In pieces, each its own model-thread job: other sessions' frames run between them, so one long
+            # clip delays their streams by about one piece, not by the whole encode.
+            encoder = OfflineEncoder(mimi, pcm, chunk_frames=ENCODE_PIECE_FRAMES)
+            while not encoder.done:
+                await self._run(encoder.step)
+            codes = encoder.codes().T
         segment = Segment(msg.speaker, msg.text, codes, pinned=msg.pinned)
         await self._run(lambda: session.context.append(segment))
         frames = 0 if codes is None else len(codes)

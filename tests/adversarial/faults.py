@@ -4,7 +4,7 @@
 below) and CSMD_TEST_FAULT_DIR (where the patches and the test meet through marker files):
 
 - gate_resample: context audio resampling writes `resample.entered`, then waits for `resample.release`.
-- freeze_encode: Mimi encoding writes `encode.entered`, then never returns (a model thread stuck in a job).
+- freeze_encode: a piece of Mimi encoding writes `encode.entered`, then never returns (a model thread stuck in a job).
 - memory_error: a received chunk of bytes holding b"__memory_error__" raises MemoryError while being decoded.
 - engine_value_error: `Generator.start` raises ValueError for the text "__engine_bug__" (an engine fault).
 - fast_stop: the daemon waits 1 s (not 10) for its model thread at shutdown.
@@ -41,13 +41,13 @@ def _install_gate_resample(where: Path) -> None:
 
 
 def _install_freeze_encode(where: Path) -> None:
-    from csmd.audio.mimi.model import Mimi
+    from csmd.audio.mimi.model import OfflineEncoder
 
-    def frozen(self: Mimi, pcm: Any) -> Any:
+    def frozen(self: OfflineEncoder) -> Any:
         (where / "encode.entered").touch()
         threading.Event().wait()  # forever
 
-    Mimi.encode = frozen  # type: ignore[method-assign]
+    OfflineEncoder.step = frozen  # type: ignore[method-assign]
 
 
 def _install_memory_error(where: Path) -> None:
