@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import soundfile as sf
+from serving import csmd_serve
 
 import csmd.speak
 from csmd.cli import main
@@ -373,16 +374,8 @@ def test_ctrl_c_before_anything_ran_exits_130(
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """`csmd serve --model random:tiny` on a socket of its own, for the tests that talk to a daemon."""
     sock = tmp_path_factory.mktemp("d") / "csmd.sock"
-    server = subprocess.Popen([*CLI, "serve", "--model", "random:tiny", "--socket", str(sock)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not sock.exists():
-        assert server.poll() is None and time.monotonic() < deadline, server.communicate()
-        time.sleep(0.05)
-    yield sock
-    server.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop, exit 0, the socket removed
-    _, err = server.communicate(timeout=30)
-    assert server.returncode == 0 and "stopped serving" in err and "Traceback" not in err, err
+    with csmd_serve(sock):  # stopped by Ctrl-C: a clean stop, exit 0
+        yield sock
     assert not sock.exists()
 
 

@@ -17,15 +17,14 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from serving import csmd_serve
 
 from csmd.cli import main
 
@@ -101,17 +100,8 @@ def daemon_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
     """`csmd serve --model random:tiny` on the default socket of a runtime directory of its own (one daemon
     for every block that needs one)."""
     runtime_dir = _private_dir(tmp_path_factory, "daemon-run")
-    sock = runtime_dir / "csmd" / "csmd.sock"
-    server = subprocess.Popen(["csmd", "serve", "--model", "random:tiny"], env=_environment(runtime_dir),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not sock.exists():
-        assert server.poll() is None and time.monotonic() < deadline, server.communicate()
-        time.sleep(0.05)
-    yield runtime_dir
-    server.send_signal(signal.SIGINT)
-    _, err = server.communicate(timeout=60)
-    assert server.returncode == 0, err
+    with csmd_serve(None, env=_environment(runtime_dir), listening_on=runtime_dir / "csmd" / "csmd.sock"):
+        yield runtime_dir
 
 
 def _run(block: Block, cwd: Path, runtime_dir: Path) -> None:

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -24,6 +23,7 @@ import msgpack
 import pytest
 import trio
 import trio.testing
+from serving import csmd_serve
 
 from csmd.audio.mimi.model import Mimi
 from csmd.daemon.limits import Limits, MiB
@@ -348,26 +348,6 @@ async def test_a_closed_connection_releases_its_buffer(start_daemon: Start, conn
 # ---- against `csmd serve` ----
 
 
-@contextlib.contextmanager
-def csmd_serve(socket_path: Path, *flags: str) -> Iterator[subprocess.Popen[str]]:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "csmd.cli", "serve", "--model", "random:tiny", "--socket", str(socket_path), *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not socket_path.exists():
-            assert server.poll() is None and time.monotonic() < deadline, server.communicate()
-            time.sleep(0.05)
-        yield server
-    finally:
-        server.send_signal(signal.SIGTERM)
-        _, err = server.communicate(timeout=30)
-        assert server.returncode == 0, err
-
-
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         line = next(line for line in f if line.startswith("VmRSS:"))
@@ -388,7 +368,11 @@ def raw_hello(path: Path) -> tuple[socket.socket, Connection]:
 def test_serve_flags_cap_connections_sessions_and_idle_time(tmp_path: Path) -> None:
     path = tmp_path / "run" / "csmd.sock"
     flags = ("--max-connections", "2", "--max-sessions-per-connection", "1", "--idle-timeout", "2")
-    with csmd_serve(path, *flags), blocking_client.connect(path, timeout=20) as holder, contextlib.ExitStack() as stack:
+    with (
+        csmd_serve(path, *flags, stop=signal.SIGTERM),
+        blocking_client.connect(path, timeout=20) as holder,
+        contextlib.ExitStack() as stack,
+    ):
         holder.open_session("a")
         with pytest.raises(RequestError) as refused:
             holder.open_session("b")
@@ -414,7 +398,7 @@ def test_twelve_partial_16_mib_messages_hold_at_most_the_budget(tmp_path: Path) 
     path = tmp_path / "run" / "csmd.sock"
     body = Limits().max_message
     budget = Limits().max_buffered
-    with csmd_serve(path) as server, contextlib.ExitStack() as stack:
+    with csmd_serve(path, stop=signal.SIGTERM) as server, contextlib.ExitStack() as stack:
         clients = [stack.enter_context(raw_hello(path)[0]) for _ in range(12)]
         start = rss_bytes(server.pid)
         header = struct.pack(">I", body)

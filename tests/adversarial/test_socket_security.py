@@ -16,13 +16,13 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 import pytest
 import trio
+from serving import csmd_serve
 
 from csmd.audio.mimi.model import Mimi
 from csmd.daemon.server import Daemon
@@ -110,7 +110,10 @@ def test_serve_refuses_a_shared_directory_unless_told(shared_tmp: Path) -> None:
     (line,) = [x for x in refused.stderr.splitlines() if x.startswith("csmd: error:")]
     assert "writable by other users" in line and "--allow-shared-socket-dir" in line
     assert "Traceback" not in refused.stderr and not path.exists()
-    with serving(path, "--allow-shared-socket-dir"), blocking_client.connect(path, timeout=20) as client:
+    with (
+        csmd_serve(path, "--allow-shared-socket-dir", stop=signal.SIGTERM, check=False),
+        blocking_client.connect(path, timeout=20) as client,
+    ):
         assert client.ping() is not None
 
 
@@ -232,22 +235,6 @@ def start_impostor(path: Path, aside: Path, connections: int) -> tuple[int, IO[s
     return pid, os.fdopen(read)
 
 
-@contextlib.contextmanager
-def serving(path: Path, *flags: str) -> Iterator[subprocess.Popen[str]]:
-    cli = [sys.executable, "-m", "csmd.cli", "serve", "--model", "random:tiny", "--socket", str(path), *flags]
-    server = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not path.is_socket():
-            assert server.poll() is None and time.monotonic() < deadline, server.communicate()
-            time.sleep(0.05)
-        yield server
-    finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            server.communicate(timeout=30)
-
-
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to run a second user")
 async def test_impostor_of_another_user_gets_nothing(shared_tmp: Path) -> None:
     await trio.to_thread.run_sync(_impostor_scenario, shared_tmp)
@@ -258,7 +245,7 @@ def _impostor_scenario(shared_tmp: Path) -> None:
     shared.mkdir()
     shared.chmod(0o777)  # the user allowed a shared directory: now another user can swap the socket
     path, aside = shared / "csmd.sock", shared / "moved-aside.sock"
-    with serving(path, "--allow-shared-socket-dir") as server:
+    with csmd_serve(path, "--allow-shared-socket-dir", stop=signal.SIGTERM, check=False) as server:
         pid, report = start_impostor(path, aside, 3)
         try:
             assert report.readline() == "ready\n"
