@@ -22,7 +22,7 @@ import soundfile
 from csmd.audio.io import AudioFileError, read_audio
 from csmd.daemon.unix_socket import default_socket_path
 from csmd.protocol.blocking_client import connect
-from csmd.protocol.errors import ConnectionLost, RequestError
+from csmd.protocol.errors import ConnectionLost, RequestError, UntrustedServerError
 
 SPEAKER = 0  # the prompt's speaker and the reply's: the same voice
 
@@ -72,6 +72,9 @@ def main() -> int:
     path = args.socket or default_socket_path()
     try:
         return clone_voice(path, args.prompt, args.prompt_text, args.text, args.output, args.max_frames)
+    except UntrustedServerError as exc:  # another user's process at the path: nothing was sent to it
+        print(f"blocking_app: {exc}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         print(f"blocking_app: no csmd daemon at {path} (--socket): {exc.strerror}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import numpy as np
 
 from csmd.daemon.unix_socket import default_socket_path
 from csmd.protocol.blocking_client import connect
-from csmd.protocol.errors import ConnectionLost, RequestError
+from csmd.protocol.errors import ConnectionLost, RequestError, UntrustedServerError
 
 FRAME_MS = 80.0  # one Mimi frame: 1920 samples at 24 kHz
 
@@ -76,6 +76,9 @@ def main() -> int:
     path = args.socket or default_socket_path()
     try:
         return probe(path, args.replies, args.text, args.max_frames)
+    except UntrustedServerError as exc:  # another user's process at the path: nothing was sent to it
+        print(f"latency_probe: {exc}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         print(f"latency_probe: no csmd daemon at {path} (--socket): {exc.strerror}", file=sys.stderr)
         return 2

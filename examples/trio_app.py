@@ -20,7 +20,7 @@ import trio
 
 from csmd.daemon.unix_socket import default_socket_path
 from csmd.protocol import trio_client
-from csmd.protocol.errors import ConnectionLost, RequestError
+from csmd.protocol.errors import ConnectionLost, RequestError, UntrustedServerError
 
 TEXTS = {"a": "I will say my whole sentence.", "b": "I am going to be interrupted."}
 
@@ -91,6 +91,9 @@ def main() -> int:
     path = args.socket or default_socket_path()
     try:
         return trio.run(run, path, args.max_frames, args.cancel_after)
+    except UntrustedServerError as exc:  # another user's process at the path: nothing was sent to it
+        print(f"trio_app: {exc}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         print(f"trio_app: no csmd daemon at {path} (--socket): {exc.strerror}", file=sys.stderr)
         return 2

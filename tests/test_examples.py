@@ -286,3 +286,34 @@ def test_examples_without_a_daemon_say_so_in_one_line(example: str, tmp_path: Pa
     assert done.returncode == 2, done
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
     assert "no csmd daemon" in done.stderr and str(missing) in done.stderr and "--socket" in done.stderr
+
+
+# Runs an example as if another user served the socket: the client library's uid check then refuses it.
+AS_IF_ANOTHER_USER = """
+import runpy, sys
+import csmd.protocol.peercred as peercred
+peercred.peer_uid = lambda sock: 4242  # neither this user nor root
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("example", ["blocking_app.py", "trio_app.py", "latency_probe.py"])
+def test_library_examples_refuse_another_users_socket_in_one_line(
+    example: str, daemon: Path, runtime_dir: Path, tmp_path: Path
+) -> None:
+    prompt = tmp_path / "prompt.wav"
+    make_voice_prompt(prompt)
+    args = [str(prompt)] if example == "blocking_app.py" else []
+    done = subprocess.run(
+        [sys.executable, "-c", AS_IF_ANOTHER_USER, str(EXAMPLES / example), *args, "--socket", str(daemon)],
+        capture_output=True,
+        text=True,
+        env=example_env(runtime_dir),
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert str(daemon) in done.stderr and "4242" in done.stderr, done.stderr
