@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -180,6 +180,39 @@ class CSM(nn.Module):
         cache.append_position(new_k, new_v)
         return self.backbone.norm(h.astype(self.activation_dtype()))
 
+    def backbone_rows(self, tokens: mx.array, mask: mx.array, caches: list[KVCache]) -> mx.array:
+        """One new row for each of B conversations, each with its own cache (and position): tokens, mask
+        [B, 1, num_codebooks + 1] -> final-norm states [B, hidden].
+
+        With the native kernels, one primitive runs all B rows and reads each weight once for all of them;
+        row b is then exactly what `backbone_step` gives for it alone. Elsewhere the rows run one by one.
+        """
+        fused = self._native.backbone
+        x = self.embed_rows(tokens, mask)[:, 0]
+        fp32 = all(cache.keys.dtype == mx.float32 and cache.keys.shape[1] == 1 for cache in caches)
+        if not (fused and fp32 and kernels.batch_step_available(x)):
+            rows = [self.backbone_step(tokens[b : b + 1], mask[b : b + 1], cache) for b, cache in enumerate(caches)]
+            return mx.concatenate(rows)
+        cfg = self.config.backbone
+        for cache in caches:
+            cache.room_for(1)
+        stack_views = [
+            (cache.keys.reshape(cfg.num_layers, cfg.num_kv_heads, cache.max_len, cfg.dim_per_head),
+             cache.values.reshape(cfg.num_layers, cfg.num_kv_heads, cache.max_len, cfg.dim_per_head))
+            for cache in caches
+        ]  # fmt: skip
+        h, new_k, new_v = kernels.transformer_step_batch(
+            x.astype(mx.float32), fused.arrays, [k for k, _ in stack_views], [v for _, v in stack_views],
+            [cache.offset for cache in caches], self.backbone._inv_freqs, cfg.num_heads, cfg.num_kv_heads,
+            cfg.rms_norm_eps, fused.group_size, fused.bits,
+        )  # fmt: skip
+        # As in `_backbone_step_fused`: evaluated before the writes, which MLX then does in place.
+        del stack_views
+        mx.eval(h, new_k, new_v)
+        for b, cache in enumerate(caches):
+            cache.append_position(new_k[b], new_v[b])
+        return self.backbone.norm(h.astype(self.activation_dtype()))
+
     def codebook0_logits(self, hidden: mx.array) -> mx.array:
         return kernels.linear(hidden, self.codebook0_head).astype(mx.float32)
 
@@ -211,6 +244,54 @@ class CSM(nn.Module):
         if native.decoder and kernels.fused_step_available(hidden):
             return self._decode_frame_fused(hidden, code0, sample, native.decoder)
         return self._decode_frame_ops(hidden, code0, sample)
+
+    def decode_frames(self, hidden: mx.array, code0: mx.array, samplers: list[Sampler]) -> mx.array:
+        """`decode_frame` for B conversations at once, each with its own sampler: hidden [B, hidden], code0
+        [B] -> frames [B, N].
+
+        With the native kernels and `FrameSampler`s, one primitive runs the B frames, reading each weight once
+        per step for all of them; row b is then exactly what `decode_frame` gives for it alone. Elsewhere the
+        frames are made one by one.
+        """
+        native = self._native
+        if (
+            native.depth_frame
+            and all(isinstance(s, FrameSampler) for s in samplers)
+            and kernels.depth_frame_batch_available(hidden)
+        ):
+            return self._decode_frames_native(hidden, code0, cast(list[FrameSampler], samplers), native.depth_frame)
+        frames = [self.decode_frame(hidden[b : b + 1], code0[b : b + 1], s) for b, s in enumerate(samplers)]
+        return mx.concatenate(frames)
+
+    def _decode_frames_native(
+        self, hidden: mx.array, code0: mx.array, samplers: list[FrameSampler], weights: DepthFrameWeights
+    ) -> mx.array:
+        """`decode_frames` as one native primitive; each row's sampling rule and noise are `_decode_frame_native`'s."""
+        cfg = self.config
+        codebooks = range(1, cfg.num_codebooks)
+        x0 = mx.stack([kernels.linear(hidden, self.projection), self.embed_code(code0, 0)], axis=1)
+        rules = [s.params for s in samplers]
+        if all(p.temperature == 0.0 for p in rules):
+            noise = mx.zeros((0,))
+        else:
+            zeros = mx.zeros((len(codebooks), cfg.audio_vocab_size))
+            noise = mx.stack(
+                [zeros if s.params.temperature == 0.0 else s.noise(cfg.audio_vocab_size, codebooks) for s in samplers]
+            )
+        sizes = [
+            s.codebook_size
+            if not s.params.allow_reserved_codes and s.codebook_size < cfg.audio_vocab_size
+            else cfg.audio_vocab_size
+            for s in samplers
+        ]
+        codes = kernels.depth_frame_batch(
+            x0.astype(mx.float32), weights.stack, self.decoder._inv_freqs, self.decoder.norm.scale,
+            weights.heads, weights.embeddings, weights.projection, noise, cfg.decoder.num_heads,
+            cfg.decoder.num_kv_heads, cfg.decoder.rms_norm_eps, weights.group_size, weights.bits,
+            temperature=[p.temperature for p in rules], top_k=[p.top_k for p in rules],
+            top_p=[p.top_p for p in rules], min_p=[p.min_p for p in rules], codebook_size=sizes,
+        )  # fmt: skip
+        return mx.concatenate([code0[:, None], codes], axis=1)
 
     def _decode_frame_ops(self, hidden: mx.array, code0: mx.array, sample: Sampler) -> mx.array:
         """`decode_frame` as MLX ops (and the kernels' per-op choices), over a cache made for this frame."""

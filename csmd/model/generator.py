@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import secrets
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -170,7 +170,8 @@ class Context:
     # -- the reply being spoken: `start_reply` makes it, its Utterance calls the rest ----------------------
 
     def start_reply(self, text: str, speaker: int, params: GenerationParams, seed: int) -> Utterance:
-        """Begin a reply (validated `params`): make room for it, run its text rows; no frame yet.
+        """Begin a reply (validated `params`): make room for it and append its text rows; nothing runs yet
+        (`Utterance.prefill` runs the rows, all at once or a chunk at a time; its first step runs the rest).
 
         The room is the reply's text rows, a row per frame up to `params.max_frames`, and the closing frame.
         Until the reply ends the context is busy: every other change waits for it.
@@ -180,17 +181,15 @@ class Context:
         self._make_room(len(tokens) + params.max_frames + 1)
         entry = _Entry(Segment(speaker, text), tokens, mask)
         self._entries.append(entry)
-        hidden = self._run_pending()
-        assert hidden is not None  # the text rows are never empty: BOS and EOS at least
-        self._active = Utterance(self, params, seed, hidden)
+        self._active = Utterance(self, params, seed)
         entry.reply = weakref.ref(self._active)
         return self._active
 
-    def advance_reply(self, reply: Utterance) -> mx.array | None:
-        """Run the rows `reply` added since the last call (its previous frame); returns the backbone state of
-        the last one, which predicts the next frame, or None when there were none."""
+    def advance_reply(self, reply: Utterance, max_rows: int | None = None) -> mx.array | None:
+        """Run the rows not yet in the cache (a new reply's text rows, or its previous frame), at most
+        `max_rows` of them; returns the backbone state of the last one run, or None when none ran."""
         self._active_entry(reply)
-        return self._run_pending()
+        return self._run_pending(max_rows)
 
     def add_frame(self, reply: Utterance, frame: np.ndarray) -> None:
         """Add a frame's row to `reply`'s segment; it runs at the next `advance_reply` (or with what follows)."""
@@ -209,13 +208,39 @@ class Context:
 
     # -- internals -----------------------------------------------------------------------------------
 
-    def _run_pending(self) -> mx.array | None:
-        """Run the rows not yet in the cache; returns the backbone state of the last one, or None."""
-        start = self.cached
-        if start == self.length:
+    @property
+    def pending(self) -> int:
+        """Rows in the conversation not yet in the cache."""
+        return self.length - self.cached
+
+    def prefill(self, max_rows: int | None = None) -> int:
+        """Run at most `max_rows` (default: all) of the rows not yet in the cache, as `flush` does; returns how
+        many are still pending. For a daemon that interleaves a long prefill with other sessions' frames."""
+        self._check_idle()
+        self._run_pending(max_rows)
+        return self.pending
+
+    def _pending_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """tokens and mask of the rows not yet in the cache (only the entries that hold them are joined)."""
+        first, end = len(self._entries), self.length
+        while first > 0 and end > self.cached:
+            first -= 1
+            end -= len(self._entries[first].tokens)
+        tail = self._entries[first:]
+        skip = self.cached - end
+        return (
+            np.concatenate([e.tokens for e in tail])[skip:] if tail else np.zeros((0, 0), np.int32),
+            np.concatenate([e.mask for e in tail])[skip:] if tail else np.zeros((0, 0), bool),
+        )
+
+    def _run_pending(self, max_rows: int | None = None) -> mx.array | None:
+        """Run the rows not yet in the cache (at most `max_rows`); returns the backbone state of the last one
+        run, or None when none ran."""
+        if self.pending == 0 or max_rows == 0:
             return None
-        tokens = np.concatenate([e.tokens for e in self._entries])[start:]
-        mask = np.concatenate([e.mask for e in self._entries])[start:]
+        tokens, mask = self._pending_rows()
+        if max_rows is not None:
+            tokens, mask = tokens[:max_rows], mask[:max_rows]
         hidden = None
         for chunk in range(0, len(tokens), PREFILL_CHUNK):
             rows = slice(chunk, chunk + PREFILL_CHUNK)
@@ -317,27 +342,41 @@ def audio_rows(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Utterance:
     """A reply being spoken. Iterate it, or call `step()` until it returns None."""
 
-    def __init__(self, context: Context, params: GenerationParams, seed: int, hidden: mx.array):
-        """Made by `Context.start_reply`, with the backbone state after the reply's text rows."""
+    def __init__(self, context: Context, params: GenerationParams, seed: int):
+        """Made by `Context.start_reply`, its text rows appended to the context but not yet run."""
         self.context = context
         self.params = params
         self.seed = seed
         self.frames: list[np.ndarray] = []
         self.finish_reason: FinishReason | None = None
-        self._hidden = hidden  # backbone state after the last row run: it predicts the next frame
+        self._hidden: mx.array | None = None  # backbone state after the last row run: it predicts the next frame
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    def prefill(self, max_rows: int | None = None) -> int:
+        """Run at most `max_rows` (default: all) of the rows waiting before the next frame (at the start, the
+        reply's text rows and anything the context had pending); returns how many still wait."""
+        if not self.done:
+            self._advance(max_rows)
+        return self.context.pending if not self.done else 0
+
     def step(self) -> np.ndarray | None:
         """The next frame ([num_codebooks] int32), or None once the utterance has ended."""
         if self.done:
             return None
-        hidden = self.context.advance_reply(self)  # feeds the previous frame, if there is one
+        self._advance()  # feeds the previous frame, or the rest of the prefill
+        assert self._hidden is not None
+        return self._accept(self._next_frame(self._hidden))
+
+    def _advance(self, max_rows: int | None = None) -> None:
+        hidden = self.context.advance_reply(self, max_rows)
         if hidden is not None:
             self._hidden = hidden
-        frame = self._next_frame(self._hidden)
+
+    def _accept(self, frame: np.ndarray) -> np.ndarray | None:
+        """Take a frame made from `_hidden`: the all-zero one ends the reply, any other joins it."""
         if not frame.any():
             self._finish("eos")  # the all-zero frame closes the utterance and is not emitted
             return None
@@ -362,12 +401,14 @@ class Utterance:
         n = self.context.model.config.num_codebooks
         return np.stack(self.frames) if self.frames else np.zeros((0, n), dtype=np.int32)
 
+    def _sampler(self) -> FrameSampler:
+        """How the next frame's codes are picked: this reply's rule, with that frame's own keys."""
+        codebook_size = self.context.model.config.audio_codebook_size
+        return FrameSampler(self.params, codebook_size, self.seed, len(self.frames))
+
     def _next_frame(self, hidden: mx.array) -> np.ndarray:
         model = self.context.model
-        codebook_size = model.config.audio_codebook_size
-        frame_index = len(self.frames)
-
-        pick = FrameSampler(self.params, codebook_size, self.seed, frame_index)
+        pick = self._sampler()
         code0 = pick(model.codebook0_logits(hidden), 0)
         frame = model.decode_frame(hidden, code0, pick)
         mx.eval(frame)
@@ -376,6 +417,65 @@ class Utterance:
     def _finish(self, reason: FinishReason) -> None:
         self.finish_reason = reason
         self.context.end_reply(self)
+
+
+def step_together(utterances: Sequence[Utterance]) -> list[np.ndarray | None]:
+    """`step()` of each utterance (each of its own context, all of one model), as one batched step.
+
+    The rows their previous frames added run through the backbone together, then codebook 0 and the depth
+    decoder for every frame together: with the native kernels each weight is read once for the whole batch,
+    and each frame is exactly the one `step()` would make alone (same seed, same codes). An utterance with
+    more rows to run first (its prefill) runs them alone before joining.
+    """
+    if len(utterances) == 1:  # (also the path of one context at a time in `step`)
+        return [utterances[0].step()]
+    live = [u for u in utterances if not u.done]
+    made: dict[int, np.ndarray | None] = {}  # by id(utterance); the ones already done make nothing
+    if len({id(u.context) for u in live}) != len(live):
+        raise ValueError("step_together takes at most one utterance per context")
+    if live:
+        model = live[0].context.model
+        if any(u.context.model is not model for u in live):
+            raise ValueError("step_together takes utterances of one model")
+        _advance_together(model, live)
+        frames = _next_frames(model, live)
+        made = {id(u): u._accept(frame) for u, frame in zip(live, frames, strict=True)}
+    return [made.get(id(u)) for u in utterances]
+
+
+def _advance_together(model: CSM, utterances: list[Utterance]) -> None:
+    """Run each utterance's pending rows: one row each (its previous frame) in one batched backbone step,
+    anything else alone first."""
+    batch = []
+    for u in utterances:
+        u.context._active_entry(u)
+        if u.context.pending == 1:
+            batch.append(u)
+        else:
+            u._advance()
+    if len(batch) == 1:
+        batch[0]._advance()
+    elif batch:
+        rows = [u.context._pending_rows() for u in batch]
+        tokens = mx.array(np.stack([t for t, _ in rows]))
+        mask = mx.array(np.stack([m for _, m in rows]))
+        hidden = model.backbone_rows(tokens, mask, [u.context._cache for u in batch])
+        mx.eval(hidden)
+        for b, u in enumerate(batch):
+            u._hidden = hidden[b : b + 1]
+            u.context.rows_computed += 1
+
+
+def _next_frames(model: CSM, utterances: list[Utterance]) -> np.ndarray:
+    """`Utterance._next_frame` of every utterance, as one batch: [B, num_codebooks] int32."""
+    hidden = mx.concatenate([u._hidden for u in utterances if u._hidden is not None])
+    assert hidden.shape[0] == len(utterances)
+    samplers = [u._sampler() for u in utterances]
+    logits = model.codebook0_logits(hidden)
+    code0 = mx.concatenate([pick(logits[b : b + 1], 0) for b, pick in enumerate(samplers)])
+    frames = model.decode_frames(hidden, code0, list(samplers))
+    mx.eval(frames)
+    return np.array(frames, dtype=np.int32)
 
 
 class Generator:
@@ -390,6 +490,12 @@ class Generator:
 
     def start(self, context: Context, text: str, speaker: int, params: GenerationParams | None = None) -> Utterance:
         """Begin a reply: checks everything, makes room, runs the reply's text rows. No frame yet."""
+        utterance = self.begin(context, text, speaker, params)
+        utterance.prefill()
+        return utterance
+
+    def begin(self, context: Context, text: str, speaker: int, params: GenerationParams | None = None) -> Utterance:
+        """`start` without running any row: the caller prefills (`Utterance.prefill`), or the first step does."""
         params = (params or GenerationParams()).validate()
         if context.model is not self.model:
             raise ValueError("this context belongs to another model")
