@@ -12,6 +12,7 @@ by a cancel or by their frame limit.
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -160,5 +161,5 @@ def test_prefill_in_chunks_equals_prefill_at_once(generator: Generator) -> None:
     waiting = [utterance.context.pending]
     while waiting[-1]:
         waiting.append(utterance.prefill(3))
-    assert len(waiting) > 3 and all(a - b == min(a, 3) for a, b in zip(waiting, waiting[1:], strict=False))
+    assert len(waiting) > 3 and all(a - b == min(a, 3) for a, b in itertools.pairwise(waiting))
     assert np.array_equal(np.stack(list(utterance)), expected)

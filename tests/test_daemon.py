@@ -127,13 +127,13 @@ async def test_audio_end_times_count_from_accepting_the_request(
 ) -> None:
     """total_ms and first_audio_ms include the prefill (docs/protocol.md: "from accepting the request")."""
     d, path = daemon
-    real = d.generator.start
+    real = d.generator.begin
 
-    def slow_start(*args: object, **kwargs: object) -> object:
+    def slow_begin(*args: object, **kwargs: object) -> object:
         time.sleep(0.3)  # on the model thread: a long prefill
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(d.generator, "start", slow_start)
+    monkeypatch.setattr(d.generator, "begin", slow_begin)
     client = await RawClient.connect(path)
     await client.open("s")
     end = (await client.speak("s", "r1", max_frames=3))[-1]
@@ -521,3 +521,79 @@ async def test_trio_client_against_the_daemon(daemon: tuple[Daemon, Path]) -> No
         trimmed = await client.trim_context("c", "r", 2, "Hello")
         text_rows = len(b"[0]Hello") + 2  # random:tiny's byte tokenizer, plus BOS and EOS
         assert trimmed.rows == added.rows + text_rows + 2 + 1  # the reply's text, 2 frames, the closing frame
+
+
+async def test_a_long_prefill_runs_between_the_frames_of_other_streams(
+    daemon: tuple[Daemon, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new turn's rows (a long context, then a reply's text) are prefilled a chunk per frame boundary: a
+    session already speaking keeps getting frames, its gaps about one chunk, not the whole prefill."""
+    from csmd.model.generator import Context
+
+    _, path = daemon
+    real = Context._run_pending
+    row_seconds = 0.01
+
+    def slow_rows(self: Context, max_rows: int | None = None) -> object:
+        rows = min(self.pending, max_rows if max_rows is not None else self.pending)
+        time.sleep(row_seconds * rows)  # on the model thread: a slow machine's prefill
+        return real(self, max_rows)
+
+    monkeypatch.setattr(Context, "_run_pending", slow_rows)
+    speaker = await RawClient.connect(path)
+    await speaker.open("a")
+    await speaker.send(m.Speak(session="a", request="a", text="Go.", speaker=0, max_frames=400, seed=1))
+    await speaker.until(lambda x: isinstance(x, m.AudioChunk))
+    arrivals: list[float] = []
+
+    async def listen() -> None:
+        while True:
+            msg = await speaker.next()
+            arrivals.append(time.perf_counter())
+            if isinstance(msg, m.AudioEnd | ConnectionClosed):
+                return
+
+    other = await RawClient.connect(path)
+    await other.open("b")
+    history = "word " * 150  # about 750 rows of text at a byte-level tokenizer's rate, or at least 150
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(listen)
+        started = time.perf_counter()
+        await other.send(m.AddContext(session="b", text=history, speaker=1))
+        added = await other.until(lambda x: isinstance(x, m.ContextAdded | m.Error))
+        assert isinstance(added[-1], m.ContextAdded) and added[-1].rows >= 150
+        prefill_seconds = time.perf_counter() - started
+        assert prefill_seconds >= 150 * row_seconds  # it really was slow
+        window = [t for t in arrivals if started <= t <= started + prefill_seconds]
+        gaps = np.diff([started, *window])
+        # Frames kept coming through the prefill: gaps of a chunk (a few rows' time), not 1.5 s or more.
+        assert len(window) >= 5 and gaps.max() < prefill_seconds / 3, (len(window), gaps.max(), prefill_seconds)
+        await speaker.send(m.Cancel(request="a"))
+        nursery.cancel_scope.deadline = trio.current_time() + 10
+
+
+async def test_sessions_speaking_together_share_batched_steps(
+    daemon: tuple[Daemon, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replies of several sessions advance together: a step carries every reply ready for a frame."""
+    from csmd.daemon import scheduler as scheduler_module
+
+    sizes: list[int] = []
+    real = scheduler_module.step_together
+
+    def counting(utterances: list[object]) -> object:
+        sizes.append(len(utterances))
+        return real(utterances)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scheduler_module, "step_together", counting)
+    _, path = daemon
+    clients = [await RawClient.connect(path) for _ in range(3)]
+    for i, client in enumerate(clients):
+        await client.open(f"s{i}")
+    for i, client in enumerate(clients):
+        await client.send(m.Speak(session=f"s{i}", request="r", text="Hello.", speaker=0, max_frames=30, seed=i))
+    for client in clients:
+        end = (await client.until(lambda x: isinstance(x, m.AudioEnd)))[-1]
+        assert isinstance(end, m.AudioEnd) and end.frames == 30
+    assert sum(sizes) == 3 * 30 and max(sizes) == 3
+    assert len(sizes) <= 30 + 10  # mostly together: about 30 steps, not 90 of one reply each

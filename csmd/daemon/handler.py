@@ -345,6 +345,13 @@ class ClientHandler:
         """Run on the model thread, turning the engine's refusals into request errors."""
         return await self._guarded(self.daemon.worker.run(fn))
 
+    async def _prefill(self, prefill: Callable[[int], int], until: Callable[[], bool] = lambda: False) -> None:
+        """Run a prefill to its end (or until `until()`), a chunk per frame boundary: other sessions keep
+        speaking meanwhile, each delayed about one frame per chunk."""
+        while not until():
+            if await self._guarded(self.daemon.scheduler.prefill_chunk(prefill)) == 0:
+                return
+
     async def _in_thread(self, fn: Callable[[], T]) -> T:
         """Run CPU work that is not the model's (decoding, resampling) in a thread: never on the event loop.
         `fn` touches nothing shared, so a cancelled caller (its client gone, or shutdown) need not wait for it."""
@@ -423,10 +430,12 @@ class ClientHandler:
             # clip delays their streams by about one piece, not by the whole encode.
             encoder = OfflineEncoder(mimi, pcm, chunk_frames=ENCODE_PIECE_FRAMES)
             while not encoder.done:
-                await self._run(encoder.step)
+                await self._guarded(self.daemon.scheduler.between_frames(encoder.step))
             codes = encoder.codes().T
         segment = Segment(msg.speaker, msg.text, codes, pinned=msg.pinned)
-        await self._run(lambda: session.context.append(segment))
+        context = session.context
+        await self._run(lambda: context.append(segment, prefill=False))
+        await self._prefill(context.prefill)  # between other sessions' frames, a chunk at a time
         frames = 0 if codes is None else len(codes)
         await self.send(m.ContextAdded(session=session.name, frames=frames, rows=session.context.length))
 
@@ -471,8 +480,9 @@ class ClientHandler:
             await self._end_reply(reply, start, reply.audio_end("cancelled"))
             return False
         generator = self.daemon.generator
-        utterance = await self._run(lambda: generator.start(session.context, msg.text, msg.speaker, params))
+        utterance = await self._run(lambda: generator.begin(session.context, msg.text, msg.speaker, params))
         session.remember(msg.request, utterance)
+        await self._prefill(utterance.prefill, until=lambda: reply.cancelled)
         if reply.cancelled:  # cancelled during the prefill: it joins the context with no frames
             await self._run(utterance.cancel)
             await self._end_reply(reply, start, reply.audio_end("cancelled"))

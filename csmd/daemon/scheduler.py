@@ -1,8 +1,15 @@
-"""Fair, frame-by-frame service of every active reply, on the one model thread.
+"""Frame-by-frame service of every active reply, batched, on the one model thread.
 
-Each reply being generated (`Generation`) has a small bounded channel of decoded audio. The scheduler visits
-the generations in turn and advances each by one frame (generate + Mimi decode) only if its channel has room:
-a client that stops reading fills its own channel and pauses its own reply, and everyone else keeps going.
+Each reply being generated (`Generation`) has a small bounded channel of decoded audio. At each frame boundary
+the scheduler takes every generation whose channel has room and advances all of them by one frame in one
+batched step (`step_together`: each weight read once for the whole batch), then each one's Mimi decode. A
+client that stops reading fills its own channel and sits out; everyone else keeps going. A reply joins the
+batch at the first boundary after `add`, and leaves it at the first one after `stop`.
+
+Other model work that could take long (a new turn's prefill, context audio's encode) runs between batched
+steps, one job per boundary (`prefill_chunk`, `between_frames`), so a speaking session waits at most about one
+extra frame for it. A prefill chunk's rows are sized from the measured times of a batched step and of a
+prefill row, to take about one frame; with nobody speaking a prefill runs whole.
 
 A `Generation` belongs to the scheduler from `add` on: only the scheduler writes it. The connection takes its
 output with `receive` (which tells the scheduler that a slot came free) and asks it to end with `stop`, which
@@ -13,19 +20,27 @@ free again).
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 import numpy as np
+import outcome
 import trio
 
 from csmd.audio.mimi.model import StreamingDecoder
 from csmd.daemon.worker import ModelWorker
-from csmd.model.generator import Utterance
+from csmd.model.generator import Utterance, step_together
 from csmd.protocol import messages as m
-from csmd.speak import next_audio
 
 log = logging.getLogger("csmd.daemon")
 AUDIO_BUFFER_FRAMES = 4  # per reply: 320 ms decoded ahead of the socket at most
+PREFILL_ROWS_IDLE = 512  # a prefill chunk with nobody speaking: the whole of a turn, at the GEMM's rate
+PREFILL_ROWS_BUSY = (1, 64)  # the bounds of a chunk between frames (64: where the row kernels meet the GEMM)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -61,17 +76,24 @@ class Generation:
     def _has_room(self) -> bool:
         return self._send.statistics().current_buffer_used < AUDIO_BUFFER_FRAMES
 
-    def _step(self) -> DecodedFrame | None:
-        """Model thread: the next frame's audio, or None when the utterance has ended."""
-        pcm = next_audio(self.utterance, self.decoder)
-        return None if pcm is None else DecodedFrame(len(self.utterance.frames) - 1, pcm)
+
+@dataclass(eq=False)
+class _Job:
+    """Model-thread work waiting for the next frame boundary."""
+
+    fn: Callable[[], object]
+    done: trio.Event = field(default_factory=trio.Event)
+    result: outcome.Outcome[object] | None = None
 
 
 class Scheduler:
     def __init__(self, worker: ModelWorker):
         self.worker = worker
         self._active: list[Generation] = []
+        self._jobs: deque[_Job] = deque()
         self._wake = trio.Event()
+        self.frame_seconds: float | None = None  # a batched step's wall time, smoothed
+        self.row_seconds: float | None = None  # a prefill row's, smoothed (from chunks that ran in full)
 
     @property
     def active(self) -> list[Generation]:
@@ -98,29 +120,74 @@ class Scheduler:
         self._wake.set()  # a slot came free: it may be advanced again
         return item
 
+    async def between_frames(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the model thread at the next frame boundary (jobs in order, one per boundary). A caller
+        cancelled while its job waits withdraws it; once it runs it finishes, and its result is dropped."""
+        job = _Job(fn)
+        self._jobs.append(job)
+        self._wake.set()
+        try:
+            await job.done.wait()
+        finally:
+            if not job.done.is_set() and job in self._jobs:
+                self._jobs.remove(job)
+        assert job.result is not None
+        return job.result.unwrap()  # type: ignore[return-value]
+
+    async def prefill_chunk(self, prefill: Callable[[int], int]) -> int:
+        """One chunk of a prefill between frames: `prefill(rows)` runs at most `rows` rows and returns how many
+        still wait (`Utterance.prefill`, `Context.prefill`); returns that. Call it until it returns 0."""
+        rows = self.prefill_rows()
+        started = time.perf_counter()
+        remaining = await self.between_frames(lambda: prefill(rows))
+        if remaining > 0:  # all `rows` ran: a measure of the row rate
+            self.row_seconds = _smoothed(self.row_seconds, (time.perf_counter() - started) / rows)
+        return remaining
+
+    def prefill_rows(self) -> int:
+        """The rows a prefill chunk may take now: all of a turn when nobody speaks, else about a frame's time."""
+        if not self._active:
+            return PREFILL_ROWS_IDLE
+        low, high = PREFILL_ROWS_BUSY
+        if self.frame_seconds is None or self.row_seconds is None:
+            return low
+        return max(low, min(high, int(self.frame_seconds / self.row_seconds)))
+
     async def run(self) -> None:
         while True:
             self._wake = trio.Event()  # before looking, so a wake-up during the visit is not lost
-            visited = False
-            for generation in list(self._active):
-                if generation.stopping or generation._has_room():
-                    visited = True
-                    await self._advance(generation)
-            if not visited:
+            worked = False
+            for generation in [g for g in self._active if g.stopping]:
+                worked = True
+                await self.worker.run(generation.utterance.cancel)  # on the model thread: it touches the context
+                self._retire(generation)
+            ready = [g for g in self._active if not g.stopping and g._has_room()]
+            if ready:
+                worked = True
+                await self._advance(ready)
+            if self._jobs:
+                worked = True
+                job = self._jobs.popleft()
+                job.result = await self.worker.run(partial(outcome.capture, job.fn))
+                job.done.set()
+            if not worked:
                 await self._wake.wait()
 
-    async def _advance(self, generation: Generation) -> None:
-        if generation.stopping:
-            await self.worker.run(generation.utterance.cancel)  # on the model thread: it touches the context
-            self._retire(generation)
-            return
-        try:
-            frame = await self.worker.run(generation._step)
-        except Exception as exc:  # a failed reply ends with an error; the daemon and other replies go on
-            log.exception("generating a frame of reply %r failed (a bug)", generation.request)
+    async def _advance(self, batch: list[Generation]) -> None:
+        started = time.perf_counter()
+        results = await self.worker.run(lambda: _step(batch))
+        self.frame_seconds = _smoothed(self.frame_seconds, time.perf_counter() - started)
+        for generation, result in zip(batch, results, strict=True):
+            await self._take(generation, result)
+
+    async def _take(self, generation: Generation, result: outcome.Outcome[DecodedFrame | None]) -> None:
+        if isinstance(result, outcome.Error):  # a failed reply ends with an error; the daemon and others go on
+            exc = result.error
+            log.error("generating a frame of reply %r failed (a bug)", generation.request, exc_info=exc)
             await self.worker.run(generation.utterance.cancel)
             self._finish(generation, GenerationEnded("error", f"{type(exc).__name__}: {exc}"))
             return
+        frame = result.unwrap()
         if generation.stopping:  # stopped while the frame was being made: drop it
             await self.worker.run(generation.utterance.cancel)
             self._retire(generation)
@@ -142,3 +209,32 @@ class Scheduler:
         generation.retired.set()
         if generation in self._active:
             self._active.remove(generation)
+
+
+def _step(batch: list[Generation]) -> list[outcome.Outcome[DecodedFrame | None]]:
+    """Model thread: one frame of every generation in `batch` (generated together, decoded one by one).
+
+    If the batched step fails, each generation is stepped alone, so that a fault is reported for the replies
+    it concerns only (the batched step writes nothing until all its rows are computed).
+    """
+    try:
+        frames: list[outcome.Outcome[np.ndarray | None]] = [
+            outcome.Value(f) for f in step_together([g.utterance for g in batch])
+        ]
+    except Exception:
+        if len(batch) == 1:
+            raise
+        log.exception("a batched step of %d replies failed (a bug); stepping them one by one", len(batch))
+        frames = [outcome.capture(g.utterance.step) for g in batch]
+    return [outcome.capture(_decoded, g, f) for g, f in zip(batch, frames, strict=True)]
+
+
+def _decoded(generation: Generation, frame: outcome.Outcome[np.ndarray | None]) -> DecodedFrame | None:
+    codes = frame.unwrap()
+    if codes is None:
+        return None
+    return DecodedFrame(len(generation.utterance.frames) - 1, generation.decoder.step(codes))
+
+
+def _smoothed(previous: float | None, sample: float) -> float:
+    return sample if previous is None else 0.7 * previous + 0.3 * sample

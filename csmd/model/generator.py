@@ -102,13 +102,15 @@ class Context:
     def busy(self) -> bool:
         return self._active is not None
 
-    def append(self, segment: Segment) -> None:
-        """Add a finished turn and run its rows (only those) through the backbone."""
+    def append(self, segment: Segment, *, prefill: bool = True) -> None:
+        """Add a finished turn and run its rows (only those) through the backbone; `prefill=False` leaves them
+        pending (for `prefill` in chunks, or the next reply)."""
         self._check_idle()
         entry = self._entry(segment)
         self._make_room(len(entry.tokens))
         self._entries.append(entry)
-        self._run_pending()
+        if prefill:
+            self._run_pending()
 
     def clear(self) -> None:
         """Forget everything, pinned segments included."""

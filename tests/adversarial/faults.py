@@ -6,7 +6,7 @@ below) and CSMD_TEST_FAULT_DIR (where the patches and the test meet through mark
 - gate_resample: context audio resampling writes `resample.entered`, then waits for `resample.release`.
 - freeze_encode: a piece of Mimi encoding writes `encode.entered`, then never returns (a model thread stuck in a job).
 - memory_error: a received chunk of bytes holding b"__memory_error__" raises MemoryError while being decoded.
-- engine_value_error: `Generator.start` raises ValueError for the text "__engine_bug__" (an engine fault).
+- engine_value_error: `Generator.begin` raises ValueError for the text "__engine_bug__" (an engine fault).
 - fast_stop: the daemon waits 1 s (not 10) for its model thread at shutdown.
 """
 
@@ -66,14 +66,14 @@ def _install_memory_error(where: Path) -> None:
 def _install_engine_value_error(where: Path) -> None:
     from csmd.model.generator import Generator
 
-    real = Generator.start
+    real = Generator.begin
 
-    def start(self: Generator, context: Any, text: str, speaker: int, params: Any = None) -> Any:
+    def begin(self: Generator, context: Any, text: str, speaker: int, params: Any = None) -> Any:
         if text == "__engine_bug__":
             raise ValueError("an engine fault, not the client's")
         return real(self, context, text, speaker, params)
 
-    Generator.start = start  # type: ignore[method-assign]
+    Generator.begin = begin  # type: ignore[method-assign]
 
 
 def _install_fast_stop(where: Path) -> None:
