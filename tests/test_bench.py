@@ -131,3 +131,27 @@ def test_mimi_decode_budget_matches_the_hand_count() -> None:
     assert half.few_row_bytes == b.few_row_bytes // 2
     assert half.transformer_bytes < 0.51 * b.transformer_bytes
     assert half.gemm_flops == b.gemm_flops and half.state_bytes == b.state_bytes
+
+
+def test_bench_concurrency_reports_each_count_both_ways(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", "concurrency", "--model", "random:tiny", "--sessions", "1,3", "--frames", "4", "--warmup", "2"]
+    assert main([*args, "--context", "40", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["context_rows"] >= 40 and result["bandwidth_gbs"] > 0
+    runs = {(r["sessions"], r["where"]): r for r in result["runs"]}
+    assert set(runs) == {(1, "in-process"), (1, "daemon"), (3, "in-process"), (3, "daemon")}
+    for (sessions, where), r in runs.items():
+        assert r["frames"] == 3 and len(r["real_time_factors"]) == sessions  # 4 timed frames: 3 intervals
+        assert r["aggregate_fps"] > 0 and 0 < r["interval_p50_ms"] <= r["interval_p95_ms"]
+        if where == "in-process":
+            assert r["floor_ms"] > 0 and r["floor_ratio"] == pytest.approx(r["step_ms"] / r["floor_ms"], rel=0.02)
+            assert r["rss_mb"] > 0
+    # The batched step's floor: the weights once, the KV caches once per session.
+    assert runs[(3, "in-process")]["floor_ms"] > runs[(1, "in-process")]["floor_ms"] * 0.5
+
+
+@pytest.mark.parametrize("value", ["0", "9", "1,,2", "two", "1,2,x"])
+def test_bench_concurrency_refuses_bad_session_counts(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "concurrency", "--model", "random:tiny", "--sessions", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--sessions" in err and "1 to 8" in err and len(err.splitlines()) == 1

@@ -53,7 +53,7 @@ class DaemonBenchResult:
         }
 
 
-def _serve_in_thread(daemon: Daemon, path: Path) -> tuple[threading.Thread, trio.lowlevel.TrioToken, trio.CancelScope]:
+def serve_in_thread(daemon: Daemon, path: Path) -> tuple[threading.Thread, trio.lowlevel.TrioToken, trio.CancelScope]:
     ready = threading.Event()
     handles: list[object] = []
 
@@ -79,7 +79,7 @@ def run(generator: Generator, mimi: Mimi, name: str, frames: int = 25, runs: int
     daemon = Daemon(generator, mimi, name)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "csmd.sock"
-        thread, token, scope = _serve_in_thread(daemon, path)
+        thread, token, scope = serve_in_thread(daemon, path)
         try:
             with connect(path, client="csmd bench") as client:
                 for i in range(runs + 1):  # the first round warms both paths up and is not counted

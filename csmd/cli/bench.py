@@ -1,4 +1,4 @@
-"""`csmd bench frame|codec|daemon|talk`: each says what it is doing while it measures (stderr)."""
+"""`csmd bench frame|codec|daemon|concurrency|talk`: each says what it is doing while it measures (stderr)."""
 
 from __future__ import annotations
 
@@ -111,6 +111,31 @@ def cmd_bench_daemon(args: argparse.Namespace) -> int:
     voice = load_voice(args)
     _say(f"making {args.runs} replies of {args.frames} frames each way, in-process and through a socket")
     result = run(voice.generator, voice.mimi, model_spec(args), frames=args.frames, runs=args.runs)
+    print(json.dumps(result.as_dict()) if args.json else format_result(result))
+    return 0
+
+
+def cmd_bench_concurrency(args: argparse.Namespace) -> int:
+    from csmd.bench.concurrency import format_result, run
+    from csmd.bench.machine import measure
+
+    spec = model_spec(args)
+    checks.model_argument(spec)
+    checks.codec_argument(args.codec)
+    apply_runtime(args)
+    voice = load_voice(args)
+    window = voice.generator.model.config.backbone.max_seq_len
+    if args.context + args.warmup + args.frames + 64 > window:
+        raise UserError(
+            f"--context {args.context} + --warmup {args.warmup} + --frames {args.frames} and the reply's text do not "
+            f"fit the window of {spec} ({window} rows)"
+        )
+    _say("measuring this machine's memory bandwidth")
+    machine = measure()
+    result = run(
+        voice.generator, voice.mimi, spec, machine, args.sessions, frames=args.frames, warmup=args.warmup,
+        context_rows=args.context, daemon=not args.no_daemon, progress=_say,
+    )  # fmt: skip
     print(json.dumps(result.as_dict()) if args.json else format_result(result))
     return 0
 

@@ -65,6 +65,16 @@ _some_temperature = _ranged(float, f"0 (greedy) or a temperature in [{MIN_TEMPER
                             MIN_TEMPERATURE, MAX_TEMPERATURE)  # fmt: skip
 
 
+def session_counts(text: str) -> list[int]:
+    """A comma-separated list of session counts, each 1..8 (what a daemon holds at once by default)."""
+    what = "session counts from 1 to 8, comma-separated"
+    parse = _ranged(_int, what, 1, 8)
+    try:
+        return [int(parse(part.strip())) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}") from None
+
+
 def temperature(text: str) -> float:
     try:
         if float(text) == 0:

@@ -15,6 +15,7 @@ from csmd.cli.options import (
     sampling_options,
     seconds,
     seconds_or_never,
+    session_counts,
     socket_options,
     speaker,
 )
@@ -150,6 +151,23 @@ def build_parser() -> Parser:
     add_codec_options(over_socket)
     over_socket.add_argument("--json", action="store_true", help="print one JSON object")
     over_socket.set_defaults(func=bench.cmd_bench_daemon)
+    together = benches.add_parser(
+        "concurrency",
+        parents=[run_opts, model_opts],
+        help="sessions speaking at once: aggregate frames/s, each session's frame interval, the batched step's floor",
+    )
+    together.add_argument(
+        "--sessions", type=session_counts, default=[1, 2, 4, 8], help="session counts to run (default: 1,2,4,8)"
+    )
+    together.add_argument("--frames", type=positive_int, default=30, help="timed frames per session (default: 30)")
+    together.add_argument("--warmup", type=count, default=5, help="untimed frames first (default: 5)")
+    together.add_argument(
+        "--context", type=count, default=300, help="rows of history in every session first (default: 300)"
+    )
+    together.add_argument("--no-daemon", action="store_true", help="in-process only (not also through a daemon)")
+    add_codec_options(together)
+    together.add_argument("--json", action="store_true", help="print one JSON object")
+    together.set_defaults(func=bench.cmd_bench_concurrency)
     talk_bench = benches.add_parser(
         "talk", parents=[run_opts, model_opts], help="a scripted conversation on real devices: turn and barge-in"
     )
