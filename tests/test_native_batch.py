@@ -86,8 +86,9 @@ class Stack:
     inter: int
 
 
-SMALL = Stack(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32, inter=256)
-# Big enough for the pool: products of >= 64 KB of weights and attention over long caches run on threads.
+# Inputs of 512 (8 groups of 64: the bf16-scale kernels' main loop), 128 (a tail of 2 groups) and 1024.
+SMALL = Stack(layers=2, hidden=512, heads=4, kv_heads=2, head_dim=32, inter=1024)
+# Attention over long caches runs on threads too.
 THREADED = Stack(layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, inter=1024)
 
 
@@ -211,7 +212,7 @@ def test_threads_change_no_bit_of_the_batched_step(fmt: str) -> None:
     number of threads (and so how rows and heads are split) must not show in the result."""
     bits, mode, scales = FORMATS[fmt]
     flat = stack_weights(THREADED, bits, scales, seed=2)
-    rows = make_rows(THREADED, [300, 40, 513, 129], seed=3)
+    rows = make_rows(THREADED, [300, 40, 513, 129, 260, 7], seed=3)
     results = {}
     for threads in (1, 2, 3):
         with settings(mode, threads=threads):

@@ -168,7 +168,8 @@ NB_MODULE(_ext, m) {
               std::to_string(B) + ", " + std::to_string(top_k.size()) + ", " + std::to_string(top_p.size()) + ", " +
               std::to_string(min_p.size()) + " and " + std::to_string(codebook_size.size()));
         std::vector<csmd::SamplingRule> rules;
-        for (size_t b = 0; b < B; ++b) rules.push_back({temperature[b], top_k[b], top_p[b], min_p[b], codebook_size[b]});
+        for (size_t b = 0; b < B; ++b)
+          rules.push_back({temperature[b], top_k[b], top_p[b], min_p[b], codebook_size[b]});
         return csmd::depth_frame_batch(x0, stack, inv_freqs, norm, heads, embeddings, projection, noise, num_heads,
                                        num_kv_heads, eps, group_size, bits, rules, s);
       },

@@ -192,9 +192,8 @@ mx::array make_frame(const mx::array& x0, const std::vector<mx::array>& stack, c
     sampled = sampled || rule.temperature > 0.f;
   }
   if (sampled) {
-    const bool fits = noise.dtype() == mx::float32 &&
-                      (one_row ? noise.ndim() == 2 && noise.shape(0) == C && noise.shape(1) == V
-                               : noise.ndim() == 3 && noise.shape(0) == B && noise.shape(1) == C && noise.shape(2) == V);
+    const mx::Shape want = one_row ? mx::Shape{C, V} : mx::Shape{B, C, V};
+    const bool fits = noise.dtype() == mx::float32 && noise.shape() == want;
     if (!fits)
       fail(one_row ? "noise must be float32 [codebooks, vocab] when sampling (temperature > 0)"
                    : "noise must be float32 [rows, codebooks, vocab] when any row samples (temperature > 0)");
@@ -290,7 +289,8 @@ void DepthFrame::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
     std::vector<float> cache_k(B * cache_size, 0.f), cache_v(cache_k.size(), 0.f);
     std::vector<float> new_k(B * row_kv), new_v(new_k.size());
     std::vector<StackRow> rows(B);
-    for (int b = 0; b < B; ++b) rows[b] = StackRow{cache_k.data() + b * cache_size, cache_v.data() + b * cache_size, T, 0};
+    for (int b = 0; b < B; ++b)
+      rows[b] = StackRow{cache_k.data() + b * cache_size, cache_v.data() + b * cache_size, T, 0};
     std::vector<float> h(static_cast<size_t>(B) * H), y(h.size()), x(h.size()), logits(static_cast<size_t>(B) * V),
         e(static_cast<size_t>(B) * E);
     auto step = [&](const float* xs, int position) {  // xs [B, H]

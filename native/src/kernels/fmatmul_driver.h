@@ -96,7 +96,8 @@ inline void fmatvec_multi(const FMatmulArgs* a, int count, const Kernels& kern, 
   const int block = weight_block_rows(row_bytes);
   const auto span = [&](int c, int n0, int n1) {
     for (int b0 = n0; b0 < n1; b0 += block)
-      for (int m = 0; m < M; ++m) fmatvec_rows(outs[static_cast<size_t>(c) * M + m], kern, b0, std::min(n1, b0 + block));
+      for (int m = 0; m < M; ++m)
+        fmatvec_rows(outs[static_cast<size_t>(c) * M + m], kern, b0, std::min(n1, b0 + block));
   };
   if (paired) {  // all N equal: each chunk is rows [n0, n1) of every output, then post
     run_rows(pool, a[0].N, row_bytes * count, [&](int n0, int n1) {

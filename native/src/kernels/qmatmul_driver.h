@@ -94,6 +94,7 @@ struct MatvecPrep {
   XPrep p;
   Kernels::RowDot dot = nullptr;
   Kernels::RowDotBf16 dot_bf16_sb = nullptr;
+  Kernels::RowDotsBf16 dots_bf16_sb = nullptr;  // dot_bf16_sb over several rows of x (each its own prep)
   float (*dot_f32)(const float*, const float*, int) = nullptr;
 
   MatvecPrep(const float* x, int K, int G, int bits, const Kernels& kern, MatvecMode mode)
@@ -135,10 +136,13 @@ struct MatvecPrep {
     }
     dot = mode == MatvecMode::Exact ? kern.dot_f
           : (mode == MatvecMode::Int16 ? kern.dot_i16 : kern.dot_i);
-    if (int16_g64)
+    if (int16_g64) {
       dot_bf16_sb = kern.dot_i16_g64_bf16;
-    else if (int8_g64)
+      dots_bf16_sb = kern.dots_i16_g64_bf16;
+    } else if (int8_g64) {
       dot_bf16_sb = kern.dot_i8_g64_bf16;
+      dots_bf16_sb = kern.dots_i8_g64_bf16;
+    }
   }
 
   // Centring. The kernels multiply x's integers by the weights' unsigned levels q (0..15 or 0..255), so x's
@@ -259,7 +263,8 @@ inline void qmatvec_multi(const QMatmulArgs* a, int count, const Kernels& kern, 
   const int K = a[0].K, M = a[0].M;
   std::vector<std::unique_ptr<MatvecPrep>> preps;
   for (int m = 0; m < M; ++m)
-    preps.push_back(std::make_unique<MatvecPrep>(a[0].x + static_cast<size_t>(m) * K, K, a[0].G, a[0].bits, kern, mode));
+    preps.push_back(
+        std::make_unique<MatvecPrep>(a[0].x + static_cast<size_t>(m) * K, K, a[0].G, a[0].bits, kern, mode));
   std::vector<QMatmulArgs> outs;  // [c * M + m]: matrix c's product with row m of x
   for (int c = 0; c < count; ++c)
     for (int m = 0; m < M; ++m) {
@@ -268,8 +273,26 @@ inline void qmatvec_multi(const QMatmulArgs* a, int count, const Kernels& kern, 
     }
   const size_t row_bytes = static_cast<size_t>(K) * a[0].bits / 8;
   const int block = weight_block_rows(row_bytes);
-  // Rows [n0, n1) of matrix c for every row of x, a block of weight rows at a time.
+  // bf16 scales read in place by a kernel that takes several rows of x at once: each weight group is loaded
+  // and unpacked once for them all (the preps share K, G, bits and mode, so they have the same kernels).
+  const bool together = M > 1 && M <= kMatvecRows && preps[0]->dots_bf16_sb && preps[0]->dot_bf16_sb;
+  std::vector<const XPrep*> xps;
+  for (const auto& prep : preps) xps.push_back(&prep->p);
+  // Rows [n0, n1) of matrix c for every row of x: a weight row at a time through all rows of x, or a block of
+  // weight rows at a time through each row of x.
   const auto span = [&](int c, int n0, int n1) {
+    if (together && a[c].sbt == SBType::BF16) {
+      const int ng = K / a[c].G;
+      const auto* s16 = static_cast<const uint16_t*>(a[c].scales);
+      const auto* b16 = static_cast<const uint16_t*>(a[c].biases);
+      float dots[kMatvecRows];
+      for (int n = n0; n < n1; ++n) {
+        const size_t at = static_cast<size_t>(n) * ng;
+        preps[0]->dots_bf16_sb(a[c].w + n * row_bytes, s16 + at, b16 + at, xps.data(), M, dots);
+        for (int m = 0; m < M; ++m) a[c].out[static_cast<size_t>(m) * a[c].N + n] = dots[m];
+      }
+      return;
+    }
     for (int b0 = n0; b0 < n1; b0 += block)
       for (int m = 0; m < M; ++m) preps[m]->rows(outs[static_cast<size_t>(c) * M + m], b0, std::min(n1, b0 + block));
   };
