@@ -1,6 +1,11 @@
 """Small benchmark of csmd_native: 4-bit and bf16 matvec GB/s, pool round trip, transformer_step vs floor.
 
     OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 python native/bench_kernels.py [--rounds 10] [--backbone]
+    python native/bench_kernels.py --batch [--rounds 7]
+
+--batch times only the steps over B rows (transformer_step_batch for csm-1b's backbone, each row with a
+context of 1000 positions, and depth_frame_batch for its depth decoder) against B one-row calls, the two
+alternated in one run, and prints medians and their ratio.
 
 Bandwidth reference: numpy's np.dot(x, x) over a 512 MiB float64 array (threads set by the env above),
 measured in the same run; every figure is repeated `rounds` times (best kept) since the machine is shared.
@@ -117,6 +122,83 @@ def bench_step(name, cfg, pos, rounds, bw, bits=4):
         )
 
 
+def median_pair(batched, singles, rounds: int) -> tuple[float, float]:
+    """Median times of batched() and singles(), alternated round by round (which goes first alternates too)."""
+    batched()
+    singles()
+    times: dict[str, list[float]] = {"batched": [], "singles": []}
+    for r in range(rounds):
+        order = [("batched", batched), ("singles", singles)]
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return float(np.median(times["batched"])), float(np.median(times["singles"]))
+
+
+CSM_1B_BACKBONE = dict(n_layers=16, hidden=2048, heads=32, kv_heads=8, head_dim=64, inter=8192)
+CSM_1B_DECODER = dict(n_layers=4, hidden=1024, heads=8, kv_heads=2, head_dim=128, inter=8192)
+
+
+def bench_batch_backbone(rounds: int, batches: list[int], context: int = 1000) -> None:
+    cfg = CSM_1B_BACKBONE
+    flat, inv, shape = stack(**cfg, max_len=context + 1)
+    rng = np.random.default_rng(0)
+    n = max(batches)
+    caches = [mx.array(rng.standard_normal(shape, dtype=np.float32)) for _ in range(2 * n)]
+    x = mx.random.normal((n, cfg["hidden"]))
+    mx.eval(x, *caches)
+    ks, vs = caches[:n], caches[n:]
+    args = (inv, cfg["heads"], cfg["kv_heads"], 1e-5, 64, 4)
+    for b in batches:
+
+        def batched(b=b):
+            mx.eval(*cn.transformer_step_batch(x[:b], flat, ks[:b], vs[:b], [context] * b, *args))
+
+        def singles(b=b):
+            for i in range(b):
+                mx.eval(*cn.transformer_step(x[i : i + 1], flat, ks[i], vs[i], context, *args))
+
+        tb, ts = median_pair(batched, singles, rounds)
+        print(
+            f"  backbone B={b}: batched {tb * 1e3:7.1f} ms  {b} x one row {ts * 1e3:7.1f} ms"
+            f"  batched / one row {tb / (ts / b):.2f}"
+        )
+
+
+def bench_batch_depth(rounds: int, batches: list[int]) -> None:
+    cfg = CSM_1B_DECODER
+    codebooks, vocab, embed = 31, 2051, 2048
+    flat, inv, _ = stack(**cfg, max_len=codebooks + 1)
+    heads = [a.reshape(codebooks, vocab, -1) for a in qw(codebooks * vocab, cfg["hidden"], 7)]
+    table = list(qw((codebooks + 1) * vocab, embed, 8))
+    projection = list(qw(cfg["hidden"], embed, 9))
+    mx.eval(*heads)
+    n = max(batches)
+    x0 = mx.random.normal((n, 2, cfg["hidden"]))
+    noise = mx.random.gumbel((n, codebooks, vocab))
+    norm = mx.ones((cfg["hidden"],))
+    mx.eval(x0, noise, norm)
+    args = (flat, inv, norm, heads, table, projection)
+    dims = (cfg["heads"], cfg["kv_heads"], 1e-5, 64, 4)
+    rule = dict(temperature=0.9, top_k=50, top_p=1.0, min_p=0.0, codebook_size=2048)  # csmd's default sampling
+    for b in batches:
+        rules = {k: [v] * b for k, v in rule.items()}
+
+        def batched(b=b, rules=rules):
+            mx.eval(cn.depth_frame_batch(x0[:b], *args, noise[:b], *dims, **rules))
+
+        def singles(b=b):
+            for i in range(b):
+                mx.eval(cn.depth_frame(x0[i], *args, noise[i], *dims, **rule))
+
+        tb, ts = median_pair(batched, singles, rounds)
+        print(
+            f"  depth frame B={b}: batched {tb * 1e3:7.1f} ms  {b} x one row {ts * 1e3:7.1f} ms"
+            f"  batched / one row {tb / (ts / b):.2f}"
+        )
+
+
 def modes() -> list[str]:
     out = ["exact", "int8"]
     try:
@@ -131,8 +213,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--backbone", action="store_true")
+    ap.add_argument("--batch", action="store_true", help="only the steps over B rows against B one-row calls")
     a = ap.parse_args()
     print(f"threads {cn.num_threads()}, variant {cn.cpu_features()['variant']}")
+    if a.batch:
+        print(f"matvec mode {cn.get_effective_matvec_mode()}; csm-1b shapes, 4 bits, groups of 64, bf16 scales")
+        bench_batch_backbone(a.rounds, [1, 2, 4, 8])
+        bench_batch_depth(a.rounds, [1, 2, 4, 8])
+        return
     bw = numpy_bw(max(3, a.rounds // 2))
     print(f"numpy read bandwidth {bw:.1f} GB/s")
     if hasattr(cn, "_pool_roundtrip_us"):

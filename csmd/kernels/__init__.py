@@ -10,6 +10,8 @@ The model calls these functions, never the backends directly, so a device or a k
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -126,6 +128,39 @@ def transformer_step(
     return h, k, v
 
 
+def fused_step_batch_available() -> bool:
+    """The native transformer step over several rows at once can run here (CPU, extension loaded, a build
+    that has it)."""
+    return native_has("transformer_step_batch")
+
+
+def transformer_step_batch(
+    x: mx.array,
+    weights: list[mx.array],
+    caches_k: Sequence[mx.array],
+    caches_v: Sequence[mx.array],
+    positions: Sequence[int],
+    inv_freqs: mx.array,
+    num_heads: int,
+    num_kv_heads: int,
+    eps: float,
+    group_size: int,
+    bits: int,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """`transformer_step` for B rows (1 to 64) as one native primitive that reads each weight once for all.
+
+    x: [B, hidden] float32; row b is the token at positions[b] of its own context, whose cache is caches_k[b] /
+    caches_v[b], [layers, kv heads, T_b, head dim] float32 (the lengths T_b may differ). Returns h [B, hidden]
+    (before the final norm) and the rows' new keys and values, [B, layers, kv heads, head dim]: row b of each
+    is bit for bit what `transformer_step` gives for row b alone, and the caller stores it in row b's cache.
+    """
+    assert native.module is not None
+    h, k, v = native.module.transformer_step_batch(
+        x, weights, caches_k, caches_v, positions, inv_freqs, num_heads, num_kv_heads, eps, group_size, bits
+    )
+    return h, k, v
+
+
 def depth_frame_available(x: mx.array) -> bool:
     """The native whole-frame depth decoder can run here (CPU, extension loaded, one sequence)."""
     return fused_step_available(x) and native_has("depth_frame")
@@ -165,6 +200,49 @@ def depth_frame(
         group_size, bits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         codebook_size=codebook_size,
     )  # fmt: skip
+
+
+def depth_frame_batch_available() -> bool:
+    """The native depth-decoder frame over several rows at once can run here (CPU, extension loaded, a build
+    that has it)."""
+    return native_has("depth_frame_batch")
+
+
+def depth_frame_batch(
+    x0: mx.array,
+    stack: list[mx.array],
+    inv_freqs: mx.array,
+    norm: mx.array,
+    heads: list[mx.array],
+    embeddings: list[mx.array],
+    projection: list[mx.array],
+    noise: mx.array,
+    num_heads: int,
+    num_kv_heads: int,
+    eps: float,
+    group_size: int,
+    bits: int,
+    *,
+    temperature: Sequence[float],
+    top_k: Sequence[int],
+    top_p: Sequence[float],
+    min_p: Sequence[float],
+    codebook_size: Sequence[int],
+) -> mx.array:
+    """`depth_frame` for B rows (1 to 64) as one native primitive: the codes of codebooks 1..C, int32 [B, C].
+
+    x0: float32 [B, 2, hidden]; noise: float32 [B, C, vocab], or shape [0] when every row is greedy. Each
+    sampling argument holds one value per row, so greedy and sampled rows mix. Every step, head and
+    projection reads each weight once for all rows; row b's codes are bit for bit what `depth_frame` gives
+    for row b alone.
+    """
+    assert native.module is not None
+    codes: mx.array = native.module.depth_frame_batch(
+        x0, stack, inv_freqs, norm, heads, embeddings, projection, noise, num_heads, num_kv_heads, eps,
+        group_size, bits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        codebook_size=codebook_size,
+    )  # fmt: skip
+    return codes
 
 
 def native_available() -> bool:

@@ -24,6 +24,7 @@ from ._ext import (
     conv_transpose_step,
     cpu_features,
     depth_frame,
+    depth_frame_batch,
     elu,
     get_effective_matvec_mode,
     get_matvec_mode,
@@ -38,6 +39,7 @@ from ._ext import (
     set_num_threads,
     set_variant,
     transformer_step,
+    transformer_step_batch,
 )
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "conv_transpose_step",
     "cpu_features",
     "depth_frame",
+    "depth_frame_batch",
     "elu",
     "get_effective_matvec_mode",
     "get_matvec_mode",
@@ -61,4 +64,5 @@ __all__ = [
     "set_num_threads",
     "set_variant",
     "transformer_step",
+    "transformer_step_batch",
 ]

@@ -153,6 +153,34 @@ NB_MODULE(_ext, m) {
       "noise: float32 [C, vocab] Gumbel noise (ignored when temperature is 0). Per codebook: ids >= codebook_size\n"
       "are masked, logits / temperature, top-k (ties kept), min-p, top-p, then argmax(logits + noise).");
   m.def(
+      "depth_frame_batch",
+      [](const mx::array& x0, const std::vector<mx::array>& stack, const mx::array& inv_freqs, const mx::array& norm,
+         const std::vector<mx::array>& heads, const std::vector<mx::array>& embeddings,
+         const std::vector<mx::array>& projection, const mx::array& noise, int num_heads, int num_kv_heads, float eps,
+         int group_size, int bits, const std::vector<float>& temperature, const std::vector<int>& top_k,
+         const std::vector<float>& top_p, const std::vector<float>& min_p, const std::vector<int>& codebook_size,
+         mx::StreamOrDevice s) {
+        const size_t B = temperature.size();
+        if (top_k.size() != B || top_p.size() != B || min_p.size() != B || codebook_size.size() != B)
+          throw std::invalid_argument(
+              "depth_frame_batch: temperature, top_k, top_p, min_p and codebook_size must be lists of one length "
+              "(the rows), got " +
+              std::to_string(B) + ", " + std::to_string(top_k.size()) + ", " + std::to_string(top_p.size()) + ", " +
+              std::to_string(min_p.size()) + " and " + std::to_string(codebook_size.size()));
+        std::vector<csmd::SamplingRule> rules;
+        for (size_t b = 0; b < B; ++b)
+          rules.push_back({temperature[b], top_k[b], top_p[b], min_p[b], codebook_size[b]});
+        return csmd::depth_frame_batch(x0, stack, inv_freqs, norm, heads, embeddings, projection, noise, num_heads,
+                                       num_kv_heads, eps, group_size, bits, rules, s);
+      },
+      "x0"_a, "stack"_a, "inv_freqs"_a, "norm"_a, "heads"_a, "embeddings"_a, "projection"_a, "noise"_a,
+      "num_heads"_a, "num_kv_heads"_a, "eps"_a, "group_size"_a, "bits"_a, nb::kw_only(), "temperature"_a, "top_k"_a,
+      "top_p"_a, "min_p"_a, "codebook_size"_a, "stream"_a = nb::none(),
+      "depth_frame for B rows (1 to 64) at once, each weight read once for all of them: int32 [B, C].\n\n"
+      "x0: float32 [B, 2, hidden]; noise: float32 [B, C, vocab] (shape [0] allowed when every row is greedy);\n"
+      "temperature, top_k, top_p, min_p, codebook_size: one value per row (a row with temperature 0 is\n"
+      "greedy). Row b's codes are bit for bit what depth_frame returns for row b alone.");
+  m.def(
       "mimi_transformer",
       [](const mx::array& x, const std::vector<mx::array>& weights, const mx::array& past_k,
          const mx::array& past_v, const mx::array& position, const mx::array& inv_freqs, int num_heads,
@@ -234,4 +262,21 @@ NB_MODULE(_ext, m) {
       "Norm scales may be float32, bfloat16 or float16.\n"
       "The cache is read (positions < position); returns (h before the final norm, new_k, new_v) where\n"
       "new_k/new_v [layers, kv_heads, head_dim] are this position's keys/values, for the caller to store.");
+  m.def(
+      "transformer_step_batch",
+      [](const mx::array& x, const std::vector<mx::array>& weights, const std::vector<mx::array>& caches_k,
+         const std::vector<mx::array>& caches_v, const std::vector<int>& positions, const mx::array& inv_freqs,
+         int num_heads, int num_kv_heads, float eps, int group_size, int bits, mx::StreamOrDevice s) {
+        auto r = csmd::transformer_step_batch(x, weights, caches_k, caches_v, positions, inv_freqs, num_heads,
+                                              num_kv_heads, eps, group_size, bits, s);
+        return nb::make_tuple(r[0], r[1], r[2]);
+      },
+      "x"_a, "weights"_a, "caches_k"_a, "caches_v"_a, "positions"_a, "inv_freqs"_a, "num_heads"_a,
+      "num_kv_heads"_a, "eps"_a = 1e-5f, "group_size"_a = 64, "bits"_a = 4, nb::kw_only(),
+      "stream"_a = nb::none(),
+      "transformer_step for B rows (1 to 64) at once, each weight read once for all of them.\n\n"
+      "x: float32 [B, hidden]; row b is at positions[b] over its own caches_k[b] / caches_v[b], float32\n"
+      "[layers, kv_heads, T_b, head_dim] (T_b may differ between rows); weights as for transformer_step.\n"
+      "Returns (h [B, hidden], new_k, new_v [B, layers, kv_heads, head_dim]); row b is bit for bit what\n"
+      "transformer_step returns for row b alone.");
 }

@@ -13,8 +13,6 @@ namespace csmd {
 
 namespace {
 
-void fail(const std::string& msg) { throw std::invalid_argument("depth_frame: " + msg); }
-
 // Inputs of the primitive: x0, inv_freqs, norm, noise, then stack, heads, embeddings, projection arrays.
 constexpr int kFixedInputs = 4;
 
@@ -23,23 +21,28 @@ size_t row_offset_bytes(const mx::array& a, size_t r, size_t row_elems) { return
 
 const uint8_t* bytes_of(const mx::array& a) { return static_cast<const uint8_t*>(a.data<void>()); }
 
-// logits[V] = h[H] @ W[H, V] for float32/bfloat16 W (Sesame's head layout): every thread reads the columns of
-// its share of V from all H rows, so each weight is read once.
-void matvec_transposed(const mx::array& W, size_t offset_elems, const float* h, int H, int V, float* logits) {
+// logits[B, V] = h[B, H] @ W[H, V] for float32/bfloat16 W (Sesame's head layout): every thread reads the
+// columns of its share of V from all H rows, once for all B rows (a row's share stays in L1 across them). Each
+// logit sums over H in the same order whatever B and the threads are.
+void matvec_transposed(const mx::array& W, size_t offset_elems, const float* h, int B, int H, int V,
+                       float* logits) {
   const bool bf16 = W.dtype() == mx::bfloat16;
   const std::function<void(int, int)> fn = [&](int i, int nt) {
     int v0, v1;
     split_range(V, nt, i, v0, v1);
-    std::fill(logits + v0, logits + v1, 0.f);
+    for (int b = 0; b < B; ++b) std::fill(logits + static_cast<size_t>(b) * V + v0, logits + b * V + v1, 0.f);
     for (int r = 0; r < H; ++r) {
-      const float x = h[r];
       const size_t base = offset_elems + static_cast<size_t>(r) * V;
-      if (bf16) {
-        const uint16_t* w = reinterpret_cast<const uint16_t*>(W.data<mx::bfloat16_t>()) + base;
-        for (int v = v0; v < v1; ++v) logits[v] += x * bf16_to_f32(w[v]);
-      } else {
-        const float* w = W.data<float>() + base;
-        for (int v = v0; v < v1; ++v) logits[v] += x * w[v];
+      for (int b = 0; b < B; ++b) {
+        const float x = h[static_cast<size_t>(b) * H + r];
+        float* out = logits + static_cast<size_t>(b) * V;
+        if (bf16) {
+          const uint16_t* w = reinterpret_cast<const uint16_t*>(W.data<mx::bfloat16_t>()) + base;
+          for (int v = v0; v < v1; ++v) out[v] += x * bf16_to_f32(w[v]);
+        } else {
+          const float* w = W.data<float>() + base;
+          for (int v = v0; v < v1; ++v) out[v] += x * w[v];
+        }
       }
     }
   };
@@ -65,18 +68,20 @@ void embedding_row(const std::vector<const mx::array*>& table, int bits, int G, 
   }
 }
 
-void check_table(const std::vector<mx::array>& arrays, int rows, int cols, int G, int bits, const char* what) {
-  const std::string name = std::string("depth_frame: ") + what;
+void check_table(const std::vector<mx::array>& arrays, int rows, int cols, int G, int bits, const char* what,
+                 const std::string& who) {
+  const std::string name = who + ": " + what;
+  const auto fail = [&name](const std::string& msg) { throw std::invalid_argument(name + msg); };
   if (float_weights(bits)) {
-    if (arrays.size() != 1) fail(std::string(what) + ": expected one float array for bits 0/16");
+    if (arrays.size() != 1) fail(": expected one float array for bits 0/16");
     const mx::array& w = arrays[0];
     if (w.dtype() != (bits == 0 ? mx::float32 : mx::bfloat16) || w.ndim() != 2 || w.shape(0) != rows ||
         w.shape(1) != cols)
-      fail(std::string(what) + ": expected a " + (bits == 0 ? "float32" : "bfloat16") + " [" + std::to_string(rows) +
-           ", " + std::to_string(cols) + "] array");
+      fail(std::string(": expected a ") + (bits == 0 ? "float32" : "bfloat16") + " [" + std::to_string(rows) + ", " +
+           std::to_string(cols) + "] array");
     return;
   }
-  if (arrays.size() != 3) fail(std::string(what) + ": expected (w, scales, biases) for bits 4/8");
+  if (arrays.size() != 3) fail(": expected (w, scales, biases) for bits 4/8");
   check_quantized(arrays[0], arrays[1], arrays[2], rows, cols, G, bits, name);
 }
 
@@ -124,13 +129,28 @@ int pick_code(float* logits, const float* noise, int V, const SamplingRule& rule
   return argmax(logits);
 }
 
-mx::array depth_frame(const mx::array& x0, const std::vector<mx::array>& stack, const mx::array& inv_freqs,
-                      const mx::array& norm, const std::vector<mx::array>& heads,
-                      const std::vector<mx::array>& embeddings, const std::vector<mx::array>& projection,
-                      const mx::array& noise, int num_heads, int num_kv_heads, float eps, int group_size, int bits,
-                      const SamplingRule& rule, mx::StreamOrDevice s) {
-  if (x0.dtype() != mx::float32 || x0.ndim() != 2 || x0.shape(0) != 2) fail("x0 must be float32 [2, hidden]");
-  const int H = x0.shape(1);
+namespace {
+
+// The checks and the primitive behind depth_frame (one_row: x0 [2, H], noise [C, V]) and depth_frame_batch.
+mx::array make_frame(const mx::array& x0, const std::vector<mx::array>& stack, const mx::array& inv_freqs,
+                     const mx::array& norm, const std::vector<mx::array>& heads,
+                     const std::vector<mx::array>& embeddings, const std::vector<mx::array>& projection,
+                     const mx::array& noise, int num_heads, int num_kv_heads, float eps, int group_size, int bits,
+                     const std::vector<SamplingRule>& rules, bool one_row, mx::StreamOrDevice s) {
+  const auto fail = [one_row](const std::string& msg) {
+    throw std::invalid_argument(std::string(one_row ? "depth_frame: " : "depth_frame_batch: ") + msg);
+  };
+  const int B = static_cast<int>(rules.size());
+  if (one_row) {
+    if (x0.dtype() != mx::float32 || x0.ndim() != 2 || x0.shape(0) != 2) fail("x0 must be float32 [2, hidden]");
+  } else {
+    if (B < 1 || B > kMaxBatchRows)
+      fail("the rows must number 1 to " + std::to_string(kMaxBatchRows) + ", got " + std::to_string(B));
+    if (x0.dtype() != mx::float32 || x0.ndim() != 3 || x0.shape(0) != B || x0.shape(1) != 2)
+      fail("x0 must be float32 [rows, 2, hidden] with one row per sampling rule, got " + shape_str(x0) + " for " +
+           std::to_string(B) + " rules");
+  }
+  const int H = x0.shape(-1);
   if (num_heads <= 0 || H % num_heads) fail("hidden size must be a multiple of num_heads");
   const int D = H / num_heads;
   if (inv_freqs.dtype() != mx::float32 || inv_freqs.size() != static_cast<size_t>(D / 2))
@@ -140,7 +160,8 @@ mx::array depth_frame(const mx::array& x0, const std::vector<mx::array>& stack, 
   const int per_layer = float_weights(bits) ? 9 : 23;
   if (stack.empty() || stack.size() % per_layer) fail("stack: wrong number of weight arrays");
   const int L = static_cast<int>(stack.size()) / per_layer;
-  validate_stack(stack, L, H, num_heads, num_kv_heads, D, group_size, bits, "depth_frame");
+  const char* who = one_row ? "depth_frame" : "depth_frame_batch";
+  validate_stack(stack, L, H, num_heads, num_kv_heads, D, group_size, bits, who);
 
   // heads fix C and V
   if (heads.empty() || heads[0].ndim() != 3) fail("heads: expected a 3-D head array first");
@@ -153,27 +174,39 @@ mx::array depth_frame(const mx::array& x0, const std::vector<mx::array>& stack, 
     if (heads.size() != 3) fail("heads: expected (w, scales, biases)");
     // check as one [C * V, H] matrix
     const auto flat = [](const mx::array& a) { return mx::reshape(a, {a.shape(0) * a.shape(1), a.shape(2)}); };
-    check_quantized(flat(heads[0]), flat(heads[1]), flat(heads[2]), C * V, H, group_size, bits, "depth_frame: heads");
+    check_quantized(flat(heads[0]), flat(heads[1]), flat(heads[2]), C * V, H, group_size, bits,
+                    std::string(who) + ": heads");
   }
   if (C < 1) fail("heads: at least one codebook");
   const int E = float_weights(bits) ? embeddings.at(0).shape(-1) : embeddings.at(0).shape(-1) * 32 / bits;
-  check_table(embeddings, (C + 1) * V, E, group_size, bits, "embeddings");
-  check_table(projection, H, E, group_size, bits, "projection");
-  if (rule.temperature < 0.f || !std::isfinite(rule.temperature)) fail("temperature must be >= 0");
-  if (rule.temperature > 0.f &&
-      (noise.dtype() != mx::float32 || noise.ndim() != 2 || noise.shape(0) != C || noise.shape(1) != V))
-    fail("noise must be float32 [codebooks, vocab] when sampling (temperature > 0)");
-  if (rule.top_k < 0 || rule.top_p <= 0.f || rule.top_p > 1.f || rule.min_p < 0.f || rule.min_p >= 1.f)
-    fail("bad sampling rule (top_k >= 0, 0 < top_p <= 1, 0 <= min_p < 1)");
-  if (rule.codebook_size < 1 || rule.codebook_size > V) fail("codebook_size must be in [1, vocab]");
+  check_table(embeddings, (C + 1) * V, E, group_size, bits, "embeddings", who);
+  check_table(projection, H, E, group_size, bits, "projection", who);
+  bool sampled = false;
+  for (int b = 0; b < B; ++b) {
+    const SamplingRule& rule = rules[b];
+    const std::string row = one_row ? "" : "row " + std::to_string(b) + ": ";
+    if (rule.temperature < 0.f || !std::isfinite(rule.temperature)) fail(row + "temperature must be >= 0");
+    if (rule.top_k < 0 || rule.top_p <= 0.f || rule.top_p > 1.f || rule.min_p < 0.f || rule.min_p >= 1.f)
+      fail(row + "bad sampling rule (top_k >= 0, 0 < top_p <= 1, 0 <= min_p < 1)");
+    if (rule.codebook_size < 1 || rule.codebook_size > V) fail(row + "codebook_size must be in [1, vocab]");
+    sampled = sampled || rule.temperature > 0.f;
+  }
+  if (sampled) {
+    const mx::Shape want = one_row ? mx::Shape{C, V} : mx::Shape{B, C, V};
+    const bool fits = noise.dtype() == mx::float32 && noise.shape() == want;
+    if (!fits)
+      fail(one_row ? "noise must be float32 [codebooks, vocab] when sampling (temperature > 0)"
+                   : "noise must be float32 [rows, codebooks, vocab] when any row samples (temperature > 0)");
+  }
 
   auto st = mx::to_stream(s);
   DepthFrameConfig cfg;
-  cfg.step = StepConfig{0, num_heads, num_kv_heads, eps, group_size, bits, L};
+  cfg.step = StepConfig{num_heads, num_kv_heads, eps, group_size, bits, L};
   cfg.codebooks = C;
   cfg.vocab = V;
   cfg.embed_dim = E;
-  cfg.rule = rule;
+  cfg.rules = rules;
+  cfg.batch_shape = !one_row;
   cfg.stack_arrays = static_cast<int>(stack.size());
   cfg.head_arrays = static_cast<int>(heads.size());
   cfg.embedding_arrays = static_cast<int>(embeddings.size());
@@ -181,7 +214,28 @@ mx::array depth_frame(const mx::array& x0, const std::vector<mx::array>& stack, 
   std::vector<mx::array> inputs = {x0, inv_freqs, norm, noise};
   for (const auto* group : {&stack, &heads, &embeddings, &projection})
     for (const auto& a : *group) inputs.push_back(a);
-  return mx::array({C}, mx::int32, std::make_shared<DepthFrame>(st, cfg), inputs);
+  const mx::Shape shape = one_row ? mx::Shape{C} : mx::Shape{B, C};
+  return mx::array(shape, mx::int32, std::make_shared<DepthFrame>(st, std::move(cfg)), inputs);
+}
+
+}  // namespace
+
+mx::array depth_frame(const mx::array& x0, const std::vector<mx::array>& stack, const mx::array& inv_freqs,
+                      const mx::array& norm, const std::vector<mx::array>& heads,
+                      const std::vector<mx::array>& embeddings, const std::vector<mx::array>& projection,
+                      const mx::array& noise, int num_heads, int num_kv_heads, float eps, int group_size, int bits,
+                      const SamplingRule& rule, mx::StreamOrDevice s) {
+  return make_frame(x0, stack, inv_freqs, norm, heads, embeddings, projection, noise, num_heads, num_kv_heads, eps,
+                    group_size, bits, {rule}, true, s);
+}
+
+mx::array depth_frame_batch(const mx::array& x0, const std::vector<mx::array>& stack, const mx::array& inv_freqs,
+                            const mx::array& norm, const std::vector<mx::array>& heads,
+                            const std::vector<mx::array>& embeddings, const std::vector<mx::array>& projection,
+                            const mx::array& noise, int num_heads, int num_kv_heads, float eps, int group_size,
+                            int bits, const std::vector<SamplingRule>& rules, mx::StreamOrDevice s) {
+  return make_frame(x0, stack, inv_freqs, norm, heads, embeddings, projection, noise, num_heads, num_kv_heads, eps,
+                    group_size, bits, rules, false, s);
 }
 
 bool DepthFrame::is_equivalent(const mx::Primitive& other) const {
@@ -190,12 +244,13 @@ bool DepthFrame::is_equivalent(const mx::Primitive& other) const {
   return a.step.num_heads == o.step.num_heads && a.step.num_kv_heads == o.step.num_kv_heads &&
          a.step.eps == o.step.eps && a.step.group_size == o.step.group_size && a.step.bits == o.step.bits &&
          a.step.num_layers == o.step.num_layers && a.codebooks == o.codebooks && a.vocab == o.vocab &&
-         a.embed_dim == o.embed_dim && a.rule.temperature == o.rule.temperature && a.rule.top_k == o.rule.top_k &&
-         a.rule.top_p == o.rule.top_p && a.rule.min_p == o.rule.min_p &&
-         a.rule.codebook_size == o.rule.codebook_size;
+         a.embed_dim == o.embed_dim && a.rules == o.rules && a.batch_shape == o.batch_shape;
 }
 
-std::vector<mx::Shape> DepthFrame::output_shapes(const std::vector<mx::array>&) { return {{cfg_.codebooks}}; }
+std::vector<mx::Shape> DepthFrame::output_shapes(const std::vector<mx::array>&) {
+  const int B = static_cast<int>(cfg_.rules.size());
+  return {cfg_.batch_shape ? mx::Shape{B, cfg_.codebooks} : mx::Shape{cfg_.codebooks}};
+}
 
 void DepthFrame::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw std::runtime_error("csmd_native.depth_frame runs on the CPU only");
@@ -204,12 +259,15 @@ void DepthFrame::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 void DepthFrame::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   dispatch_cpu(stream(), inputs, out, [cfg = cfg_](std::vector<mx::array>& ins, mx::array& out) {
     const StepConfig& sc = cfg.step;
-    const int H = ins[0].shape(1), L = sc.num_layers, C = cfg.codebooks, V = cfg.vocab, E = cfg.embed_dim;
+    const int B = static_cast<int>(cfg.rules.size());
+    const int H = ins[0].shape(-1), L = sc.num_layers, C = cfg.codebooks, V = cfg.vocab, E = cfg.embed_dim;
     const int KVH = sc.num_kv_heads, D = H / sc.num_heads, T = C + 1, G = sc.group_size, bits = sc.bits;
-    const float* x0 = ins[0].data<float>();
+    const float* x0 = ins[0].data<float>();  // [B, 2, H]
     const float* inv = ins[1].data<float>();
     const mx::array& norm = ins[2];
-    const float* noise = cfg.rule.temperature > 0.f ? ins[3].data<float>() : nullptr;
+    bool sampled = false;
+    for (const auto& rule : cfg.rules) sampled = sampled || rule.temperature > 0.f;
+    const float* noise = sampled ? ins[3].data<float>() : nullptr;  // [B, C, V]
     size_t at = kFixedInputs;
     const auto layers = parse_stack(ins, at, L, H, bits);
     at += cfg.stack_arrays;
@@ -226,32 +284,37 @@ void DepthFrame::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
     projection.in = E;
     projection.out = H;
 
-    // The decoder's own cache, fresh every frame: [L, KVH, T, D].
-    std::vector<float> cache_k(static_cast<size_t>(L) * KVH * T * D, 0.f), cache_v(cache_k.size(), 0.f);
-    std::vector<float> new_k(static_cast<size_t>(L) * KVH * D), new_v(new_k.size());
-    std::vector<float> h(H), y(H), logits(V), e(E);
-    auto step = [&](const float* x, int position) {
-      std::memcpy(h.data(), x, sizeof(float) * H);
-      StepConfig at_pos = sc;
-      at_pos.position = position;
-      run_stack(layers, at_pos, h.data(), H, cache_k.data(), cache_v.data(), T, D, inv, new_k.data(), new_v.data());
-      for (int l = 0; l < L; ++l)
-        for (int j = 0; j < KVH; ++j) {
-          const size_t dst = ((static_cast<size_t>(l) * KVH + j) * T + position) * D;
-          const size_t src = (static_cast<size_t>(l) * KVH + j) * D;
-          std::memcpy(cache_k.data() + dst, new_k.data() + src, sizeof(float) * D);
-          std::memcpy(cache_v.data() + dst, new_v.data() + src, sizeof(float) * D);
-        }
-      rmsnorm(h.data(), norm, sc.eps, H, y.data());
+    // Each row's own cache, fresh every frame: [B][L, KVH, T, D]. All rows are at the same position.
+    const size_t cache_size = static_cast<size_t>(L) * KVH * T * D, row_kv = static_cast<size_t>(L) * KVH * D;
+    std::vector<float> cache_k(B * cache_size, 0.f), cache_v(cache_k.size(), 0.f);
+    std::vector<float> new_k(B * row_kv), new_v(new_k.size());
+    std::vector<StackRow> rows(B);
+    for (int b = 0; b < B; ++b)
+      rows[b] = StackRow{cache_k.data() + b * cache_size, cache_v.data() + b * cache_size, T, 0};
+    std::vector<float> h(static_cast<size_t>(B) * H), y(h.size()), x(h.size()), logits(static_cast<size_t>(B) * V),
+        e(static_cast<size_t>(B) * E);
+    auto step = [&](const float* xs, int position) {  // xs [B, H]
+      std::memcpy(h.data(), xs, sizeof(float) * h.size());
+      for (auto& row : rows) row.position = position;
+      run_stack(layers, sc, B, h.data(), H, rows.data(), D, inv, new_k.data(), new_v.data());
+      for (int b = 0; b < B; ++b)
+        for (int l = 0; l < L; ++l)
+          for (int j = 0; j < KVH; ++j) {
+            const size_t dst = b * cache_size + ((static_cast<size_t>(l) * KVH + j) * T + position) * D;
+            const size_t src = b * row_kv + (static_cast<size_t>(l) * KVH + j) * D;
+            std::memcpy(cache_k.data() + dst, new_k.data() + src, sizeof(float) * D);
+            std::memcpy(cache_v.data() + dst, new_v.data() + src, sizeof(float) * D);
+          }
+      for (int b = 0; b < B; ++b) rmsnorm(h.data() + b * H, norm, sc.eps, H, y.data() + b * H);
     };
-    auto head_logits = [&](int k) {  // codebook k in 1..C
+    auto head_logits = [&](int k) {  // codebook k in 1..C, for every row
       if (float_weights(bits)) {
-        matvec_transposed(*head[0], static_cast<size_t>(k - 1) * H * V, y.data(), H, V, logits.data());
+        matvec_transposed(*head[0], static_cast<size_t>(k - 1) * H * V, y.data(), B, H, V, logits.data());
         return;
       }
       QMatmulArgs a;
       a.x = y.data();
-      a.M = 1;
+      a.M = B;
       a.K = H;
       a.N = V;
       a.G = G;
@@ -262,21 +325,31 @@ void DepthFrame::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
       a.biases = bytes_of(*head[2]) + row_offset_bytes(*head[2], rows, H / G);
       a.sbt = sb_type(head[1]->dtype());
       a.out = logits.data();
-      qmatmul(a, current_kernels(), matvec_mode(), &pool());
+      // the one-row kernel per row (never qmatmul's GEMM: the same bits as a frame of one row)
+      qmatvec_rows(a, current_kernels(), matvec_mode(), &pool());
     };
 
-    int32_t* codes = out.data<int32_t>();
-    std::vector<float> x(H);
-    step(x0, 0);
-    step(x0 + H, 1);
+    int32_t* codes = out.data<int32_t>();  // [B, C]
+    const auto pick = [&](int b, int k) {
+      const float* row_noise = noise ? noise + (static_cast<size_t>(b) * C + (k - 1)) * V : nullptr;
+      codes[b * C + k - 1] = pick_code(logits.data() + static_cast<size_t>(b) * V, row_noise, V, cfg.rules[b]);
+    };
+    for (int b = 0; b < B; ++b) std::memcpy(x.data() + b * H, x0 + static_cast<size_t>(b) * 2 * H, sizeof(float) * H);
+    step(x.data(), 0);
+    for (int b = 0; b < B; ++b)
+      std::memcpy(x.data() + b * H, x0 + static_cast<size_t>(b) * 2 * H + H, sizeof(float) * H);
+    step(x.data(), 1);
     for (int k = 1; k <= C; ++k) {
       head_logits(k);
-      const int code = pick_code(logits.data(), noise ? noise + static_cast<size_t>(k - 1) * V : nullptr, V,
-                                 cfg.rule);
-      codes[k - 1] = code;
+      // The filters sort or partition V logits a row: rows apart on the threads when some row samples.
+      if (sampled && B > 1)
+        pool().run_chunks(B, [&](int b) { pick(b, k); });
+      else
+        for (int b = 0; b < B; ++b) pick(b, k);
       if (k == C) break;
-      embedding_row(table, bits, G, static_cast<size_t>(k) * V + code, E, e.data());
-      matvec(projection, e.data(), x.data(), G, bits);
+      for (int b = 0; b < B; ++b)
+        embedding_row(table, bits, G, static_cast<size_t>(k) * V + codes[b * C + k - 1], E, e.data() + b * E);
+      project(projection, e.data(), B, x.data(), G, bits);
       step(x.data(), k + 1);
     }
   });

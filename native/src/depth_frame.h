@@ -7,6 +7,7 @@
 // reference sampler: argmax(filtered logits / temperature + noise).
 #pragma once
 
+#include <utility>
 #include <vector>
 
 #include "mlx/mlx.h"
@@ -23,14 +24,17 @@ struct SamplingRule {
   float top_p = 1.f;        // 1: off
   float min_p = 0.f;        // 0: off
   int codebook_size = 0;    // ids >= this are never picked (the vocabulary's reserved ids)
+
+  bool operator==(const SamplingRule&) const = default;
 };
 
 struct DepthFrameConfig {
-  StepConfig step;      // position unused
-  int codebooks = 0;    // C: the frame's codebooks after codebook 0
-  int vocab = 0;        // V: logits per codebook (audio vocabulary)
-  int embed_dim = 0;    // E: audio embedding width (the backbone's hidden size)
-  SamplingRule rule;
+  StepConfig step;
+  int codebooks = 0;               // C: the frame's codebooks after codebook 0
+  int vocab = 0;                   // V: logits per codebook (audio vocabulary)
+  int embed_dim = 0;               // E: audio embedding width (the backbone's hidden size)
+  std::vector<SamplingRule> rules;  // one per row (B of them)
+  bool batch_shape = false;         // codes shaped [B, C] (else [C], B = 1)
   int stack_arrays = 0, head_arrays = 0, embedding_arrays = 0, projection_arrays = 0;
 };
 
@@ -42,18 +46,28 @@ struct DepthFrameConfig {
 //   [rows, E]. projection: E -> H, (w, scales, biases) or one float [H, E] array.
 // noise: float32 [C, V] Gumbel noise, one row per codebook (shape [0] allowed when temperature is 0).
 // Returns the codes of codebooks 1..C, int32 [C].
+//
+// Both are B = 1 of one frame over B rows: every step, head and projection reads each weight once for all
+// rows, and row b's codes are the same as a frame of row b alone.
 mx::array depth_frame(const mx::array& x0, const std::vector<mx::array>& stack, const mx::array& inv_freqs,
                       const mx::array& norm, const std::vector<mx::array>& heads,
                       const std::vector<mx::array>& embeddings, const std::vector<mx::array>& projection,
                       const mx::array& noise, int num_heads, int num_kv_heads, float eps, int group_size, int bits,
                       const SamplingRule& rule, mx::StreamOrDevice s = {});
+// The frame for B rows (1 to 64): x0 float32 [B, 2, H], noise float32 [B, C, V] (shape [0] allowed when every
+// rule is greedy), one sampling rule per row. Returns int32 [B, C].
+mx::array depth_frame_batch(const mx::array& x0, const std::vector<mx::array>& stack, const mx::array& inv_freqs,
+                            const mx::array& norm, const std::vector<mx::array>& heads,
+                            const std::vector<mx::array>& embeddings, const std::vector<mx::array>& projection,
+                            const mx::array& noise, int num_heads, int num_kv_heads, float eps, int group_size,
+                            int bits, const std::vector<SamplingRule>& rules, mx::StreamOrDevice s = {});
 
 // Index of the code `rule` picks from `logits` [V] (modified in place) with `noise` [V] (unused if greedy).
 int pick_code(float* logits, const float* noise, int V, const SamplingRule& rule);
 
 class DepthFrame : public mx::UnaryPrimitive {
  public:
-  DepthFrame(mx::Stream stream, DepthFrameConfig cfg) : mx::UnaryPrimitive(stream), cfg_(cfg) {}
+  DepthFrame(mx::Stream stream, DepthFrameConfig cfg) : mx::UnaryPrimitive(stream), cfg_(std::move(cfg)) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;

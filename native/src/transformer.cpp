@@ -15,15 +15,10 @@ namespace {
 
 int per_layer(int bits) { return float_weights(bits) ? 9 : 23; }
 
-// Inputs of the primitive: x, cache_k, cache_v, inv_freqs, then the weights.
-constexpr int kFixedInputs = 4;
-
-void fail(const std::string& msg) { throw std::invalid_argument("transformer_step: " + msg); }
-
-FMatmulArgs fargs(const Proj& p, const float* x, float* y) {
+FMatmulArgs fargs(const Proj& p, const float* x, int M, float* y) {
   FMatmulArgs a;
   a.x = x;
-  a.M = 1;
+  a.M = M;
   a.K = p.in;
   a.N = p.out;
   a.bf16 = p.w->dtype() == mx::bfloat16;
@@ -32,10 +27,10 @@ FMatmulArgs fargs(const Proj& p, const float* x, float* y) {
   return a;
 }
 
-QMatmulArgs qargs(const Proj& p, const float* x, float* y, int group_size, int bits) {
+QMatmulArgs qargs(const Proj& p, const float* x, int M, float* y, int group_size, int bits) {
   QMatmulArgs a;
   a.x = x;
-  a.M = 1;
+  a.M = M;
   a.K = p.in;
   a.N = p.out;
   a.G = group_size;
@@ -52,12 +47,13 @@ inline float silu_mul(float g, float u) { return g / (1.f + std::exp(-g)) * u; }
 
 }  // namespace
 
-// y[out] = W x for a quantized, bfloat16 or float32 projection.
-void matvec(const Proj& p, const float* x, float* y, int group_size, int bits) {
+// Never the GEMMs, whatever M: they would sum in another order than the one-row kernels (and the exact
+// mode's quantized product switches to its GEMM from 4 rows on).
+void project(const Proj& p, const float* x, int M, float* y, int group_size, int bits) {
   if (float_weights(bits))
-    fmatmul(fargs(p, x, y), current_kernels(), &pool());
+    fmatvec_batch(fargs(p, x, M, y), current_kernels(), &pool());
   else
-    qmatmul(qargs(p, x, y, group_size, bits), current_kernels(), matvec_mode(), &pool());
+    qmatvec_rows(qargs(p, x, M, y, group_size, bits), current_kernels(), matvec_mode(), &pool());
 }
 
 void rmsnorm(const float* x, const mx::array& scale, float eps, int H, float* out) {
@@ -81,45 +77,57 @@ void rope(float* v, int D, const float* inv_freqs, int position) {
   }
 }
 
-// One query row over positions 0..pos: cache rows before pos, the new k/v at pos. Heads run in parallel
-// (a long backbone context is 2048 positions x 32 heads), each with fp32 softmax.
-void attend(const float* q, const float* k_new, const float* v_new, const float* kc, const float* vc, int NH,
-            int rep, int T, int D, int pos, float* out) {
+// Attention of B query rows, row b over positions 0..rows[b].position of its own cache: the cache's rows
+// before the position, the new k/v (k_new, v_new [B, KVH * D]) at it. Each (row, head) pair is one chunk of
+// work with its fp32 softmax, computed alike on any thread, so the threads change nothing in the result.
+void attend(const float* q, const float* k_new, const float* v_new, const StackRow* rows, int B, size_t layer,
+            int NH, int KVH, int D, float* out) {
   const Kernels& kern = current_kernels();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  // Heads [j0, j1): each a chunk of work for run_chunks, or all of them on this thread.
-  const auto heads = [&](int j0, int j1) {
-    std::vector<float> sc(pos + 1);
-    for (int j = j0; j < j1; ++j) {
-      const int kvh = j / rep;
-      const float* kh = kc + static_cast<size_t>(kvh) * T * D;
-      const float* vh = vc + static_cast<size_t>(kvh) * T * D;
-      const float* qh = q + j * D;
-      float top = -INFINITY;
-      for (int t = 0; t <= pos; ++t) {
-        const float* key = t < pos ? kh + static_cast<size_t>(t) * D : k_new + kvh * D;
-        sc[t] = kern.dot_f32(qh, key, D) * scale;
-        top = std::max(top, sc[t]);
-      }
-      float sum = 0.f;
-      for (int t = 0; t <= pos; ++t) {
-        sc[t] = std::exp(sc[t] - top);
-        sum += sc[t];
-      }
-      float* oh = out + j * D;
-      std::fill(oh, oh + D, 0.f);
-      for (int t = 0; t <= pos; ++t) {
-        const float p = sc[t] / sum;
-        const float* value = t < pos ? vh + static_cast<size_t>(t) * D : v_new + kvh * D;
-        for (int e = 0; e < D; ++e) oh[e] += p * value[e];
-      }
+  const int rep = NH / KVH;
+  const auto head = [&](int b, int j, std::vector<float>& sc) {
+    const StackRow& row = rows[b];
+    const int pos = row.position, T = row.T, kvh = j / rep;
+    const size_t at = (layer * KVH + kvh) * static_cast<size_t>(T) * D;
+    const float* kh = row.cache_k + at;
+    const float* vh = row.cache_v + at;
+    const float* qh = q + (static_cast<size_t>(b) * NH + j) * D;
+    const float* kn = k_new + (static_cast<size_t>(b) * KVH + kvh) * D;
+    const float* vn = v_new + (static_cast<size_t>(b) * KVH + kvh) * D;
+    sc.resize(pos + 1);
+    float top = -INFINITY;
+    for (int t = 0; t <= pos; ++t) {
+      const float* key = t < pos ? kh + static_cast<size_t>(t) * D : kn;
+      sc[t] = kern.dot_f32(qh, key, D) * scale;
+      top = std::max(top, sc[t]);
+    }
+    float sum = 0.f;
+    for (int t = 0; t <= pos; ++t) {
+      sc[t] = std::exp(sc[t] - top);
+      sum += sc[t];
+    }
+    float* oh = out + (static_cast<size_t>(b) * NH + j) * D;
+    std::fill(oh, oh + D, 0.f);
+    for (int t = 0; t <= pos; ++t) {
+      const float p = sc[t] / sum;
+      const float* value = t < pos ? vh + static_cast<size_t>(t) * D : vn;
+      for (int e = 0; e < D; ++e) oh[e] += p * value[e];
     }
   };
-  // Threads pay off only once there is real work: a short depth-decoder context stays on this thread.
-  if (static_cast<long long>(NH) * (pos + 1) * D >= (1 << 15))
-    pool().run_chunks(NH, [&](int j) { heads(j, j + 1); });
-  else
-    heads(0, NH);
+  long long work = 0;
+  for (int b = 0; b < B; ++b) work += static_cast<long long>(NH) * (rows[b].position + 1) * D;
+  // Threads pay off only once there is real work (a long backbone context is 2048 positions x 32 heads): a
+  // short depth-decoder context stays on this thread.
+  if (work >= (1 << 15)) {
+    pool().run_chunks(B * NH, [&](int c) {
+      std::vector<float> sc;
+      head(c / NH, c % NH, sc);
+    });
+    return;
+  }
+  std::vector<float> sc;
+  for (int b = 0; b < B; ++b)
+    for (int j = 0; j < NH; ++j) head(b, j, sc);
 }
 
 }  // namespace
@@ -220,93 +228,171 @@ std::vector<LayerWeights> parse_stack(const std::vector<mx::array>& arrays, size
   return layers;
 }
 
-void run_stack(const std::vector<LayerWeights>& layers, const StepConfig& cfg, float* h, int H, const float* cache_k,
-               const float* cache_v, int T, int D, const float* inv, float* new_k, float* new_v) {
-  const int NH = cfg.num_heads, KVH = cfg.num_kv_heads, pos = cfg.position, rep = NH / KVH;
+void run_stack(const std::vector<LayerWeights>& layers, const StepConfig& cfg, int B, float* h, int H,
+               const StackRow* rows, int D, const float* inv, float* new_k, float* new_v) {
+  const int NH = cfg.num_heads, KVH = cfg.num_kv_heads, L = static_cast<int>(layers.size());
   const int bits = cfg.bits, G = cfg.group_size;
-  std::vector<float> n(H), q(NH * D), k(KVH * D), v(KVH * D), att(NH * D), o(H);
+  const size_t QD = static_cast<size_t>(NH) * D, KVD = static_cast<size_t>(KVH) * D;
+  std::vector<float> n(static_cast<size_t>(B) * H), q(B * QD), k(B * KVD), v(B * KVD), att(B * QD),
+      o(static_cast<size_t>(B) * H);
   std::vector<float> g, u;
-  for (size_t l = 0; l < layers.size(); ++l) {
+  const auto residual = [&] {
+    for (size_t i = 0; i < o.size(); ++i) h[i] += o[i];
+  };
+  const auto norm_rows = [&](const mx::array& scale) {
+    for (int b = 0; b < B; ++b) rmsnorm(h + static_cast<size_t>(b) * H, scale, cfg.eps, H, n.data() + b * H);
+  };
+  for (int l = 0; l < L; ++l) {
     const LayerWeights& lw = layers[l];
-    rmsnorm(h, *lw.sa_norm, cfg.eps, H, n.data());
+    norm_rows(*lw.sa_norm);
     if (float_weights(bits)) {  // q, k, v share x: one pool job
-      const FMatmulArgs qkv[3] = {fargs(lw.q, n.data(), q.data()), fargs(lw.k, n.data(), k.data()),
-                                  fargs(lw.v, n.data(), v.data())};
+      const FMatmulArgs qkv[3] = {fargs(lw.q, n.data(), B, q.data()), fargs(lw.k, n.data(), B, k.data()),
+                                  fargs(lw.v, n.data(), B, v.data())};
       fmatvec_multi(qkv, 3, current_kernels(), &pool());
     } else {  // q, k, v share x: one pool job
-      const QMatmulArgs qkv[3] = {qargs(lw.q, n.data(), q.data(), G, bits), qargs(lw.k, n.data(), k.data(), G, bits),
-                                  qargs(lw.v, n.data(), v.data(), G, bits)};
+      const QMatmulArgs qkv[3] = {qargs(lw.q, n.data(), B, q.data(), G, bits),
+                                  qargs(lw.k, n.data(), B, k.data(), G, bits),
+                                  qargs(lw.v, n.data(), B, v.data(), G, bits)};
       qmatvec_multi(qkv, 3, current_kernels(), matvec_mode(), &pool());
     }
-    for (int j = 0; j < NH; ++j) rope(q.data() + j * D, D, inv, pos);
-    // Keys/values of positions < pos come from the cache; this position's are the new rows.
-    const float* kc = cache_k + l * KVH * T * D;
-    const float* vc = cache_v + l * KVH * T * D;
-    for (int j = 0; j < KVH; ++j) rope(k.data() + j * D, D, inv, pos);
-    std::memcpy(new_k + l * KVH * D, k.data(), sizeof(float) * KVH * D);
-    std::memcpy(new_v + l * KVH * D, v.data(), sizeof(float) * KVH * D);
-    attend(q.data(), k.data(), v.data(), kc, vc, NH, rep, T, D, pos, att.data());
-    matvec(lw.o, att.data(), o.data(), G, bits);
-    for (int i = 0; i < H; ++i) h[i] += o[i];
+    for (int b = 0; b < B; ++b) {
+      const int pos = rows[b].position;
+      for (int j = 0; j < NH; ++j) rope(q.data() + b * QD + j * D, D, inv, pos);
+      for (int j = 0; j < KVH; ++j) rope(k.data() + b * KVD + j * D, D, inv, pos);
+      // Keys/values of positions < pos come from the row's cache; this position's are the new rows.
+      const size_t dst = (static_cast<size_t>(b) * L + l) * KVD;
+      std::memcpy(new_k + dst, k.data() + b * KVD, sizeof(float) * KVD);
+      std::memcpy(new_v + dst, v.data() + b * KVD, sizeof(float) * KVD);
+    }
+    attend(q.data(), k.data(), v.data(), rows, B, l, NH, KVH, D, att.data());
+    project(lw.o, att.data(), B, o.data(), G, bits);
+    residual();
 
-    rmsnorm(h, *lw.mlp_norm, cfg.eps, H, n.data());
-    g.resize(lw.w1.out);
-    u.resize(lw.w3.out);
+    norm_rows(*lw.mlp_norm);
+    const int I = lw.w1.out;
+    g.resize(static_cast<size_t>(B) * I);
+    u.resize(static_cast<size_t>(B) * I);
     // w1, w3 and silu(g) * u as one pool job, split by row
     float* gp = g.data();
     const float* up = u.data();
-    const std::function<void(int, int)> post = [gp, up](int n0, int n1) {
-      for (int i = n0; i < n1; ++i) gp[i] = silu_mul(gp[i], up[i]);
+    const std::function<void(int, int)> post = [gp, up, B, I](int n0, int n1) {
+      for (int b = 0; b < B; ++b)
+        for (size_t i = static_cast<size_t>(b) * I + n0; i < static_cast<size_t>(b) * I + n1; ++i)
+          gp[i] = silu_mul(gp[i], up[i]);
     };
     if (float_weights(bits)) {
-      const FMatmulArgs gu[2] = {fargs(lw.w1, n.data(), g.data()), fargs(lw.w3, n.data(), u.data())};
+      const FMatmulArgs gu[2] = {fargs(lw.w1, n.data(), B, g.data()), fargs(lw.w3, n.data(), B, u.data())};
       fmatvec_multi(gu, 2, current_kernels(), &pool(), true, &post);
     } else {
-      const QMatmulArgs gu[2] = {qargs(lw.w1, n.data(), g.data(), G, bits), qargs(lw.w3, n.data(), u.data(), G, bits)};
+      const QMatmulArgs gu[2] = {qargs(lw.w1, n.data(), B, g.data(), G, bits),
+                                 qargs(lw.w3, n.data(), B, u.data(), G, bits)};
       qmatvec_multi(gu, 2, current_kernels(), matvec_mode(), &pool(), true, &post);
     }
-    matvec(lw.w2, g.data(), o.data(), G, bits);
-    for (int i = 0; i < H; ++i) h[i] += o[i];
+    project(lw.w2, g.data(), B, o.data(), G, bits);
+    residual();
   }
 }
+
+namespace {
+
+// The step's checks of x, the caches and the positions: returns (L, D) from the caches.
+std::pair<int, int> check_rows(const mx::array& x, const std::vector<mx::array>& caches_k,
+                               const std::vector<mx::array>& caches_v, const std::vector<int>& positions,
+                               int num_kv_heads, bool one_row) {
+  const auto fail = [one_row](const std::string& msg) {
+    throw std::invalid_argument(std::string(one_row ? "transformer_step: " : "transformer_step_batch: ") + msg);
+  };
+  const size_t B = caches_k.size();
+  const auto row = [one_row](size_t b) { return one_row ? std::string() : "row " + std::to_string(b) + ": "; };
+  if (one_row) {
+    if (x.dtype() != mx::float32 || x.ndim() != 2 || x.shape(0) != 1) fail("x must be float32 [1, hidden]");
+  } else {
+    if (caches_v.size() != B || positions.size() != B)
+      fail("caches_k, caches_v and positions must be lists of one length (the rows), got " + std::to_string(B) +
+           ", " + std::to_string(caches_v.size()) + " and " + std::to_string(positions.size()));
+    if (B < 1 || B > static_cast<size_t>(kMaxBatchRows))
+      fail("the rows must number 1 to " + std::to_string(kMaxBatchRows) + ", got " + std::to_string(B));
+    if (x.dtype() != mx::float32 || x.ndim() != 2 || static_cast<size_t>(x.shape(0)) != B)
+      fail("x must be float32 [rows, hidden] with one row per cache, got " + shape_str(x) + " for " +
+           std::to_string(B) + " rows");
+  }
+  const mx::array& first = caches_k[0];
+  if (first.ndim() != 4) fail(row(0) + "cache_k must be float32 [num_layers, num_kv_heads, max_len, head_dim]");
+  const int L = first.shape(0), D = first.shape(3);
+  for (size_t b = 0; b < B; ++b) {
+    const mx::array &ck = caches_k[b], &cv = caches_v[b];
+    if (ck.ndim() != 4 || ck.dtype() != mx::float32 || cv.shape() != ck.shape() || cv.dtype() != mx::float32)
+      fail(row(b) + "cache_k and cache_v must be float32 [num_layers, num_kv_heads, max_len, head_dim] of one shape");
+    if (ck.shape(1) != num_kv_heads) fail(row(b) + "cache dim 1 must equal num_kv_heads");
+    if (ck.shape(0) != L || ck.shape(3) != D)
+      fail(row(b) + "cache " + shape_str(ck) + " differs from row 0's " + shape_str(first) +
+           " in num_layers or head_dim");
+    if (positions[b] < 0 || positions[b] >= ck.shape(2))
+      fail(row(b) + "position must be in [0, max_len), got " + std::to_string(positions[b]) + " for max_len " +
+           std::to_string(ck.shape(2)));
+  }
+  return {L, D};
+}
+
+std::vector<mx::array> make_step(const mx::array& x, const std::vector<mx::array>& weights,
+                                 const std::vector<mx::array>& caches_k, const std::vector<mx::array>& caches_v,
+                                 const std::vector<int>& positions, const mx::array& inv_freqs, int num_heads,
+                                 int num_kv_heads, float eps, int group_size, int bits, bool one_row,
+                                 mx::StreamOrDevice s) {
+  const char* who = one_row ? "transformer_step" : "transformer_step_batch";
+  const auto [L, D] = check_rows(x, caches_k, caches_v, positions, num_kv_heads, one_row);
+  const int H = x.shape(1), B = static_cast<int>(positions.size());
+  if (inv_freqs.dtype() != mx::float32 || inv_freqs.size() != static_cast<size_t>(D / 2))
+    throw std::invalid_argument(std::string(who) + ": inv_freqs must be float32 with head_dim/2 elements");
+  validate_stack(weights, L, H, num_heads, num_kv_heads, D, group_size, bits, who);
+  auto st = mx::to_stream(s);
+  StepConfig cfg{num_heads, num_kv_heads, eps, group_size, bits, L};
+  std::vector<mx::array> inputs = {x, inv_freqs};
+  for (const auto* caches : {&caches_k, &caches_v})
+    for (const auto& c : *caches) inputs.push_back(c);
+  for (const auto& w : weights) inputs.push_back(w);
+  // The caches are only read; the new rows come out and the caller writes them (an in-place slice update).
+  // Handing the whole cache back instead would copy it every step: a multi-output primitive never gets to
+  // reuse its input buffer, since every output holds the inputs.
+  const mx::Shape rows = one_row ? mx::Shape{L, num_kv_heads, D} : mx::Shape{B, L, num_kv_heads, D};
+  return mx::array::make_arrays({x.shape(), rows, rows}, {mx::float32, mx::float32, mx::float32},
+                                std::make_shared<TransformerStep>(st, cfg, positions, !one_row), inputs);
+}
+
+}  // namespace
 
 std::vector<mx::array> transformer_step(const mx::array& x, const std::vector<mx::array>& weights,
                                         const mx::array& cache_k, const mx::array& cache_v,
                                         int position, const mx::array& inv_freqs, int num_heads,
                                         int num_kv_heads, float eps, int group_size, int bits,
                                         mx::StreamOrDevice s) {
-  if (x.dtype() != mx::float32 || x.ndim() != 2 || x.shape(0) != 1) fail("x must be float32 [1, hidden]");
-  const int H = x.shape(1);
-  if (cache_k.ndim() != 4 || cache_k.dtype() != mx::float32 || cache_v.shape() != cache_k.shape() ||
-      cache_v.dtype() != mx::float32)
-    fail("cache_k and cache_v must be float32 [num_layers, num_kv_heads, max_len, head_dim] of one shape");
-  const int L = cache_k.shape(0), T = cache_k.shape(2), D = cache_k.shape(3);
-  if (cache_k.shape(1) != num_kv_heads) fail("cache dim 1 must equal num_kv_heads");
-  if (position < 0 || position >= T) fail("position must be in [0, max_len)");
-  if (inv_freqs.dtype() != mx::float32 || inv_freqs.size() != static_cast<size_t>(D / 2))
-    fail("inv_freqs must be float32 with head_dim/2 elements");
-  validate_stack(weights, L, H, num_heads, num_kv_heads, D, group_size, bits, "transformer_step");
-  auto st = mx::to_stream(s);
-  StepConfig cfg{position, num_heads, num_kv_heads, eps, group_size, bits, L};
-  std::vector<mx::array> inputs = {x, cache_k, cache_v, inv_freqs};
-  for (const auto& w : weights) inputs.push_back(w);
-  // The cache is only read; the new rows come out and the caller writes them (an in-place slice update).
-  // Handing the whole cache back instead would copy it every step: a multi-output primitive never gets to
-  // reuse its input buffer, since every output holds the inputs.
-  const mx::Shape rows = {L, num_kv_heads, D};
-  return mx::array::make_arrays({x.shape(), rows, rows}, {mx::float32, mx::float32, mx::float32},
-                                std::make_shared<TransformerStep>(st, cfg), inputs);
+  return make_step(x, weights, {cache_k}, {cache_v}, {position}, inv_freqs, num_heads, num_kv_heads, eps,
+                   group_size, bits, true, s);
+}
+
+std::vector<mx::array> transformer_step_batch(const mx::array& x, const std::vector<mx::array>& weights,
+                                              const std::vector<mx::array>& caches_k,
+                                              const std::vector<mx::array>& caches_v,
+                                              const std::vector<int>& positions, const mx::array& inv_freqs,
+                                              int num_heads, int num_kv_heads, float eps, int group_size, int bits,
+                                              mx::StreamOrDevice s) {
+  return make_step(x, weights, caches_k, caches_v, positions, inv_freqs, num_heads, num_kv_heads, eps, group_size,
+                   bits, false, s);
 }
 
 bool TransformerStep::is_equivalent(const mx::Primitive& other) const {
-  const auto& o = static_cast<const TransformerStep&>(other).cfg_;
-  return cfg_.position == o.position && cfg_.num_heads == o.num_heads &&
+  const auto& p = static_cast<const TransformerStep&>(other);
+  const auto& o = p.cfg_;
+  return positions_ == p.positions_ && batch_shape_ == p.batch_shape_ && cfg_.num_heads == o.num_heads &&
          cfg_.num_kv_heads == o.num_kv_heads && cfg_.eps == o.eps && cfg_.group_size == o.group_size &&
          cfg_.bits == o.bits && cfg_.num_layers == o.num_layers;
 }
 
 std::vector<mx::Shape> TransformerStep::output_shapes(const std::vector<mx::array>& inputs) {
-  const mx::Shape rows = {inputs[1].shape(0), inputs[1].shape(1), inputs[1].shape(3)};
+  const mx::array& cache = inputs[2];
+  const int B = static_cast<int>(positions_.size());
+  const mx::Shape rows = batch_shape_ ? mx::Shape{B, cache.shape(0), cache.shape(1), cache.shape(3)}
+                                      : mx::Shape{cache.shape(0), cache.shape(1), cache.shape(3)};
   return {inputs[0].shape(), rows, rows};
 }
 
@@ -315,19 +401,22 @@ void TransformerStep::eval_gpu(const std::vector<mx::array>&, std::vector<mx::ar
 }
 
 void TransformerStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  dispatch_cpu(stream(), inputs, outputs, [cfg = cfg_](std::vector<mx::array>& ins, std::vector<mx::array>& outs) {
-    const mx::array& x = ins[0];
-    const float* cache_k = ins[1].data<float>();
-    const float* cache_v = ins[2].data<float>();
-    float* new_k = outs[1].data<float>();
-    float* new_v = outs[2].data<float>();
-    const float* inv = ins[3].data<float>();
-    const int H = x.shape(1), T = ins[1].shape(2), D = ins[1].shape(3);
-    float* h = outs[0].data<float>();
-    std::memcpy(h, x.data<float>(), sizeof(float) * H);
-    const auto layers = parse_stack(ins, kFixedInputs, cfg.num_layers, H, cfg.bits);
-    run_stack(layers, cfg, h, H, cache_k, cache_v, T, D, inv, new_k, new_v);
-  });
+  dispatch_cpu(stream(), inputs, outputs,
+               [cfg = cfg_, positions = positions_](std::vector<mx::array>& ins, std::vector<mx::array>& outs) {
+                 const int B = static_cast<int>(positions.size());
+                 const mx::array& x = ins[0];
+                 const float* inv = ins[1].data<float>();
+                 const int H = x.shape(1), D = ins[2].shape(3);
+                 std::vector<StackRow> rows(B);
+                 for (int b = 0; b < B; ++b) {
+                   const mx::array &ck = ins[2 + b], &cv = ins[2 + B + b];
+                   rows[b] = StackRow{ck.data<float>(), cv.data<float>(), static_cast<int>(ck.shape(2)), positions[b]};
+                 }
+                 float* h = outs[0].data<float>();
+                 std::memcpy(h, x.data<float>(), sizeof(float) * B * H);
+                 const auto layers = parse_stack(ins, 2 + 2 * B, cfg.num_layers, H, cfg.bits);
+                 run_stack(layers, cfg, B, h, H, rows.data(), D, inv, outs[1].data<float>(), outs[2].data<float>());
+               });
 }
 
 }  // namespace csmd

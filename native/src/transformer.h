@@ -1,7 +1,8 @@
-// Fused single-token step through a stack of Llama layers (CSM's depth decoder).
+// Fused token step through a stack of Llama layers (the backbone, CSM's depth decoder), for one row or several.
 #pragma once
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "mlx/mlx.h"
@@ -11,14 +12,24 @@ namespace csmd {
 
 namespace mx = mlx::core;
 
+// At most this many rows in one batched step (one per session advanced together).
+constexpr int kMaxBatchRows = 64;
+
 struct StepConfig {
-  int position = 0;
   int num_heads = 0;
   int num_kv_heads = 0;
   float eps = 1e-5f;
   int group_size = 64;
   int bits = 4;  // 0: float32 weights, 16: bfloat16 weights
   int num_layers = 0;
+};
+
+// One row of a step over several rows: its own cache [L, KVH, T, D], read below `position`.
+struct StackRow {
+  const float* cache_k = nullptr;
+  const float* cache_v = nullptr;
+  int T = 0;
+  int position = 0;
 };
 
 // bits 0: float32 weights, 16: bfloat16 weights (one array per projection); 4/8: (w, scales, biases).
@@ -49,13 +60,15 @@ void check_quantized(const mx::array& w, const mx::array& scales, const mx::arra
                      int group_size, int bits, const std::string& name);
 // Views of a validated stack's weights, which start at arrays[first].
 std::vector<LayerWeights> parse_stack(const std::vector<mx::array>& arrays, size_t first, int L, int H, int bits);
-// One token through the layers at cfg.position: h [H] in place (the last layer's output, before the final
-// norm). Reads the cache [L, KVH, T, D] below the position; writes this position's rows to new_k/new_v
-// [L, KVH, D].
-void run_stack(const std::vector<LayerWeights>& layers, const StepConfig& cfg, float* h, int H, const float* cache_k,
-               const float* cache_v, int T, int D, const float* inv_freqs, float* new_k, float* new_v);
-// y[out] = W x for a quantized, bfloat16 or float32 projection, threaded.
-void matvec(const Proj& p, const float* x, float* y, int group_size, int bits);
+// B tokens through the layers, row b at rows[b].position over its own cache: h [B, H] in place (the last
+// layer's output, before the final norm). Writes each row's keys/values of its position to new_k/new_v
+// [B, L, KVH, D]. Each weight is read once for all B rows, and row b's result is the same bits as a step of
+// row b alone (B = 1): every product runs the one-row kernel per row, attention runs per row.
+void run_stack(const std::vector<LayerWeights>& layers, const StepConfig& cfg, int B, float* h, int H,
+               const StackRow* rows, int D, const float* inv_freqs, float* new_k, float* new_v);
+// y[M, out] = x[M, in] W^T for a quantized, bfloat16 or float32 projection, threaded: each weight read once
+// for all M rows, each row through the one-row kernel (the same bits as M one-row products).
+void project(const Proj& p, const float* x, int M, float* y, int group_size, int bits);
 // out = x / rms(x) * scale (scale float32/bfloat16/float16 [H]).
 void rmsnorm(const float* x, const mx::array& scale, float eps, int H, float* out);
 
@@ -66,10 +79,21 @@ std::vector<mx::array> transformer_step(const mx::array& x, const std::vector<mx
                                         int position, const mx::array& inv_freqs, int num_heads,
                                         int num_kv_heads, float eps, int group_size, int bits,
                                         mx::StreamOrDevice s = {});
+// The same for B rows of x [B, hidden], row b at positions[b] over its own cache caches_k[b] / caches_v[b]
+// [layers, kv heads, T_b, head_dim]: (h [B, hidden], new_k, new_v [B, layers, kv heads, head_dim]).
+std::vector<mx::array> transformer_step_batch(const mx::array& x, const std::vector<mx::array>& weights,
+                                              const std::vector<mx::array>& caches_k,
+                                              const std::vector<mx::array>& caches_v,
+                                              const std::vector<int>& positions, const mx::array& inv_freqs,
+                                              int num_heads, int num_kv_heads, float eps, int group_size, int bits,
+                                              mx::StreamOrDevice s = {});
 
+// Inputs: x [B, H], inv_freqs, the B keys caches, the B values caches, then the weights. Outputs h [B, H] and
+// the new rows, [B, L, KVH, D] or, for the one-row transformer_step, [L, KVH, D] (the same bytes).
 class TransformerStep : public mx::Primitive {
  public:
-  TransformerStep(mx::Stream stream, StepConfig cfg) : mx::Primitive(stream), cfg_(cfg) {}
+  TransformerStep(mx::Stream stream, StepConfig cfg, std::vector<int> positions, bool batch_shape)
+      : mx::Primitive(stream), cfg_(cfg), positions_(std::move(positions)), batch_shape_(batch_shape) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
@@ -80,6 +104,8 @@ class TransformerStep : public mx::Primitive {
 
  private:
   StepConfig cfg_;
+  std::vector<int> positions_;  // one per row
+  bool batch_shape_;            // new rows shaped [B, L, KVH, D] (else [L, KVH, D], B = 1)
 };
 
 }  // namespace csmd

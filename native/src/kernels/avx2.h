@@ -346,18 +346,82 @@ CSMD_AVX2 static inline void prefetch_ahead(const uint8_t* p) {
 #undef CSMD_GROUP_TARGET
 
 // 8 bits: u8 weights widened to int16 against natural-order int16 x, 64 bytes a group.
+struct I16G64Bf16Bits8 {
+  template <int R>
+  CSMD_AVX2 static inline void run(const uint8_t* w, const uint16_t* s, const uint16_t* bias, const XPrep* const* p,
+                                   float* out) {
+    sum_groups_bf16<R>(w, 64, s, bias, p, out, [&](int g, __m256* dots) CSMD_AVX2 {
+      const uint8_t* wg = w + 64 * g;
+      __m256i q[4];
+      for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(wg + 16 * i)));
+      for (int r = 0; r < R; ++r) {
+        const int16_t* xg = p[r]->xq16 + 64 * g;
+        __m256i a = _mm256_madd_epi16(q[0], _mm256_loadu_si256((const __m256i*)xg));
+        for (int i = 1; i < 4; ++i)
+          a = _mm256_add_epi32(a, _mm256_madd_epi16(q[i], _mm256_loadu_si256((const __m256i*)(xg + 16 * i))));
+        dots[r] = _mm256_cvtepi32_ps(a);
+      }
+    });
+  }
+};
+
+// 4 bits (word layout, int16 x): the four nibbles of each 16-bit word against four 16-value runs of x.
+struct I16G64Bf16Bits4 {
+  template <int R>
+  CSMD_AVX2 static inline void run(const uint8_t* w, const uint16_t* s, const uint16_t* bias, const XPrep* const* p,
+                                   float* out) {
+    const __m256i m4 = _mm256_set1_epi16(0x000F);
+    sum_groups_bf16<R>(w, 32, s, bias, p, out, [&](int g, __m256* dots) CSMD_AVX2 {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * g));
+      const __m256i q0 = _mm256_and_si256(v, m4), q1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), m4), q3 = _mm256_srli_epi16(v, 12);
+      for (int r = 0; r < R; ++r) {
+        const int16_t* x = p[r]->xq16 + 64 * g;
+        const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(q0, _mm256_loadu_si256((const __m256i*)x)),
+                                           _mm256_madd_epi16(q1, _mm256_loadu_si256((const __m256i*)(x + 16))));
+        const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(q2, _mm256_loadu_si256((const __m256i*)(x + 32))),
+                                           _mm256_madd_epi16(q3, _mm256_loadu_si256((const __m256i*)(x + 48))));
+        dots[r] = _mm256_cvtepi32_ps(_mm256_add_epi32(a, b));
+      }
+    });
+  }
+};
+
+// The "int8" mode at 4 bits: unsigned nibbles times int8 x (permute4 order) with vpmaddubsw, whose int16 pair
+// sums (at most 2 * 15 * 127 each, and x never -128) are added for both nibbles and widened to int32 with
+// vpmaddwd. Same integer sums as dot_i.
+struct I8G64Bf16Bits4 {
+  template <int R>
+  CSMD_AVX2 static inline void run(const uint8_t* w, const uint16_t* s, const uint16_t* bias, const XPrep* const* p,
+                                   float* out) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    sum_groups_bf16<R>(w, 32, s, bias, p, out, [&](int g, __m256* dots) CSMD_AVX2 {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * g));
+      const __m256i lo_w = _mm256_and_si256(v, m4), hi_w = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xg = p[r]->xq + 64 * g;
+        const __m256i lo = _mm256_maddubs_epi16(lo_w, _mm256_loadu_si256((const __m256i*)xg));
+        const __m256i hi = _mm256_maddubs_epi16(hi_w, _mm256_loadu_si256((const __m256i*)(xg + 32)));
+        dots[r] = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones));
+      }
+    });
+  }
+};
+
+// A kernel for one row of x: its R = 1 case.
+template <class Kernel>
+CSMD_AVX2 static inline float one_row_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
+                                           const XPrep& p) {
+  const XPrep* rows[1] = {&p};
+  float out;
+  Kernel::template run<1>(w, s, bias, rows, &out);
+  return out;
+}
+
 CSMD_AVX2 static inline float dot_i16_g64_bf16_8bit(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
                                                     const XPrep& p) {
-  return sum_groups_bf16(w, 64, s, bias, p, [&](int g) CSMD_AVX2 {
-    const uint8_t* wg = w + 64 * g;
-    const int16_t* xg = p.xq16 + 64 * g;
-    __m256i a = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)wg)),
-                                  _mm256_loadu_si256((const __m256i*)xg));
-    for (int i = 16; i < 64; i += 16)
-      a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(wg + i))),
-                                                _mm256_loadu_si256((const __m256i*)(xg + i))));
-    return _mm256_cvtepi32_ps(a);
-  });
+  return one_row_bf16<I16G64Bf16Bits8>(w, s, bias, p);
 }
 
 // dot_i16 for groups of 64 with bf16 scales and biases in place: 4 bits (word layout, int16 x) or 8 bits.
@@ -365,27 +429,32 @@ CSMD_AVX2 static inline float dot_i16_g64_bf16_8bit(const uint8_t* w, const uint
 CSMD_AVX2 static inline float dot_i16_g64_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
                                                const XPrep& p) {
   if (p.bits == 8) return dot_i16_g64_bf16_8bit(w, s, bias, p);
-  return sum_groups_bf16(w, 32, s, bias, p, [&](int g) CSMD_AVX2 {
-    return _mm256_cvtepi32_ps(blk_i16(w + 32 * g, p.xq16 + 64 * g));
-  });
+  return one_row_bf16<I16G64Bf16Bits4>(w, s, bias, p);
 }
 
-// The "int8" mode's 4-bit matvec for groups of 64 with bf16 scales and biases in place: unsigned nibbles times
-// int8 x (permute4 order) with vpmaddubsw, whose int16 pair sums (at most 2 * 15 * 127 each, and x never
-// -128) are added for both nibbles and widened to int32 with vpmaddwd. Same integer sums as dot_i.
+// The "int8" mode's 4-bit matvec for groups of 64 with bf16 scales and biases in place (8 bits: int16 x in
+// both modes).
 CSMD_AVX2 static inline float dot_i8_g64_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
                                               const XPrep& p) {
-  if (p.bits != 4) return dot_i16_g64_bf16_8bit(w, s, bias, p);  // 8 bits: int16 x in both modes
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  return sum_groups_bf16(w, 32, s, bias, p, [&](int g) CSMD_AVX2 {
-    const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * g));
-    const int8_t* xg = p.xq + 64 * g;
-    const __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(v, m4), _mm256_loadu_si256((const __m256i*)xg));
-    const __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
-                                            _mm256_loadu_si256((const __m256i*)(xg + 32)));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones));
-  });
+  if (p.bits != 4) return dot_i16_g64_bf16_8bit(w, s, bias, p);
+  return one_row_bf16<I8G64Bf16Bits4>(w, s, bias, p);
+}
+
+// The same for `count` rows of x at once (p[r] prepared for row r): out[r] is bit for bit the one-row result.
+CSMD_AVX2 static inline void dots_i16_g64_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
+                                               const XPrep* const* p, int count, float* out) {
+  if (p[0]->bits == 8)
+    rows_bf16<I16G64Bf16Bits8>(w, s, bias, p, count, out);
+  else
+    rows_bf16<I16G64Bf16Bits4>(w, s, bias, p, count, out);
+}
+
+CSMD_AVX2 static inline void dots_i8_g64_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
+                                              const XPrep* const* p, int count, float* out) {
+  if (p[0]->bits != 4)
+    rows_bf16<I16G64Bf16Bits8>(w, s, bias, p, count, out);
+  else
+    rows_bf16<I8G64Bf16Bits4>(w, s, bias, p, count, out);
 }
 
 // Per group of 64 x: max |x| and the sum (in double, as prep_gsum).

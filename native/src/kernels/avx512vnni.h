@@ -154,30 +154,84 @@ CSMD_VNNI static inline float dot_i(const uint8_t* w, const float* s, const floa
 #include "sum_groups_bf16.inc"
 #undef CSMD_GROUP_TARGET
 
+// avx2::I16G64Bf16Bits4 with vpdpwssd: the four nibbles of each word against four 16-value runs of int16 x.
+struct I16G64Bf16Bits4 {
+  template <int R>
+  CSMD_VNNI static inline void run(const uint8_t* w, const uint16_t* s, const uint16_t* bias, const XPrep* const* p,
+                                   float* out) {
+    const __m256i m4 = _mm256_set1_epi16(0x000F);
+    const __m256i zero = _mm256_setzero_si256();
+    sum_groups_bf16<R>(w, 32, s, bias, p, out, [&](int g, __m256* dots) CSMD_VNNI {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * g));
+      const __m256i q0 = _mm256_and_si256(v, m4), q1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), m4), q3 = _mm256_srli_epi16(v, 12);
+      for (int r = 0; r < R; ++r) {
+        const int16_t* x = p[r]->xq16 + 64 * g;
+        __m256i acc = _mm256_dpwssd_epi32(zero, q0, _mm256_loadu_si256((const __m256i*)x));
+        acc = _mm256_dpwssd_epi32(acc, q1, _mm256_loadu_si256((const __m256i*)(x + 16)));
+        acc = _mm256_dpwssd_epi32(acc, q2, _mm256_loadu_si256((const __m256i*)(x + 32)));
+        dots[r] = _mm256_cvtepi32_ps(_mm256_dpwssd_epi32(acc, q3, _mm256_loadu_si256((const __m256i*)(x + 48))));
+      }
+    });
+  }
+};
+
+// The "int8" mode's 4-bit groups of 64: unsigned nibbles times int8 x (permute4 order) with vpdpbusd. Same
+// integer sums as dot_i.
+struct I8G64Bf16Bits4 {
+  template <int R>
+  CSMD_VNNI static inline void run(const uint8_t* w, const uint16_t* s, const uint16_t* bias, const XPrep* const* p,
+                                   float* out) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i zero = _mm256_setzero_si256();
+    sum_groups_bf16<R>(w, 32, s, bias, p, out, [&](int g, __m256* dots) CSMD_VNNI {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * g));
+      const __m256i lo_w = _mm256_and_si256(v, m4), hi_w = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xg = p[r]->xq + 64 * g;
+        const __m256i a = _mm256_dpbusd_epi32(zero, lo_w, _mm256_loadu_si256((const __m256i*)xg));
+        dots[r] = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(a, hi_w, _mm256_loadu_si256((const __m256i*)(xg + 32))));
+      }
+    });
+  }
+};
+
 // avx2::dot_i16_g64_bf16 with vpdpwssd for 4 bits.
 CSMD_VNNI static inline float dot_i16_g64_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
                                                const XPrep& p) {
   if (p.bits == 8) return avx2::dot_i16_g64_bf16_8bit(w, s, bias, p);
-  const __m256i zero = _mm256_setzero_si256();
-  return sum_groups_bf16(w, 32, s, bias, p, [&](int g) CSMD_VNNI {
-    return _mm256_cvtepi32_ps(blk_i16(zero, w + 32 * g, p.xq16 + 64 * g));
-  });
+  const XPrep* rows[1] = {&p};
+  float out;
+  I16G64Bf16Bits4::run<1>(w, s, bias, rows, &out);
+  return out;
 }
 
-// The "int8" mode's 4-bit matvec for groups of 64 with bf16 scales and biases in place: unsigned nibbles
-// times int8 x (permute4 order) with vpdpbusd. Same integer sums as dot_i.
+// The "int8" mode's 4-bit matvec for groups of 64 with bf16 scales and biases in place (8 bits: int16 x in
+// both modes).
 CSMD_VNNI static inline float dot_i8_g64_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
                                               const XPrep& p) {
-  if (p.bits != 4) return avx2::dot_i16_g64_bf16_8bit(w, s, bias, p);  // 8 bits: int16 x in both modes
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  const __m256i zero = _mm256_setzero_si256();
-  return sum_groups_bf16(w, 32, s, bias, p, [&](int g) CSMD_VNNI {
-    const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * g));
-    const int8_t* xg = p.xq + 64 * g;
-    const __m256i a = _mm256_dpbusd_epi32(zero, _mm256_and_si256(v, m4), _mm256_loadu_si256((const __m256i*)xg));
-    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(a, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
-                                                  _mm256_loadu_si256((const __m256i*)(xg + 32))));
-  });
+  if (p.bits != 4) return avx2::dot_i16_g64_bf16_8bit(w, s, bias, p);
+  const XPrep* rows[1] = {&p};
+  float out;
+  I8G64Bf16Bits4::run<1>(w, s, bias, rows, &out);
+  return out;
+}
+
+// The same for `count` rows of x at once (p[r] prepared for row r): out[r] is bit for bit the one-row result.
+CSMD_VNNI static inline void dots_i16_g64_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
+                                               const XPrep* const* p, int count, float* out) {
+  if (p[0]->bits == 8)
+    avx2::dots_i16_g64_bf16(w, s, bias, p, count, out);
+  else
+    rows_bf16<I16G64Bf16Bits4>(w, s, bias, p, count, out);
+}
+
+CSMD_VNNI static inline void dots_i8_g64_bf16(const uint8_t* w, const uint16_t* s, const uint16_t* bias,
+                                              const XPrep* const* p, int count, float* out) {
+  if (p[0]->bits != 4)
+    avx2::dots_i16_g64_bf16(w, s, bias, p, count, out);
+  else
+    rows_bf16<I8G64Bf16Bits4>(w, s, bias, p, count, out);
 }
 
 }  // namespace avx512vnni

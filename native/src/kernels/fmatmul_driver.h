@@ -77,24 +77,32 @@ inline void fgemm(const FMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
   });
 }
 
-inline void fmatmul(const FMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
-  const int N = a.N, M = a.M;
-  if (M == 1) {
-    run_rows(pool, N, fweight_bytes(a) / N, [&](int n0, int n1) { fmatvec_rows(a, kern, n0, n1); });
-    return;
-  }
-  fgemm(a, kern, pool);
-}
-
-// Several single-row float products (same K; each a[c].x is used) as one pool
-// job; paired and post as in qmatvec_multi.
+// Several float products as one pool job, each row of x through the one-row kernel (fmatvec_rows), so a row's
+// output is the one-row product's whatever M is: a[c].x [M, K] (the same K and dtype for every c),
+// a[c].out [M, a[c].N]. A block of weight rows comes from memory once, for the first row of x, and from cache
+// for the others. paired and post as in qmatvec_multi.
 inline void fmatvec_multi(const FMatmulArgs* a, int count, const Kernels& kern, ThreadPool* pool,
                           bool paired = false, const std::function<void(int, int)>* post = nullptr) {
+  const int M = a[0].M;
+  std::vector<FMatmulArgs> outs;  // [c * M + m]: matrix c's product with row m of its x
+  for (int c = 0; c < count; ++c)
+    for (int m = 0; m < M; ++m) {
+      outs.push_back(a[c]);
+      outs.back().M = 1;
+      outs.back().x = a[c].x + static_cast<size_t>(m) * a[c].K;
+      outs.back().out = a[c].out + static_cast<size_t>(m) * a[c].N;
+    }
+  const size_t row_bytes = fweight_bytes(a[0]) / a[0].N;
+  const int block = weight_block_rows(row_bytes);
+  const auto span = [&](int c, int n0, int n1) {
+    for (int b0 = n0; b0 < n1; b0 += block)
+      for (int m = 0; m < M; ++m)
+        fmatvec_rows(outs[static_cast<size_t>(c) * M + m], kern, b0, std::min(n1, b0 + block));
+  };
   if (paired) {  // all N equal: each chunk is rows [n0, n1) of every output, then post
-    size_t row_bytes = 0;
-    for (int c = 0; c < count; ++c) row_bytes += fweight_bytes(a[c]) / a[c].N;
-    run_rows(pool, a[0].N, row_bytes, [&](int n0, int n1) {
-      for (int c = 0; c < count; ++c) fmatvec_rows(a[c], kern, n0, n1);
+    run_rows(pool, a[0].N, row_bytes * count, [&](int n0, int n1) {
+      for (int b0 = n0; b0 < n1; b0 += block)
+        for (int c = 0; c < count; ++c) span(c, b0, std::min(n1, b0 + block));
       if (post && n1 > n0) (*post)(n0, n1);
     });
     return;
@@ -102,14 +110,26 @@ inline void fmatvec_multi(const FMatmulArgs* a, int count, const Kernels& kern, 
   int rows = 0;
   for (int c = 0; c < count; ++c) rows += a[c].N;
   // the outputs' rows one after another, chunked together (all of one K and dtype in the model)
-  run_rows(pool, rows, fweight_bytes(a[0]) / a[0].N, [&](int r0, int r1) {
+  run_rows(pool, rows, row_bytes, [&](int r0, int r1) {
     int base = 0;
     for (int c = 0; c < count; ++c) {
       const int lo = std::max(r0, base), hi = std::min(r1, base + a[c].N);
-      if (lo < hi) fmatvec_rows(a[c], kern, lo - base, hi - base);
+      if (lo < hi) span(c, lo - base, hi - base);
       base += a[c].N;
     }
   });
+}
+
+// Each of the M rows of x through the one-row kernel (fmatvec_multi of one matrix).
+inline void fmatvec_batch(const FMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
+  fmatvec_multi(&a, 1, kern, pool);
+}
+
+inline void fmatmul(const FMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
+  if (a.M == 1)
+    fmatvec_batch(a, kern, pool);
+  else
+    fgemm(a, kern, pool);
 }
 
 }  // namespace csmd

@@ -19,18 +19,23 @@ namespace csmd {
 struct Kernels {
   using RowDot = float (*)(const uint8_t*, const float*, const float*, const XPrep&);
   using RowDotBf16 = float (*)(const uint8_t*, const uint16_t*, const uint16_t*, const XPrep&);
+  // A RowDotBf16 for several rows of x against one weight row: (w, s, bias, preps, count, out[count]), each
+  // out[r] bit for bit the one-row dot with preps[r].
+  using RowDotsBf16 = void (*)(const uint8_t*, const uint16_t*, const uint16_t*, const XPrep* const*, int, float*);
   RowDot dot_f = nullptr;    // the exact mode: float unpacking, fp32 sums
   RowDot dot_i = nullptr;    // the int8 mode (int16 x at 8 bits)
   RowDot dot_i16 = nullptr;  // the int16 mode
   // dot_i16 for groups of 64 with bf16 scales and biases read in place (4 and 8 bits); nullptr where the
   // variant has none (scalar, NEON), which then converts each row's scales and biases to fp32 for dot_i16.
   RowDotBf16 dot_i16_g64_bf16 = nullptr;
+  RowDotsBf16 dots_i16_g64_bf16 = nullptr;  // the same over several rows of x, each weight group unpacked once
   // int16 x for the groups of 64 (steps, group sums; permuted for 4 bits) in one SIMD pass; nullptr: the
   // scalar prep_gsum + prep_x_i16_4 / prep_x_int (same integers).
   void (*prep_i16_g64)(const float*, int, bool, int16_t*, float*, float*) = nullptr;
   // The int8 mode's 4-bit product with bf16 scales and biases read in place (AVX2 and VNNI; nullptr for scalar
   // and NEON, where the rows' scales and biases are converted for dot_i).
   RowDotBf16 dot_i8_g64_bf16 = nullptr;
+  RowDotsBf16 dots_i8_g64_bf16 = nullptr;  // the same over several rows of x, each weight group unpacked once
   // The int8 mode's x at 4 bits, groups of 64, in one SIMD pass; nullptr: prep_gsum + prep_x_int.
   void (*prep_i8_g64)(const float*, int, int8_t*, float*, float*) = nullptr;
   // Weight rows dequantized to fp32 for the GEMM (qmatmul_driver.h's QuantFill).
@@ -53,8 +58,10 @@ inline Kernels kernels_for(Variant v) {
           .dot_i = avx2::dot_i,
           .dot_i16 = avx2::dot_i16,
           .dot_i16_g64_bf16 = avx2::dot_i16_g64_bf16,
+          .dots_i16_g64_bf16 = avx2::dots_i16_g64_bf16,
           .prep_i16_g64 = avx2::prep_i16_g64,
           .dot_i8_g64_bf16 = avx2::dot_i8_g64_bf16,
+          .dots_i8_g64_bf16 = avx2::dots_i8_g64_bf16,
           .prep_i8_g64 = avx2::prep_i8_g64,
           .dequant = avx2::dequant,
           .gemm = {.micro = avx2::gemm_micro, .pack_w = avx2::gemm_pack_w},
@@ -71,6 +78,8 @@ inline Kernels kernels_for(Variant v) {
       k.dot_i16 = avx512vnni::dot_i16;
       k.dot_i16_g64_bf16 = avx512vnni::dot_i16_g64_bf16;
       k.dot_i8_g64_bf16 = avx512vnni::dot_i8_g64_bf16;
+      k.dots_i16_g64_bf16 = avx512vnni::dots_i16_g64_bf16;
+      k.dots_i8_g64_bf16 = avx512vnni::dots_i8_g64_bf16;
       return k;
     }
 #endif

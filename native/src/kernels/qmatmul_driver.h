@@ -70,7 +70,8 @@ inline void load_row(const void* base, SBType t, size_t offset, int n, float* ou
 //          products summed per group in int32 (dot_i16; ~1e-5 relative);
 //   Int8:  x quantized per group to int8 for 4 bits (dx = max|x_g|/127, about
 //          0.5% relative per product), int16 for 8 bits (dot_i).
-// For 8-bit weights Int16 and Int8 are the same (int16 x).  M > 1 always uses
+// For 8-bit weights Int16 and Int8 are the same (int16 x).  A few rows of x go
+// through the single-row path each (qmatvec_rows, up to kMatvecRows); more use
 // the fp32 GEMM (gemm.h) on weights dequantized block by block (qgemm).
 enum class MatvecMode { Exact = 0, Int8 = 1, Int16 = 2 };
 
@@ -93,6 +94,7 @@ struct MatvecPrep {
   XPrep p;
   Kernels::RowDot dot = nullptr;
   Kernels::RowDotBf16 dot_bf16_sb = nullptr;
+  Kernels::RowDotsBf16 dots_bf16_sb = nullptr;  // dot_bf16_sb over several rows of x (each its own prep)
   float (*dot_f32)(const float*, const float*, int) = nullptr;
 
   MatvecPrep(const float* x, int K, int G, int bits, const Kernels& kern, MatvecMode mode)
@@ -134,10 +136,13 @@ struct MatvecPrep {
     }
     dot = mode == MatvecMode::Exact ? kern.dot_f
           : (mode == MatvecMode::Int16 ? kern.dot_i16 : kern.dot_i);
-    if (int16_g64)
+    if (int16_g64) {
       dot_bf16_sb = kern.dot_i16_g64_bf16;
-    else if (int8_g64)
+      dots_bf16_sb = kern.dots_i16_g64_bf16;
+    } else if (int8_g64) {
       dot_bf16_sb = kern.dot_i8_g64_bf16;
+      dots_bf16_sb = kern.dots_i8_g64_bf16;
+    }
   }
 
   // Centring. The kernels multiply x's integers by the weights' unsigned levels q (0..15 or 0..255), so x's
@@ -246,55 +251,55 @@ inline void qgemm(const QMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
 // have in every generated frame.
 constexpr int kMatvecRows = 64, kMatvecRowsExact = 3;
 
-// The single-row kernels of `mode` for each of the M rows of x, a block of weight rows at a time: the block
-// comes from memory once, for the first row, and from cache for the others.
-inline void qmatvec_rows(const QMatmulArgs& a, const Kernels& kern, MatvecMode mode, ThreadPool* pool) {
-  const int K = a.K, N = a.N, M = a.M;
+// The single-row kernels of `mode` for each of the M rows of x, through `count` matrices of one K, G and bits
+// that share x (a[c].x [M, K] the same for every c; a[c].out [M, a[c].N]), as one pool job. Each row of x is
+// prepared once, and each row of its output is the one-row product's (MatvecPrep::rows), whatever M is and
+// however the rows are spread over the threads.
+//   paired == false: the rows of all outputs are split over the threads together;
+//   paired == true:  all N are equal; each thread computes rows [n0, n1) of every output for every row of x,
+//                    then calls post(n0, n1) (if given) on them, e.g. an elementwise op joining the outputs.
+inline void qmatvec_multi(const QMatmulArgs* a, int count, const Kernels& kern, MatvecMode mode, ThreadPool* pool,
+                          bool paired = false, const std::function<void(int, int)>* post = nullptr) {
+  const int K = a[0].K, M = a[0].M;
   std::vector<std::unique_ptr<MatvecPrep>> preps;
-  std::vector<QMatmulArgs> rows(M, a);
-  for (int m = 0; m < M; ++m) {
-    preps.push_back(std::make_unique<MatvecPrep>(a.x + static_cast<size_t>(m) * K, K, a.G, a.bits, kern, mode));
-    rows[m].out = a.out + static_cast<size_t>(m) * N;
-  }
-  constexpr int kBlock = 16;  // weight rows: 16 KB at K = 2048 and 4 bits, in L1
-  const size_t row_bytes = static_cast<size_t>(K) * a.bits / 8;
-  run_rows(pool, N, row_bytes, [&](int n0, int n1) {
-    for (int b0 = n0; b0 < n1; b0 += kBlock)
-      for (int m = 0; m < M; ++m) preps[m]->rows(rows[m], b0, std::min(n1, b0 + kBlock));
-  });
-}
-
-inline void qmatmul(const QMatmulArgs& a, const Kernels& kern, MatvecMode mode, ThreadPool* pool) {
-  const int K = a.K, N = a.N, M = a.M, G = a.G, bits = a.bits;
-  const size_t row_bytes = static_cast<size_t>(K) * bits / 8;
-
-  if (M == 1) {
-    MatvecPrep mp(a.x, K, G, bits, kern, mode);
-    run_rows(pool, N, row_bytes, [&](int n0, int n1) { mp.rows(a, n0, n1); });
-    return;
-  }
-  if (M <= (mode == MatvecMode::Exact ? kMatvecRowsExact : kMatvecRows)) {
-    qmatvec_rows(a, kern, mode, pool);
-    return;
-  }
-
-  qgemm(a, kern, pool);
-}
-
-// Several single-row products of one x (count matrices of the same K, G and
-// bits; x prepared once) as one pool job.  paired == false: the rows of all
-// outputs are split over the threads together.  paired == true: all N are
-// equal; each thread computes rows [n0, n1) of every output and then calls
-// post(n0, n1) (if given) on them, e.g. an elementwise op joining the outputs.
-inline void qmatvec_multi(const QMatmulArgs* a, int count, const Kernels& kern, MatvecMode mode,
-                          ThreadPool* pool, bool paired = false,
-                          const std::function<void(int, int)>* post = nullptr) {
-  const int K = a[0].K;
-  MatvecPrep mp(a[0].x, K, a[0].G, a[0].bits, kern, mode);
+  for (int m = 0; m < M; ++m)
+    preps.push_back(
+        std::make_unique<MatvecPrep>(a[0].x + static_cast<size_t>(m) * K, K, a[0].G, a[0].bits, kern, mode));
+  std::vector<QMatmulArgs> outs;  // [c * M + m]: matrix c's product with row m of x
+  for (int c = 0; c < count; ++c)
+    for (int m = 0; m < M; ++m) {
+      outs.push_back(a[c]);
+      outs.back().out = a[c].out + static_cast<size_t>(m) * a[c].N;
+    }
   const size_t row_bytes = static_cast<size_t>(K) * a[0].bits / 8;
+  const int block = weight_block_rows(row_bytes);
+  // bf16 scales read in place by a kernel that takes several rows of x at once: each weight group is loaded
+  // and unpacked once for them all (the preps share K, G, bits and mode, so they have the same kernels).
+  const bool together = M > 1 && M <= kMatvecRows && preps[0]->dots_bf16_sb && preps[0]->dot_bf16_sb;
+  std::vector<const XPrep*> xps;
+  for (const auto& prep : preps) xps.push_back(&prep->p);
+  // Rows [n0, n1) of matrix c for every row of x: a weight row at a time through all rows of x, or a block of
+  // weight rows at a time through each row of x.
+  const auto span = [&](int c, int n0, int n1) {
+    if (together && a[c].sbt == SBType::BF16) {
+      const int ng = K / a[c].G;
+      const auto* s16 = static_cast<const uint16_t*>(a[c].scales);
+      const auto* b16 = static_cast<const uint16_t*>(a[c].biases);
+      float dots[kMatvecRows];
+      for (int n = n0; n < n1; ++n) {
+        const size_t at = static_cast<size_t>(n) * ng;
+        preps[0]->dots_bf16_sb(a[c].w + n * row_bytes, s16 + at, b16 + at, xps.data(), M, dots);
+        for (int m = 0; m < M; ++m) a[c].out[static_cast<size_t>(m) * a[c].N + n] = dots[m];
+      }
+      return;
+    }
+    for (int b0 = n0; b0 < n1; b0 += block)
+      for (int m = 0; m < M; ++m) preps[m]->rows(outs[static_cast<size_t>(c) * M + m], b0, std::min(n1, b0 + block));
+  };
   if (paired) {  // all N equal: each chunk is rows [n0, n1) of every output, then post
     run_rows(pool, a[0].N, row_bytes * count, [&](int n0, int n1) {
-      for (int c = 0; c < count; ++c) mp.rows(a[c], n0, n1);
+      for (int b0 = n0; b0 < n1; b0 += block)
+        for (int c = 0; c < count; ++c) span(c, b0, std::min(n1, b0 + block));
       if (post && n1 > n0) (*post)(n0, n1);
     });
     return;
@@ -306,10 +311,22 @@ inline void qmatvec_multi(const QMatmulArgs* a, int count, const Kernels& kern, 
     int base = 0;
     for (int c = 0; c < count; ++c) {
       const int lo = std::max(r0, base), hi = std::min(r1, base + a[c].N);
-      if (lo < hi) mp.rows(a[c], lo - base, hi - base);
+      if (lo < hi) span(c, lo - base, hi - base);
       base += a[c].N;
     }
   });
+}
+
+// The single-row kernels of `mode` for each of the M rows of x (qmatvec_multi of one matrix).
+inline void qmatvec_rows(const QMatmulArgs& a, const Kernels& kern, MatvecMode mode, ThreadPool* pool) {
+  qmatvec_multi(&a, 1, kern, mode, pool);
+}
+
+inline void qmatmul(const QMatmulArgs& a, const Kernels& kern, MatvecMode mode, ThreadPool* pool) {
+  if (a.M <= (mode == MatvecMode::Exact ? kMatvecRowsExact : kMatvecRows))
+    qmatvec_rows(a, kern, mode, pool);
+  else
+    qgemm(a, kern, pool);
 }
 
 }  // namespace csmd

@@ -285,4 +285,12 @@ inline void run_rows(ThreadPool* pool, int N, size_t bytes_per_row, const std::f
   pool->run_chunks(count, chunk);
 }
 
+// Weight rows a product over several rows of x takes at a time (qmatvec_multi, fmatvec_multi): the block comes
+// from memory once, for the first row of x, and from cache (L1) for the others.
+constexpr size_t kWeightBlockBytes = 16 << 10;
+
+inline int weight_block_rows(size_t row_bytes) {
+  return static_cast<int>(std::clamp<size_t>(kWeightBlockBytes / std::max<size_t>(row_bytes, 1), 1, 64));
+}
+
 }  // namespace csmd
