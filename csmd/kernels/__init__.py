@@ -361,13 +361,3 @@ def native_elu(x: mx.array) -> mx.array:
     assert native.module is not None
     out: mx.array = native.module.elu(x)
     return out
-
-
-def batch_step_available(x: mx.array) -> bool:
-    """The native transformer step over B rows (each its own cache and position) can run here."""
-    return native_has("transformer_step_batch") and native_has("transformer_step")
-
-
-def depth_frame_batch_available(x: mx.array) -> bool:
-    """The native whole-frame depth decoder over B rows can run here."""
-    return native_has("depth_frame_batch") and native_has("transformer_step")

@@ -190,7 +190,7 @@ class CSM(nn.Module):
         fused = self._native.backbone
         x = self.embed_rows(tokens, mask)[:, 0]
         fp32 = all(cache.keys.dtype == mx.float32 and cache.keys.shape[1] == 1 for cache in caches)
-        if not (fused and fp32 and kernels.batch_step_available(x)):
+        if not (fused and fp32 and kernels.fused_step_batch_available()):
             rows = [self.backbone_step(tokens[b : b + 1], mask[b : b + 1], cache) for b, cache in enumerate(caches)]
             return mx.concatenate(rows)
         cfg = self.config.backbone
@@ -257,7 +257,7 @@ class CSM(nn.Module):
         if (
             native.depth_frame
             and all(isinstance(s, FrameSampler) for s in samplers)
-            and kernels.depth_frame_batch_available(hidden)
+            and kernels.depth_frame_batch_available()
         ):
             return self._decode_frames_native(hidden, code0, cast(list[FrameSampler], samplers), native.depth_frame)
         frames = [self.decode_frame(hidden[b : b + 1], code0[b : b + 1], s) for b, s in enumerate(samplers)]
