@@ -93,7 +93,10 @@ inline void fmatvec_multi(const FMatmulArgs* a, int count, const Kernels& kern, 
       outs.back().out = a[c].out + static_cast<size_t>(m) * a[c].N;
     }
   const size_t row_bytes = fweight_bytes(a[0]) / a[0].N;
-  const int block = weight_block_rows(row_bytes);
+  // One row of x: nothing to share a block with, so a chunk at a time, as one product always ran.
+  int widest = 1;
+  for (int c = 0; c < count; ++c) widest = std::max(widest, a[c].N);
+  const int block = M == 1 ? widest : weight_block_rows(row_bytes);
   const auto span = [&](int c, int n0, int n1) {
     for (int b0 = n0; b0 < n1; b0 += block)
       for (int m = 0; m < M; ++m)

@@ -272,7 +272,10 @@ inline void qmatvec_multi(const QMatmulArgs* a, int count, const Kernels& kern, 
       outs.back().out = a[c].out + static_cast<size_t>(m) * a[c].N;
     }
   const size_t row_bytes = static_cast<size_t>(K) * a[0].bits / 8;
-  const int block = weight_block_rows(row_bytes);
+  // One row of x: nothing to share a block with, so a chunk at a time, as one product always ran.
+  int widest = 1;
+  for (int c = 0; c < count; ++c) widest = std::max(widest, a[c].N);
+  const int block = M == 1 ? widest : weight_block_rows(row_bytes);
   // bf16 scales read in place by a kernel that takes several rows of x at once: each weight group is loaded
   // and unpacked once for them all (the preps share K, G, bits and mode, so they have the same kernels).
   const bool together = M > 1 && M <= kMatvecRows && preps[0]->dots_bf16_sb && preps[0]->dot_bf16_sb;
