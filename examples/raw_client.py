@@ -6,13 +6,17 @@ errors), to show that the document is enough to write a client in any language.
     python examples/raw_client.py -o raw.wav "Hello from a raw socket."
 
 It opens a session, asks for one reply, writes its audio chunks into a WAV file as they arrive and
-prints how the reply ended. Exit status: 0 on success, 2 if no daemon listens at the socket path, 1 for
-any other failure (the daemon refused or failed, the output file cannot be written).
+prints how the reply ended. Before sending anything it checks that the daemon runs as the same user (the
+kernel's record of the peer, docs/protocol.md "Who may connect"). Exit status: 0 on success, 2 if no daemon
+listens at the socket path or another user's process serves it, 1 for any other failure (the daemon
+refused or failed, the output file cannot be written).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import os
 import socket
 import struct
@@ -44,12 +48,35 @@ class DaemonError(Exception):
     """The daemon answered with an `error` message, or broke the protocol."""
 
 
+class UntrustedServer(Exception):
+    """The socket is served by another user's process (docs/protocol.md, "Who may connect")."""
+
+
+def server_uid(sock: socket.socket) -> int:
+    """The user id the kernel records for the process serving the connected socket: SO_PEERCRED on Linux
+    (a struct ucred of three C ints: pid, uid, gid), getpeereid() from the C library elsewhere."""
+    if sys.platform.startswith("linux"):
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        return uid
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    uid, gid = ctypes.c_uint32(), ctypes.c_uint32()
+    if libc.getpeereid(sock.fileno(), ctypes.byref(uid), ctypes.byref(gid)) != 0:
+        raise OSError(ctypes.get_errno(), "getpeereid failed")
+    return uid.value
+
+
 class RawConnection:
     """One connection: length-prefixed msgpack maps over a Unix stream socket."""
 
     def __init__(self, path: Path) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(os.fspath(path))
+
+    def check_server(self, path: Path) -> None:
+        """Before sending anything: the daemon must run as our user (or root), or it could be anyone's."""
+        uid = server_uid(self.sock)
+        if uid not in (os.geteuid(), 0):
+            raise UntrustedServer(f"{path} is served by user {uid}, not by us: refusing to talk to it")
 
     def send(self, **fields: Any) -> None:
         # Every message is a map with a string "type"; bytes go out as msgpack bin (use_bin_type).
@@ -154,7 +181,11 @@ def main() -> int:
         print(f"raw_client: no csmd daemon at {path} (--socket): {exc.strerror or exc}", file=sys.stderr)
         return 2
     try:
+        conn.check_server(path)
         return speak_to_wav(conn, args.text, args.output, args.max_frames, args.seed)
+    except UntrustedServer as exc:
+        print(f"raw_client: {exc}", file=sys.stderr)
+        return 2
     except (DaemonError, OSError) as exc:
         print(f"raw_client: {exc}", file=sys.stderr)
         return 1

@@ -317,3 +317,36 @@ def test_library_examples_refuse_another_users_socket_in_one_line(
     assert done.returncode == 2, done
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
     assert str(daemon) in done.stderr and "4242" in done.stderr, done.stderr
+
+
+# raw_client.py imports no csmd code, so the kernel's answer itself is faked: SO_PEERCRED names user 4242.
+RAW_AS_IF_ANOTHER_USER = """
+import runpy, socket, struct, sys
+real = socket.socket.getsockopt
+def getsockopt(self, level, option, *size):
+    if option == socket.SO_PEERCRED:
+        return struct.pack("3i", 1, 4242, 4242)
+    return real(self, level, option, *size)
+socket.socket.getsockopt = getsockopt
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fakes Linux's SO_PEERCRED")
+def test_raw_client_refuses_another_users_socket_before_sending(
+    daemon: Path, runtime_dir: Path, tmp_path: Path
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", RAW_AS_IF_ANOTHER_USER, str(EXAMPLES / "raw_client.py"), "--socket", str(daemon)],
+        capture_output=True,
+        text=True,
+        env=example_env(runtime_dir),
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert str(daemon) in done.stderr and "user 4242" in done.stderr, done.stderr
+    assert not (tmp_path / "raw.wav").exists()  # it stopped before asking for anything
