@@ -202,8 +202,13 @@ def test_mimi_transformer_rejects_bad_shapes() -> None:
         csmd_native.mimi_transformer(x, stack.native_weights(), past_k[:, :, 1:], past_v, position, inv_freqs, 4, 10)
     with pytest.raises(ValueError, match="rows must be float32"):
         csmd_native.mimi_ring_write(past_k, last_k[:, :, :, 1:], position)
-    with pytest.raises(ValueError, match="position must be one int32"):
+    with pytest.raises(ValueError, match=r"position must be int32 \[B\]"):
         csmd_native.mimi_ring_write(past_k, last_k, position.astype(mx.float32))
+    three = mx.zeros((3,), dtype=mx.int32)  # a position for each of 3 rows, for a batch of 1
+    with pytest.raises(ValueError, match=r"position must be int32 \[B\]"):
+        csmd_native.mimi_ring_write(past_k, last_k, three)
+    with pytest.raises(ValueError, match=r"position must be int32 \[B\]"):
+        csmd_native.mimi_transformer(x, stack.native_weights(), past_k, past_v, three, inv_freqs, 4, 10)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

@@ -10,7 +10,7 @@ processing is the streaming code run over longer chunks: `decode(codes)` equals 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
@@ -20,7 +20,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from csmd.arrays import materialize
-from csmd.audio.mimi import seanet
+from csmd.audio.mimi import seanet, transformer
 from csmd.audio.mimi.config import MimiConfig
 from csmd.audio.mimi.quantizer import SplitQuantizer
 from csmd.audio.mimi.seanet import CausalConv1d, CausalConvTranspose1d, SeanetDecoder, SeanetEncoder, State
@@ -350,3 +350,76 @@ class StreamingEncoder(_Stream[EncoderState]):
         self._state = snapshot.state
         assert snapshot.pending is not None
         self._pending = snapshot.pending.copy()
+
+
+# -- several streams' frames in one batched step --------------------------------------------------------------
+
+
+def stack_decoder_states(states: Sequence[DecoderState], last_steps: int = 0) -> DecoderState:
+    """One batched state whose rows are the given streams' rows, in order (streams of any ages: each row keeps
+    its own position; see transformer.stack_states for `last_steps`). One state is returned as it is."""
+    return DecoderState(
+        seanet.stack_states([state.upsample for state in states]),
+        transformer.stack_states([state.transformer for state in states], last_steps),
+        seanet.stack_states([state.seanet for state in states]),
+    )
+
+
+def split_decoder_state(state: DecoderState) -> list[DecoderState]:
+    """Each batch row's state as a stream of its own (views of the batch's arrays); a batch of one as it is."""
+    batch = state.transformer.position.shape[0]
+    if batch == 1:
+        return [state]
+    parts = zip(
+        seanet.split_state(state.upsample, batch),
+        transformer.split_state(state.transformer),
+        seanet.split_state(state.seanet, batch),
+        strict=True,
+    )
+    return [DecoderState(*row) for row in parts]
+
+
+def decode_together(decoders: Sequence[StreamingDecoder], frames: np.ndarray | mx.array) -> np.ndarray:
+    """Each decoder's next frame in one batched step: frames [B, K] (row b for decoders[b]) -> pcm [B, 1920].
+
+    The decoders (of one codec, one stream each, all different) may be of any ages, fresh ones included; each
+    is left holding its own new state, and row b is exactly what decoders[b].step(frames[b]) would have
+    returned (bit for bit with the native kernels, whose products give a row the same floats whatever the
+    other rows). What it saves: the step reads the codec's weights once for all B streams (a single stream's
+    step is bound by reading them). What it costs: the B states are copied into one batch (their key/value
+    rings, two per stream of layers x (context - 1) x d_model floats) and split back into views of it. Each
+    batch size is one more trace of the compiled step (Mimi.decode_step).
+    """
+    if not decoders:
+        raise ValueError("no decoders to step")
+    mimi = decoders[0].mimi
+    if any(decoder.mimi is not mimi for decoder in decoders):
+        raise ValueError("decoders of different codecs cannot step together")
+    if any(decoder.batch != 1 for decoder in decoders):
+        raise ValueError("decode_together steps decoders of one stream each")
+    if len({id(decoder) for decoder in decoders}) != len(decoders):
+        raise ValueError("a decoder appears more than once")
+    codes = np.asarray(frames)
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"frames must be integers, got {codes.dtype}")
+    if codes.ndim != 2 or codes.shape[0] != len(decoders):
+        raise ValueError(f"frames must be [{len(decoders)}, K] (a frame per decoder), got shape {list(codes.shape)}")
+    mimi.check_codes(codes[:, :, None])
+    # A fresh stream is given the previous-call steps of a running one (its ring's masked zeros): every batch
+    # then has the shapes of a running stream's step, one compiled trace per batch size.
+    states = [mimi.initial_decode_state(1) if d._state is None else d._state for d in decoders]
+    previous = [decoder._state for decoder in decoders]
+    for decoder in decoders:  # let go, so that MLX may update the batch's rings in place (see _Stream._advance)
+        decoder._state = None
+    try:
+        batch = stack_decoder_states(states, last_steps=mimi.upsample.stride)
+        pcm, new_state = mimi.decode_step(mx.array(codes[:, :, None].astype(np.int32)), batch)
+    except BaseException:
+        for decoder, state in zip(decoders, previous, strict=True):
+            decoder._state = state
+        raise
+    del states, previous, batch  # now only the step's graph holds the old states
+    mx.eval(pcm, new_state)
+    for decoder, state in zip(decoders, split_decoder_state(new_state), strict=True):
+        decoder._state = state
+    return np.array(pcm)
