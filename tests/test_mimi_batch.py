@@ -122,14 +122,21 @@ def test_reference_path_decodes_together_within_tolerance(monkeypatch: pytest.Mo
     assert _run_plan(mimi, plan, seed=2, compare=_close) == set(range(1, 9))
 
 
-def test_a_wider_codec_decodes_together_as_alone() -> None:
-    """A feed-forward width at which the batch's few-row products outgrow L1 (fewrows.h then takes weight
-    rows in pairs, for 3 streams and more) while a stream alone does not: still the same floats."""
+@pytest.mark.parametrize("panels", [True, False])
+def test_a_wider_codec_decodes_together_as_alone(panels: bool) -> None:
+    """A feed-forward width at which the kernels' paths differ with the rows: the decoder transformer's panel
+    GEMM (as loaded) puts 2 rows or up to 6 in a tile; its few-row products (the projections as they are)
+    outgrow L1 from 3 streams on, and then take weight rows in pairs. Still the same floats."""
     _native()
     wide = dataclasses.replace(TINY.transformer, dim_feedforward=1024)
     cfg: MimiConfig = dataclasses.replace(TINY, transformer=wide)
+    mimi = load_mimi("random:tiny", config=cfg)
+    assert (mimi.decoder_transformer.native_weights()[2].ndim == 3) == kernels.native_has("panel_matmul")
+    if not panels:
+        mimi.decoder_transformer._panel_weights = None
+        mimi._compiled = {}
     plan = {"a": "TTTTTTTTTT", "b": "AAAATTTTTT", "c": "..TTTTTTTT", "d": ".....TTTTT"}
-    assert _run_plan(load_mimi("random:tiny", config=cfg), plan, seed=3, compare=_equal) == {1, 2, 3, 4}
+    assert _run_plan(mimi, plan, seed=3, compare=_equal) == {1, 2, 3, 4}
 
 
 @pytest.mark.parametrize("variant", ["scalar", "auto"])

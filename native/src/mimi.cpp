@@ -90,6 +90,25 @@ bool valid_positions(const mx::array& position, int B) {
          (position.size() == 1 || position.size() == static_cast<size_t>(B));
 }
 
+// out[M, N] = x[M, K] @ W.T for a projection W [N, K] as is (fewrows.h: each weight row read once for all M
+// rows) or packed in panels (panel_gemm.h). Either gives a row of x the same floats whatever M: a stream in a
+// batch gets what it gets alone.
+void project(const mx::array& w, const float* x, int M, int K, int N, float* out) {
+  if (w.ndim() == 2) {
+    few_rows_product(w, x, M, out);
+    return;
+  }
+  PanelArgs a;
+  a.x = x;
+  a.M = M;
+  a.K = K;
+  a.N = N;
+  a.ldx = static_cast<size_t>(K);
+  a.wp = w.data<float>();
+  a.out = out;
+  panel_product(a, current_variant(), pool());
+}
+
 struct Shapes {
   int L, B, T, P, D, H, hd, F;
 };
@@ -160,15 +179,18 @@ std::vector<mx::array> mimi_transformer(const mx::array& x, const std::vector<mx
   if (!valid_positions(position, B)) fail("position must be int32 [B] (or one int32 for every row)");
   if (inv_freqs.dtype() != mx::float32 || inv_freqs.size() != static_cast<size_t>(D / num_heads / 2))
     fail("inv_freqs must be float32 [head_dim / 2]");
-  const int F = weights[7].shape(0);
+  if (weights[8].ndim() < 2) fail("weight 8 must be a projection");
+  const int F = weights[8].shape(1);  // fc2: [D, F] as is, [ceil(D / 16), F, 16] packed
   for (int i = 0; i < static_cast<int>(weights.size()); ++i) {
     const auto& w = weights[i];
     const int j = i % kMimiWeightsPerLayer;
     if (is_projection(i)) {
-      const mx::Shape want = j == 2 ? mx::Shape{3 * D, D} : j == 3 ? mx::Shape{D, D} : j == 7 ? mx::Shape{F, D}
-                                                                                           : mx::Shape{D, F};
-      if (!(w.dtype() == mx::float32 || w.dtype() == mx::bfloat16) || w.shape() != want)
-        fail("weight " + std::to_string(i) + " must be a float32 or bfloat16 projection of the layer's shape");
+      const int n = j == 2 ? 3 * D : j == 7 ? F : D, k = j == 8 ? F : D;
+      const bool as_is = (w.dtype() == mx::float32 || w.dtype() == mx::bfloat16) && w.shape() == mx::Shape{n, k};
+      const bool packed = w.dtype() == mx::float32 && w.shape() == mx::Shape{(n + kPanel - 1) / kPanel, k, kPanel};
+      if (!as_is && !packed)
+        fail("weight " + std::to_string(i) + " must be a float32 or bfloat16 projection of the layer's shape, " +
+             "or a float32 one packed in panels");
     } else if (w.dtype() != mx::float32 || w.size() != static_cast<size_t>(D)) {
       fail("weight " + std::to_string(i) + " must be float32 [D]");
     }
@@ -223,7 +245,7 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
     s.P = cfg.context - 1;
     s.H = cfg.num_heads;
     s.hd = s.D / s.H;
-    s.F = ins[kFixedInputs + 7].shape(0);
+    s.F = ins[kFixedInputs + 8].shape(1);
     const int R = s.B * s.T;  // rows through the projections
     const mx::array& positions = ins[3];
     const float* inv_freqs = ins[4].data<float>();
@@ -245,7 +267,7 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
       // Attention block.
       for (int r = 0; r < R; ++r)
         layer_norm(y + r * s.D, w[0].data<float>(), w[1].data<float>(), cfg.eps, s.D, h.data() + r * s.D);
-      few_rows_product(w[2], h.data(), R, qkv.data());
+      project(w[2], h.data(), R, s.D, 3 * s.D, qkv.data());
       for (int r = 0; r < R; ++r) {
         float* row = qkv.data() + static_cast<size_t>(r) * 3 * s.D;
         const float* cs = rope_cs.data() + static_cast<size_t>(r) * s.hd;
@@ -269,17 +291,17 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
                kern, rows);
       };
       pool().run_chunks(s.B * s.H, attend_head);
-      few_rows_product(w[3], att.data(), R, o.data());
+      project(w[3], att.data(), R, s.D, s.D, o.data());
       const float* ls1 = w[4].data<float>();
       for (int r = 0; r < R; ++r)
         for (int i = 0; i < s.D; ++i) y[r * s.D + i] += ls1[i] * o[r * s.D + i];
       // MLP block.
       for (int r = 0; r < R; ++r)
         layer_norm(y + r * s.D, w[5].data<float>(), w[6].data<float>(), cfg.eps, s.D, h.data() + r * s.D);
-      few_rows_product(w[7], h.data(), R, f.data());
+      project(w[7], h.data(), R, s.D, s.F, f.data());
       for (int b = 0; b < s.B; ++b)  // exact (erf) GELU, as trained; row by row, as each stream alone
         gelu(f.data() + static_cast<size_t>(b) * s.T * s.F, s.T * s.F);
-      few_rows_product(w[8], f.data(), R, o.data());
+      project(w[8], f.data(), R, s.F, s.D, o.data());
       const float* ls2 = w[9].data<float>();
       for (int r = 0; r < R; ++r)
         for (int i = 0; i < s.D; ++i) y[r * s.D + i] += ls2[i] * o[r * s.D + i];

@@ -20,7 +20,8 @@ struct MimiStackConfig {
 
 // Weights per layer, in this order (kMimiWeightsPerLayer): norm1 weight, norm1 bias, in_proj [3D, D],
 // out_proj [D, D], layer_scale_1, norm2 weight, norm2 bias, fc1 [F, D], fc2 [D, F], layer_scale_2.
-// Projections float32 or bfloat16 (computed in fp32), the rest float32 [D].
+// Projections float32 or bfloat16 (computed in fp32; kernels/fewrows.h), or float32 packed in panels
+// [ceil(N / 16), K, 16] (kernels/panel_gemm.h, the faster for many rows), the rest float32 [D].
 constexpr int kMimiWeightsPerLayer = 10;
 
 // Returns (y [B, T, D], the new steps' keys and values [L, B, T, D]); see bindings.cpp for the contract. The

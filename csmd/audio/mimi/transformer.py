@@ -201,6 +201,24 @@ class MimiTransformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.layers = [Layer(cfg) for _ in range(cfg.num_layers)]
+        self._panel_weights: list[mx.array] | None = None  # native_weights with packed projections (pack_panels)
+
+    def pack_panels(self) -> None:
+        """Have the native step multiply by panel-packed copies of the fp32 projections (kernels.pack_panels;
+        bf16 ones stay as they are), from now until the weights change (call it again then).
+
+        For a stack that decodes several streams in one batch (model.decode_together): at a few streams' rows
+        the few-row product is bound by its arithmetic, which the panel GEMM does at about twice the rate,
+        while at one stream's two rows both are bound by reading the weights. Both kernels give a row the
+        same floats whatever the other rows, but not each other's: a stream batched or alone must meet the
+        same one, so the choice is the stack's, not the batch size's. Costs a second copy of the projections.
+        """
+        self._panel_weights = None
+        weights = self.native_weights()
+        packed = [kernels.pack_panels(w) if w.ndim == 2 and w.dtype == mx.float32 else None for w in weights]
+        if any(p is not None for p in packed):
+            self._panel_weights = [w if p is None else p for w, p in zip(weights, packed, strict=True)]
+            mx.eval(self._panel_weights)
 
     def initial_state(self, batch: int) -> TransformerState:
         cfg = self.config
@@ -244,6 +262,8 @@ class MimiTransformer(nn.Module):
 
     def native_weights(self) -> list[mx.array]:
         """The native step's weight list: 10 per layer, in the order of csmd_native.mimi_transformer."""
+        if self._panel_weights is not None:
+            return self._panel_weights
         weights = []
         for layer in self.layers:
             attn, mlp = layer.attn, layer.mlp
