@@ -25,6 +25,7 @@ import soundfile as sf
 from serving import csmd_serve
 
 import csmd.speak
+from csmd import kernels
 from csmd.cli import main
 
 CLI = [sys.executable, "-m", "csmd.cli"]
@@ -647,6 +648,26 @@ def test_bench_codec_json_says_what_it_does(capsys: pytest.CaptureFixture[str]) 
     )
     assert "loading the codec random:tiny" in printed.err and "measuring this machine" in printed.err
     assert "1 warm-up + 3 timed frames" in printed.err
+
+
+def test_bench_codec_batch_compares_batched_and_single_decodes(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", "codec", "--codec", "random:tiny", "--batch", "1,3", "--frames", "2", "--warmup", "1", "--json"]
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    timings = json.loads(printed.out)["timings"]
+    assert [t["streams"] for t in timings] == [1, 3]
+    for t in timings:
+        assert t["alone_ms"] > 0 and t["together_ms"] > 0 and t["speedup"] > 0
+    if kernels.native_has("causal_conv_step"):  # batched: the same floats as alone
+        assert all(t["max_abs_difference"] == 0 for t in timings)
+    assert "1 warm-up + 2 timed frames of 1, 3 streams" in printed.err
+
+
+def test_bench_codec_batch_refuses_moshi_and_bad_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "codec", "--codec", "random:tiny", "--batch", "2", "--compare-moshi"]) == 2
+    one_error_line(capsys, "--compare-moshi times single streams: leave out --batch")
+    assert main(["bench", "codec", "--batch", "2,65"]) == 2
+    one_error_line(capsys, "argument --batch: expected stream counts from 1 to 64")
 
 
 # ---- progress ----

@@ -81,13 +81,18 @@ def _stack(cfg: MimiTransformerConfig, seed: int, weights: mx.Dtype) -> MimiTran
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("panels", [False, True])  # the projections as they are (fewrows.h) or packed (panel GEMM)
 # streaming steps, and offline chunks longer than the window
 @pytest.mark.parametrize(("batch", "steps"), [(1, 2), (2, 1), (2, 3), (1, 13), (2, 25)])
-def test_mimi_transformer_matches_mlx_layers(variant: str, batch: int, steps: int) -> None:
+def test_mimi_transformer_matches_mlx_layers(variant: str, panels: bool, batch: int, steps: int) -> None:
     """The native step (mimi_ring_write, then mimi_transformer) against the MLX layers, state and all."""
     csmd_native.set_variant(variant)
-    cfg = MimiTransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=128, context=10)
+    # F 136: the packed fc1 ends in a part panel
+    cfg = MimiTransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=136, context=10)
     stack = _stack(cfg, seed=batch * 10 + steps, weights=mx.float32)
+    if panels:
+        stack.pack_panels()
+        assert stack.native_weights()[2].ndim == 3
     rng = np.random.default_rng(batch * 10 + steps)
     assert kernels.mimi_transformer_available()
     native_state = reference_state = stack.initial_state(batch)
@@ -198,12 +203,21 @@ def test_mimi_transformer_rejects_bad_shapes() -> None:
     inv_freqs = mx.zeros((8,))
     with pytest.raises(ValueError, match="10 arrays per layer"):
         csmd_native.mimi_transformer(x, stack.native_weights()[:-1], past_k, past_v, position, inv_freqs, 4, 10)
+    mispacked = list(stack.native_weights())
+    mispacked[2] = kernels.pack_panels(mispacked[2])[:, :-1]  # in_proj packed, one input column short
+    with pytest.raises(ValueError, match="or a float32 one packed in panels"):
+        csmd_native.mimi_transformer(x, mispacked, past_k, past_v, position, inv_freqs, 4, 10)
     with pytest.raises(ValueError, match="past keys/values"):
         csmd_native.mimi_transformer(x, stack.native_weights(), past_k[:, :, 1:], past_v, position, inv_freqs, 4, 10)
     with pytest.raises(ValueError, match="rows must be float32"):
         csmd_native.mimi_ring_write(past_k, last_k[:, :, :, 1:], position)
-    with pytest.raises(ValueError, match="position must be one int32"):
+    with pytest.raises(ValueError, match=r"position must be int32 \[B\]"):
         csmd_native.mimi_ring_write(past_k, last_k, position.astype(mx.float32))
+    three = mx.zeros((3,), dtype=mx.int32)  # a position for each of 3 rows, for a batch of 1
+    with pytest.raises(ValueError, match=r"position must be int32 \[B\]"):
+        csmd_native.mimi_ring_write(past_k, last_k, three)
+    with pytest.raises(ValueError, match=r"position must be int32 \[B\]"):
+        csmd_native.mimi_transformer(x, stack.native_weights(), past_k, past_v, three, inv_freqs, 4, 10)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from csmd.cli import checks
 from csmd.cli.errors import flagged
@@ -12,6 +13,9 @@ from csmd.cli.options import model_spec
 from csmd.cli.runtime import apply_runtime
 from csmd.cli.voice import load_model, load_voice
 from csmd.errors import UserError
+
+if TYPE_CHECKING:
+    from csmd.audio.mimi.model import Mimi
 
 
 def _say(message: str) -> None:
@@ -85,6 +89,8 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
     from csmd.bench.machine import measure
 
     checks.codec_argument(args.codec)
+    if args.batch and args.compare_moshi:
+        raise UserError("--compare-moshi times single streams: leave out --batch")
     apply_runtime(args)
     _say(f"loading the codec {args.codec}")
     with flagged("--codec"):
@@ -92,13 +98,25 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
     if args.bf16:
         mimi.use_bf16_weights()
     name = args.codec + (" (bf16 weights)" if args.bf16 else "")
+    warmup = steady_state_frames(mimi) if args.warmup is None else args.warmup
+    if args.batch:
+        return _bench_codec_batch(args, mimi, name, warmup)
     _say("measuring this machine's memory bandwidth and GEMM rate")
     machine = measure()
-    warmup = steady_state_frames(mimi) if args.warmup is None else args.warmup
     moshi = " against moshi's, frame by frame" if args.compare_moshi else ""
     _say(f"streaming {warmup} warm-up + {args.frames} timed frames through the decoder{moshi}, then the encoder")
     result = run(mimi, name, frames=args.frames, warmup=warmup, compare_moshi=args.compare_moshi, machine=machine)
     print(json.dumps(result.as_dict()) if args.json else format_result(result))
+    return 0
+
+
+def _bench_codec_batch(args: argparse.Namespace, mimi: Mimi, name: str, warmup: int) -> int:
+    from csmd.bench import codec_batch
+
+    sizes = ", ".join(map(str, sorted(set(args.batch))))
+    _say(f"streaming {warmup} warm-up + {args.frames} timed frames of {sizes} streams, batched and one by one")
+    result = codec_batch.run(mimi, name, args.batch, frames=args.frames, warmup=warmup)
+    print(json.dumps(result.as_dict()) if args.json else codec_batch.format_result(result))
     return 0
 
 

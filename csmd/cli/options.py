@@ -65,14 +65,23 @@ _some_temperature = _ranged(float, f"0 (greedy) or a temperature in [{MIN_TEMPER
                             MIN_TEMPERATURE, MAX_TEMPERATURE)  # fmt: skip
 
 
-def session_counts(text: str) -> list[int]:
-    """A comma-separated list of session counts, each 1..8 (what a daemon holds at once by default)."""
-    what = "session counts from 1 to 8, comma-separated"
-    parse = _ranged(_int, what, 1, 8)
+def _counts(text: str, what: str, high: int) -> list[int]:
+    what = f"{what} from 1 to {high}, comma-separated"
+    parse = _ranged(_int, what, 1, high)
     try:
         return [int(parse(part.strip())) for part in text.split(",")]
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}") from None
+
+
+def session_counts(text: str) -> list[int]:
+    """A comma-separated list of session counts, each 1..8 (what a daemon holds at once by default)."""
+    return _counts(text, "session counts", 8)
+
+
+def stream_counts(text: str) -> list[int]:
+    """A comma-separated list of stream counts for one batched codec step, each 1..64 (each a compiled trace)."""
+    return _counts(text, "stream counts", 64)
 
 
 def temperature(text: str) -> float:

@@ -18,6 +18,7 @@ from csmd.cli.options import (
     session_counts,
     socket_options,
     speaker,
+    stream_counts,
 )
 
 
@@ -185,6 +186,11 @@ def build_parser() -> Parser:
     )
     codec.add_argument("--compare-moshi", action="store_true", help="also time moshi's PyTorch decoder")
     codec.add_argument("--bf16", action="store_true", help="bfloat16 weight-bound matrices (Mimi.use_bf16_weights)")
+    codec.add_argument(
+        "--batch",
+        type=stream_counts,
+        help="instead: B streams decoded in one batched step against B single decodes, for each B (e.g. 1,2,4,8)",
+    )
     codec.add_argument("--json", action="store_true", help="print one JSON object")
     codec.set_defaults(func=bench.cmd_bench_codec)
     return parser

@@ -191,9 +191,11 @@ NB_MODULE(_ext, m) {
       "x"_a, "weights"_a, "past_k"_a, "past_v"_a, "position"_a, "inv_freqs"_a, "num_heads"_a, "context"_a,
       "eps"_a = 1e-5f, nb::kw_only(), "stream"_a = nb::none(),
       "Mimi's transformer stack (LayerNorm, interleaved RoPE, windowed attention, LayerScale, GELU MLP)\n"
-      "for the T steps of x: float32 [B, T, D], from int32 `position` on.\n\n"
+      "for the T steps of x: float32 [B, T, D]; batch row b's from position[b] on (int32 [B], or one int32\n"
+      "for every row: each row is a stream at its own position).\n\n"
       "weights: 10 per layer: norm1 weight, norm1 bias, in_proj [3D, D], out_proj [D, D], layer_scale_1,\n"
-      "norm2 weight, norm2 bias, fc1 [F, D], fc2 [D, F], layer_scale_2 (projections float32 or bfloat16).\n"
+      "norm2 weight, norm2 bias, fc1 [F, D], fc2 [D, F], layer_scale_2 (projections float32 or bfloat16, or\n"
+      "float32 packed in panels as for panel_matmul: [ceil(N / 16), K, 16], multiplied by the panel GEMM).\n"
       "past_k/past_v: float32 [layers, B, context - 1, D], the keys/values of the steps before `position`,\n"
       "as rings: the step at position p in slot p mod (context - 1).\n"
       "Returns (y, new_k, new_v), new_k/new_v float32 [layers, B, T, D] the T steps' keys and values (for\n"
@@ -202,7 +204,8 @@ NB_MODULE(_ext, m) {
   m.def("mimi_ring_write", &csmd::mimi_ring_write, "ring"_a, "rows"_a, "position"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "ring float32 [L, B, P, D] with rows [L, B, T, D], the steps from int32 `position` on, in their slots\n"
-        "(position + t) mod P (the last P steps).  Writes in place when MLX can donate the ring's buffer.");
+        "(position[b] + t) mod P for batch row b (position int32 [B], or one int32 for every row; the last P\n"
+        "steps).  Writes in place when MLX can donate the ring's buffer.");
   m.def("panel_matmul", &csmd::panel_matmul, "x"_a, "wp"_a, "n"_a, "bias"_a = nb::none(), nb::kw_only(),
         "stream"_a = nb::none(),
         "x @ W.T (+ bias) for W [n, K] packed in panels of 16 rows: wp[p, k, j] = W[16 p + j, k],\n"

@@ -5,7 +5,10 @@
 //   x += ls2 * fc2(gelu(fc1(layernorm2(x))))
 // with interleaved RoPE on q and k, and each step attending to itself and the context - 1 steps before it.
 // The past keys/values are rings [L, B, P, D] with P = context - 1: the step at position p lives in slot
-// p mod P (slots of positions before the stream's start are masked). The stack's primitive returns the new
+// p mod P (slots of positions before the stream's start are masked). Each batch row is a stream of its own,
+// at its own position (streams that joined a batch at different times): the RoPE angles, the ring slots and
+// which of them exist yet are per row, and a row's arithmetic is that of the stream alone (the products are
+// fewrows.h's, whose result for a row does not depend on the other rows). The stack's primitive returns the new
 // steps' keys and values; MimiRingWrite then writes them into the ring, in place when MLX lets it take
 // over the old ring's buffer. A shifted copy of the window instead cost 16 MB of memory traffic a frame.
 //
@@ -61,23 +64,57 @@ void rope(float* v, int head_dim, const float* cs) {
   }
 }
 
-// [T, head_dim]: (cos, sin) of position_t * inv_freqs[i] for each pair i, step t at position + t.
-std::vector<float> rope_table(int T, int head_dim, const float* inv_freqs, int position) {
-  std::vector<float> cs(static_cast<size_t>(T) * head_dim);
-  for (int t = 0; t < T; ++t)
-    for (int i = 0; i < head_dim / 2; ++i) {
-      const float a = static_cast<float>(position + t) * inv_freqs[i];
-      cs[t * head_dim + 2 * i] = std::cos(a);
-      cs[t * head_dim + 2 * i + 1] = std::sin(a);
+// The position of batch row b's first step: `positions` holds one int32 per row, or one for every row.
+int row_position(const mx::array& positions, int b) {
+  return positions.data<int32_t>()[positions.size() == 1 ? 0 : b];
+}
+
+// [B, T, head_dim]: (cos, sin) of (position_b + t) * inv_freqs[i] for each pair i, step t of batch row b.
+std::vector<float> rope_table(int B, int T, int head_dim, const float* inv_freqs, const mx::array& positions) {
+  std::vector<float> cs(static_cast<size_t>(B) * T * head_dim);
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < T; ++t) {
+      float* row = cs.data() + (static_cast<size_t>(b) * T + t) * head_dim;
+      for (int i = 0; i < head_dim / 2; ++i) {
+        const float a = static_cast<float>(row_position(positions, b) + t) * inv_freqs[i];
+        row[2 * i] = std::cos(a);
+        row[2 * i + 1] = std::sin(a);
+      }
     }
   return cs;
+}
+
+// Whether `position` holds one int32 per batch row, or one for all B rows.
+bool valid_positions(const mx::array& position, int B) {
+  return position.dtype() == mx::int32 && position.ndim() <= 1 &&
+         (position.size() == 1 || position.size() == static_cast<size_t>(B));
+}
+
+// out[M, N] = x[M, K] @ W.T for a projection W [N, K] as is (fewrows.h: each weight row read once for all M
+// rows) or packed in panels (panel_gemm.h). Either gives a row of x the same floats whatever M: a stream in a
+// batch gets what it gets alone.
+void project(const mx::array& w, const float* x, int M, int K, int N, float* out) {
+  if (w.ndim() == 2) {
+    few_rows_product(w, x, M, out);
+    return;
+  }
+  PanelArgs a;
+  a.x = x;
+  a.M = M;
+  a.K = K;
+  a.N = N;
+  a.ldx = static_cast<size_t>(K);
+  a.wp = w.data<float>();
+  a.out = out;
+  panel_product(a, current_variant(), pool());
 }
 
 struct Shapes {
   int L, B, T, P, D, H, hd, F;
 };
 
-// Attention of head h of the T new steps of one batch over its past and themselves; q pre-scaled.
+// Attention of head h of the T new steps of one batch row (at `position`) over its past and themselves;
+// q pre-scaled.
 // qkv rows hold [q | k | v] of the new steps (after RoPE); out rows get the heads' outputs side by side.
 // past_k/past_v: the batch's rings [P, D].
 void attend(const Shapes& s, int h, int context, int position, const float* past_k, const float* past_v,
@@ -139,18 +176,21 @@ std::vector<mx::array> mimi_transformer(const mx::array& x, const std::vector<mx
   for (const auto* kv : {&past_k, &past_v})
     if (kv->dtype() != mx::float32 || kv->shape() != mx::Shape{L, B, P, D})
       fail("past keys/values must be float32 [layers, B, context - 1, D]");
-  if (position.size() != 1 || position.dtype() != mx::int32) fail("position must be one int32");
+  if (!valid_positions(position, B)) fail("position must be int32 [B] (or one int32 for every row)");
   if (inv_freqs.dtype() != mx::float32 || inv_freqs.size() != static_cast<size_t>(D / num_heads / 2))
     fail("inv_freqs must be float32 [head_dim / 2]");
-  const int F = weights[7].shape(0);
+  if (weights[8].ndim() < 2) fail("weight 8 must be a projection");
+  const int F = weights[8].shape(1);  // fc2: [D, F] as is, [ceil(D / 16), F, 16] packed
   for (int i = 0; i < static_cast<int>(weights.size()); ++i) {
     const auto& w = weights[i];
     const int j = i % kMimiWeightsPerLayer;
     if (is_projection(i)) {
-      const mx::Shape want = j == 2 ? mx::Shape{3 * D, D} : j == 3 ? mx::Shape{D, D} : j == 7 ? mx::Shape{F, D}
-                                                                                           : mx::Shape{D, F};
-      if (!(w.dtype() == mx::float32 || w.dtype() == mx::bfloat16) || w.shape() != want)
-        fail("weight " + std::to_string(i) + " must be a float32 or bfloat16 projection of the layer's shape");
+      const int n = j == 2 ? 3 * D : j == 7 ? F : D, k = j == 8 ? F : D;
+      const bool as_is = (w.dtype() == mx::float32 || w.dtype() == mx::bfloat16) && w.shape() == mx::Shape{n, k};
+      const bool packed = w.dtype() == mx::float32 && w.shape() == mx::Shape{(n + kPanel - 1) / kPanel, k, kPanel};
+      if (!as_is && !packed)
+        fail("weight " + std::to_string(i) + " must be a float32 or bfloat16 projection of the layer's shape, " +
+             "or a float32 one packed in panels");
     } else if (w.dtype() != mx::float32 || w.size() != static_cast<size_t>(D)) {
       fail("weight " + std::to_string(i) + " must be float32 [D]");
     }
@@ -171,7 +211,7 @@ mx::array mimi_ring_write(const mx::array& ring, const mx::array& rows, const mx
   if (rows.dtype() != mx::float32 || rows.ndim() != 4 || rows.shape(0) != ring.shape(0) ||
       rows.shape(1) != ring.shape(1) || rows.shape(3) != ring.shape(3))
     bad("rows must be float32 [L, B, T, D] for the ring's L, B and D");
-  if (position.size() != 1 || position.dtype() != mx::int32) bad("position must be one int32");
+  if (!valid_positions(position, ring.shape(1))) bad("position must be int32 [B] (or one int32 for every row)");
   auto st = mx::to_stream(s);
   // (the ring itself, never a Contiguous node of it: a node sharing its buffer would keep it referenced too
   // long for the donation)
@@ -205,9 +245,9 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
     s.P = cfg.context - 1;
     s.H = cfg.num_heads;
     s.hd = s.D / s.H;
-    s.F = ins[kFixedInputs + 7].shape(0);
+    s.F = ins[kFixedInputs + 8].shape(1);
     const int R = s.B * s.T;  // rows through the projections
-    const int position = ins[3].data<int32_t>()[0];
+    const mx::array& positions = ins[3];
     const float* inv_freqs = ins[4].data<float>();
     const Kernels& kern = current_kernels();
     const StridedRowKernels rows = strided_rows_kernels(current_variant());
@@ -220,17 +260,17 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
     std::vector<float> att(static_cast<size_t>(R) * s.D), o(static_cast<size_t>(R) * s.D);
     std::vector<float> f(static_cast<size_t>(R) * s.F);
     const float q_scale = 1.f / std::sqrt(static_cast<float>(s.hd));
-    const std::vector<float> rope_cs = rope_table(s.T, s.hd, inv_freqs, position);
+    const std::vector<float> rope_cs = rope_table(s.B, s.T, s.hd, inv_freqs, positions);
 
     for (int l = 0; l < s.L; ++l) {
       const mx::array* w = &ins[kFixedInputs + l * kMimiWeightsPerLayer];
       // Attention block.
       for (int r = 0; r < R; ++r)
         layer_norm(y + r * s.D, w[0].data<float>(), w[1].data<float>(), cfg.eps, s.D, h.data() + r * s.D);
-      few_rows_product(w[2], h.data(), R, qkv.data());
+      project(w[2], h.data(), R, s.D, 3 * s.D, qkv.data());
       for (int r = 0; r < R; ++r) {
         float* row = qkv.data() + static_cast<size_t>(r) * 3 * s.D;
-        const float* cs = rope_cs.data() + static_cast<size_t>(r % s.T) * s.hd;
+        const float* cs = rope_cs.data() + static_cast<size_t>(r) * s.hd;
         for (int hh = 0; hh < s.H; ++hh) {
           rope(row + hh * s.hd, s.hd, cs);        // q
           rope(row + s.D + hh * s.hd, s.hd, cs);  // k
@@ -246,21 +286,22 @@ void MimiTransformer::eval_cpu(const std::vector<mx::array>& inputs, std::vector
       const std::function<void(int)> attend_head = [&](int c) {
         const int b = c / s.H;
         const size_t kv = l * layer_kv + b * batch_kv;
-        attend(s, c % s.H, cfg.context, position, ins[1].data<float>() + kv, ins[2].data<float>() + kv,
+        attend(s, c % s.H, cfg.context, row_position(positions, b), ins[1].data<float>() + kv, ins[2].data<float>() + kv,
                qkv.data() + static_cast<size_t>(b) * s.T * 3 * s.D, att.data() + static_cast<size_t>(b) * s.T * s.D,
                kern, rows);
       };
       pool().run_chunks(s.B * s.H, attend_head);
-      few_rows_product(w[3], att.data(), R, o.data());
+      project(w[3], att.data(), R, s.D, s.D, o.data());
       const float* ls1 = w[4].data<float>();
       for (int r = 0; r < R; ++r)
         for (int i = 0; i < s.D; ++i) y[r * s.D + i] += ls1[i] * o[r * s.D + i];
       // MLP block.
       for (int r = 0; r < R; ++r)
         layer_norm(y + r * s.D, w[5].data<float>(), w[6].data<float>(), cfg.eps, s.D, h.data() + r * s.D);
-      few_rows_product(w[7], h.data(), R, f.data());
-      gelu(f.data(), static_cast<int>(f.size()));  // exact (erf) GELU, as trained
-      few_rows_product(w[8], f.data(), R, o.data());
+      project(w[7], h.data(), R, s.D, s.F, f.data());
+      for (int b = 0; b < s.B; ++b)  // exact (erf) GELU, as trained; row by row, as each stream alone
+        gelu(f.data() + static_cast<size_t>(b) * s.T * s.F, s.T * s.F);
+      project(w[8], f.data(), R, s.F, s.D, o.data());
       const float* ls2 = w[9].data<float>();
       for (int r = 0; r < R; ++r)
         for (int i = 0; i < s.D; ++i) y[r * s.D + i] += ls2[i] * o[r * s.D + i];
@@ -285,15 +326,16 @@ void MimiRingWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& ou
       [](std::vector<mx::array>& ins, mx::array& out) {
         const mx::array &ring = ins[0], &fresh = ins[1];
         const int L = ring.shape(0), B = ring.shape(1), P = ring.shape(2), D = ring.shape(3), T = fresh.shape(2);
-        const int position = ins[2].data<int32_t>()[0];
         float* dst = out.data<float>();
         // Not donated (someone still holds the old ring, e.g. a parked stream): start from a copy of it.
         if (dst != ring.data<float>()) std::memcpy(dst, ring.data<float>(), ring.nbytes());
-        for (int t = std::max(0, T - P); t < T; ++t) {  // only the last P new steps stay
-          const int slot = ((position + t) % P + P) % P;  // (a mod that a negative position cannot break)
-          for (int lb = 0; lb < L * B; ++lb)
+        for (int lb = 0; lb < L * B; ++lb) {
+          const int position = row_position(ins[2], lb % B);  // batch row b's stream
+          for (int t = std::max(0, T - P); t < T; ++t) {  // only the last P new steps stay
+            const int slot = ((position + t) % P + P) % P;  // (a mod that a negative position cannot break)
             std::memcpy(dst + (static_cast<size_t>(lb) * P + slot) * D,
                         fresh.data<float>() + (static_cast<size_t>(lb) * T + t) * D, sizeof(float) * D);
+          }
         }
       },
       /*donor=*/0);

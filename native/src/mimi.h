@@ -20,11 +20,13 @@ struct MimiStackConfig {
 
 // Weights per layer, in this order (kMimiWeightsPerLayer): norm1 weight, norm1 bias, in_proj [3D, D],
 // out_proj [D, D], layer_scale_1, norm2 weight, norm2 bias, fc1 [F, D], fc2 [D, F], layer_scale_2.
-// Projections float32 or bfloat16 (computed in fp32), the rest float32 [D].
+// Projections float32 or bfloat16 (computed in fp32; kernels/fewrows.h), or float32 packed in panels
+// [ceil(N / 16), K, 16] (kernels/panel_gemm.h, the faster for many rows), the rest float32 [D].
 constexpr int kMimiWeightsPerLayer = 10;
 
 // Returns (y [B, T, D], the new steps' keys and values [L, B, T, D]); see bindings.cpp for the contract. The
 // pasts are rings [L, B, P, D] (the step at position p in slot p mod P); mimi_ring_write adds steps to them.
+// `position`: int32 [B], batch row b's steps at position[b] ... position[b] + T - 1 (one int32: every row's).
 std::vector<mx::array> mimi_transformer(const mx::array& x, const std::vector<mx::array>& weights,
                                         const mx::array& past_k, const mx::array& past_v,
                                         const mx::array& position, const mx::array& inv_freqs, int num_heads,
@@ -46,7 +48,7 @@ class MimiTransformer : public mx::Primitive {
 };
 
 // ring [L, B, P, D] with the rows [L, B, T, D] of the steps from int32 `position` on written to their slots,
-// (position + t) mod P (the last P of them). In place when MLX donates the ring's buffer: the ring's owner
+// (position[b] + t) mod P for batch row b (the last P of them; one position: every row's). In place when MLX donates the ring's buffer: the ring's owner
 // let go of it, and nothing else reads it.
 mx::array mimi_ring_write(const mx::array& ring, const mx::array& rows, const mx::array& position,
                           mx::StreamOrDevice s = {});

@@ -6,6 +6,10 @@
 // 72000 x 64 for 3 s offline) into a fresh buffer. Here they happen in the buffers that the products read and
 // write, and the products are the same kernels as before (fewrows.h for a few rows, panel_gemm.h for many), so
 // the results are the same floats (BENCHMARKS.md, "Fifth session", has the time saved).
+//
+// Each batch row is a stream of its own (Mimi's batched decode): every step gives a row the floats it gives
+// that stream alone. The products are per-row exact (fewrows.h, panel_gemm.h's tiles), and the ELUs run per
+// row, so the pool's split of a row's values does not move with the batch size.
 #include "seanet.h"
 
 #include <cstring>
@@ -129,9 +133,10 @@ void conv_transpose_eval(const SeanetConvConfig& cfg, std::vector<mx::array>& in
   const auto products = scratch(rows * 2 * half);
   std::unique_ptr<float[]> inputs;
   const float* xs = x.data<float>();
-  if (cfg.elu_input) {
+  if (cfg.elu_input) {  // batch row by batch row: the pool splits each as it splits a stream's alone
     inputs = scratch(rows * C);
-    load(xs, rows * C, true, inputs.get());
+    const size_t batch_in = static_cast<size_t>(T) * C;
+    for (int b = 0; b < B; ++b) load(xs + b * batch_in, batch_in, true, inputs.get() + b * batch_in);
     xs = inputs.get();
   }
   product(w, xs, static_cast<int>(rows), C, C, static_cast<int>(2 * half), nullptr, nullptr, products.get());

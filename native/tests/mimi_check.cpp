@@ -8,6 +8,7 @@
 //   qemu-aarch64-static ./mimi_check
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -84,6 +85,43 @@ static void check_fewrows(std::mt19937& rng, Variant v, ThreadPool& pool) {
           expect_close(var == Variant::Scalar ? "fewrows scalar" : "fewrows simd", out, want, scale, 1e-5);
         }
       }
+}
+
+// A row's product is the same floats whatever the number of rows beside it (Mimi's batched decode needs it):
+// the first row of x alone against it among 2..16 rows, across kFewRowsXBytes (weight rows in pairs).
+static void check_fewrows_rows_independent(std::mt19937& rng, Variant v, ThreadPool& pool) {
+  for (int K : {37, 512, 1024, 2049})
+    for (bool bf16 : {false, true}) {
+      const int N = 67;
+      auto x = normal(rng, static_cast<size_t>(16) * K);
+      auto wf = normal(rng, static_cast<size_t>(N) * K);
+      std::vector<uint16_t> wb(wf.size());
+      for (size_t i = 0; i < wf.size(); ++i) wb[i] = to_bf16(wf[i]);
+      for (Variant var : {Variant::Scalar, v}) {
+        std::vector<float> first;
+        for (int M = 1; M <= 16; ++M) {
+          FewRowsArgs a;
+          a.x = x.data();
+          a.M = M;
+          a.K = K;
+          a.N = N;
+          a.bf16 = bf16;
+          a.w = bf16 ? static_cast<const void*>(wb.data()) : static_cast<const void*>(wf.data());
+          std::vector<float> out(static_cast<size_t>(M) * N);
+          a.out = out.data();
+          fewrows_matmul(a, fewrows_kernel(var), pool);
+          out.resize(N);
+          ++checks;
+          if (M == 1) {
+            first = out;
+          } else if (std::memcmp(out.data(), first.data(), sizeof(float) * N) != 0) {
+            ++failures;
+            std::printf("FAIL fewrows %s: row 0 of %d rows differs from row 0 alone (K %d, bf16 %d)\n",
+                        var == Variant::Scalar ? "scalar" : "simd", M, K, bf16);
+          }
+        }
+      }
+    }
 }
 
 static void check_panel(std::mt19937& rng, Variant v, ThreadPool& pool) {
@@ -189,6 +227,7 @@ int main() {
   const Variant simd = best_variant();
   ThreadPool pool(3);
   check_fewrows(rng, simd, pool);
+  check_fewrows_rows_independent(rng, simd, pool);
   check_panel(rng, simd, pool);
   check_elu(rng, simd);
   check_strided_rows(rng, simd);

@@ -10,7 +10,7 @@ processing is the streaming code run over longer chunks: `decode(codes)` equals 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
@@ -20,7 +20,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from csmd.arrays import materialize
-from csmd.audio.mimi import seanet
+from csmd.audio.mimi import seanet, transformer
 from csmd.audio.mimi.config import MimiConfig
 from csmd.audio.mimi.quantizer import SplitQuantizer
 from csmd.audio.mimi.seanet import CausalConv1d, CausalConvTranspose1d, SeanetDecoder, SeanetEncoder, State
@@ -71,6 +71,7 @@ class Mimi(nn.Module):
         self.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in tensors.items()]))
         seanet.prepare(self)
         self.quantizer.prepare()
+        self.decoder_transformer.pack_panels()  # (for batched decodes: see pack_panels; the encoder is never batched)
         materialize(self)
         self._compiled = {}  # compiled steps hold the old weights as constants
         self.warm_up()
@@ -103,6 +104,7 @@ class Mimi(nn.Module):
                     linear.weight = linear.weight.astype(mx.bfloat16)
         for conv in (self.decoder.layers[0], self.decoder.layers[2], self.encoder.layers[-1]):
             conv._w = conv._w.astype(mx.bfloat16)
+        self.decoder_transformer.pack_panels()  # (bf16 projections are not packed: this drops the fp32 copies)
         materialize(self)
         self._compiled = {}
         self.warm_up()
@@ -300,23 +302,30 @@ class _Stream(Generic[_State]):
 class StreamingDecoder(_Stream[DecoderState]):
     """One frame of codes in, exactly `frame_size` (1920) samples out."""
 
+    def __init__(self, mimi: Mimi, batch: int = 1):
+        super().__init__(mimi, batch)
+        self._shared: _SharedBatch | None = None  # the batch whose row the state is (see decode_together)
+
     def step(self, frame: np.ndarray | mx.array) -> np.ndarray:
         """frame [K] (or [B, K]) -> pcm [1920] (or [B, 1920]), float32, unclipped."""
         codes, batched = _as_batch(frame, np.integer, "frame")
         if codes.shape[0] != self.batch:
             raise ValueError(f"this decoder streams a batch of {self.batch}, got {codes.shape[0]}")
         self.mimi.check_codes(codes[:, :, None])
+        self._shared = None
         out = np.array(self._advance(self.mimi.decode_step, mx.array(codes[:, :, None].astype(np.int32))))
         return out if batched else out[0]
 
     def reset(self) -> None:
         self._state = None
+        self._shared = None
 
     def snapshot(self) -> StreamSnapshot[DecoderState]:
         return StreamSnapshot(self._state)  # MLX arrays are immutable: sharing them is a copy
 
     def restore(self, snapshot: StreamSnapshot[DecoderState]) -> None:
         self._state = snapshot.state
+        self._shared = None
 
 
 class StreamingEncoder(_Stream[EncoderState]):
@@ -350,3 +359,103 @@ class StreamingEncoder(_Stream[EncoderState]):
         self._state = snapshot.state
         assert snapshot.pending is not None
         self._pending = snapshot.pending.copy()
+
+
+# -- several streams' frames in one batched step --------------------------------------------------------------
+
+
+def stack_decoder_states(states: Sequence[DecoderState], last_steps: int = 0) -> DecoderState:
+    """One batched state whose rows are the given streams' rows, in order (streams of any ages: each row keeps
+    its own position; see transformer.stack_states for `last_steps`). One state is returned as it is."""
+    return DecoderState(
+        seanet.stack_states([state.upsample for state in states]),
+        transformer.stack_states([state.transformer for state in states], last_steps),
+        seanet.stack_states([state.seanet for state in states]),
+    )
+
+
+def split_decoder_state(state: DecoderState) -> list[DecoderState]:
+    """Each batch row's state as a stream of its own (views of the batch's arrays); a batch of one as it is."""
+    batch = state.transformer.position.shape[0]
+    if batch == 1:
+        return [state]
+    parts = zip(
+        seanet.split_state(state.upsample, batch),
+        transformer.split_state(state.transformer),
+        seanet.split_state(state.seanet, batch),
+        strict=True,
+    )
+    return [DecoderState(*row) for row in parts]
+
+
+@dataclass(eq=False)
+class _SharedBatch:
+    """The state of the decoders last stepped together: `rows[b]` is the view of row b that decoder b holds."""
+
+    state: DecoderState
+    rows: list[DecoderState]
+
+    def holds(self, decoders: Sequence[StreamingDecoder]) -> bool:
+        """Whether these decoders, in this order, are this batch's rows, none of them stepped since."""
+        return len(self.rows) == len(decoders) and all(
+            decoder._shared is self and decoder._state is row for decoder, row in zip(decoders, self.rows, strict=True)
+        )
+
+
+def decode_together(decoders: Sequence[StreamingDecoder], frames: np.ndarray | mx.array) -> np.ndarray:
+    """Each decoder's next frame in one batched step: frames [B, K] (row b for decoders[b]) -> pcm [B, 1920].
+
+    The decoders (of one codec, one stream each, all different) may be of any ages, fresh ones included; each
+    is left holding its own new state, and row b is exactly what decoders[b].step(frames[b]) would have
+    returned (bit for bit with the native kernels, whose products give a row the same floats whatever the
+    other rows). What it saves: the step reads the codec's weights once for all B streams (a single stream's
+    step is bound by reading them).
+
+    Each decoder is left holding a view of its row of the batch's state. When the next call has the same
+    decoders in the same order, none of them stepped otherwise in between, that batch is stepped as it is,
+    its key/value rings written in place; any other set of decoders is stacked into a new batch, a copy of
+    every stream's rings (two per stream of layers x (context - 1) x d_model floats). Each batch size is one
+    more trace of the compiled step (Mimi.decode_step).
+    """
+    if not decoders:
+        raise ValueError("no decoders to step")
+    mimi = decoders[0].mimi
+    if any(decoder.mimi is not mimi for decoder in decoders):
+        raise ValueError("decoders of different codecs cannot step together")
+    if any(decoder.batch != 1 for decoder in decoders):
+        raise ValueError("decode_together steps decoders of one stream each")
+    if len({id(decoder) for decoder in decoders}) != len(decoders):
+        raise ValueError("a decoder appears more than once")
+    codes = np.asarray(frames)
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"frames must be integers, got {codes.dtype}")
+    if codes.ndim != 2 or codes.shape[0] != len(decoders):
+        raise ValueError(f"frames must be [{len(decoders)}, K] (a frame per decoder), got shape {list(codes.shape)}")
+    mimi.check_codes(codes[:, :, None])
+    previous = [(decoder._state, decoder._shared) for decoder in decoders]
+    shared = decoders[0]._shared
+    same_batch = shared is not None and shared.holds(decoders)
+    for decoder in decoders:  # let go, so that MLX may update the batch's rings in place (see _Stream._advance)
+        decoder._state = decoder._shared = None
+    try:
+        if same_batch:
+            assert shared is not None
+            batch = shared.state
+        else:
+            # A fresh stream is given the previous-call steps of a running one (its ring's masked zeros): every
+            # batch then has the shapes of a running stream's step, one compiled trace per batch size.
+            states = [mimi.initial_decode_state(1) if state is None else state for state, _ in previous]
+            batch = stack_decoder_states(states, last_steps=mimi.upsample.stride)
+            del states
+        pcm, new_state = mimi.decode_step(mx.array(codes[:, :, None].astype(np.int32)), batch)
+    except BaseException:
+        for decoder, (state, held) in zip(decoders, previous, strict=True):
+            decoder._state, decoder._shared = state, held
+        raise
+    del previous, batch, shared  # now only the step's graph holds the old states
+    mx.eval(pcm, new_state)
+    rows = split_decoder_state(new_state)
+    together = _SharedBatch(new_state, rows)
+    for decoder, row in zip(decoders, rows, strict=True):
+        decoder._state, decoder._shared = row, together
+    return np.array(pcm)

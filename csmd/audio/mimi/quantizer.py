@@ -49,7 +49,15 @@ class Projection(nn.Module):
         self._w = mx.contiguous(self.weight[:, :, 0])  # [out, in], as dense reads it
 
     def __call__(self, x: mx.array) -> mx.array:
-        return dense(x, self._w)  # one streaming row: the few-row product beats MLX's matmul (BENCHMARKS.md)
+        """x [B, T, in] -> [B, T, out], one stream (batch row) at a time.
+
+        dense picks its kernel by the number of rows (a streaming step's one row: the native product, which
+        beats MLX's matmul, BENCHMARKS.md), and each kernel sums in its own order: taken together, a batch of
+        streams (model.decode_together) would give each stream other floats than it gets alone.
+        """
+        if x.ndim == 3 and x.shape[0] > 1:
+            return mx.concatenate([dense(x[b : b + 1], self._w) for b in range(x.shape[0])])
+        return dense(x, self._w)
 
 
 class ResidualQuantizer(nn.Module):

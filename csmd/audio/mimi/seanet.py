@@ -76,7 +76,7 @@ class CausalConv1d(nn.Module):
             first = x[:, :1] if self.replicate else mx.zeros_like(x[:, :1])
             state = mx.repeat(elu(first) if elu_input and self.replicate else first, self.context, axis=1)
         if _native_step(x, "causal_conv_step"):
-            weight = _step_weight(self, rows=x.shape[0] * x.shape[1] // self.stride)
+            weight = _step_weight(self, rows=x.shape[1] // self.stride)
             return kernels.causal_conv_step(
                 x, state, weight, self._w.shape[0], self.get("bias"), residual, self.kernel, self.stride, elu_input
             )
@@ -91,7 +91,7 @@ class CausalConv1d(nn.Module):
     def _convolve(self, x: mx.array) -> mx.array:
         """The convolution of x, its left context included."""
         steps = (x.shape[1] - self.kernel) // self.stride + 1
-        if self._packed is not None and x.shape[0] * steps > FEW_ROWS and kernels.native_available():
+        if self._packed is not None and steps > FEW_ROWS and kernels.native_available():
             # Many rows: the native panel GEMM reads each window in place (no unfolded copy).
             return kernels.panel_conv(x, self._packed, self._w.shape[0], self.get("bias"), self.kernel, self.stride)
         windows = _unfold(x, self.kernel, self.stride)
@@ -104,19 +104,23 @@ def _native_step(x: mx.array, name: str) -> bool:
 
 
 def _step_weight(conv: CausalConv1d | CausalConvTranspose1d, rows: int) -> mx.array:
-    """What a native step multiplies `rows` rows by: the panel-packed weights for many rows (the GEMM), the
-    weights as they are for a few (the few-row product, which also reads bf16 ones)."""
+    """What a native step multiplies `rows` rows of each stream by: the panel-packed weights for many rows (the
+    GEMM), the weights as they are for a few (the few-row product, which also reads bf16 ones).
+
+    Chosen by one stream's rows, not the batch's: each kernel gives a row the same floats whatever the other
+    rows, so a stream decoded in a batch (model.decode_together) gets exactly what it gets alone.
+    """
     return conv._packed if rows > FEW_ROWS and conv._packed is not None else conv._w
 
 
 def _product(x: mx.array, w: mx.array, packed: mx.array | None, bias: mx.array | None) -> mx.array:
-    """x @ w.T (+ bias), by the fastest route for its row count.
+    """x [B, T, K] @ w.T (+ bias), by the fastest route for a stream's row count T.
 
     A few rows (streaming's first layers) are bound by reading the weights: the native few-row product
     (kernels.dense), which also takes bf16 weights. Many rows: the native panel GEMM when the weights were
     packed for it (kernels.pack_panels), else BLAS.
     """
-    if x.size // x.shape[-1] <= FEW_ROWS:
+    if x.shape[-2] <= FEW_ROWS:  # one stream's rows (see _step_weight)
         y = dense(x, w)
         return y if bias is None else y + bias
     if packed is not None and kernels.native_available():
@@ -174,7 +178,7 @@ class CausalConvTranspose1d(nn.Module):
         """One step: the transposed convolution of elu(x) if elu_input else x, and the new state."""
         previous = self.initial_state(x.shape[0]) if state is None else state
         if not self.depthwise and _native_step(x, "conv_transpose_step"):
-            weight = _step_weight(self, rows=x.shape[0] * x.shape[1])
+            weight = _step_weight(self, rows=x.shape[1])
             return kernels.conv_transpose_step(
                 x, previous, weight, self.weight.shape[1], self.get("bias"), self.stride, elu_input
             )
@@ -297,3 +301,34 @@ def prepare(module: nn.Module) -> None:
     for _, child in module.named_modules():
         if isinstance(child, CausalConv1d | CausalConvTranspose1d):
             child.prepare()
+
+
+# -- streams batched together (model.decode_together) ---------------------------------------------------------
+
+
+def stack_states(states: list[State]) -> State:
+    """The states of several streams as one batch: every array concatenated along its batch axis (the first),
+    the structure (lists, ResBlockStates, None) kept."""
+    first = states[0]
+    if first is None:
+        if any(state is not None for state in states):
+            raise ValueError("cannot batch a fresh convolution state with a running one")
+        return None
+    if isinstance(first, mx.array):
+        return mx.concatenate(states) if len(states) > 1 else first
+    if isinstance(first, ResBlockState):
+        return ResBlockState(*(stack_states(list(parts)) for parts in zip(*states, strict=True)))
+    return [stack_states(list(parts)) for parts in zip(*states, strict=True)]
+
+
+def split_state(state: State, batch: int) -> list[State]:
+    """The inverse of stack_states for a batch of `batch` streams of one row each (views of the arrays)."""
+    if state is None:
+        return [None] * batch
+    if isinstance(state, mx.array):
+        return [state[b : b + 1] for b in range(batch)]
+    if isinstance(state, ResBlockState):
+        return [ResBlockState(*parts) for parts in zip(*(split_state(part, batch) for part in state), strict=True)]
+    if not state:
+        return [[] for _ in range(batch)]
+    return [list(parts) for parts in zip(*(split_state(part, batch) for part in state), strict=True)]

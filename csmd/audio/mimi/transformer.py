@@ -2,7 +2,9 @@
 positions, and a causal window of `context` steps (each step sees itself and the 249 before it).
 
 Streaming state: per layer the keys and values of the last `context - 1` steps (stacked over layers), plus the
-absolute position of the next step (an array, so a compiled step is reused at every position). That is all a
+absolute position of the next step, one per batch row (an array, so a compiled step is reused at every position).
+Each batch row is a stream of its own: rows may be at different positions (streams of different ages decoded
+in one batch, see model.decode_together), so the RoPE angles, the ring slots and the mask are per row. That is all a
 new step can attend to, so memory stays flat however long the stream, and a step sees exactly what it would
 see offline: streaming equals offline at any length. The key/value buffers have that fixed size from the first
 step on (slots before the stream's start are zeros that the mask hides), so every step has the same shapes.
@@ -38,45 +40,59 @@ KeyValues = tuple[mx.array, mx.array]  # [B, context - 1, d_model] each: past ke
 class TransformerState(NamedTuple):
     """A MimiTransformer stream's state (a pytree of arrays: MLX's compile and eval take it as it is)."""
 
-    position: mx.array  # int32 scalar: the absolute position of the next step
+    position: mx.array  # int32 [B]: each row's absolute position of its next step
     past_keys: mx.array  # [layers, B, context - 1, d_model]: rings of the steps before the previous call's
     past_values: mx.array
     last_keys: mx.array  # [layers, B, T', d_model]: the previous call's T' steps, for the rings at the next call
     last_values: mx.array
 
 
+def _per_row(position: mx.array) -> mx.array:
+    """[B] (or [1]: one for every row, as the native kernels also take it) from a position per row or one."""
+    return position.reshape(-1)
+
+
 def ring_positions(position: mx.array, past: int) -> mx.array:
-    """[past]: the position of the step in each ring slot, before a call at `position` (negative: none yet)."""
+    """[B, past]: the position of the step in each ring slot of each row, before a call at `position` [B]
+    (negative: none yet)."""
+    position = _per_row(position)[:, None]
     return position - past + mx.remainder(mx.arange(past) - position, past)
 
 
+def ring_slots(position: mx.array, steps: mx.array, past: int) -> mx.array:
+    """[B, len(steps)]: each row's ring slot of its steps `position + steps` (position [B])."""
+    return mx.remainder(_per_row(position)[:, None] + steps, past)
+
+
 def ring_write(ring: mx.array, rows: mx.array, position: mx.array) -> mx.array:
-    """ring [..., P, D] with rows [..., T, D] (steps position ... position + T - 1) in their slots; the last P
-    steps stay. The MLX reference of the native kernels.mimi_ring_write."""
+    """ring [L, B, P, D] with rows [L, B, T, D] (row b's steps position[b] ... position[b] + T - 1) in their
+    slots; the last P steps stay. The MLX reference of the native kernels.mimi_ring_write."""
     past, steps = ring.shape[-2], rows.shape[-2]
     kept = min(steps, past)
     if kept == 0:
         return ring
-    slots = mx.remainder(position + mx.arange(steps - kept, steps), past)
-    index = mx.broadcast_to(slots[:, None], (*ring.shape[:-2], kept, ring.shape[-1]))
+    slots = ring_slots(position, mx.arange(steps - kept, steps), past)  # [B, kept]
+    index = mx.broadcast_to(slots[None, :, :, None], (*ring.shape[:-2], kept, ring.shape[-1]))
     return mx.put_along_axis(ring, index, rows[..., steps - kept :, :], axis=-2)
 
 
 def attention_bias(position: mx.array, steps: int, past: int, context: int) -> mx.array:
-    """[steps, past + steps] additive mask: 0 where query may see key, a large negative number elsewhere.
+    """[B, 1, steps, past + steps] additive mask (per row, for all heads): 0 where query may see key, a large
+    negative number elsewhere.
 
-    Query i is at position + i; keys are the past ring's slots (ring_positions), then the new steps. Allowed:
-    0 <= q - k < context, and the key must exist (position >= 0). Finite, not -inf: fastmath.softmax
+    Row b's query i is at position[b] + i; keys are the past ring's slots (ring_positions), then the new steps.
+    Allowed: 0 <= q - k < context, and the key must exist (position >= 0). Finite, not -inf: fastmath.softmax
     subtracts the row max first.
     """
-    key_position = mx.concatenate([ring_positions(position, past), position + mx.arange(steps)])
-    delta = (position + mx.arange(steps))[:, None] - key_position[None, :]
-    allowed = (delta >= 0) & (delta < context) & (key_position >= 0)[None, :]
-    return mx.where(allowed, 0.0, -1e9)
+    new = _per_row(position)[:, None] + mx.arange(steps)  # [B, steps]
+    key_position = mx.concatenate([ring_positions(position, past), new], axis=1)  # [B, past + steps]
+    delta = new[:, :, None] - key_position[:, None, :]
+    allowed = (delta >= 0) & (delta < context) & (key_position >= 0)[:, None, :]
+    return mx.where(allowed, 0.0, -1e9)[:, None]
 
 
 def rope(x: mx.array, position: mx.array, max_period: float) -> mx.array:
-    """Interleaved rotary embedding of x [..., T, D] for steps position ... position + T - 1.
+    """Interleaved rotary embedding of x [..., B, H, T, D]: row b's steps position[b] ... position[b] + T - 1.
 
     Kyutai's weights pair dims (2i, 2i+1) (the "traditional" layout), with angle (position + t) * f_i and
     f_i = max_period^(-2i / D), all in fp32 as in moshi. Written as elementwise ops, which mx.compile fuses,
@@ -85,8 +101,9 @@ def rope(x: mx.array, position: mx.array, max_period: float) -> mx.array:
     """
     steps, dims = x.shape[-2], x.shape[-1]
     freqs = mx.exp(mx.arange(0, dims, 2, dtype=mx.float32) * (-math.log(max_period) / dims))
-    angles = (position + mx.arange(steps)).astype(mx.float32)[:, None] * freqs  # [T, D / 2]
-    cos = mx.repeat(mx.cos(angles), 2, axis=-1)  # [T, D]: each pair's angle twice
+    steps_at = (_per_row(position)[:, None] + mx.arange(steps)).astype(mx.float32)  # [B, T]
+    angles = steps_at[:, None, :, None] * freqs  # [B, 1, T, D / 2]: one set for all heads
+    cos = mx.repeat(mx.cos(angles), 2, axis=-1)  # [B, 1, T, D]: each pair's angle twice
     sin = mx.repeat(mx.sin(angles), 2, axis=-1) * mx.array([-1.0, 1.0] * (dims // 2))
     swapped = x.reshape(*x.shape[:-1], dims // 2, 2)[..., ::-1].reshape(x.shape)  # (x1, x0) per pair
     return x * cos + swapped * sin  # (x0 cos - x1 sin, x1 cos + x0 sin)
@@ -120,7 +137,7 @@ _FEW_STEPS = 8
 
 
 def _attend_few(q: mx.array, keys: mx.array, values: mx.array, bias: mx.array) -> mx.array:
-    """q [B, H, T, D], keys/values [B, S, H * D], bias [T, S] -> [B, T, H * D], for small T.
+    """q [B, H, T, D], keys/values [B, S, H * D], bias [B, 1, T, S] -> [B, T, H * D], for small T.
 
     Per-head matmuls this small cost a BLAS call each, mostly its thread handoff (16 per layer), so all
     heads go through one matmul: q is spread block-diagonally over [B, H * T, H * D] (head h's row holds q in
@@ -184,13 +201,31 @@ class MimiTransformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.layers = [Layer(cfg) for _ in range(cfg.num_layers)]
+        self._panel_weights: list[mx.array] | None = None  # native_weights with packed projections (pack_panels)
+
+    def pack_panels(self) -> None:
+        """Have the native step multiply by panel-packed copies of the fp32 projections (kernels.pack_panels;
+        bf16 ones stay as they are), from now until the weights change (call it again then).
+
+        For a stack that decodes several streams in one batch (model.decode_together): at a few streams' rows
+        the few-row product is bound by its arithmetic, which the panel GEMM does at about twice the rate,
+        while at one stream's two rows both are bound by reading the weights. Both kernels give a row the
+        same floats whatever the other rows, but not each other's: a stream batched or alone must meet the
+        same one, so the choice is the stack's, not the batch size's. Costs a second copy of the projections.
+        """
+        self._panel_weights = None
+        weights = self.native_weights()
+        packed = [kernels.pack_panels(w) if w.ndim == 2 and w.dtype == mx.float32 else None for w in weights]
+        if any(p is not None for p in packed):
+            self._panel_weights = [w if p is None else p for w, p in zip(weights, packed, strict=True)]
+            mx.eval(self._panel_weights)
 
     def initial_state(self, batch: int) -> TransformerState:
         cfg = self.config
         past = (cfg.num_layers, batch, cfg.context - 1, cfg.d_model)
         last = (cfg.num_layers, batch, 0, cfg.d_model)
         return TransformerState(
-            mx.array(0, dtype=mx.int32), mx.zeros(past), mx.zeros(past), mx.zeros(last), mx.zeros(last)
+            mx.zeros((batch,), dtype=mx.int32), mx.zeros(past), mx.zeros(past), mx.zeros(last), mx.zeros(last)
         )
 
     def __call__(self, x: mx.array, state: TransformerState | None) -> tuple[mx.array, TransformerState]:
@@ -227,6 +262,8 @@ class MimiTransformer(nn.Module):
 
     def native_weights(self) -> list[mx.array]:
         """The native step's weight list: 10 per layer, in the order of csmd_native.mimi_transformer."""
+        if self._panel_weights is not None:
+            return self._panel_weights
         weights = []
         for layer in self.layers:
             attn, mlp = layer.attn, layer.mlp
@@ -234,3 +271,58 @@ class MimiTransformer(nn.Module):
             weights += [layer.layer_scale_1, layer.norm2.weight, layer.norm2.bias, mlp.fc1.weight, mlp.fc2.weight]
             weights.append(layer.layer_scale_2)
         return weights
+
+
+# -- streams batched together: states stacked along the batch axis, and split back ------------------------------
+
+
+def stack_states(states: list[TransformerState], last_steps: int = 0) -> TransformerState:
+    """One state whose batch rows are the given states' rows, in order (each state any batch size).
+
+    The previous call's steps (last_keys, last_values) must have one length T' in a batch: a fresh stream has
+    none, a running one the steps of its last frame. Shorter ones are lengthened to the longest (and to at least
+    `last_steps`) at the front with the steps before them as the ring holds them: writing those back into the
+    ring at the next call leaves it as it was (zeros, masked, for a stream too young to have them), so every
+    row continues exactly as its stream would alone.
+    """
+    steps = max([last_steps, *(state.last_keys.shape[2] for state in states)])
+    states = [_with_last_steps(state, steps) for state in states]
+    if len(states) == 1:
+        return states[0]
+    rings = (mx.concatenate([state[i] for state in states], axis=1) for i in range(1, len(TransformerState._fields)))
+    return TransformerState(mx.concatenate([state.position for state in states]), *rings)
+
+
+def split_state(state: TransformerState) -> list[TransformerState]:
+    """The state of each batch row, as a batch of one (views of the batch's arrays)."""
+    return [
+        TransformerState(state.position[b : b + 1], *(part[:, b : b + 1] for part in state[1:]))
+        for b in range(state.position.shape[0])
+    ]
+
+
+def _with_last_steps(state: TransformerState, steps: int) -> TransformerState:
+    """`state` with `steps` (>= its own) previous-call steps: the missing ones read from the ring."""
+    missing = steps - state.last_keys.shape[2]
+    if missing == 0:
+        return state
+    past = state.past_keys.shape[2]
+    if past == 0:  # (a window of one step: nothing is ever written to the ring)
+        pad = mx.zeros((*state.last_keys.shape[:2], missing, state.last_keys.shape[3]))
+        return state._replace(
+            last_keys=mx.concatenate([pad, state.last_keys], axis=2),
+            last_values=mx.concatenate([pad, state.last_values], axis=2),
+        )
+    # (steps older than the ring's window are read from whatever slot they map to: the next write keeps only
+    # the last `past` steps, so those are never written back)
+    start = state.position - state.last_keys.shape[2] - missing  # [B]: the first missing step of each row
+    slots = ring_slots(start, mx.arange(missing), past)[None, :, :, None]  # [1, B, missing, 1]
+
+    def lengthened(last: mx.array, ring: mx.array) -> mx.array:
+        index = mx.broadcast_to(slots, (ring.shape[0], ring.shape[1], missing, ring.shape[3]))
+        return mx.concatenate([mx.take_along_axis(ring, index, axis=2), last], axis=2)
+
+    return state._replace(
+        last_keys=lengthened(state.last_keys, state.past_keys),
+        last_values=lengthened(state.last_values, state.past_values),
+    )

@@ -19,7 +19,8 @@
 namespace csmd {
 
 // x rows handled per pass over a weight row: 4 rows x 2 vectors of accumulators fit the 16 AVX2 registers
-// next to the two weight vectors.
+// next to the two weight vectors. Every path sums a row's dot in the same order (see row_pair_dots), so the
+// result for one row of x does not depend on M or on which path M picks.
 constexpr int kFewRowsChunk = 4;
 
 // The x rows are reread for every weight row and must stay in L1 (32 KB here) while the weights stream
@@ -106,27 +107,42 @@ CSMD_AVX2 static inline void row_dots(const void* w, const float* x, int K, floa
   }
 }
 
-// Dots of two weight rows (w and w + ldw) with MR consecutive x rows (stride K): out[m * ldo + 0 / 1].
+// Dots of two weight rows (w and w + ldw) with MR consecutive x rows (stride K): out[m * ldo + 0 / 1]. Each
+// dot is summed exactly as row_dots sums it (two accumulators over alternate blocks of 8, then the scalar
+// tail), so that a row's product is the same floats whichever path the size of x picks: a stream's output
+// does not depend on how many other streams share its product (Mimi's batched decode).
 template <int MR, bool BF16>
 CSMD_AVX2 static inline void row_pair_dots(const void* w, size_t ldw, const float* x, int K, float* out,
                                            size_t ldo) {
   const size_t wsize = BF16 ? 2 : 4;
   const void* w1 = static_cast<const char*>(w) + ldw * wsize;
-  __m256 acc[MR][2];
-  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  __m256 acc[MR][2][2];  // [x row][weight row][block of 8: even, odd]
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < 2; ++r) acc[m][r][0] = acc[m][r][1] = _mm256_setzero_ps();
   const size_t ldx = static_cast<size_t>(K);
   int k = 0;
-  for (; k + 8 <= K; k += 8) {
-    const __m256 a0 = load_w8<BF16>(w, k), a1 = load_w8<BF16>(w1, k);
+  for (; k + 16 <= K; k += 16) {
+    const __m256 a0 = load_w8<BF16>(w, k), a1 = load_w8<BF16>(w, k + 8);
+    const __m256 b0 = load_w8<BF16>(w1, k), b1 = load_w8<BF16>(w1, k + 8);
     for (int m = 0; m < MR; ++m) {
-      const __m256 xm = _mm256_loadu_ps(x + m * ldx + k);
-      acc[m][0] = _mm256_fmadd_ps(a0, xm, acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(a1, xm, acc[m][1]);
+      const __m256 x0 = _mm256_loadu_ps(x + m * ldx + k), x1 = _mm256_loadu_ps(x + m * ldx + k + 8);
+      acc[m][0][0] = _mm256_fmadd_ps(a0, x0, acc[m][0][0]);
+      acc[m][0][1] = _mm256_fmadd_ps(a1, x1, acc[m][0][1]);
+      acc[m][1][0] = _mm256_fmadd_ps(b0, x0, acc[m][1][0]);
+      acc[m][1][1] = _mm256_fmadd_ps(b1, x1, acc[m][1][1]);
+    }
+  }
+  for (; k + 8 <= K; k += 8) {
+    const __m256 a0 = load_w8<BF16>(w, k), b0 = load_w8<BF16>(w1, k);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 x0 = _mm256_loadu_ps(x + m * ldx + k);
+      acc[m][0][0] = _mm256_fmadd_ps(a0, x0, acc[m][0][0]);
+      acc[m][1][0] = _mm256_fmadd_ps(b0, x0, acc[m][1][0]);
     }
   }
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < 2; ++r) {
-      float s = hsum(acc[m][r]);
+      float s = hsum(_mm256_add_ps(acc[m][r][0], acc[m][r][1]));
       for (int j = k; j < K; ++j) s += w_at<BF16>(r ? w1 : w, j) * x[m * ldx + j];
       out[m * ldo + r] = s;
     }
