@@ -597,3 +597,32 @@ async def test_sessions_speaking_together_share_batched_steps(
         assert isinstance(end, m.AudioEnd) and end.frames == 30
     assert sum(sizes) == 3 * 30 and max(sizes) == 3
     assert len(sizes) <= 30 + 10  # mostly together: about 30 steps, not 90 of one reply each
+
+
+async def test_a_fault_in_one_reply_of_a_batch_ends_only_that_reply(
+    daemon: tuple[Daemon, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batched step that fails is retried reply by reply: the faulty reply ends with `internal`, the others in
+    its batch go on to their end."""
+    from csmd.model.generator import Utterance
+
+    real = Utterance._accept
+
+    def faulty(self: Utterance, frame: np.ndarray) -> object:
+        if self.seed == 666 and len(self.frames) >= 3:
+            raise RuntimeError("an engine fault in one reply")
+        return real(self, frame)
+
+    monkeypatch.setattr(Utterance, "_accept", faulty)
+    _, path = daemon
+    good, bad = await RawClient.connect(path), await RawClient.connect(path)
+    await good.open("g")
+    await bad.open("b")
+    await good.send(m.Speak(session="g", request="g", text="Fine.", speaker=0, max_frames=20, seed=1))
+    await bad.send(m.Speak(session="b", request="b", text="Broken.", speaker=0, max_frames=20, seed=666))
+    ended = await bad.until(lambda x: isinstance(x, m.AudioEnd))
+    errors = [x for x in ended if isinstance(x, m.Error)]
+    assert len(errors) == 1 and errors[0].code == "internal" and "one reply" in errors[0].message
+    assert isinstance(ended[-1], m.AudioEnd) and ended[-1].reason == "error" and ended[-1].frames == 3
+    rest = await good.until(lambda x: isinstance(x, m.AudioEnd))
+    assert isinstance(rest[-1], m.AudioEnd) and rest[-1].frames == 20 and not any(isinstance(x, m.Error) for x in rest)

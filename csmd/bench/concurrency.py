@@ -1,7 +1,7 @@
 """`csmd bench concurrency`: 1, 2, 4, 8 sessions speaking at once, in-process and through a daemon.
 
 In-process, the sessions' replies advance as the daemon's scheduler advances them: one batched step
-(`step_together`) per frame boundary, then each reply's own Mimi decode. The batched step is timed apart from
+(`step_together`) per frame boundary, then one batched Mimi decode of their frames (`decode_together`). The batched step is timed apart from
 the decodes, and set against its bandwidth floor: the weights read once for the whole batch, plus each
 session's KV cache (`budget.frame_budget`), over the DRAM bandwidth measured in the same run.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import trio
 
-from csmd.audio.mimi.model import Mimi, StreamingDecoder
+from csmd.audio.mimi.model import Mimi, StreamingDecoder, decode_together
 from csmd.bench.budget import frame_budget
 from csmd.bench.daemon import serve_in_thread
 from csmd.bench.machine import MachineRates
@@ -53,7 +53,7 @@ class ConcurrencyRun:
     interval_p95_ms: float
     real_time_factors: list[float]  # per session: 80 ms / its median frame interval (above 1: faster than real time)
     step_ms: float | None = None  # in-process: the batched generation step alone
-    decode_ms: float | None = None  # in-process: the sessions' Mimi decodes of one step, together
+    decode_ms: float | None = None  # in-process: the batched Mimi decode of one step's frames
     floor_ms: float | None = None  # in-process: the batched step's bandwidth floor
     floor_ratio: float | None = None  # step_ms / floor_ms
     rss_mb: float | None = None  # in-process: the process's RSS with this many sessions open
@@ -137,10 +137,9 @@ def in_process(
         started = time.perf_counter()
         made = step_together(replies)
         generated = time.perf_counter()
-        for decoder, frame in zip(decoders, made, strict=True):
-            if frame is None:
-                raise RuntimeError("a benchmark reply ended early (random weights emitted the end frame)")
-            decoder.step(frame)
+        if any(frame is None for frame in made):
+            raise RuntimeError("a benchmark reply ended early (random weights emitted the end frame)")
+        decode_together(decoders, np.stack([f for f in made if f is not None]))
         decoded = time.perf_counter()
         steps.append(generated - started)
         decodes.append(decoded - generated)

@@ -2,7 +2,8 @@
 
 Each reply being generated (`Generation`) has a small bounded channel of decoded audio. At each frame boundary
 the scheduler takes every generation whose channel has room and advances all of them by one frame in one
-batched step (`step_together`: each weight read once for the whole batch), then each one's Mimi decode. A
+batched step (`step_together`: each weight read once for the whole batch), then decodes their frames in one
+batched Mimi step (`decode_together`). A
 client that stops reading fills its own channel and sits out; everyone else keeps going. A reply joins the
 batch at the first boundary after `add`, and leaves it at the first one after `stop`.
 
@@ -31,7 +32,7 @@ import numpy as np
 import outcome
 import trio
 
-from csmd.audio.mimi.model import StreamingDecoder
+from csmd.audio.mimi.model import StreamingDecoder, decode_together
 from csmd.daemon.worker import ModelWorker
 from csmd.model.generator import Utterance, step_together
 from csmd.protocol import messages as m
@@ -212,28 +213,47 @@ class Scheduler:
 
 
 def _step(batch: list[Generation]) -> list[outcome.Outcome[DecodedFrame | None]]:
-    """Model thread: one frame of every generation in `batch` (generated together, decoded one by one).
+    """Model thread: one frame of every generation in `batch`, generated together and decoded together.
 
-    If the batched step fails, each generation is stepped alone, so that a fault is reported for the replies
-    it concerns only (the batched step writes nothing until all its rows are computed).
+    If a batched step fails, each generation is stepped (or decoded) alone, so that a fault is reported for
+    the replies it concerns only (the batched steps write nothing until all their rows are computed).
     """
     try:
-        frames: list[outcome.Outcome[np.ndarray | None]] = [
-            outcome.Value(f) for f in step_together([g.utterance for g in batch])
-        ]
-    except Exception:
-        if len(batch) == 1:
-            raise
-        log.exception("a batched step of %d replies failed (a bug); stepping them one by one", len(batch))
-        frames = [outcome.capture(g.utterance.step) for g in batch]
-    return [outcome.capture(_decoded, g, f) for g, f in zip(batch, frames, strict=True)]
+        frames: list[np.ndarray | BaseException | None] = list(step_together([g.utterance for g in batch]))
+    except Exception as exc:
+        if len(batch) == 1:  # (a batch of one was the reply's own step: its fault)
+            frames = [exc]
+        else:
+            log.exception("a batched step of %d replies failed (a bug); stepping them one by one", len(batch))
+            frames = [_value_or_error(g.utterance.step) for g in batch]
+    made = [(g, f) for g, f in zip(batch, frames, strict=True) if isinstance(f, np.ndarray)]
+    pcm: dict[int, np.ndarray | BaseException] = {}
+    if len(made) > 1:
+        try:
+            decoded = decode_together([g.decoder for g, _ in made], np.stack([codes for _, codes in made]))
+            pcm = {id(g): decoded[i] for i, (g, _) in enumerate(made)}
+        except Exception:
+            log.exception("a batched decode of %d frames failed (a bug); decoding them one by one", len(made))
+    for g, codes in made:
+        if id(g) not in pcm:
+            pcm[id(g)] = _value_or_error(partial(g.decoder.step, codes))
+    results: list[outcome.Outcome[DecodedFrame | None]] = []
+    for g, f in zip(batch, frames, strict=True):
+        audio = pcm.get(id(g)) if f is not None and not isinstance(f, BaseException) else None
+        if isinstance(f, BaseException) or isinstance(audio, BaseException):
+            results.append(outcome.Error(f if isinstance(f, BaseException) else audio))  # type: ignore[arg-type]
+        elif audio is None:
+            results.append(outcome.Value(None))  # the reply ended
+        else:
+            results.append(outcome.Value(DecodedFrame(len(g.utterance.frames) - 1, audio)))
+    return results
 
 
-def _decoded(generation: Generation, frame: outcome.Outcome[np.ndarray | None]) -> DecodedFrame | None:
-    codes = frame.unwrap()
-    if codes is None:
-        return None
-    return DecodedFrame(len(generation.utterance.frames) - 1, generation.decoder.step(codes))
+def _value_or_error(fn: Callable[[], T]) -> T | BaseException:
+    try:
+        return fn()
+    except Exception as exc:
+        return exc
 
 
 def _smoothed(previous: float | None, sample: float) -> float:
