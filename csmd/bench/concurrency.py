@@ -1,9 +1,10 @@
 """`csmd bench concurrency`: 1, 2, 4, 8 sessions speaking at once, in-process and through a daemon.
 
 In-process, the sessions' replies advance as the daemon's scheduler advances them: one batched step
-(`step_together`) per frame boundary, then one batched Mimi decode of their frames (`decode_together`). The batched step is timed apart from
-the decodes, and set against its bandwidth floor: the weights read once for the whole batch, plus each
-session's KV cache (`budget.frame_budget`), over the DRAM bandwidth measured in the same run.
+(`step_together`) per frame boundary, then one batched Mimi decode of their frames (`decode_together`). The
+batched step is timed apart from the decode, and set against its bandwidth floor: the weights read once for
+the whole batch, plus each session's KV cache (`budget.frame_budget`), over the DRAM bandwidth measured in the
+same run.
 
 Through the daemon (in a thread of this process, as `csmd serve` runs it), each session has its own
 connection and blocking client in its own thread; a session's frame interval is the time between its audio
@@ -254,6 +255,6 @@ def format_result(r: ConcurrencyResult) -> str:
         )
     lines.append(
         "x lone: against one session the same way; step ms: the batched generation step alone; floor: step ms "
-        "over its bandwidth floor (weights once, each session's KV cache); decode: the sessions' Mimi decodes"
+        "over its bandwidth floor (weights once, each session's KV cache); decode: the batched Mimi decode"
     )
     return "\n".join(lines)
