@@ -187,12 +187,13 @@ def test_teacher_forced_logits_are_the_generated_frames(monkeypatch: pytest.Monk
 
 
 def test_divergence_figures() -> None:
-    from csmd.bench.precision import divergence
+    from csmd.bench.precision import divergence, entropy
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(50, 40)).astype(np.float32)
     same = divergence(logits, logits)
     assert same.kl == pytest.approx(0, abs=1e-12) and same.top1 == same.top5 == 1.0
+    assert entropy(np.zeros((3, 8))) == pytest.approx(np.log(8), abs=1e-4)
     # Two codes: KL(p || q) in closed form.
     p, q = np.array([[0.0, np.log(3.0)]]), np.array([[0.0, 0.0]])
     half = divergence(p, q)
@@ -225,6 +226,7 @@ def test_precision_bench_on_random_tiny() -> None:
         for d in (s.codebook0, s.depth):
             assert d.kl >= 0 and d.kl_p95 >= 0 and 0 <= d.top1 <= 1 and 0 <= d.top5 <= 1
     assert 0 < eight.codebook0.kl < four.codebook0.kl and 0 < eight.depth.kl < four.depth.kl
+    assert 0 < r.codebook0_entropy <= r.flat_entropy and 0 < r.depth_entropy <= r.flat_entropy
 
 
 def test_bench_precision_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -233,9 +235,12 @@ def test_bench_precision_command(capsys: pytest.CaptureFixture[str]) -> None:
     result = json.loads(capsys.readouterr().out)
     assert [s["scheme"] for s in result["schemes"]] == ["backbone=4,decoder=8", "8"]
     assert result["schemes"][0]["description"] == "backbone 4-bit, decoder 8-bit"
-    assert main(args) == 0  # the default schemes, printed as a table
+    assert result["reference_times"] is None and result["schemes"][0]["times"] is None  # no timing unless asked
+    assert main([*args, "--timed-rounds", "2"]) == 0  # the default schemes, printed as a table, timed in turns
     out = capsys.readouterr().out
     assert "bfloat16 (reference)" in out and "backbone=8,decoder=4" in out and "proxy for quality" in out
+    timed = [line for line in out.splitlines() if "depth decoder" in line]
+    assert len(timed) == 5 and all("(6 frames)" in line for line in timed)  # 2 turns of 4, the first of each untimed
 
 
 @pytest.mark.parametrize(
@@ -245,6 +250,8 @@ def test_bench_precision_command(capsys: pytest.CaptureFixture[str]) -> None:
         (["--schemes", "4", "backbone=4"], ["argument --schemes", "decoder's bits"]),
         (["--frames", "2040"], ["--frames 2040", "window of random:tiny (2048 rows)"]),
         (["--frames", "0"], ["argument --frames"]),
+        (["--timed-rounds", "500"], ["--timed-rounds 500", "window of random:tiny"]),
+        (["--timed-rounds", "-1"], ["argument --timed-rounds"]),
     ],
 )
 def test_bench_precision_refuses_bad_flags_in_one_line(

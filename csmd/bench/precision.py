@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from csmd.bench.alternation import CONTEXT_ROWS, FRAMES_PER_TURN, FrameTimes, time_in_turns
 from csmd.bench.budget import frame_budget
 from csmd.model.csm import CSM
 from csmd.model.generator import audio_rows, text_rows
@@ -55,6 +56,7 @@ class SchemeResult:
     codebook0: Divergence  # the backbone's head, one row per frame
     depth: Divergence  # the depth decoder's codebooks 1..N-1, N-1 rows per frame
     seconds: float  # quantizing and scoring this scheme
+    times: FrameTimes | None = None  # its frames timed in turns with the others' (timed_rounds)
 
 
 @dataclass
@@ -65,9 +67,16 @@ class PrecisionBenchResult:
     frames: int
     prompt_rows: int
     codebooks: int
+    # The reference's mean entropy (nats) per row, beside log(codes) for a flat distribution: how peaked the
+    # logits the agreement figures rank are (the top codes of a nearly flat distribution swap easily).
+    codebook0_entropy: float
+    depth_entropy: float
+    flat_entropy: float
     reference_bytes_per_frame: int
     generate_seconds: float  # the reference generating the codes
     schemes: list[SchemeResult]
+    reference_times: FrameTimes | None = None  # timed in the same turns as the schemes (timed_rounds)
+    timed_context_rows: int = 0  # the context those frames followed
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -137,6 +146,12 @@ def divergence(reference: np.ndarray, other: np.ndarray) -> Divergence:
     )
 
 
+def entropy(logits: np.ndarray) -> float:
+    """Mean entropy, in nats, of the softmax of each row of `logits`."""
+    log_p = _log_softmax(logits.reshape(-1, logits.shape[-1]).astype(np.float64))
+    return round(float(-(np.exp(log_p) * log_p).sum(axis=-1).mean()), 4)
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     shifted = x - x.max(axis=-1, keepdims=True)
     result: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
@@ -156,10 +171,12 @@ def run(
     schemes: list[QuantizationScheme],
     frames: int = 200,
     seed: int = 0,
+    timed_rounds: int = 0,
     say: Callable[[str], None] = lambda _: None,
 ) -> PrecisionBenchResult:
     """Score each scheme, quantized from `reference`, on `frames` frames the reference generates; `say` hears
-    each stage (the CLI prints them)."""
+    each stage (the CLI prints them). With `timed_rounds`, every model's frames are then timed in that many
+    turns (alternation.py), which holds every scheme's weights in memory at once."""
     cfg = reference.config
     if frames < 1 or PROMPT_ROWS + frames > cfg.backbone.max_seq_len:
         window = cfg.backbone.max_seq_len
@@ -174,6 +191,7 @@ def run(
     context = PROMPT_ROWS + frames
     reference_bytes = frame_budget(reference, context).total_bytes
     results = []
+    kept = []
     for scheme in schemes:
         start = time.perf_counter()
         say(f"quantizing to {scheme.describe()} and scoring")
@@ -181,6 +199,8 @@ def run(
         quantize(model, scheme)
         got0, got_depth = score(model, prompt, codes)
         bytes_per_frame = frame_budget(model, context).total_bytes
+        if timed_rounds:
+            kept.append(model)
         del model
         results.append(
             SchemeResult(
@@ -193,6 +213,12 @@ def run(
                 seconds=round(time.perf_counter() - start, 1),
             )
         )
+    reference_times = None
+    if timed_rounds:
+        say(f"timing {timed_rounds} turns of {FRAMES_PER_TURN} frames of each model, in turns")
+        reference_times, *times = time_in_turns([reference, *kept], timed_rounds)
+        for result, scheme_times in zip(results, times, strict=True):
+            result.times = scheme_times
     return PrecisionBenchResult(
         model=name,
         dtype=_dtype(reference),
@@ -200,9 +226,14 @@ def run(
         frames=frames,
         prompt_rows=PROMPT_ROWS,
         codebooks=cfg.num_codebooks,
+        codebook0_entropy=entropy(want0),
+        depth_entropy=entropy(want_depth),
+        flat_entropy=round(float(np.log(cfg.audio_codebook_size)), 4),
         reference_bytes_per_frame=reference_bytes,
         generate_seconds=round(generate_seconds, 1),
         schemes=results,
+        reference_times=reference_times,
+        timed_context_rows=CONTEXT_ROWS if timed_rounds else 0,
     )
 
 
@@ -226,9 +257,22 @@ def format_result(r: PrecisionBenchResult) -> str:
             f"  {s.scheme:<24} {s.bytes_per_frame / 1e6:9.1f} {s.bytes_ratio:6.3f} | {c.kl:14.5f} {c.kl_p95:7.4f} "
             f"{c.top1:5.3f} {c.top5:5.3f} | {d.kl:18.5f} {d.kl_p95:7.4f} {d.top1:5.3f} {d.top5:5.3f}"
         )
+    if r.reference_times is not None:
+        timed = [(f"{r.dtype} (reference)", r.reference_times)] + [(s.scheme, s.times) for s in r.schemes]
+        lines.append(
+            f"  frames timed in turns, {FRAMES_PER_TURN} a turn (the first untimed), after "
+            f"{r.timed_context_rows} rows of context (medians; ratios to the reference's frame):"
+        )
+        for label, t in timed:
+            assert t is not None
+            lines.append(
+                f"  {label:<24} backbone {t.backbone_ms:8.2f} ms  depth decoder {t.decoder_ms:8.2f} ms  frame "
+                f"{t.frame_ms:8.2f} ms  {t.frame_ms / r.reference_times.frame_ms:6.3f}x  ({t.frames} frames)"
+            )
     lines += [
         "  KL(reference || scheme) in nats per row (mean, 95th percentile); top1: the same most likely code; top5: "
         "share of the reference's 5 most likely codes among the scheme's 5",
-        "  on random weights these are a proxy for quality, not a measure of it",
+        f"  the reference's entropy: codebook 0 {r.codebook0_entropy:.3f}, {depth} {r.depth_entropy:.3f} nats "
+        f"(flat: {r.flat_entropy:.3f}); on random weights these figures are a proxy for quality, not a measure of it",
     ]
     return "\n".join(lines)

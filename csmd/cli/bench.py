@@ -96,16 +96,23 @@ def cmd_bench_precision(args: argparse.Namespace) -> int:
     if loaded.random:
         note_random(spec)
     _check_precision_rows(args, loaded.model.config.backbone.max_seq_len, spec, PROMPT_ROWS)
-    result = run(loaded.model, spec, args.schemes, frames=args.frames, say=_say)
+    result = run(loaded.model, spec, args.schemes, frames=args.frames, timed_rounds=args.timed_rounds, say=_say)
     print(json.dumps(result.as_dict()) if args.json else format_result(result))
     return 0
 
 
 def _check_precision_rows(args: argparse.Namespace, window: int, spec: str, prompt_rows: int) -> None:
+    from csmd.bench.alternation import CONTEXT_ROWS, FRAMES_PER_TURN
+
     if prompt_rows + args.frames > window:
         raise UserError(
             f"--frames {args.frames}: with the {prompt_rows} prompt rows, more than the window of {spec} "
             f"({window} rows)"
+        )
+    if CONTEXT_ROWS + args.timed_rounds * FRAMES_PER_TURN > window:
+        raise UserError(
+            f"--timed-rounds {args.timed_rounds}: {FRAMES_PER_TURN} frames a round after {CONTEXT_ROWS} rows of "
+            f"context, more than the window of {spec} ({window} rows)"
         )
 
 

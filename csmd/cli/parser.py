@@ -183,6 +183,14 @@ def build_parser() -> Parser:
         metavar="SCHEME",
         help=f"--quantize values to compare (default: {' '.join(BENCHMARK_SCHEMES)})",
     )
+    precision.add_argument(
+        "--timed-rounds",
+        type=count,
+        default=0,
+        metavar="R",
+        help="then time the reference's and every scheme's frames in R turns of 4, alternated in this process "
+        "(holds every scheme's weights at once; default: 0, no timing)",
+    )
     precision.add_argument("--json", action="store_true", help="print one JSON object")
     precision.set_defaults(func=bench.cmd_bench_precision)
     over_socket = benches.add_parser(
