@@ -1,10 +1,11 @@
 """`csmd convert`: a checkpoint -> a self-contained csmd directory that loads offline.
 
 The directory holds everything `csmd say --model DIR` needs, and nothing it would have to download:
-- model.safetensors  the weights in csmd naming, maybe quantized (MLX's affine layout)
-- config.json        the model config, its quantization, and what the model speaks with: "tokenizer"
-                     ("utf8_bytes" for random models, which need no file) and "codec" ({"spec": "random:..."}
-                     for a random codec, else {"file": "codec.safetensors", "config": {...}})
+- model.safetensors  the weights in csmd naming, maybe quantized (MLX's affine layout, bits per part)
+- config.json        the model config, its quantization scheme (csmd/model/quantization.py), and what the
+                     model speaks with: "tokenizer" ("utf8_bytes" for random models, which need no file) and
+                     "codec" ({"spec": "random:..."} for a random codec, else {"file": "codec.safetensors",
+                     "config": {...}})
 - tokenizer.json or tokenizer.model, under the name the loader looks for
 - codec.safetensors  the Mimi weights in csmd naming: bf16 where that is exact (Kyutai's release is bf16),
                      else fp32
@@ -22,6 +23,7 @@ from mlx.utils import tree_flatten
 from csmd.audio.mimi.loading import BUNDLED_FILE
 from csmd.audio.mimi.model import Mimi
 from csmd.model.loading import BYTE_TOKENIZER, TOKENIZER_FILES, LoadedModel
+from csmd.model.quantization import QuantizationScheme
 from csmd.model.weights import save_csmd
 
 
@@ -34,7 +36,7 @@ def write_converted(
     loaded: LoadedModel,
     directory: Path,
     *,
-    quantization: dict[str, int] | None,
+    quantization: QuantizationScheme | None,
     tokenizer_file: Path | None,
     codec: Mimi | str,
 ) -> list[str]:

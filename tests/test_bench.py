@@ -9,6 +9,8 @@ import dataclasses
 import json
 import math
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 from csmd.bench import budget, machine
@@ -155,3 +157,134 @@ def test_bench_concurrency_refuses_bad_session_counts(value: str, capsys: pytest
     assert main(["bench", "concurrency", "--model", "random:tiny", "--sessions", value]) == 2
     err = capsys.readouterr().err.strip()
     assert "--sessions" in err and "1 to 8" in err and len(err.splitlines()) == 1
+
+
+# ---- precision schemes ----
+
+
+def test_each_part_is_counted_at_its_own_bits() -> None:
+    """csm-1b's shapes, quantized in layout only (nothing computed): a mixed scheme's backbone reads the backbone
+    at the backbone's bits and the audio-embedding rows at the decoder's, and its decoder steps are the decoder's."""
+    from csmd.model.config import CSM_1B
+    from csmd.model.csm import CSM
+    from csmd.model.quantization import QuantizationScheme
+
+    def layout(scheme: str) -> CSM:
+        model = CSM(CSM_1B)
+        model.set_dtype(mx.bfloat16)
+        quantize(model, QuantizationScheme.parse(scheme), layout_only=True)
+        return model
+
+    four, eight, mixed = layout("4"), layout("8"), layout("backbone=4,decoder=8")
+    got = {name: budget.frame_budget(m, 300) for name, m in (("4", four), ("8", eight), ("mixed", mixed))}
+    row_growth = budget.row_bytes(eight.audio_embeddings) - budget.row_bytes(four.audio_embeddings)
+    audio_rows = CSM_1B.num_codebooks * row_growth
+    assert got["mixed"].backbone_bytes == got["4"].backbone_bytes + audio_rows
+    assert got["mixed"].decoder_step_bytes == got["8"].decoder_step_bytes
+    assert got["4"].total_bytes < got["mixed"].total_bytes < got["8"].total_bytes
+
+
+def test_teacher_forced_logits_are_the_generated_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`backbone_states` and `teacher_forced_decoder_logits` on given codes compute what generating those codes
+    computed, step by step: the same logits (the reference kernels, fp32; only summation order differs)."""
+    from csmd.model.llama import make_cache
+
+    monkeypatch.setenv("CSMD_KERNELS", "reference")
+    model = load_model("random:tiny").model
+    cfg = model.config
+    tokens = mx.array(np.random.default_rng(0).integers(1, 60, size=(1, 5, cfg.num_codebooks + 1)).astype(np.int32))
+    mask = mx.ones(tokens.shape, dtype=mx.bool_)
+    hidden = model.backbone_step(tokens, mask, model.make_backbone_cache())
+    states = model.backbone_states(tokens, mask, make_cache(cfg.backbone, 1, mx.float32, 8))
+    np.testing.assert_allclose(np.array(states[:, -1]), np.array(hidden), rtol=1e-5, atol=1e-5)
+
+    seen: list[np.ndarray] = []
+
+    def greedy(logits: mx.array, codebook: int) -> mx.array:
+        seen.append(np.array(logits))
+        return mx.argmax(logits, axis=-1).astype(mx.int32)
+
+    codes = model.decode_frame(hidden, mx.array([7], dtype=mx.int32), greedy)
+    forced = np.array(model.teacher_forced_decoder_logits(hidden, codes))
+    assert forced.shape == (1, cfg.num_codebooks - 1, cfg.audio_vocab_size)
+    np.testing.assert_allclose(forced[0], np.concatenate(seen), rtol=1e-4, atol=1e-5)
+
+
+def test_divergence_figures() -> None:
+    from csmd.bench.precision import divergence, entropy
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(50, 40)).astype(np.float32)
+    same = divergence(logits, logits)
+    assert same.kl == pytest.approx(0, abs=1e-12) and same.top1 == same.top5 == 1.0
+    assert entropy(np.zeros((3, 8))) == pytest.approx(np.log(8), abs=1e-4)
+    # Two codes: KL(p || q) in closed form.
+    p, q = np.array([[0.0, np.log(3.0)]]), np.array([[0.0, 0.0]])
+    half = divergence(p, q)
+    assert half.kl == pytest.approx(0.25 * np.log(0.5) + 0.75 * np.log(1.5))  # p = (1/4, 3/4), q = (1/2, 1/2)
+    # Reversing the ranking keeps no top-1 and none of the top 5 (of 40).
+    flipped = divergence(logits, -logits)
+    assert flipped.top1 == 0.0 and flipped.top5 == 0.0 and flipped.kl > same.kl
+    shuffled = divergence(logits, logits + 0.3 * rng.normal(size=logits.shape))
+    assert 0 < shuffled.kl < flipped.kl and 0 < shuffled.top5 <= 1
+
+
+def test_precision_bench_on_random_tiny() -> None:
+    """Each scheme scored on the reference's own frames: the bytes are the quantized model's budget, 8 bits
+    diverge less than 4, and the figures are in range."""
+    from csmd.bench.precision import PROMPT_ROWS, run
+    from csmd.model.quantization import QuantizationScheme
+
+    reference = load_model("random:tiny", dtype="bfloat16").model
+    schemes = [QuantizationScheme.parse(s) for s in ("4", "8", "backbone=8,decoder=none")]
+    r = run(reference, "random:tiny", schemes, frames=6)
+    assert [s.scheme for s in r.schemes] == ["4", "8", "backbone=8,decoder=none"]
+    assert r.frames == 6 and r.prompt_rows == PROMPT_ROWS and r.dtype == "bfloat16"
+    assert r.reference_bytes_per_frame == budget.frame_budget(reference, PROMPT_ROWS + 6).total_bytes
+    four, eight, backbone_only = r.schemes
+    expected = load_model("random:tiny", dtype="bfloat16").model
+    quantize(expected, 4)
+    assert four.bytes_per_frame == budget.frame_budget(expected, PROMPT_ROWS + 6).total_bytes
+    assert four.bytes_per_frame < eight.bytes_per_frame < backbone_only.bytes_per_frame < r.reference_bytes_per_frame
+    for s in r.schemes:
+        for d in (s.codebook0, s.depth):
+            assert d.kl >= 0 and d.kl_p95 >= 0 and 0 <= d.top1 <= 1 and 0 <= d.top5 <= 1
+    assert 0 < eight.codebook0.kl < four.codebook0.kl and 0 < eight.depth.kl < four.depth.kl
+    assert 0 < r.codebook0_entropy <= r.flat_entropy and 0 < r.depth_entropy <= r.flat_entropy
+
+
+def test_bench_precision_command(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", "precision", "--model", "random:tiny", "--frames", "3"]
+    assert main([*args, "--schemes", "backbone=4,decoder=8", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [s["scheme"] for s in result["schemes"]] == ["backbone=4,decoder=8", "8"]
+    assert result["schemes"][0]["description"] == "backbone 4-bit, decoder 8-bit"
+    assert result["reference_times"] is None and result["schemes"][0]["times"] is None  # no timing unless asked
+    assert main([*args, "--timed-rounds", "2"]) == 0  # the default schemes, printed as a table, timed in turns
+    out = capsys.readouterr().out
+    assert "bfloat16 (reference)" in out and "backbone=8,decoder=4" in out and "proxy for quality" in out
+    timed = [line for line in out.splitlines() if "depth decoder" in line]
+    assert len(timed) == 5 and all("(6 frames)" in line for line in timed)  # 2 turns of 4, the first of each untimed
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        (["--schemes", "16"], ["argument --schemes", "'16'"]),
+        (["--schemes", "4", "backbone=4"], ["argument --schemes", "decoder's bits"]),
+        (["--frames", "2040"], ["--frames 2040", "window of random:tiny (2048 rows)"]),
+        (["--frames", "0"], ["argument --frames"]),
+        (["--timed-rounds", "500"], ["--timed-rounds 500", "window of random:tiny"]),
+        (["--timed-rounds", "-1"], ["argument --timed-rounds"]),
+    ],
+)
+def test_bench_precision_refuses_bad_flags_in_one_line(
+    flags: list[str], fragments: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("loaded a model before the arguments were checked")
+
+    monkeypatch.setattr("csmd.model.loading.load_model", refuse)
+    assert main(["bench", "precision", "--model", "random:tiny", *flags]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("csmd: error: ") and all(f in line for f in fragments), line

@@ -523,14 +523,17 @@ def test_ctrl_c_ends_talk_with_its_summary(monkeypatch: pytest.MonkeyPatch, caps
 # ---- convert ----
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("text", ["4", "8", "backbone=4,decoder=8", "backbone=8,decoder=none"])
 def test_convert_random_tiny_speaks_offline(
-    bits: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / f"q{bits}"
-    assert main(["convert", "random:tiny", str(out), "--quantize", str(bits)]) == 0
+    from csmd.model.quantization import QuantizationScheme
+
+    scheme = QuantizationScheme.parse(text)
+    out = tmp_path / "quantized"
+    assert main(["convert", "random:tiny", str(out), "--quantize", text]) == 0
     meta = json.loads((out / "config.json").read_text())
-    assert meta["quantization"] == {"bits": bits, "group_size": 64}
+    assert meta["quantization"] == scheme.to_dict()  # {"bits": B, "group_size": 64} for one bits for all
     assert meta["random"] is True and meta["tokenizer"] == "utf8_bytes" and meta["codec"] == {"spec": "random:tiny"}
     # The directory holds exactly the weights of random:tiny in bf16, quantized the same way.
     from mlx.utils import tree_flatten
@@ -539,19 +542,41 @@ def test_convert_random_tiny_speaks_offline(
     from csmd.model.weights import quantize
 
     expected = load_model("random:tiny", dtype="bfloat16").model
-    quantize(expected, bits)
+    quantize(expected, scheme)
     loaded = load_model(str(out), dtype="bfloat16")
     assert loaded.random and loaded.codec == "random:tiny"
     ours, theirs = dict(tree_flatten(loaded.model.parameters())), dict(tree_flatten(expected.parameters()))
     assert ours.keys() == theirs.keys()
     for name, value in theirs.items():
-        assert mx.array_equal(ours[name], value).item(), name
+        assert ours[name].dtype == value.dtype and mx.array_equal(ours[name], value).item(), name
     _say_offline(out, tmp_path, monkeypatch, capsys)
     # Converting the quantized directory again would write integer levels as weights: refused, nothing written.
     again = tmp_path / "again"
     assert main(["convert", str(out), str(again), "--quantize", "8"]) == 2
-    one_error_line(capsys, f"SRC {out}: already quantized ({bits}-bit)")
+    one_error_line(capsys, f"SRC {out}: already quantized ({scheme.describe()})")
     assert not again.exists()
+
+
+@pytest.mark.usefixtures("no_loading", "no_hub")
+@pytest.mark.parametrize("command", [["convert", "random:tiny", "out"], ["bench", "frame", "--model", "random:tiny"]])
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("16", "expected 4, 8 or backbone=B,decoder=D (B, D each 4, 8 or none), not '16'"),
+        ("backbone=4", "'backbone=4' does not say decoder's bits"),
+        ("backbone=2,decoder=8", "backbone: expected 4, 8 or none, not '2'"),
+        ("backbone=none,decoder=none", "quantizes nothing"),
+        ("decoder=4,vocoder=4", "expected 4, 8 or backbone=B,decoder=D"),
+    ],
+)
+def test_a_bad_quantize_value_is_one_line_naming_the_flag(
+    command: list[str], value: str, fragment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--quantize", value]) == 2
+    one_error_line(capsys, "argument --quantize", fragment)
+    assert not (tmp_path / "out").exists()
 
 
 def test_convert_random_csm_1b_speaks_offline(

@@ -14,6 +14,8 @@ MLX-quantized linear (packed weight + scales + biases). For csm-1b in fp32 (`ran
 
 bf16 halves every term; 8-bit and 4-bit shrink the linears, embeddings and audio_head to about 1.0625 and
 0.5625 bytes per weight (bf16 scales and biases included), not the norms: 4.86 GB and 2.58 GB per frame.
+A scheme per part (quantization.py) is counted the same way, each array at its own precision: the decoder
+part is read 31 times a frame, so backbone=8,decoder=4 reads 3.08 GB and backbone=4,decoder=8 4.38 GB.
 A 300-row prefill (backbone only; csmd computes no logits while prefilling) is
 2 x 300 x 973.1 M linear weights + attention over the causal triangle = 590 GFLOP.
 """

@@ -56,7 +56,7 @@ class FrameBenchResult:
         return asdict(self)
 
 
-def _prompt_rows(model: CSM, rows: int, rng: np.random.Generator) -> tuple[mx.array, mx.array]:
+def prompt_rows(model: CSM, rows: int, rng: np.random.Generator) -> tuple[mx.array, mx.array]:
     """Half text, half audio frames: the mix a real conversation prefills."""
     cfg = model.config
     n_text = rows // 2
@@ -92,7 +92,7 @@ def run(
     prefill_times = []
     for _ in range(prefill_repeats):
         cache = model.make_backbone_cache()
-        tokens, mask = _prompt_rows(model, prefill_rows, rng)
+        tokens, mask = prompt_rows(model, prefill_rows, rng)
         mx.eval(tokens, mask)
         start = time.perf_counter()
         hidden = model.backbone_step(tokens, mask, cache)

@@ -1,4 +1,5 @@
-"""`csmd bench frame|codec|daemon|concurrency|talk`: each says what it is doing while it measures (stderr)."""
+"""`csmd bench frame|precision|codec|daemon|concurrency|talk`: each says what it is doing while it measures
+(stderr)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from csmd.cli import checks
 from csmd.cli.errors import flagged
 from csmd.cli.options import model_spec
 from csmd.cli.runtime import apply_runtime
-from csmd.cli.voice import load_model, load_voice
+from csmd.cli.voice import load_model, load_voice, note_random
 from csmd.errors import UserError
 
 if TYPE_CHECKING:
@@ -37,11 +38,11 @@ def cmd_bench_frame(args: argparse.Namespace) -> int:
     loaded = load_model(args)
     _check_frame_rows(args, loaded.model.config.backbone.max_seq_len, spec)
     name = spec
-    if args.quantize:
+    if args.quantize is not None:
         from csmd.model.weights import quantize
 
         quantize(loaded.model, args.quantize)
-        name += f" (q{args.quantize})"
+        name += f" ({args.quantize.describe()})"
     _say("measuring this machine's memory bandwidth and GEMM rate")
     machine = measure()
     _say(f"timing {args.prefill_repeats} prefills of {args.prefill} rows, then {args.warmup} + {args.frames} frames")
@@ -80,6 +81,43 @@ def _check_frame_rows(args: argparse.Namespace, window: int, spec: str) -> None:
         raise UserError(
             f"--prefill {args.prefill} + --warmup {args.warmup} + --frames {args.frames} = {rows} rows, more than "
             f"the window of {spec} ({window} rows)"
+        )
+
+
+def cmd_bench_precision(args: argparse.Namespace) -> int:
+    from csmd.bench.precision import PROMPT_ROWS, format_result, run
+    from csmd.model.loading import load_model as load
+    from csmd.model.loading import peek_config
+
+    spec = model_spec(args)
+    checks.model_argument(spec)
+    with flagged("--model"):
+        cfg = peek_config(spec)
+    if cfg is not None:
+        _check_precision_rows(args, cfg.backbone.max_seq_len, spec, PROMPT_ROWS)
+    apply_runtime(args)
+    with flagged("--model"):
+        loaded = load(spec, dtype=args.dtype)
+    if loaded.random:
+        note_random(spec)
+    _check_precision_rows(args, loaded.model.config.backbone.max_seq_len, spec, PROMPT_ROWS)
+    result = run(loaded.model, spec, args.schemes, frames=args.frames, timed_rounds=args.timed_rounds, say=_say)
+    print(json.dumps(result.as_dict()) if args.json else format_result(result))
+    return 0
+
+
+def _check_precision_rows(args: argparse.Namespace, window: int, spec: str, prompt_rows: int) -> None:
+    from csmd.bench.alternation import CONTEXT_ROWS, FRAMES_PER_TURN
+
+    if prompt_rows + args.frames > window:
+        raise UserError(
+            f"--frames {args.frames}: with the {prompt_rows} prompt rows, more than the window of {spec} "
+            f"({window} rows)"
+        )
+    if CONTEXT_ROWS + args.timed_rounds * FRAMES_PER_TURN > window:
+        raise UserError(
+            f"--timed-rounds {args.timed_rounds}: {FRAMES_PER_TURN} frames a round after {CONTEXT_ROWS} rows of "
+            f"context, more than the window of {spec} ({window} rows)"
         )
 
 

@@ -47,10 +47,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print("csmd: loading the codec to bundle it", file=sys.stderr)
         with flagged("--codec"):
             codec = codec_for(loaded, args.codec)
-    quantization = None
-    if args.quantize:
-        quantization = {"bits": args.quantize, "group_size": 64}
-        quantize(loaded.model, **quantization)
+    quantization = args.quantize  # a QuantizationScheme (options.quantization_scheme) or None
+    if quantization is not None:
+        quantize(loaded.model, quantization)
     print(f"csmd: writing {dst}", file=sys.stderr)
     written = write_converted(loaded, dst, quantization=quantization, tokenizer_file=tokenizer, codec=codec)
     print(f"wrote {dst}: {', '.join(written)}")
@@ -63,19 +62,22 @@ def _not_quantized(src: str) -> None:
     come out."""
     import json
 
+    from csmd.model.quantization import QuantizationScheme
+
     path = Path(src).expanduser()
     config = (path if path.is_dir() else path.parent) / "config.json"
     if src.startswith("random:") or not config.is_file():
         return
     try:
-        quantization = json.loads(config.read_text()).get("quantization")
+        recorded = json.loads(config.read_text()).get("quantization")
     except (OSError, ValueError, AttributeError):
         return  # not ours to judge here: the load says what is wrong with it
-    if quantization:
-        raise UserError(
-            f"SRC {src}: already quantized ({quantization.get('bits')}-bit); convert the float checkpoint it came "
-            "from instead"
-        )
+    if recorded:
+        try:
+            how = QuantizationScheme.from_dict(recorded).describe()
+        except ValueError:
+            how = "in a scheme this csmd does not know"
+        raise UserError(f"SRC {src}: already quantized ({how}); convert the float checkpoint it came from instead")
 
 
 def _check_destination(dst: Path) -> None:

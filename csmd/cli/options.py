@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from csmd import runtime
 from csmd.daemon.validation import MAX_SPEAKER
+from csmd.model.quantization import QuantizationScheme
 from csmd.model.sampling import MAX_MIN_P, MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, MIN_TOP_P
 
 DEFAULT_MODEL = "sesame/csm-1b"
@@ -99,6 +100,14 @@ top_p = _ranged(float, f"a probability in [{MIN_TOP_P:g}, 1] (1 = off)", MIN_TOP
 min_p = _ranged(float, f"a probability in [0, {MAX_MIN_P:g}] (0 = off)", 0, MAX_MIN_P)
 speaker = _ranged(_int, f"a speaker id in [0, {MAX_SPEAKER}]", 0, MAX_SPEAKER)
 seed = _ranged(_int, "an integer in [0, 2**32)", 0, 2**32, high_open=True)
+
+
+def quantization_scheme(text: str) -> QuantizationScheme:
+    """--quantize's value: bits for every part (4, 8) or per part (backbone=4,decoder=8; a part may be none)."""
+    try:
+        return QuantizationScheme.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def runtime_options() -> Parser:

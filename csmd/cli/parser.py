@@ -11,6 +11,7 @@ from csmd.cli.options import (
     count,
     model_options,
     positive_int,
+    quantization_scheme,
     runtime_options,
     sampling_options,
     seconds,
@@ -20,6 +21,7 @@ from csmd.cli.options import (
     speaker,
     stream_counts,
 )
+from csmd.model.quantization import BENCHMARK_SCHEMES, QuantizationScheme
 
 
 def build_parser() -> Parser:
@@ -37,7 +39,13 @@ def build_parser() -> Parser:
     )
     convert_.add_argument("src", metavar="SRC", help="a checkpoint: file, directory, HF repo id or random:<preset>")
     convert_.add_argument("dst", metavar="DIR", help="output directory")
-    convert_.add_argument("--quantize", type=int, choices=(4, 8), help="quantize linear and embedding weights")
+    convert_.add_argument(
+        "--quantize",
+        type=quantization_scheme,
+        metavar="SCHEME",
+        help="quantize the linear and embedding weights: 4 or 8 bits, or per part, e.g. backbone=4,decoder=8 "
+        "(a part may be none: left in --dtype)",
+    )
     convert_.add_argument(
         "--dtype", default="bfloat16", choices=DTYPE_NAMES, help="dtype of the float weights (default: bfloat16)"
     )
@@ -136,7 +144,12 @@ def build_parser() -> Parser:
     frame.add_argument("--warmup", type=count, default=3, help="untimed frames first (default: 3)")
     frame.add_argument("--prefill", type=positive_int, default=300, help="rows of context to prefill (default: 300)")
     frame.add_argument("--prefill-repeats", type=positive_int, default=3, help="timed prefills, median (default: 3)")
-    frame.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the loaded weights first")
+    frame.add_argument(
+        "--quantize",
+        type=quantization_scheme,
+        metavar="SCHEME",
+        help="quantize the loaded weights first: 4, 8, or per part, e.g. backbone=4,decoder=8 (or none)",
+    )
     frame.add_argument(
         "--compare-transformers",
         action="store_true",
@@ -144,6 +157,44 @@ def build_parser() -> Parser:
     )
     frame.add_argument("--json", action="store_true", help="print one JSON object")
     frame.set_defaults(func=bench.cmd_bench_frame)
+    precision = benches.add_parser(
+        "precision",
+        parents=[run_opts],
+        help="each quantization scheme's bytes per frame and its logits' divergence from the float model",
+    )
+    precision.add_argument(
+        "--model",
+        default="random:csm-1b",
+        help="the float model the schemes are quantized from: a checkpoint or random:<preset> (default: "
+        "%(default)s; on random weights the divergence is a proxy for quality only)",
+    )
+    precision.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=DTYPE_NAMES,
+        help="the reference's dtype, which unquantized parts keep (default: %(default)s)",
+    )
+    precision.add_argument(
+        "--frames", type=positive_int, default=200, help="frames generated and scored (default: %(default)s)"
+    )
+    precision.add_argument(
+        "--schemes",
+        nargs="+",
+        type=quantization_scheme,
+        default=[QuantizationScheme.parse(s) for s in BENCHMARK_SCHEMES],
+        metavar="SCHEME",
+        help=f"--quantize values to compare (default: {' '.join(BENCHMARK_SCHEMES)})",
+    )
+    precision.add_argument(
+        "--timed-rounds",
+        type=count,
+        default=0,
+        metavar="R",
+        help="then time the reference's and every scheme's frames in R turns of 4, alternated in this process "
+        "(holds every scheme's weights at once; default: 0, no timing)",
+    )
+    precision.add_argument("--json", action="store_true", help="print one JSON object")
+    precision.set_defaults(func=bench.cmd_bench_precision)
     over_socket = benches.add_parser(
         "daemon", parents=[run_opts, model_opts], help="time to first audio and per-frame cost: socket vs in-process"
     )

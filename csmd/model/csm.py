@@ -305,6 +305,27 @@ class CSM(nn.Module):
             x = self.embed_code(code, k)[:, None, :]
         return mx.stack(codes, axis=1)
 
+    def backbone_states(self, tokens: mx.array, mask: mx.array, cache: KVCache) -> mx.array:
+        """Every new row's final-norm backbone state, [B, T, hidden]: what `backbone_step` keeps the last of.
+        Row t's state gives the logits of codebook 0 of the frame after row t."""
+        return self.backbone(self.embed_rows(tokens, mask), cache)
+
+    def teacher_forced_decoder_logits(self, hidden: mx.array, codes: mx.array) -> mx.array:
+        """Logits of codebooks 1..N-1 of frames whose codes are given: hidden [B, backbone hidden] (each
+        frame's backbone state), codes [B, N] -> [B, N - 1, audio vocab] float32.
+
+        Once a frame's codes are known, so are all of its decoder inputs (the projected state, then codes
+        0..N-2), so the frame's positions run as one causal pass over a batch of frames: `decode_frame`'s
+        steps without its sampling, for scoring a model on codes it did not pick.
+        """
+        cfg, dtype = self.config, self.activation_dtype()
+        # In the activations' dtype, as `backbone_step` hands it to `decode_frame`.
+        rows = [kernels.linear(hidden.astype(dtype), self.projection)]
+        rows += [self.embed_code(codes[:, k], k) for k in range(cfg.num_codebooks - 1)]
+        cache = make_cache(cfg.decoder, hidden.shape[0], dtype, cfg.num_codebooks)
+        out = self.decoder(mx.stack(rows, axis=1), cache)
+        return mx.stack([self.decoder_logits(out[:, k], k) for k in range(1, cfg.num_codebooks)], axis=1)
+
     def _decode_frame_fused(
         self, hidden: mx.array, code0: mx.array, sample: Sampler, weights: StackWeights
     ) -> mx.array:

@@ -1,7 +1,8 @@
 """Turn a model argument into a ready CSM: a local path, an HF repo id, or `random:<preset>`.
 
 Recognised layouts (a directory, or a weights file whose directory holds the config):
-- csmd's own:  config.json with "format": "csmd", model.safetensors (csmd naming, maybe quantized); what
+- csmd's own:  config.json with "format": "csmd", model.safetensors (csmd naming, maybe quantized, per part:
+               quantization.py); what
                `csmd convert` writes, naming the tokenizer and codec it bundles (see convert.py)
 - HF:          config.json with "model_type": "csm", model.safetensors or a sharded index (HF naming)
 - Sesame:      config.json with "backbone_flavor" (or none), model.safetensors or ckpt.pt (Sesame naming)
@@ -24,6 +25,7 @@ from csmd.model import config as configs
 from csmd.model.config import CsmConfig
 from csmd.model.csm import CSM
 from csmd.model.errors import CheckpointError
+from csmd.model.quantization import QuantizationScheme
 from csmd.model.tokenizer import TextTokenizer
 from csmd.model.weights import (
     CSMD_FORMAT,
@@ -90,12 +92,12 @@ def load_model(
     weights_file, directory = _locate(checkpoint_path(spec))
     meta = _read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
     tensors = read_tensors(weights_file)
-    quantization = None
+    quantization: QuantizationScheme | None = None
     codec: dict[str, mx.array] = {}
     named_codec = None
     if meta.get("format") == CSMD_FORMAT:
         cfg = config or CsmConfig.from_dict(meta["model"])
-        params, quantization = tensors, meta.get("quantization")
+        params, quantization = tensors, _quantization(meta, directory)
         named_codec = _named_codec(meta, directory)
     elif is_hf_naming(tensors):
         cfg = config or (configs.from_hf_config(meta) if meta.get("model_type") == "csm" else configs.CSM_1B)
@@ -195,6 +197,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
+
+
+def _quantization(meta: dict[str, Any], directory: Path) -> QuantizationScheme | None:
+    """How a csmd checkpoint's weights are quantized (None: float), as config.json records it."""
+    if meta.get("quantization") is None:
+        return None
+    try:
+        return QuantizationScheme.from_dict(meta["quantization"])
+    except ValueError as exc:
+        raise CheckpointError(f"{directory / 'config.json'}: 'quantization': {exc}") from None
 
 
 def _named_codec(meta: dict[str, Any], directory: Path) -> str | None:

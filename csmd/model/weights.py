@@ -24,6 +24,7 @@ from csmd.arrays import materialize
 from csmd.model.config import CsmConfig
 from csmd.model.csm import CSM, QuantizedCodebookHeads
 from csmd.model.errors import CheckpointError, check_shapes
+from csmd.model.quantization import QuantizationScheme, part_of
 from csmd.model.torch_pickle import load_torch_state_dict
 
 CSMD_FORMAT = "csmd"
@@ -178,13 +179,13 @@ def build_model(
     params: dict[str, mx.array],
     dtype: mx.Dtype,
     source: str,
-    quantization: dict[str, int] | None = None,
+    quantization: QuantizationScheme | None = None,
 ) -> CSM:
     """A CSM holding `params` (csmd naming), checked against the config, in `dtype`. The tensors are read (or
     generated, for random weights) one at a time, with a progress bar in bytes when that takes a while."""
     model = CSM(cfg)
     if quantization:
-        quantize(model, **quantization, layout_only=True)
+        quantize(model, quantization, layout_only=True)
     check_params(params, model, source)
     cast = cast_floats(params, dtype)
     progress.evaluate(cast.values(), f"{'building' if source.startswith('random:') else 'loading'} {source}")
@@ -193,12 +194,14 @@ def build_model(
     return model
 
 
-def _quantizable(path: str, module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear | nn.Embedding) and module.weight.shape[-1] % 64 == 0
+def _quantizable(module: nn.Module, group_size: int) -> bool:
+    return isinstance(module, nn.Linear | nn.Embedding) and module.weight.shape[-1] % group_size == 0
 
 
-def quantize(model: CSM, bits: int, group_size: int = 64, *, layout_only: bool = False) -> None:
-    """Affine-quantize every projection and embedding (and the codebook heads) in MLX's layout.
+def quantize(model: CSM, scheme: QuantizationScheme | int, *, layout_only: bool = False) -> None:
+    """Affine-quantize each part's projections and embeddings (and the codebook heads) in MLX's layout, at
+    the part's bits (`scheme`, or one number of bits for every part); a part the scheme leaves alone keeps
+    the model's dtype.
 
     Group scales and biases are bf16 whatever the model's dtype: MLX quantizes the weights as bf16, as it does
     for a bf16 model. In fp32 they would be 2 of the 10 bytes per 16 weights at 4 bits, read every frame (for
@@ -206,20 +209,31 @@ def quantize(model: CSM, bits: int, group_size: int = 64, *, layout_only: bool =
     to the 4-bit steps. The products still run in the activations' dtype.
     `layout_only`: only give the modules the quantized layout (lazily), for a checkpoint's weights to replace.
     """
-    if bits not in (4, 8):
-        raise ValueError(f"quantize to 4 or 8 bits, not {bits}")
-    for _, module in model.named_modules():
-        if _quantizable("", module):
+    if isinstance(scheme, int):
+        scheme = QuantizationScheme.uniform(scheme)
+    group_size = scheme.group_size
+
+    def bits_for(path: str, module: nn.Module) -> int | None:
+        return scheme.bits(part_of(path)) if _quantizable(module, group_size) else None
+
+    for path, module in model.named_modules():
+        if bits_for(path, module) is not None:
             module.weight = module.weight.astype(QUANT_PARAM_DTYPE)
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_quantizable)
+
+    def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
+        bits = bits_for(path, module)
+        return False if bits is None else {"group_size": group_size, "bits": bits, "mode": "affine"}
+
+    nn.quantize(model, class_predicate=predicate)
     # The depth decoder reads one codebook head per step: 31 x 2.1 M weights a frame, worth quantizing too.
-    if isinstance(model.audio_head, mx.array) and model.config.decoder.hidden_size % group_size == 0:
-        model.audio_head = QuantizedCodebookHeads(model.audio_head.astype(QUANT_PARAM_DTYPE), group_size, bits)
+    head_bits = scheme.bits(part_of("audio_head"))
+    if head_bits and isinstance(model.audio_head, mx.array) and model.config.decoder.hidden_size % group_size == 0:
+        model.audio_head = QuantizedCodebookHeads(model.audio_head.astype(QUANT_PARAM_DTYPE), group_size, head_bits)
         model.weights_changed()
     if layout_only:  # the caller replaces every weight: computing these would only waste time
         return
     # Quantize now (with a progress bar), not lazily inside the first forward pass.
-    progress.evaluate(dict(tree_flatten(model.parameters())).values(), f"quantizing to {bits} bits")
+    progress.evaluate(dict(tree_flatten(model.parameters())).values(), f"quantizing to {scheme.describe()}")
 
 
 def random_params(cfg: CsmConfig, dtype: mx.Dtype, seed: int = 0) -> dict[str, mx.array]:
@@ -237,9 +251,10 @@ def random_params(cfg: CsmConfig, dtype: mx.Dtype, seed: int = 0) -> dict[str, m
 
 
 def save_csmd(
-    model: CSM, directory: Path, quantization: dict[str, int] | None, extra: dict[str, Any] | None = None
+    model: CSM, directory: Path, quantization: QuantizationScheme | None, extra: dict[str, Any] | None = None
 ) -> None:
-    """csmd's own format: `model.safetensors` in csmd naming beside `config.json` (which also gets `extra`)."""
+    """csmd's own format: `model.safetensors` in csmd naming beside `config.json` (which also gets `extra`);
+    `quantization` is how `model` was quantized (None: not at all)."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(directory / "model.safetensors"), tensors, metadata={"format": CSMD_FORMAT})
@@ -247,7 +262,7 @@ def save_csmd(
         "format": CSMD_FORMAT,
         "format_version": CSMD_FORMAT_VERSION,
         "dtype": str(model.activation_dtype()).removeprefix("mlx.core."),
-        "quantization": quantization,
+        "quantization": quantization.to_dict() if quantization else None,
         "model": model.config.to_dict(),
         **(extra or {}),
     }
