@@ -84,17 +84,22 @@ def gemm_numpy(n: int, repeats: int) -> float:
     return 2 * n**3 / _best_seconds(lambda: a @ b, repeats) / 1e9
 
 
+def _significant(value: float, digits: int = 4) -> float:
+    """`value` to `digits` significant digits: a rate slowed a thousandfold by a busy machine stays above 0."""
+    return float(f"{value:.{digits}g}")
+
+
 def measure(buffer_mib: int = 512, gemm_size: int = 2048, repeats: int = 5) -> MachineRates:
     """Measure now, in this process, so the numbers share the benchmark's load (the machine may be shared)."""
     size = buffer_mib * MIB
     dot, matvec, total = read_numpy_dot(size, repeats), read_mlx_matvec(size, repeats), read_mlx_sum(size, repeats)
     return MachineRates(
         bandwidth_gbs=round(max(dot, matvec, total), 2),
-        gemm_gflops=round(gemm_mlx(gemm_size, repeats), 1),
+        gemm_gflops=_significant(gemm_mlx(gemm_size, repeats)),
         read_numpy_dot_gbs=round(dot, 2),
         read_mlx_matvec_gbs=round(matvec, 2),
         read_mlx_sum_gbs=round(total, 2),
-        gemm_numpy_gflops=round(gemm_numpy(gemm_size, repeats), 1),
+        gemm_numpy_gflops=_significant(gemm_numpy(gemm_size, repeats)),
         buffer_mib=buffer_mib,
         gemm_size=gemm_size,
     )
