@@ -286,3 +286,38 @@ def test_a_batched_step_that_fails_to_build_keeps_every_state(monkeypatch: pytes
     pcm = decode_together(decoders, np.stack([codes[0, 1], codes[1, 0]]))
     _close(pcm[0], want[0][1])
     _close(pcm[1], want[1][0])
+
+
+def _address(a: mx.array) -> int:
+    return np.asarray(a).__array_interface__["data"][0]
+
+
+def test_the_same_decoders_step_their_batch_in_place() -> None:
+    """Stepped again by the same decoders in the same order, a batch's key/value rings are written in place
+    (no copy of every stream's window a frame); another order, or a decoder stepped alone in between, stacks
+    a new batch; a snapshot taken in between keeps its values."""
+    _native()
+    mimi = load_mimi("random:tiny")
+    codes = _codes(mimi, 3, 9, seed=8)
+    decoders = [StreamingDecoder(mimi) for _ in range(3)]
+
+    def rings() -> int:
+        shared = decoders[0]._shared
+        assert shared is not None
+        return _address(shared.state.transformer.past_keys)
+
+    decode_together(decoders, codes[:, 0])
+    before = rings()
+    for t in range(1, 4):
+        decode_together(decoders, codes[:, t])
+        assert rings() == before
+    parked = decoders[1].snapshot().state
+    assert parked is not None
+    kept = np.array(parked.transformer.past_keys)
+    decode_together(decoders, codes[:, 4])
+    np.testing.assert_array_equal(np.array(parked.transformer.past_keys), kept)
+    decoders.reverse()
+    decode_together(decoders, codes[::-1, 5])
+    assert decoders[0]._shared is not None and all(d._shared is decoders[0]._shared for d in decoders)
+    decoders[2].step(codes[0, 6])
+    assert decoders[2]._shared is None and not decoders[0]._shared.holds(decoders)
