@@ -626,3 +626,5 @@ async def test_a_fault_in_one_reply_of_a_batch_ends_only_that_reply(
     assert isinstance(ended[-1], m.AudioEnd) and ended[-1].reason == "error" and ended[-1].frames == 3
     rest = await good.until(lambda x: isinstance(x, m.AudioEnd))
     assert isinstance(rest[-1], m.AudioEnd) and rest[-1].frames == 20 and not any(isinstance(x, m.Error) for x in rest)
+    # Every frame the good reply made reached its client, in order: none was made and lost in the failed step.
+    assert [x.frame for x in rest if isinstance(x, m.AudioChunk)] == list(range(20))

@@ -34,7 +34,7 @@ import trio
 
 from csmd.audio.mimi.model import StreamingDecoder, decode_together
 from csmd.daemon.worker import ModelWorker
-from csmd.model.generator import Utterance, step_together
+from csmd.model.generator import StepFailedError, Utterance, step_together
 from csmd.protocol import messages as m
 
 log = logging.getLogger("csmd.daemon")
@@ -220,6 +220,8 @@ def _step(batch: list[Generation]) -> list[outcome.Outcome[DecodedFrame | None]]
     """
     try:
         frames: list[np.ndarray | BaseException | None] = list(step_together([g.utterance for g in batch]))
+    except StepFailedError as failed:  # the batch was made; some replies failed to take their frames
+        frames = list(failed.results)
     except Exception as exc:
         if len(batch) == 1:  # (a batch of one was the reply's own step: its fault)
             frames = [exc]

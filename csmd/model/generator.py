@@ -441,8 +441,24 @@ def step_together(utterances: Sequence[Utterance]) -> list[np.ndarray | None]:
             raise ValueError("step_together takes utterances of one model")
         _advance_together(model, live)
         frames = _next_frames(model, live)
-        made = {id(u): u._accept(frame) for u, frame in zip(live, frames, strict=True)}
+        failed: dict[int, Exception] = {}
+        for u, frame in zip(live, frames, strict=True):
+            try:  # each reply takes its frame even when another's fails
+                made[id(u)] = u._accept(frame)
+            except Exception as exc:
+                failed[id(u)] = exc
+        if failed:
+            raise StepFailedError([failed.get(id(u), made.get(id(u))) for u in utterances])
     return [made.get(id(u)) for u in utterances]
+
+
+class StepFailedError(RuntimeError):
+    """Some replies of a batched step failed as they took their frames; the others took theirs. `results` holds,
+    in the order given, each reply's frame (None: it ended) or its exception."""
+
+    def __init__(self, results: list[np.ndarray | Exception | None]):
+        super().__init__(f"{sum(isinstance(r, Exception) for r in results)} replies of a batched step failed")
+        self.results = results
 
 
 def _advance_together(model: CSM, utterances: list[Utterance]) -> None:
