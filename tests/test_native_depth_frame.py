@@ -49,8 +49,8 @@ def make_model(cfg: CsmConfig, weights: str) -> CSM:
 
 def both_paths(model: CSM, sampler: FrameSampler, hidden: mx.array, monkeypatch: pytest.MonkeyPatch):
     calls = []
-    real = kernels.depth_frame
-    monkeypatch.setattr(kernels, "depth_frame", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = kernels.depth_frame_batch  # (a frame of one conversation is its batch of one)
+    monkeypatch.setattr(kernels, "depth_frame_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
     code0 = mx.array([11], dtype=mx.int32)
     whole = model.decode_frame(hidden, code0, sampler)
     stepwise = model.decode_frame(hidden, code0, lambda logits, k: sampler(logits, k))

@@ -161,11 +161,6 @@ def transformer_step_batch(
     return h, k, v
 
 
-def depth_frame_available(x: mx.array) -> bool:
-    """The native whole-frame depth decoder can run here (CPU, extension loaded, one sequence)."""
-    return fused_step_available(x) and native_has("depth_frame")
-
-
 def depth_frame(
     x0: mx.array,
     stack: list[mx.array],

@@ -146,39 +146,9 @@ class CSM(nn.Module):
     def backbone_step(self, tokens: mx.array, mask: mx.array, cache: KVCache) -> mx.array:
         """Run new rows through the backbone; returns the final-norm state of the last row, [B, hidden]."""
         x = self.embed_rows(tokens, mask)
-        fused = self._native.backbone
-        # The fused step reads an fp32 cache (what `make_backbone_cache` makes when the native kernels run).
-        if fused and x.shape[1] == 1 and cache.keys.dtype == mx.float32 and kernels.fused_step_available(x[:, 0]):
-            return self._backbone_step_fused(x[:, 0], cache, fused)
+        if x.shape[:2] == (1, 1) and self._fused_rows_run([cache]):
+            return self._backbone_rows_fused(x[:, 0], [cache])
         return self.backbone(x, cache)[:, -1, :]
-
-    def _backbone_step_fused(self, x: mx.array, cache: KVCache, weights: StackWeights) -> mx.array:
-        """One row through the whole backbone as one native primitive.
-
-        The kernel only reads the cache; the new position's keys and values are written after it as a slice
-        update, which MLX does in place, so the 16-layer cache is never copied.
-        """
-        cfg = self.config.backbone
-        cache.room_for(1)
-        layers, _, heads, length, dims = cache.keys.shape
-        h, new_k, new_v = kernels.transformer_step(
-            x.astype(mx.float32),
-            weights.arrays,
-            cache.keys.reshape(layers, heads, length, dims),
-            cache.values.reshape(layers, heads, length, dims),
-            cache.offset,
-            self.backbone._inv_freqs,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.rms_norm_eps,
-            weights.group_size,
-            weights.bits,
-        )
-        # Evaluated first so that nothing pending still reads the old cache arrays: only then does MLX write
-        # the new position in place (a 16-layer cache of 2048 positions would otherwise be copied every frame).
-        mx.eval(h, new_k, new_v)
-        cache.append_position(new_k, new_v)
-        return self.backbone.norm(h.astype(self.activation_dtype()))
 
     def backbone_rows(self, tokens: mx.array, mask: mx.array, caches: list[KVCache]) -> mx.array:
         """One new row for each of B conversations, each with its own cache (and position): tokens, mask
@@ -187,27 +157,46 @@ class CSM(nn.Module):
         With the native kernels, one primitive runs all B rows and reads each weight once for all of them;
         row b is then exactly what `backbone_step` gives for it alone. Elsewhere the rows run one by one.
         """
-        fused = self._native.backbone
-        x = self.embed_rows(tokens, mask)[:, 0]
-        fp32 = all(cache.keys.dtype == mx.float32 and cache.keys.shape[1] == 1 for cache in caches)
-        if not (fused and fp32 and kernels.fused_step_batch_available()):
+        if not self._fused_rows_run(caches):
             rows = [self.backbone_step(tokens[b : b + 1], mask[b : b + 1], cache) for b, cache in enumerate(caches)]
             return mx.concatenate(rows)
+        return self._backbone_rows_fused(self.embed_rows(tokens, mask)[:, 0], caches)
+
+    def _fused_rows_run(self, caches: list[KVCache]) -> bool:
+        """The fused step can run these rows: native kernels here, backbone weights in its format, and fp32
+        caches of one conversation each (what `make_backbone_cache` makes when the native kernels run)."""
+        return (
+            self._native.backbone is not None
+            and kernels.fused_step_batch_available()
+            and all(cache.keys.dtype == mx.float32 and cache.keys.shape[1] == 1 for cache in caches)
+        )
+
+    def _backbone_rows_fused(self, x: mx.array, caches: list[KVCache]) -> mx.array:
+        """x [B, hidden]: row b through the whole backbone at the next position of caches[b], as one native
+        primitive (B = 1 included) that reads each weight once for all rows.
+
+        The kernel only reads the caches; each new position's keys and values are written after it as a slice
+        update, which MLX does in place, so a 16-layer cache is never copied.
+        """
+        weights = self._native.backbone
+        assert weights is not None
         cfg = self.config.backbone
         for cache in caches:
             cache.room_for(1)
-        stack_views = [
-            (cache.keys.reshape(cfg.num_layers, cfg.num_kv_heads, cache.max_len, cfg.dim_per_head),
-             cache.values.reshape(cfg.num_layers, cfg.num_kv_heads, cache.max_len, cfg.dim_per_head))
+        shape = (cfg.num_layers, cfg.num_kv_heads)
+        stacks = [
+            (cache.keys.reshape(*shape, cache.max_len, cfg.dim_per_head),
+             cache.values.reshape(*shape, cache.max_len, cfg.dim_per_head))
             for cache in caches
         ]  # fmt: skip
         h, new_k, new_v = kernels.transformer_step_batch(
-            x.astype(mx.float32), fused.arrays, [k for k, _ in stack_views], [v for _, v in stack_views],
+            x.astype(mx.float32), weights.arrays, [k for k, _ in stacks], [v for _, v in stacks],
             [cache.offset for cache in caches], self.backbone._inv_freqs, cfg.num_heads, cfg.num_kv_heads,
-            cfg.rms_norm_eps, fused.group_size, fused.bits,
+            cfg.rms_norm_eps, weights.group_size, weights.bits,
         )  # fmt: skip
-        # As in `_backbone_step_fused`: evaluated before the writes, which MLX then does in place.
-        del stack_views
+        # Evaluated first so that nothing pending still reads the old cache arrays: only then does MLX write
+        # the new positions in place (a 16-layer cache of 2048 positions would otherwise be copied every frame).
+        del stacks
         mx.eval(h, new_k, new_v)
         for b, cache in enumerate(caches):
             cache.append_position(new_k[b], new_v[b])
@@ -235,12 +224,18 @@ class CSM(nn.Module):
         The decoder sees the backbone state at position 0 and code0 at position 1, then one code per step.
         Its KV cache lives for one frame, so each path makes its own. Nothing here forces evaluation, so the
         whole frame is one lazy graph. On the CPU with the native kernels, the whole frame is one primitive
-        when `sample` is a `FrameSampler` (`_decode_frame_native`), else each step is one fused primitive
+        when `sample` is a `FrameSampler` (`_decode_frames_native`), else each step is one fused primitive
         instead of ~140 small ops (`_decode_frame_fused`); elsewhere the MLX ops run (`_decode_frame_ops`).
         """
         native = self._native
-        if native.depth_frame and isinstance(sample, FrameSampler) and kernels.depth_frame_available(hidden):
-            return self._decode_frame_native(hidden, code0, sample, native.depth_frame)
+        one_row = hidden.shape[0] == 1
+        if (
+            native.depth_frame
+            and isinstance(sample, FrameSampler)
+            and one_row
+            and kernels.depth_frame_batch_available()
+        ):
+            return self._decode_frames_native(hidden, code0, [sample], native.depth_frame)
         if native.decoder and kernels.fused_step_available(hidden):
             return self._decode_frame_fused(hidden, code0, sample, native.decoder)
         return self._decode_frame_ops(hidden, code0, sample)
@@ -266,7 +261,11 @@ class CSM(nn.Module):
     def _decode_frames_native(
         self, hidden: mx.array, code0: mx.array, samplers: list[FrameSampler], weights: DepthFrameWeights
     ) -> mx.array:
-        """`decode_frames` as one native primitive; each row's sampling rule and noise are `_decode_frame_native`'s."""
+        """`decode_frames` as one native primitive: steps, heads, sampling and embeddings for codebooks 1..N-1.
+
+        The sampling rule is `sampling.sample`'s, with the same Gumbel noise per codebook, so each row's codes
+        are those of the step-by-step path up to float rounding in the logits.
+        """
         cfg = self.config
         codebooks = range(1, cfg.num_codebooks)
         x0 = mx.stack([kernels.linear(hidden, self.projection), self.embed_code(code0, 0)], axis=1)
@@ -382,26 +381,3 @@ class CSM(nn.Module):
         if not isinstance(head, mx.array) or any(a.dtype != dtype for a in (head, table, proj)):
             return None
         return DepthFrameWeights(stack, [head], [table], [proj], group_size, bits)
-
-    def _decode_frame_native(
-        self, hidden: mx.array, code0: mx.array, sampler: FrameSampler, weights: DepthFrameWeights
-    ) -> mx.array:
-        """`decode_frame` as one native primitive: steps, heads, sampling and embeddings for codebooks 1..N-1.
-
-        The sampling rule is `sampling.sample`'s, with the same Gumbel noise per codebook, so the codes are
-        those of the step-by-step path up to float rounding in the logits.
-        """
-        cfg, params = self.config, sampler.params
-        codebooks = range(1, cfg.num_codebooks)
-        x0 = mx.concatenate([kernels.linear(hidden, self.projection), self.embed_code(code0, 0)], axis=0)
-        greedy = params.temperature == 0.0
-        noise = mx.zeros((0,)) if greedy else sampler.noise(cfg.audio_vocab_size, codebooks)
-        reserved = not params.allow_reserved_codes and sampler.codebook_size < cfg.audio_vocab_size
-        codes = kernels.depth_frame(
-            x0.astype(mx.float32), weights.stack, self.decoder._inv_freqs, self.decoder.norm.scale,
-            weights.heads, weights.embeddings, weights.projection, noise, cfg.decoder.num_heads,
-            cfg.decoder.num_kv_heads, cfg.decoder.rms_norm_eps, weights.group_size, weights.bits,
-            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-            codebook_size=sampler.codebook_size if reserved else cfg.audio_vocab_size,
-        )  # fmt: skip
-        return mx.concatenate([code0, codes])[None]
