@@ -268,24 +268,25 @@ def test_latency_probe_reports_first_audio_and_gaps(daemon: Path, runtime_dir: P
         assert largest == max(float(row[column]) for row in rows)
 
 
+def refused_in_one_line(argv: list[str], env_dir: Path, cwd: Path) -> str:
+    """Run an example's command line; it must exit 2 with one line on stderr and no traceback. Returns the line."""
+    done = subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, env=example_env(env_dir), timeout=60, check=False,
+        cwd=cwd,
+    )  # fmt: skip
+    assert done.returncode == 2, done
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    return done.stderr
+
+
 @pytest.mark.parametrize("example", ["raw_client.py", "blocking_app.py", "trio_app.py", "latency_probe.py"])
 def test_examples_without_a_daemon_say_so_in_one_line(example: str, tmp_path: Path) -> None:
     prompt = tmp_path / "prompt.wav"
     make_voice_prompt(prompt)
     missing = tmp_path / "nobody.sock"
     args = [str(prompt)] if example == "blocking_app.py" else []
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / example), *args, "--socket", str(missing)],
-        capture_output=True,
-        text=True,
-        env=example_env(tmp_path),
-        timeout=60,
-        check=False,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 2, done
-    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
-    assert "no csmd daemon" in done.stderr and str(missing) in done.stderr and "--socket" in done.stderr
+    err = refused_in_one_line([str(EXAMPLES / example), *args, "--socket", str(missing)], tmp_path, tmp_path)
+    assert "no csmd daemon" in err and str(missing) in err and "--socket" in err
 
 
 # Runs an example as if another user served the socket: the client library's uid check then refuses it.
@@ -305,18 +306,9 @@ def test_library_examples_refuse_another_users_socket_in_one_line(
     prompt = tmp_path / "prompt.wav"
     make_voice_prompt(prompt)
     args = [str(prompt)] if example == "blocking_app.py" else []
-    done = subprocess.run(
-        [sys.executable, "-c", AS_IF_ANOTHER_USER, str(EXAMPLES / example), *args, "--socket", str(daemon)],
-        capture_output=True,
-        text=True,
-        env=example_env(runtime_dir),
-        timeout=60,
-        check=False,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 2, done
-    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
-    assert str(daemon) in done.stderr and "4242" in done.stderr, done.stderr
+    argv = ["-c", AS_IF_ANOTHER_USER, str(EXAMPLES / example), *args, "--socket", str(daemon)]
+    err = refused_in_one_line(argv, runtime_dir, tmp_path)
+    assert str(daemon) in err and "4242" in err, err
 
 
 # raw_client.py imports no csmd code, so the kernel's answer itself is faked: SO_PEERCRED names user 4242.
@@ -337,16 +329,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_raw_client_refuses_another_users_socket_before_sending(
     daemon: Path, runtime_dir: Path, tmp_path: Path
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", RAW_AS_IF_ANOTHER_USER, str(EXAMPLES / "raw_client.py"), "--socket", str(daemon)],
-        capture_output=True,
-        text=True,
-        env=example_env(runtime_dir),
-        timeout=60,
-        check=False,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 2, done
-    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
-    assert str(daemon) in done.stderr and "user 4242" in done.stderr, done.stderr
+    argv = ["-c", RAW_AS_IF_ANOTHER_USER, str(EXAMPLES / "raw_client.py"), "--socket", str(daemon)]
+    err = refused_in_one_line(argv, runtime_dir, tmp_path)
+    assert str(daemon) in err and "user 4242" in err, err
     assert not (tmp_path / "raw.wav").exists()  # it stopped before asking for anything
