@@ -139,10 +139,15 @@ class Scheduler:
         """One chunk of a prefill between frames: `prefill(rows)` runs at most `rows` rows and returns how many
         still wait (`Utterance.prefill`, `Context.prefill`); returns that. Call it until it returns 0."""
         rows = self.prefill_rows()
-        started = time.perf_counter()
-        remaining = await self.between_frames(lambda: prefill(rows))
+
+        def timed() -> tuple[int, float]:  # on the model thread: the chunk's own time, not its wait for a turn
+            started = time.perf_counter()
+            remaining = prefill(rows)
+            return remaining, time.perf_counter() - started
+
+        remaining, seconds = await self.between_frames(timed)
         if remaining > 0:  # all `rows` ran: a measure of the row rate
-            self.row_seconds = _smoothed(self.row_seconds, (time.perf_counter() - started) / rows)
+            self.row_seconds = _smoothed(self.row_seconds, seconds / rows)
         return remaining
 
     def prefill_rows(self) -> int:
