@@ -572,12 +572,15 @@ async def test_a_long_prefill_runs_between_the_frames_of_other_streams(
         nursery.cancel_scope.deadline = trio.current_time() + 10
 
 
+@pytest.mark.parametrize("batch_max", [64, 2])
 async def test_sessions_speaking_together_share_batched_steps(
-    daemon: tuple[Daemon, Path], monkeypatch: pytest.MonkeyPatch
+    daemon: tuple[Daemon, Path], monkeypatch: pytest.MonkeyPatch, batch_max: int
 ) -> None:
-    """Replies of several sessions advance together: a step carries every reply ready for a frame."""
+    """Replies of several sessions advance together: a step carries every reply ready for a frame, up to the
+    most one batched step takes (BATCH_MAX; more go in several steps of the same boundary)."""
     from csmd.daemon import scheduler as scheduler_module
 
+    monkeypatch.setattr(scheduler_module, "BATCH_MAX", batch_max)
     sizes: list[int] = []
     real = scheduler_module.step_together
 
@@ -595,8 +598,9 @@ async def test_sessions_speaking_together_share_batched_steps(
     for client in clients:
         end = (await client.until(lambda x: isinstance(x, m.AudioEnd)))[-1]
         assert isinstance(end, m.AudioEnd) and end.frames == 30
-    assert sum(sizes) == 3 * 30 and max(sizes) == 3
-    assert len(sizes) <= 30 + 10  # mostly together: about 30 steps, not 90 of one reply each
+    assert sum(sizes) == 3 * 30 and max(sizes) == min(3, batch_max)
+    steps = 30 * -(-3 // batch_max)  # boundaries x steps per boundary
+    assert len(sizes) <= steps + 10  # mostly together: about this many steps, not 90 of one reply each
 
 
 async def test_a_fault_in_one_reply_of_a_batch_ends_only_that_reply(

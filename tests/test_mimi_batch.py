@@ -321,3 +321,24 @@ def test_the_same_decoders_step_their_batch_in_place() -> None:
     assert decoders[0]._shared is not None and all(d._shared is decoders[0]._shared for d in decoders)
     decoders[2].step(codes[0, 6])
     assert decoders[2]._shared is None and not decoders[0]._shared.holds(decoders)
+
+
+def test_warming_up_batches_steps_each_size_and_leaves_the_codec_as_it_was() -> None:
+    """warm_up_batches runs the batched step once per size (so each size's trace exists before a daemon's
+    first batched frame); a stream decoded afterwards is what it was before."""
+    mimi = load_mimi("random:tiny")
+    frames = _codes(mimi, 1, 4, seed=3)[0]
+    before = [StreamingDecoder(mimi).step(frame) for frame in frames[:1]]
+    sizes: list[int] = []
+    real = mimi.decode_step
+
+    def spy(codes: mx.array, state: object) -> object:
+        sizes.append(codes.shape[0])
+        return real(codes, state)  # type: ignore[arg-type]
+
+    mimi.decode_step = spy  # type: ignore[method-assign]
+    mimi.warm_up_batches(range(2, 5))
+    mimi.decode_step = real  # type: ignore[method-assign]
+    assert sizes == [2, 3, 4]
+    after = [StreamingDecoder(mimi).step(frame) for frame in frames[:1]]
+    _equal(after[0], before[0])

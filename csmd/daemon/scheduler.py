@@ -41,6 +41,7 @@ log = logging.getLogger("csmd.daemon")
 AUDIO_BUFFER_FRAMES = 4  # per reply: 320 ms decoded ahead of the socket at most
 PREFILL_ROWS_IDLE = 512  # a prefill chunk with nobody speaking: the whole of a turn, at the GEMM's rate
 PREFILL_ROWS_BUSY = (1, 64)  # the bounds of a chunk between frames (64: where the row kernels meet the GEMM)
+BATCH_MAX = 64  # replies in one batched step: the native batched primitives take 1 to 64 rows
 T = TypeVar("T")
 
 
@@ -181,7 +182,9 @@ class Scheduler:
 
     async def _advance(self, batch: list[Generation]) -> None:
         started = time.perf_counter()
-        results = await self.worker.run(lambda: _step(batch))
+        # (More replies than one step takes, possible with --max-sessions above BATCH_MAX, go in several.)
+        chunks = [batch[i : i + BATCH_MAX] for i in range(0, len(batch), BATCH_MAX)]
+        results = await self.worker.run(lambda: [result for chunk in chunks for result in _step(chunk)])
         self.frame_seconds = _smoothed(self.frame_seconds, time.perf_counter() - started)
         for generation, result in zip(batch, results, strict=True):
             await self._take(generation, result)

@@ -10,7 +10,7 @@ processing is the streaming code run over longer chunks: `decode(codes)` equals 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
@@ -89,6 +89,16 @@ class Mimi(nn.Module):
         mx.eval(self.decode_step(codes, decoding))
         _, encoding = self.encode_step(mx.zeros((1, self.frame_size)), None)
         mx.eval(self.encode_step(mx.zeros((1, self.frame_size)), encoding))
+
+    def warm_up_batches(self, sizes: Iterable[int]) -> None:
+        """Trace the batched decode step (`decode_together`) for each batch size in `sizes` now.
+
+        Each batch size is one more trace of the compiled step (60-155 ms each on a 2-core CPU), which would
+        otherwise delay the first frame of the first batch of that size: a daemon warms the sizes it expects.
+        """
+        for size in sizes:
+            decoders = [StreamingDecoder(self) for _ in range(size)]
+            decode_together(decoders, np.zeros((size, self.num_codebooks), dtype=np.int32))
 
     def use_bf16_weights(self) -> None:
         """Store the weight-bound matrices in bfloat16 (computed in fp32): half the bytes read per frame.
