@@ -6,17 +6,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from csmd.cli import checks
 from csmd.cli.errors import flagged
 from csmd.cli.options import model_spec
 from csmd.cli.runtime import apply_runtime
-from csmd.cli.voice import load_model, load_voice, note_random
+from csmd.cli.voice import Voice, load_model, load_voice, note_random
 from csmd.errors import UserError
 
 if TYPE_CHECKING:
     from csmd.audio.mimi.model import Mimi
+    from csmd.bench import scenarios
+    from csmd.bench.report import Report
 
 
 def _say(message: str) -> None:
@@ -207,4 +210,159 @@ def cmd_bench_talk(args: argparse.Namespace) -> int:
     _say(f"playing {args.rounds} scripted rounds through {args.user_device}")
     result = run(voice.generator, voice.mimi, model_spec(args), args.rounds, args.user_device, args.csmd_device)
     print(json.dumps(result.as_dict()) if args.json else format_result(result))
+    return 0
+
+
+SCENARIOS = ("reply", "context", "frame", "codec", "concurrency")
+IN_PROCESS_ONLY = ("frame", "codec", "concurrency")
+REGRESSED = 3  # `csmd bench compare`: a figure got worse past the threshold
+
+
+def scenario_names(text: str) -> list[str]:
+    """--scenarios: a comma-separated list of SCENARIOS, each once."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SCENARIOS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown scenario {', '.join(map(repr, unknown)) or '(none)'}: choose from {', '.join(SCENARIOS)}"
+        )
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a scenario is named twice in {text!r}")
+    return names
+
+
+def cmd_bench_run(args: argparse.Namespace) -> int:
+    import shlex
+
+    from csmd.bench import scenarios
+    from csmd.bench.report import Report, markdown, table
+
+    chosen: list[str] = args.scenarios
+    if args.socket:
+        local = [name for name in chosen if name in IN_PROCESS_ONLY]
+        if local:
+            raise UserError(
+                f"--scenarios {','.join(local)}: measured in this process only, not through --socket "
+                f"(run them without --socket, or choose from {', '.join(s for s in SCENARIOS if s not in local)})"
+            )
+        found = checks.probe(Path(args.socket))
+        if found is None:
+            raise UserError(f"--socket {args.socket}: no csmd daemon is listening there (start one with `csmd serve`)")
+        model = found.model
+    else:
+        checks.model_argument(model_spec(args))
+        checks.codec_argument(args.codec)
+        model = model_spec(args)
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path is not None:
+            _writable_file(Path(path), flag)
+    command = shlex.join(["csmd", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "csmd bench run"
+    report = Report(command, model, scenarios.describe_machine())
+    if args.socket:
+        target = scenarios.Target(Path(args.socket), "socket")
+        _run_scenarios(args, chosen, target, report, window=None)
+    else:
+        import tempfile
+
+        import trio
+
+        from csmd.bench.daemon import serve_in_thread
+        from csmd.daemon.server import Daemon
+
+        apply_runtime(args)
+        voice = load_voice(args)
+        daemon = Daemon(voice.generator, voice.mimi, model)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "csmd.sock"
+            thread, token, scope = serve_in_thread(daemon, path)
+            try:
+                target = scenarios.Target(path, "daemon", daemon)
+                window = voice.generator.model.config.backbone.max_seq_len
+                _run_scenarios(args, [s for s in chosen if s not in IN_PROCESS_ONLY], target, report, window)
+            finally:
+                trio.from_thread.run_sync(scope.cancel, trio_token=token)
+                thread.join()
+                daemon.close()
+        _run_in_process(args, [s for s in chosen if s in IN_PROCESS_ONLY], voice, model, report)
+    report.results.sort(key=lambda r: chosen.index(r.scenario))
+    print(table(report))
+    if args.json:
+        report.write_json(Path(args.json))
+        _say(f"wrote {args.json}")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(report))
+        _say(f"wrote {args.markdown}")
+    if args.plot:
+        from csmd.bench.plots import plot
+
+        for written in plot(report, Path(args.plot)):
+            _say(f"wrote {written}")
+    return 0
+
+
+def _run_scenarios(
+    args: argparse.Namespace, chosen: list[str], target: scenarios.Target, report: Report, window: int | None
+) -> None:
+    from tqdm import tqdm
+
+    from csmd.bench import scenarios
+    from csmd.progress import bars_disabled
+
+    for name in chosen:
+        _say(f"scenario {name}: {args.warmup} warm-up + {args.repeats} timed rounds through the {target.where}")
+        with tqdm(total=args.warmup + args.repeats, desc=name, unit="round", disable=bars_disabled()) as bar:
+            if name == "reply":
+                result = scenarios.reply(target, args.frames, args.repeats, args.warmup, bar.update)
+            else:
+                result = scenarios.context(target, args.frames, args.repeats, args.warmup, window, bar.update)
+        report.results.append(result)
+
+
+def _run_in_process(args: argparse.Namespace, chosen: list[str], voice: Voice, model: str, report: Report) -> None:
+    from csmd.bench import scenarios
+
+    for name in chosen:
+        _say(f"scenario {name}: in this process")
+        if name == "frame":
+            window = voice.generator.model.config.backbone.max_seq_len
+            rows = min(args.prefill, window - args.frames - 8)
+            result = scenarios.frame(voice.generator.model, model, args.frames, 2, rows, args.repeats, args.peers)
+        elif name == "codec":
+            result = scenarios.codec(voice.mimi, args.codec or "the model's codec", args.frames, args.peers)
+        else:
+            sessions = [1, 2, 4, 8]
+            rows = min(args.prefill, 300)
+            result = scenarios.concurrency(voice.generator, voice.mimi, model, sessions, args.frames, args.warmup, rows)
+        report.results.append(result)
+
+
+def _writable_file(path: Path, flag: str) -> None:
+    """Checked before anything runs: a report that cannot be written is found before minutes of measuring."""
+    import os
+
+    directory = path.parent
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory")
+    if not directory.is_dir():
+        raise UserError(f"{flag} {path}: the directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {path}: cannot write there: permission denied")
+
+
+def cmd_bench_compare(args: argparse.Namespace) -> int:
+    from csmd.bench.report import ReportError, changes, format_changes, load_report
+
+    try:
+        before, after = load_report(Path(args.before)), load_report(Path(args.after))
+    except ReportError as exc:
+        raise UserError(str(exc)) from exc
+    found, unmatched = changes(before, after)
+    threshold = args.threshold / 100
+    print(format_changes(found, threshold))
+    for name in unmatched:
+        print(f"only in one report: {name}")
+    worse = [c for c in found if c.regressed(threshold)]
+    if worse:
+        print(f"{len(worse)} figure(s) worse by more than {args.threshold:g}%", file=sys.stderr)
+        return REGRESSED
     return 0

@@ -60,6 +60,7 @@ count = _ranged(_int, "an integer >= 0", 0)
 seconds = _ranged(float, "a number of seconds > 0", 0, low_open=True)
 seconds_or_never = _ranged(float, "a number of seconds >= 0 (0: never)", 0)
 gigabytes = _ranged(float, "a number of GB >= 0", 0)
+percent = _ranged(float, "a percentage in [0, 1000]", 0, 1000)
 # The sampling ranges are GenerationParams' own (what the float32 kernels can represent), so that every value
 # the parser takes is one the engine takes.
 _some_temperature = _ranged(float, f"0 (greedy) or a temperature in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]",

@@ -10,6 +10,7 @@ from csmd.cli.options import (
     add_codec_options,
     count,
     model_options,
+    percent,
     positive_int,
     quantization_scheme,
     runtime_options,
@@ -244,4 +245,47 @@ def build_parser() -> Parser:
     )
     codec.add_argument("--json", action="store_true", help="print one JSON object")
     codec.set_defaults(func=bench.cmd_bench_codec)
+    scenarios = benches.add_parser(
+        "run",
+        parents=[run_opts, model_opts],
+        help="named scenarios with repetitions, medians and spread: a table, and --json, --markdown, --plot",
+    )
+    scenarios.add_argument(
+        "--scenarios",
+        type=bench.scenario_names,
+        default=["reply", "context", "frame"],
+        metavar="LIST",
+        help=f"comma-separated, from {', '.join(bench.SCENARIOS)} (default: reply,context,frame)",
+    )
+    scenarios.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="measure the daemon on this socket (reply and context only) instead of one started in this process",
+    )
+    scenarios.add_argument("--frames", type=positive_int, default=25, help="frames per reply (default: 25)")
+    scenarios.add_argument("--repeats", type=positive_int, default=5, help="timed rounds (default: 5)")
+    scenarios.add_argument("--warmup", type=count, default=1, help="untimed rounds first (default: 1)")
+    scenarios.add_argument(
+        "--prefill", type=positive_int, default=300, help="frame: rows of context prefilled (default: 300)"
+    )
+    scenarios.add_argument(
+        "--peers", action="store_true", help="frame, codec: also time transformers' CSM and moshi's Mimi if installed"
+    )
+    add_codec_options(scenarios)
+    scenarios.add_argument("--json", metavar="FILE", help="also write the report as JSON (for `csmd bench compare`)")
+    scenarios.add_argument("--markdown", metavar="FILE", help="also write it as Markdown tables")
+    scenarios.add_argument("--plot", metavar="DIR", help="also draw PNG charts into DIR (needs matplotlib)")
+    scenarios.set_defaults(func=bench.cmd_bench_run)
+    compare = benches.add_parser(
+        "compare", help="the change of every figure between two `bench run --json` reports; exit 3 if one got worse"
+    )
+    compare.add_argument("before", help="the earlier report (JSON)")
+    compare.add_argument("after", help="the later report (JSON)")
+    compare.add_argument(
+        "--threshold",
+        type=percent,
+        default=10.0,
+        help="a figure worse by more than this many percent is a regression (default: 10)",
+    )
+    compare.set_defaults(func=bench.cmd_bench_compare)
     return parser

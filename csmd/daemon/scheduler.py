@@ -45,6 +45,16 @@ BATCH_MAX = 64  # replies in one batched step: the native batched primitives tak
 T = TypeVar("T")
 
 
+@dataclass
+class StepTimes:
+    """Model-thread seconds spent generating frames and decoding them, summed over every step so far (what
+    `csmd bench run` reads as the Mimi share of a frame)."""
+
+    generate: float = 0.0
+    decode: float = 0.0
+    frames: int = 0
+
+
 @dataclass(frozen=True)
 class DecodedFrame:
     """One frame of a reply's audio: its index in the utterance and its 24 kHz samples."""
@@ -95,6 +105,7 @@ class Scheduler:
         self._jobs: deque[_Job] = deque()
         self._wake = trio.Event()
         self.frame_seconds: float | None = None  # a batched step's wall time, smoothed
+        self.times = StepTimes()  # written on the model thread, read by benchmarks
         self.row_seconds: float | None = None  # a prefill row's, smoothed (from chunks that ran in full)
 
     @property
@@ -184,7 +195,7 @@ class Scheduler:
         started = time.perf_counter()
         # (More replies than one step takes, possible with --max-sessions above BATCH_MAX, go in several.)
         chunks = [batch[i : i + BATCH_MAX] for i in range(0, len(batch), BATCH_MAX)]
-        results = await self.worker.run(lambda: [result for chunk in chunks for result in _step(chunk)])
+        results = await self.worker.run(lambda: [r for chunk in chunks for r in _step(chunk, self.times)])
         self.frame_seconds = _smoothed(self.frame_seconds, time.perf_counter() - started)
         for generation, result in zip(batch, results, strict=True):
             await self._take(generation, result)
@@ -220,12 +231,13 @@ class Scheduler:
             self._active.remove(generation)
 
 
-def _step(batch: list[Generation]) -> list[outcome.Outcome[DecodedFrame | None]]:
+def _step(batch: list[Generation], times: StepTimes) -> list[outcome.Outcome[DecodedFrame | None]]:
     """Model thread: one frame of every generation in `batch`, generated together and decoded together.
 
     If a batched step fails, each generation is stepped (or decoded) alone, so that a fault is reported for
     the replies it concerns only (the batched steps write nothing until all their rows are computed).
     """
+    started = time.perf_counter()
     try:
         frames: list[np.ndarray | BaseException | None] = list(step_together([g.utterance for g in batch]))
     except StepFailedError as failed:  # the batch was made; some replies failed to take their frames
@@ -237,6 +249,7 @@ def _step(batch: list[Generation]) -> list[outcome.Outcome[DecodedFrame | None]]
             log.exception("a batched step of %d replies failed (a bug); stepping them one by one", len(batch))
             frames = [_value_or_error(g.utterance.step) for g in batch]
     made = [(g, f) for g, f in zip(batch, frames, strict=True) if isinstance(f, np.ndarray)]
+    generated = time.perf_counter()
     pcm: dict[int, np.ndarray | BaseException] = {}
     if len(made) > 1:
         try:
@@ -247,6 +260,9 @@ def _step(batch: list[Generation]) -> list[outcome.Outcome[DecodedFrame | None]]
     for g, codes in made:
         if id(g) not in pcm:
             pcm[id(g)] = _value_or_error(partial(g.decoder.step, codes))
+    times.generate += generated - started
+    times.decode += time.perf_counter() - generated
+    times.frames += len(made)
     results: list[outcome.Outcome[DecodedFrame | None]] = []
     for g, f in zip(batch, frames, strict=True):
         audio = pcm.get(id(g)) if f is not None and not isinstance(f, BaseException) else None
