@@ -497,6 +497,7 @@ class SilentMic:
 class QuietSpeaker:
     def __init__(self, device: object = None, prebuffer: int = 0) -> None:
         self.prebuffer, self.played, self.underruns = prebuffer, 0, 0
+        self.sounding_since: list[float] = []
 
     def __enter__(self) -> QuietSpeaker:
         return self

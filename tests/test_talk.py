@@ -55,6 +55,7 @@ class RealTimeSpeaker:
     def __init__(self) -> None:
         self.prebuffer = 0
         self.queued = 0
+        self.sounding_since: list[float] = []
         self.cleared_at: list[float] = []
         self.paused_at: list[float] = []
         self.paused = False
@@ -78,6 +79,7 @@ class RealTimeSpeaker:
     def __call__(self, pcm: np.ndarray) -> None:
         if self.played >= self.queued:  # idle: playback (re)starts now
             self._played_before, self._since = self.queued, time.monotonic()
+            self.sounding_since.append(self._since)
         self.queued += pcm.size
         self.audio.append(pcm)
 
@@ -253,9 +255,10 @@ class StuckEngine:
         self.release = trio.Event()
         self.added: list[float] = []  # the trio time each turn was added
 
-    async def add_user_turn(self, pcm: np.ndarray, transcript: str, speaker: int) -> None:
+    async def add_user_turn(self, pcm: np.ndarray, transcript: str, speaker: int) -> dict[str, float]:
         await self.release.wait()
         self.added.append(trio.current_time())
+        return {}
 
     async def start(self, text: str, speaker: int, params: GenerationParams) -> object:
         raise AssertionError("the responder says nothing, so nothing is spoken")

@@ -20,7 +20,7 @@ if shutil.which("espeak-ng") is None:
     pytest.skip("espeak-ng is not installed", allow_module_level=True)
 
 from csmd.audio.devices import Microphone, Speaker, find_device  # noqa: E402
-from csmd.bench.talk import one_round  # noqa: E402
+from csmd.bench.talk import PARTS, one_round  # noqa: E402
 from csmd.model.generator import Generator  # noqa: E402
 from csmd.model.loading import load_model  # noqa: E402
 from csmd.model.sampling import GenerationParams  # noqa: E402
@@ -67,6 +67,13 @@ async def test_a_spoken_turn_then_a_barge_in(engine) -> None:  # type: ignore[no
     question = segments[0].codes
     assert question is not None and 1.5 < len(question) * 0.08 < 5.0  # the spoken question, with pre-roll
     assert result.underruns == 0  # the tiny model is faster than real time
+    # The turn's breakdown: every part measured, the parts after the detection adding up to the whole.
+    parts = result.parts_ms
+    assert set(parts) == set(PARTS) and all(ms >= 0 for ms in parts.values()), parts
+    after_detection = sum(ms for part, ms in parts.items() if part != "end-of-turn detection")
+    assert result.turn_to_heard_ms == pytest.approx(after_detection, abs=0.5)
+    assert parts["encode the turn"] > 0 and parts["prefill the turn"] > 0 and parts["first frame"] > 0
+    assert parts["device"] > 0 and parts["end-of-turn detection"] > 0.3  # the turn taker's 0.6 s end-silence, less
 
 
 def test_user_speech_thread_safety() -> None:

@@ -191,6 +191,9 @@ class Speaker:
         self._lock = threading.Lock()
         self._drained = threading.Event()
         self._last_callback: float | None = None  # monotonic time of the last fill; None when not running
+        # Monotonic times at which queued audio began to sound (after the prebuffer), in order: when a reply
+        # was first heard, minus the device's own latency (`output_latency`).
+        self.sounding_since: list[float] = []
         index = find_device(device, "output")
         device_info(index, "output")  # a missing device named as such, not as a failure to open it
         try:
@@ -211,6 +214,7 @@ class Speaker:
             queued = sum(c.size for c in self._queue) - self._offset
             if not self._started and (queued >= self.prebuffer or self._finished) and queued:
                 self._started = True
+                self.sounding_since.append(self._last_callback)
             while self._started and written < frames and self._queue:
                 chunk = self._queue[0]
                 n = min(frames - written, chunk.size - self._offset)
@@ -226,6 +230,11 @@ class Speaker:
                     self.underruns += 1
             self.played += written
         out[written:] = 0.0
+
+    @property
+    def output_latency(self) -> float:
+        """Seconds from a sample handed to the device to its sound, as PortAudio reports it."""
+        return float(self._stream.latency)
 
     def __enter__(self) -> Speaker:
         _start(self._stream, "output")

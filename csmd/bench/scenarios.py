@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from csmd.audio.mimi.model import Mimi
-from csmd.bench.report import Figure, ScenarioResult, figure
+from csmd.bench.report import Better, Figure, ScenarioResult, figure
 from csmd.daemon.server import Daemon
 from csmd.model.csm import CSM
 from csmd.model.generator import Generator
@@ -391,4 +391,27 @@ def concurrency(
     result.series["sessions"] = [run.sessions for run in r.runs]
     result.series["aggregate_fps"] = [run.aggregate_fps for run in r.runs]
     result.series["interval_p50_ms"] = [run.interval_p50_ms for run in r.runs]
+    return result
+
+
+def conversation(
+    generator: Generator, mimi: Mimi, name: str, rounds: int, user_device: str, csmd_device: str
+) -> ScenarioResult:
+    """The `talk` loop on real devices (`bench.talk`): a synthesized user asks, csmd answers, the user cuts in.
+    The time from the end of the user's turn to the first reply audio heard, and each of its parts."""
+    from csmd.bench import talk
+
+    r = talk.run(generator, mimi, name, rounds, user_device, csmd_device)
+    result = ScenarioResult(
+        "conversation", "in-process", {"rounds": rounds, "devices": f"{user_device}, {csmd_device}"}
+    )
+    result.figures.append(figure("end of turn to reply heard", "ms", [round_["whole"] for round_ in r.rounds_ms]))
+    for part in talk.PARTS:
+        better: Better = "none" if part == "end-of-turn detection" else "lower"
+        result.figures.append(figure(part, "ms", [round_[part] for round_ in r.rounds_ms], better=better))
+    result.figures += [
+        figure("speech onset to playback stopped", "ms", [r.barge_in_ms]),
+        figure("playback underruns", "per minute", [r.underruns_per_minute]),
+    ]
+    result.notes.append("end of turn to reply heard: from the detected end of the turn (its detection not counted)")
     return result

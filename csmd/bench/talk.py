@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import tempfile
 from collections.abc import AsyncGenerator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +27,27 @@ from csmd.daemon.worker import ModelWorker
 from csmd.model.generator import Generator
 from csmd.model.sampling import GenerationParams
 from csmd.talk.engine import LocalEngine
-from csmd.talk.loop import Conversation, TalkConfig
+from csmd.talk.loop import Conversation, TalkConfig, TurnTimes
 from csmd.talk.responder import Turn
 from csmd.talk.turns import TurnConfig
 
 QUESTION = "Hello there, how are you doing today?"
 INTERRUPTION = "Wait, stop, I have a question."
 REPLY = ["This is the first of two long sentences.", "And this one should never be heard."]
+
+
+# The parts of the time from the end of the user's speech to the first reply audio heard, in order.
+PARTS = (
+    "end-of-turn detection",  # the user's last sound to the turn taker's decision (its end-silence)
+    "transcript",
+    "encode the turn",
+    "prefill the turn",
+    "reply text",  # the responder's first sentence (instant here: a scripted reply)
+    "prefill the reply's text",
+    "first frame",  # generated and decoded
+    "prebuffer",  # held back before sounding (when slower than real time)
+    "device",  # the output's latency, as PortAudio reports it
+)
 
 
 @dataclass
@@ -44,6 +58,8 @@ class TalkRound:
     reply_frames: int  # frames of the reply kept in the context (what was heard)
     underruns: int
     reply_seconds: float
+    parts_ms: dict[str, float]  # PARTS, each in ms
+    turn_to_heard_ms: float  # end of the detected turn to the first reply audio out of the device
 
 
 @dataclass
@@ -54,6 +70,9 @@ class TalkBenchResult:
     barge_in_ms: float
     barge_in_confirmed_ms: float
     underruns_per_minute: float
+    turn_to_heard_ms: float = 0.0  # the whole of it, end-of-turn detection not counted
+    parts_ms: dict[str, float] = field(default_factory=dict)  # PARTS: medians over the rounds
+    rounds_ms: list[dict[str, float]] = field(default_factory=list)  # every round's parts and whole
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -115,6 +134,8 @@ async def one_round(
         worker.close()
     reply = next((s for s in context.segments if s.speaker == config.assistant_speaker), None)
     frames = 0 if reply is None or reply.codes is None else len(reply.codes)
+    asked_end = user.sounding_since[0] + question.size / 24_000 + user.output_latency
+    parts, whole = turn_parts(talk.stats.turn_times[0], asked_end, speaker.output_latency)
     result = TalkRound(
         first_audio_ms=1000 * talk.stats.first_audio_after_turn[0],
         barge_in_ms=1000 * stopped,
@@ -122,8 +143,33 @@ async def one_round(
         reply_frames=frames,
         underruns=speaker.underruns,
         reply_seconds=speaker.played / 24_000,
+        parts_ms=parts,
+        turn_to_heard_ms=whole,
     )
     return result, talk
+
+
+def turn_parts(times: TurnTimes, speech_end: float, device_latency: float) -> tuple[dict[str, float], float]:
+    """PARTS in ms from one turn's timestamps (monotonic seconds), and the whole from the detected end of the
+    turn to the first reply audio out of the device."""
+    steps = [times.transcribed, times.added, times.reply_text, times.started, times.first_frame, times.sounding]
+    if any(step is None for step in steps):
+        raise RuntimeError(f"the reply to the first turn was never heard: {times}")
+    transcribed, added, reply_text, started, first_frame, sounding = (float(step) for step in steps)  # type: ignore[arg-type]
+    encode = times.engine_parts.get("encode", added - transcribed)
+    parts = {
+        "end-of-turn detection": times.detected - speech_end,
+        "transcript": transcribed - times.detected,
+        "encode the turn": encode,
+        "prefill the turn": added - transcribed - encode,
+        "reply text": reply_text - added,
+        "prefill the reply's text": started - reply_text,
+        "first frame": first_frame - started,
+        "prebuffer": sounding - first_frame,
+        "device": device_latency,
+    }
+    whole = sounding + device_latency - times.detected
+    return {k: round(1000 * v, 1) for k, v in parts.items()}, round(1000 * whole, 1)
 
 
 def run(
@@ -142,6 +188,9 @@ def run(
         barge_in_ms=round(statistics.median(r.barge_in_ms for r in results), 1),
         barge_in_confirmed_ms=round(statistics.median(r.barge_in_confirmed_ms for r in results), 1),
         underruns_per_minute=round(sum(r.underruns for r in results) / minutes, 2) if minutes else 0.0,
+        turn_to_heard_ms=round(statistics.median(r.turn_to_heard_ms for r in results), 1),
+        parts_ms={part: round(statistics.median(r.parts_ms[part] for r in results), 1) for part in PARTS},
+        rounds_ms=[{**r.parts_ms, "whole": r.turn_to_heard_ms} for r in results],
     )
 
 
@@ -153,5 +202,8 @@ def format_result(r: TalkBenchResult) -> str:
             f"  user speech onset -> playback stopped  {r.barge_in_ms:8.1f} ms (barge-in: paused at once)",
             f"  user speech onset -> barge-in decided  {r.barge_in_confirmed_ms:8.1f} ms (reply cut, context trimmed)",
             f"  playback underruns                     {r.underruns_per_minute:8.2f} per minute of reply audio",
+            f"  end of user turn -> reply audio heard  {r.turn_to_heard_ms:8.1f} ms, of which:",
+            *(f"    {part:35}{ms:9.1f} ms" for part, ms in r.parts_ms.items() if part != "end-of-turn detection"),
+            f"  (before it: end-of-turn detection {r.parts_ms.get('end-of-turn detection', 0.0):.1f} ms)",
         ]
     )

@@ -213,8 +213,8 @@ def cmd_bench_talk(args: argparse.Namespace) -> int:
     return 0
 
 
-SCENARIOS = ("reply", "context", "frame", "codec", "concurrency")
-IN_PROCESS_ONLY = ("frame", "codec", "concurrency")
+SCENARIOS = ("reply", "context", "frame", "codec", "concurrency", "conversation")
+IN_PROCESS_ONLY = ("frame", "codec", "concurrency", "conversation")
 REGRESSED = 3  # `csmd bench compare`: a figure got worse past the threshold
 
 
@@ -253,6 +253,10 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
         checks.model_argument(model_spec(args))
         checks.codec_argument(args.codec)
         model = model_spec(args)
+        if "conversation" in chosen:
+            checks.sound_device(args.user_device, "output", "--user-device")
+            checks.sound_device(args.user_device, "input", "--user-device")
+            checks.sound_device(args.csmd_device, "output", "--csmd-device")
     for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
         if path is not None:
             _writable_file(Path(path), flag)
@@ -327,6 +331,11 @@ def _run_in_process(args: argparse.Namespace, chosen: list[str], voice: Voice, m
             window = voice.generator.model.config.backbone.max_seq_len
             rows = min(args.prefill, window - args.frames - 8)
             result = scenarios.frame(voice.generator.model, model, args.frames, 2, rows, args.repeats, args.peers)
+        elif name == "conversation":
+            rounds = args.repeats
+            result = scenarios.conversation(
+                voice.generator, voice.mimi, model, rounds, args.user_device, args.csmd_device
+            )
         elif name == "codec":
             result = scenarios.codec(voice.mimi, args.codec or "the model's codec", args.frames, args.peers)
         else:

@@ -271,6 +271,14 @@ def build_parser() -> Parser:
     scenarios.add_argument(
         "--peers", action="store_true", help="frame, codec: also time transformers' CSM and moshi's Mimi if installed"
     )
+    scenarios.add_argument(
+        "--user-device",
+        default="loopback",
+        help="conversation: plays the user's voice into csmd's mic (default: loopback)",
+    )
+    scenarios.add_argument(
+        "--csmd-device", default="system", help="conversation: where csmd speaks, not heard back (default: %(default)s)"
+    )
     add_codec_options(scenarios)
     scenarios.add_argument("--json", metavar="FILE", help="also write the report as JSON (for `csmd bench compare`)")
     scenarios.add_argument("--markdown", metavar="FILE", help="also write it as Markdown tables")

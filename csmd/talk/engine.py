@@ -7,6 +7,7 @@ Both sides offer the same four things: add the user's turn (audio and transcript
 from __future__ import annotations
 
 import itertools
+import time
 from functools import partial
 from typing import Protocol
 
@@ -26,7 +27,8 @@ class Sentence(Protocol):
 
 
 class Engine(Protocol):
-    async def add_user_turn(self, pcm: np.ndarray, transcript: str, speaker: int) -> None: ...
+    # Returns how long its parts took, in seconds, where the engine can tell ({} where it cannot).
+    async def add_user_turn(self, pcm: np.ndarray, transcript: str, speaker: int) -> dict[str, float]: ...
     async def start(self, text: str, speaker: int, params: GenerationParams) -> Sentence: ...
     async def trim(self, sentence: Sentence, frames: int, text: str) -> None: ...
 
@@ -48,9 +50,12 @@ class LocalEngine:
     def __init__(self, generator: Generator, context: Context, mimi: Mimi, worker: ModelWorker):
         self.generator, self.context, self.mimi, self.worker = generator, context, mimi, worker
 
-    async def add_user_turn(self, pcm: np.ndarray, transcript: str, speaker: int) -> None:
+    async def add_user_turn(self, pcm: np.ndarray, transcript: str, speaker: int) -> dict[str, float]:
+        started = time.monotonic()
         codes = await self.worker.run(partial(self.mimi.encode, pcm))
+        encoded = time.monotonic()
         await self.worker.run(partial(self.context.append, Segment(speaker, transcript, codes.T)))
+        return {"encode": encoded - started, "prefill": time.monotonic() - encoded}
 
     async def start(self, text: str, speaker: int, params: GenerationParams) -> Sentence:
         utterance = await self.worker.run(partial(self.generator.start, self.context, text, speaker, params))
@@ -86,8 +91,9 @@ class DaemonEngine:
     def __init__(self, client: trio_client.Client, session: str):
         self.client, self.session = client, session
 
-    async def add_user_turn(self, pcm: np.ndarray, transcript: str, speaker: int) -> None:
+    async def add_user_turn(self, pcm: np.ndarray, transcript: str, speaker: int) -> dict[str, float]:
         await self.client.add_context(self.session, speaker, transcript, pcm.astype(np.float32), rate=24_000)
+        return {}  # (the daemon encodes and prefills it: one step from here)
 
     async def start(self, text: str, speaker: int, params: GenerationParams) -> Sentence:
         request = f"talk-{next(self._ids)}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -61,6 +62,7 @@ class AudioIn(Protocol):
 class AudioOut(Protocol):
     played: int
     prebuffer: int  # samples held back before an utterance starts sounding
+    sounding_since: list[float]  # monotonic times at which queued audio began to sound, in order
 
     def __call__(self, pcm: np.ndarray) -> None: ...
     def clear(self) -> int: ...
@@ -96,6 +98,21 @@ class _Spoken:
 
 
 @dataclass
+class TurnTimes:
+    """Where the time goes from the end of a user's turn to the first reply audio: monotonic seconds at each
+    step (None: not reached, e.g. a reply cut short). `csmd bench talk` reports the differences."""
+
+    detected: float  # the turn taker decided the turn was over (after its end-silence)
+    transcribed: float | None = None
+    added: float | None = None  # the turn is in the conversation: encoded and prefilled
+    engine_parts: dict[str, float] = field(default_factory=dict)  # how the engine split adding it, in seconds
+    reply_text: float | None = None  # the responder's first sentence
+    started: float | None = None  # the reply's first sentence accepted: its text rows prefilled
+    first_frame: float | None = None  # its first decoded frame in hand
+    sounding: float | None = None  # the speaker began to sound it (after the prebuffer)
+
+
+@dataclass
 class Stats:
     turns: int = 0
     barge_ins: int = 0
@@ -103,6 +120,7 @@ class Stats:
     held_at: list[float] = field(default_factory=list)  # trio times of those pauses
     first_audio_after_turn: list[float] = field(default_factory=list)  # seconds, end of user turn -> first audio
     turns_dropped: int = 0  # user turns that found MAX_WAITING_TURNS already waiting
+    turn_times: list[TurnTimes] = field(default_factory=list)  # one per user turn answered
 
 
 class Conversation:
@@ -137,7 +155,7 @@ class Conversation:
         # User turns (start, end), and TRIM: "trim the last reply to what was heard", in the order they happen.
         # Unbounded as a channel, bounded by `_waiting_turns`: turns beyond MAX_WAITING_TURNS are dropped, and a
         # TRIM, which must never be lost, comes at most once per barge-in (so once per reply).
-        self._turns_send, self._turns_receive = trio.open_memory_channel[tuple[float, float] | None](math.inf)
+        self._turns_send, self._turns_receive = trio.open_memory_channel[tuple[float, float, float] | None](math.inf)
         self._waiting_turns = 0
         self._frame_seconds: float | None = None  # measured time to make and decode one frame (moving average)
 
@@ -175,7 +193,7 @@ class Conversation:
             log.warning("dropped a user turn: %d are still waiting for a reply", self._waiting_turns)
             return
         self._waiting_turns += 1
-        self._turns_send.send_nowait((start, end))
+        self._turns_send.send_nowait((start, end, time.monotonic()))
 
     def _keep(self, pcm: np.ndarray) -> None:
         self._audio = np.concatenate([self._audio, pcm])
@@ -221,17 +239,24 @@ class Conversation:
                 await self._trim()
                 continue
             self._waiting_turns -= 1
-            start, end = item
+            start, end, detected = item
             user_audio = self._cut(start, end)
             turn_done = trio.current_time()
+            times = TurnTimes(detected)
             transcript = await self.recognizer.transcribe(user_audio)
+            times.transcribed = time.monotonic()
             self.on_text("user", transcript)
-            await self.engine.add_user_turn(user_audio, transcript, self.config.user_speaker)
+            times.engine_parts = await self.engine.add_user_turn(user_audio, transcript, self.config.user_speaker)
+            times.added = time.monotonic()
             self.stats.turns += 1
             self.history.append(Turn("user", transcript))
-            await self._reply(turn_done)
+            sounded_before = len(self.speaker.sounding_since)
+            await self._reply(turn_done, times)
+            if len(self.speaker.sounding_since) > sounded_before:
+                times.sounding = self.speaker.sounding_since[sounded_before]
+            self.stats.turn_times.append(times)
 
-    async def _reply(self, turn_done: float) -> None:
+    async def _reply(self, turn_done: float, times: TurnTimes | None = None) -> None:
         self._spoken, self._interrupted, self._replying = [], False, True
         self.speaker.restart()
         first_audio = True
@@ -249,12 +274,18 @@ class Conversation:
                 self.speaker.prebuffer = prebuffer_for(self._frame_seconds or 0.0, frames)
                 self.speaker.restart()
                 self.on_text("assistant", sentence)
+                if times is not None and times.reply_text is None:
+                    times.reply_text = time.monotonic()
                 voice = await self.engine.start(sentence, self.config.assistant_speaker, self.config.params)
+                if times is not None and times.started is None:
+                    times.started = time.monotonic()
                 spoken.sentence = voice
 
                 while not self._interrupted and (pcm := await self._timed(voice)) is not None:
                     if first_audio:
                         self.stats.first_audio_after_turn.append(trio.current_time() - turn_done)
+                        if times is not None:
+                            times.first_frame = time.monotonic()
                         first_audio = False
                     if not self._speaking:
                         self._speaking = True
