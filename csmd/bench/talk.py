@@ -115,7 +115,7 @@ async def one_round(
                 await trio.sleep(0.3)
                 user(question)
                 with trio.fail_after(60):
-                    while not talk._speaking:
+                    while not speaker.sounding_since:  # the reply is heard (a slow model prebuffers first)
                         await trio.sleep(0.005)
                 await trio.sleep(1.0)
                 holds_before = talk.stats.holds
