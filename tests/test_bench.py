@@ -316,7 +316,6 @@ def test_kv_cache_bench_on_random_tiny() -> None:
     for d in (r.codebook0, r.depth):
         assert 0 < d.kl < 1e-3 and d.kl_p95 >= 0 and 0.5 <= d.top1 <= 1 and 0.5 <= d.top5 <= 1
     assert r.reference.session_rss_mb >= 0 and r.bf16.session_rss_mb >= 0
-    assert r.reference.backbone_ms > 0 and r.bf16.backbone_ms > 0
     same = run(model, "random:tiny", context_rows=40, frames=6, compared=mx.float32)
     for d in (same.codebook0, same.depth):
         assert d.kl == 0 and d.top1 == 1 and d.top5 == 1

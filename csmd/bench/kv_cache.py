@@ -11,13 +11,12 @@ pass for both caches). The weights are the same: what differs is the cache alone
 a proxy for quality, not a measure of it.
 
 Per session: the bytes of a full-window cache, and the RSS it adds to the process once allocated and written
-(every position, as a conversation's cache is when it is made).
+(every position, as a conversation's cache is when it is made). Nothing here is timed: `native/bench_kernels.py
+--attention` and `--batch --against` time the step over either cache.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -39,7 +38,6 @@ class CacheRun:
     kv_cache: str  # the cache's dtype
     cache_mb: float  # its keys and values over the whole window (MB: 10^6 bytes)
     session_rss_mb: float  # the RSS that allocating and writing it added (MB)
-    backbone_ms: float  # median one-row backbone step over the frames (the fused step where it runs)
 
 
 @dataclass
@@ -84,13 +82,11 @@ def prefill(model: CSM, tokens: mx.array, mask: mx.array, cache: KVCache) -> mx.
     return hidden
 
 
-def timed_step(model: CSM, frame: np.ndarray, cache: KVCache, times: list[float]) -> mx.array:
-    """The backbone state after one frame's row, its time appended to `times`."""
+def step(model: CSM, frame: np.ndarray, cache: KVCache) -> mx.array:
+    """The backbone state after one frame's row (the fused step where it runs, as in a conversation)."""
     tokens, mask = audio_rows(frame[None])
-    start = time.perf_counter()
     hidden = model.backbone_step(mx.array(tokens[None]), mx.array(mask[None]), cache)
     mx.eval(hidden, *cache.state())
-    times.append(time.perf_counter() - start)
     return hidden
 
 
@@ -133,27 +129,26 @@ def run(
     hidden = prefill(model, tokens, mask, cache)
     states: list[mx.array] = []
     codes: list[np.ndarray] = []
-    times: list[float] = []
     for i in range(frames):
         states.append(hidden)
         pick = FrameSampler(params, cfg.audio_codebook_size, seed=seed, frame=i)
         frame = model.decode_frame(hidden, pick(model.codebook0_logits(hidden), 0), pick)
         codes.append(np.array(frame[0], dtype=np.int32))
         if i + 1 < frames:
-            hidden = timed_step(model, codes[-1], cache, times)
-    reference = CacheRun("float32", round(2 * cache.keys.nbytes / 1e6, 1), round(rss, 1), _median_ms(times))
+            hidden = step(model, codes[-1], cache)
+    reference = CacheRun("float32", round(2 * cache.keys.nbytes / 1e6, 1), round(rss, 1))
     del cache
     want0, want_depth = logits(model, states, np.stack(codes))
 
     say(f"{_dtype_name(compared)} cache: the same {context_rows} rows and {frames} frames, teacher-forced")
     cache, rss = new_session_cache(model, compared)
     hidden = prefill(model, tokens, mask, cache)
-    states, times = [], []
+    states = []
     for i in range(frames):
         states.append(hidden)
         if i + 1 < frames:
-            hidden = timed_step(model, codes[i], cache, times)
-    bf16 = CacheRun(_dtype_name(compared), round(2 * cache.keys.nbytes / 1e6, 1), round(rss, 1), _median_ms(times))
+            hidden = step(model, codes[i], cache)
+    bf16 = CacheRun(_dtype_name(compared), round(2 * cache.keys.nbytes / 1e6, 1), round(rss, 1))
     del cache
     got0, got_depth = logits(model, states, np.stack(codes))
     return KVCacheBenchResult(
@@ -174,21 +169,17 @@ def run(
     )
 
 
-def _median_ms(times: list[float]) -> float:
-    return round(1000 * statistics.median(times), 2) if times else 0.0
-
-
 def format_result(r: KVCacheBenchResult) -> str:
     depth = f"codebooks 1-{r.codebooks - 1}"
     lines = [
         f"model {r.model}  dtype {r.dtype}  device {r.device}",
         f"  {r.frames} frames sampled with an fp32 cache after {r.context_rows} rows of context; the bf16 cache "
         "scored on those rows, teacher-forced",
-        f"  {'cache':<9} {'MB/session':>10} {'RSS MB':>7} {'step ms':>8} | {'codebook 0: KL':>14} {'p95':>7} "
+        f"  {'cache':<9} {'MB/session':>10} {'RSS MB':>7} | {'codebook 0: KL':>14} {'p95':>7} "
         f"{'top1':>5} {'top5':>5} | {depth + ': KL':>18} {'p95':>7} {'top1':>5} {'top5':>5}",
     ]
     for run, div in ((r.reference, None), (r.bf16, (r.codebook0, r.depth))):
-        row = f"  {run.kv_cache:<9} {run.cache_mb:10.1f} {run.session_rss_mb:7.1f} {run.backbone_ms:8.2f} |"
+        row = f"  {run.kv_cache:<9} {run.cache_mb:10.1f} {run.session_rss_mb:7.1f} |"
         if div is not None:
             c, d = div
             row += (
@@ -198,7 +189,7 @@ def format_result(r: KVCacheBenchResult) -> str:
         lines.append(row)
     lines += [
         f"  MB/session: keys and values over the window of {r.window} positions; RSS: what allocating and writing "
-        "them added; step: the median one-row backbone step",
+        "them added",
         "  KL(fp32 || bf16) in nats per row (mean, 95th percentile); top1: the same most likely code; top5: share "
         "of fp32's 5 most likely codes among bf16's 5",
         f"  the reference's entropy: codebook 0 {r.codebook0_entropy:.3f}, {depth} {r.depth_entropy:.3f} nats "
