@@ -3,9 +3,22 @@
     OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 python native/bench_kernels.py [--rounds 10] [--backbone]
     python native/bench_kernels.py --batch [--rounds 7]
 
+    python native/bench_kernels.py --attention [--rounds 9] [--against DIR]
+    python native/bench_kernels.py --batch --against DIR [--rounds 9]
+
 --batch times only the steps over B rows (transformer_step_batch for csm-1b's backbone, each row with a
 context of 1000 positions, and depth_frame_batch for its depth decoder) against B one-row calls, the two
 alternated in one run, and prints medians and their ratio.
+
+--attention times the backbone step's attention alone: csm-1b's attention shapes (16 layers, 32 query heads
+over 8 kv heads of 64) with projections so narrow (hidden 64) that their weights are negligible, at a long
+context and at position 0; the difference is the attention over the context. It runs over fp32 caches and
+bf16 ones (half the bytes, widened to fp32 as read), alternated round by round.
+
+--against DIR: A/B against another build of the extension, the `_ext` library in DIR (e.g. a build of main),
+loaded beside this one; its runs join the same alternation (fp32 caches: an older build takes no others).
+With --batch, it times the batched calls of both builds instead of batched against one-row calls, and this
+build's batched backbone step over bf16 caches too.
 
 Bandwidth reference: numpy's np.dot(x, x) over a 512 MiB float64 array (threads set by the env above),
 measured in the same run; every figure is repeated `rounds` times (best kept) since the machine is shared.
@@ -136,6 +149,32 @@ def median_pair(batched, singles, rounds: int) -> tuple[float, float]:
     return float(np.median(times["batched"])), float(np.median(times["singles"]))
 
 
+def median_each(fns: dict, rounds: int) -> dict[str, float]:
+    """Median time of each fn, all alternated round by round (the order rotating, so none always goes first)."""
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def load_build(directory: str):
+    """The extension library (`_ext*`) in `directory`, loaded as a module of its own beside csmd_native."""
+    import importlib.util
+
+    [lib] = Path(directory).glob("_ext*")
+    spec = importlib.util.spec_from_file_location("_ext", lib)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 CSM_1B_BACKBONE = dict(n_layers=16, hidden=2048, heads=32, kv_heads=8, head_dim=64, inter=8192)
 CSM_1B_DECODER = dict(n_layers=4, hidden=1024, heads=8, kv_heads=2, head_dim=128, inter=8192)
 
@@ -163,6 +202,94 @@ def bench_batch_backbone(rounds: int, batches: list[int], context: int = 1000) -
         print(
             f"  backbone B={b}: batched {tb * 1e3:7.1f} ms  {b} x one row {ts * 1e3:7.1f} ms"
             f"  batched / one row {tb / (ts / b):.2f}"
+        )
+
+
+def bench_attention(rounds: int, contexts: list[int], other=None) -> None:
+    """The backbone step's attention at each context: the step there minus the step at position 0 (the same
+    negligible weights), over fp32 and bf16 caches, and with `other` (another build) over fp32 ones."""
+    cfg = dict(CSM_1B_BACKBONE, hidden=64, inter=64)
+    max_len = max(contexts) + 1
+    flat, inv, shape = stack(**cfg, max_len=max_len, bits=16)
+    rng = np.random.default_rng(0)
+    caches = {"fp32": [mx.array(rng.standard_normal(shape, dtype=np.float32)) for _ in range(2)]}
+    caches["bf16"] = [c.astype(mx.bfloat16) for c in caches["fp32"]]
+    x = mx.random.normal((1, cfg["hidden"]))
+    mx.eval(x, *flat, *caches["fp32"], *caches["bf16"])
+    args = (inv, cfg["heads"], cfg["kv_heads"], 1e-5, 64, 16)
+    runs = {"this build, fp32 cache": (cn, "fp32"), "this build, bf16 cache": (cn, "bf16")}
+    if other is not None:
+        runs["other build, fp32 cache"] = (other, "fp32")
+
+    def step(module, kv: str, position: int):
+        ck, cv = caches[kv]
+        return lambda: mx.eval(*module.transformer_step(x, flat, ck, cv, position, *args))
+
+    for context in contexts:
+        fns = {}
+        for name, (module, kv) in runs.items():
+            fns[(name, context)] = step(module, kv, context)
+            fns[(name, 0)] = step(module, kv, 0)
+        t = median_each(fns, rounds)
+        attention = {name: t[(name, context)] - t[(name, 0)] for name in runs}
+        base = attention["other build, fp32 cache" if other is not None else "this build, fp32 cache"]
+        for name, kv in ((name, kv) for name, (_, kv) in runs.items()):
+            mb = 2 * caches[kv][0].nbytes * (context + 1) / max_len / 1e6
+            print(
+                f"  attention over {context + 1} positions, {name}: {attention[name] * 1e3:7.2f} ms"
+                f"  ({attention[name] / base:.2f}x; step {t[(name, context)] * 1e3:.2f} ms, at position 0"
+                f" {t[(name, 0)] * 1e3:.2f} ms; {mb:.0f} MB of cache)"
+            )
+
+
+def bench_against(other, rounds: int, batches: list[int], context: int = 1000) -> None:
+    """The batched backbone step (each row at `context`) and depth frame of this build against `other`'s,
+    alternated; this build's backbone step over bf16 caches too."""
+    cfg = CSM_1B_BACKBONE
+    flat, inv, shape = stack(**cfg, max_len=context + 1)
+    rng = np.random.default_rng(0)
+    n = max(batches)
+    fp32 = [mx.array(rng.standard_normal(shape, dtype=np.float32)) for _ in range(2 * n)]
+    bf16 = [c.astype(mx.bfloat16) for c in fp32]
+    x = mx.random.normal((n, cfg["hidden"]))
+    mx.eval(x, *fp32, *bf16)
+    args = (inv, cfg["heads"], cfg["kv_heads"], 1e-5, 64, 4)
+    for b in batches:
+
+        def batched(module, caches, b=b):
+            ks, vs = caches[:b], caches[n : n + b]
+            return lambda: mx.eval(*module.transformer_step_batch(x[:b], flat, ks, vs, [context] * b, *args))
+
+        t = median_each({"other": batched(other, fp32), "this": batched(cn, fp32), "bf16": batched(cn, bf16)}, rounds)
+        print(
+            f"  backbone B={b}: other build {t['other'] * 1e3:7.1f} ms  this build {t['this'] * 1e3:7.1f} ms"
+            f" ({t['this'] / t['other']:.2f}x)  this build, bf16 caches {t['bf16'] * 1e3:7.1f} ms"
+            f" ({t['bf16'] / t['other']:.2f}x)"
+        )
+    dcfg = CSM_1B_DECODER
+    codebooks, vocab, embed = 31, 2051, 2048
+    dflat, dinv, _ = stack(**dcfg, max_len=codebooks + 1)
+    heads = [a.reshape(codebooks, vocab, -1) for a in qw(codebooks * vocab, dcfg["hidden"], 7)]
+    table, projection = list(qw((codebooks + 1) * vocab, embed, 8)), list(qw(dcfg["hidden"], embed, 9))
+    x0, noise, norm = (
+        mx.random.normal((n, 2, dcfg["hidden"])),
+        mx.random.gumbel((n, codebooks, vocab)),
+        mx.ones((dcfg["hidden"],)),
+    )
+    mx.eval(x0, noise, norm, *heads)
+    dargs = (dflat, dinv, norm, heads, table, projection)
+    dims = (dcfg["heads"], dcfg["kv_heads"], 1e-5, 64, 4)
+    rule = dict(temperature=0.9, top_k=50, top_p=1.0, min_p=0.0, codebook_size=2048)
+    for b in batches:
+        rules = {k: [v] * b for k, v in rule.items()}
+
+        def frame(module, b=b, rules=rules):
+            return lambda: mx.eval(module.depth_frame_batch(x0[:b], *dargs, noise[:b], *dims, **rules))
+
+        t = median_each({"other": frame(other), "this": frame(cn)}, rounds)
+        print(
+            f"  depth frame B={b}: other build {t['other'] * 1e3:7.1f} ms  this build {t['this'] * 1e3:7.1f} ms"
+            f" ({t['this'] / t['other']:.2f}x)"
         )
 
 
@@ -214,10 +341,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--backbone", action="store_true")
     ap.add_argument("--batch", action="store_true", help="only the steps over B rows against B one-row calls")
+    ap.add_argument("--attention", action="store_true", help="only the backbone step's attention")
+    ap.add_argument("--against", metavar="DIR", help="A/B against the extension library built in DIR")
     a = ap.parse_args()
+    other = load_build(a.against) if a.against else None
     print(f"threads {cn.num_threads()}, variant {cn.cpu_features()['variant']}")
+    if a.attention:
+        bench_attention(a.rounds, [1000, 2047], other)
+        return
     if a.batch:
         print(f"matvec mode {cn.get_effective_matvec_mode()}; csm-1b shapes, 4 bits, groups of 64, bf16 scales")
+        if other is not None:
+            bench_against(other, a.rounds, [1, 2, 4, 8])
+            return
         bench_batch_backbone(a.rounds, [1, 2, 4, 8])
         bench_batch_depth(a.rounds, [1, 2, 4, 8])
         return

@@ -288,3 +288,80 @@ def test_bench_precision_refuses_bad_flags_in_one_line(
     assert main(["bench", "precision", "--model", "random:tiny", *flags]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("csmd: error: ") and all(f in line for f in fragments), line
+
+
+# ---- the KV cache's dtype ----
+
+
+def test_bf16_kv_cache_halves_the_backbone_cache_bytes_of_a_frame() -> None:
+    model = load_model("random:tiny").model
+    cfg = model.config.backbone
+    fp32, bf16 = budget.frame_budget(model, 300, mx.float32), budget.frame_budget(model, 300, mx.bfloat16)
+    assert fp32.total_bytes - bf16.total_bytes == budget.kv_read_bytes(cfg, 301, BF16)
+    assert budget.frame_budget(model, 300) == fp32  # default: the activations' dtype, fp32 here
+
+
+def test_kv_cache_bench_on_random_tiny() -> None:
+    """bf16 against fp32 on the same rows: half the bytes per session, logits close but not equal. Scoring an
+    fp32 cache the same way replays the reference's own steps: no divergence at all."""
+    from csmd.bench.kv_cache import run
+
+    model = load_model("random:tiny").model
+    cfg = model.config.backbone
+    r = run(model, "random:tiny", context_rows=40, frames=6)
+    full = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.max_seq_len * cfg.dim_per_head
+    assert (r.reference.kv_cache, r.bf16.kv_cache) == ("float32", "bfloat16")
+    assert r.reference.cache_mb == round(full * F32 / 1e6, 1) and r.bf16.cache_mb == round(full * BF16 / 1e6, 1)
+    assert r.frames == 6 and r.context_rows == 40 and r.window == cfg.max_seq_len
+    for d in (r.codebook0, r.depth):
+        assert 0 < d.kl < 1e-3 and d.kl_p95 >= 0 and 0.5 <= d.top1 <= 1 and 0.5 <= d.top5 <= 1
+    assert r.reference.session_rss_mb >= 0 and r.bf16.session_rss_mb >= 0
+    same = run(model, "random:tiny", context_rows=40, frames=6, compared=mx.float32)
+    for d in (same.codebook0, same.depth):
+        assert d.kl == 0 and d.top1 == 1 and d.top5 == 1
+
+
+def test_bench_kv_cache_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "kv-cache", "--model", "random:tiny", "--context", "30", "--frames", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bf16"]["kv_cache"] == "bfloat16" and result["frames"] == 3 and result["context_rows"] == 30
+    assert main(["bench", "kv-cache", "--model", "random:tiny", "--context", "30", "--frames", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "float32" in out and "bfloat16" in out and "proxy for quality" in out
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        (
+            ["--context", "2000", "--frames", "49"],
+            ["--context 2000 + --frames 49 = 2049 rows", "window of random:tiny"],
+        ),
+        (["--frames", "0"], ["argument --frames"]),
+        (["--context", "x"], ["argument --context"]),
+        (["--quantize", "3"], ["argument --quantize"]),
+    ],
+)
+def test_bench_kv_cache_refuses_bad_flags_in_one_line(
+    flags: list[str], fragments: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("loaded a model before the arguments were checked")
+
+    monkeypatch.setattr("csmd.model.loading.load_model", refuse)
+    assert main(["bench", "kv-cache", "--model", "random:tiny", *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("csmd: error: "), lines
+    assert all(f in lines[0] for f in fragments), lines[0]
+
+
+def test_bench_frame_and_concurrency_take_the_kv_cache(capsys: pytest.CaptureFixture[str]) -> None:
+    frame = ["bench", "frame", "--model", "random:tiny", "--frames", "2", "--warmup", "0", "--prefill", "10"]
+    assert main([*frame, "--prefill-repeats", "1", "--kv-cache", "bf16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    model = load_model("random:tiny").model
+    assert result["kv_cache"] == "bfloat16"
+    assert result["bytes_per_frame"] == budget.frame_budget(model, 10, mx.bfloat16).total_bytes
+    together = ["bench", "concurrency", "--model", "random:tiny", "--sessions", "1", "--frames", "2", "--warmup", "1"]
+    assert main([*together, "--context", "20", "--no-daemon", "--kv-cache", "bf16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv_cache"] == "bfloat16"

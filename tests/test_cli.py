@@ -434,6 +434,8 @@ def test_model_flags_while_a_daemon_answers(daemon: Path, tmp_path: Path, capsys
     one_error_line(capsys, "--model", "speaks with its own model (random:tiny)", "--local")
     assert main([*args, "--dtype", "bf16"]) == 2
     one_error_line(capsys, "--dtype", "--local")
+    assert main([*args, "--kv-cache", "bf16"]) == 2  # the daemon's caches are made by its own setting
+    one_error_line(capsys, "--kv-cache", "speaks with its own model", "--local")
 
 
 def test_socket_without_a_daemon_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -773,6 +775,38 @@ def test_say_with_an_hf_checkpoint_uses_its_bundled_codec(hf_dir: Path, tmp_path
     out = tmp_path / "hf.wav"
     assert main(["say", "Hello there.", "-o", str(out), "--model", str(hf_dir), "--local", "--max-seconds", "0.4"]) == 0
     assert sf.info(str(out)).frames % 1920 == 0 and sf.info(str(out)).frames > 0
+
+
+def test_kv_cache_reaches_every_conversation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--kv-cache bf16 (say, serve, talk, bench frame/concurrency) makes each conversation's backbone cache
+    bf16, half the bytes of the default fp32 one; `say` still speaks."""
+    from csmd.model.generator import Context
+
+    made: list[Context] = []
+    init = Context.__init__
+
+    def spy(self: Context, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(Context, "__init__", spy)
+    out = tmp_path / "kv.wav"
+    args = ["say", "Hello.", "-o", str(out), "--model", "random:tiny", "--local", "--max-seconds", "0.4"]
+    assert main([*args, "--kv-cache", "bf16"]) == 0
+    assert main(args) == 0
+    assert [c.kv_dtype for c in made] == [mx.bfloat16, mx.float32]
+    assert made[0]._cache.keys.nbytes * 2 == made[1]._cache.keys.nbytes
+    assert sf.info(str(out)).frames % 1920 == 0 and sf.info(str(out)).frames > 0
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["serve"], ["say", "Hi.", "-o", "x.wav"], ["talk"], ["bench", "frame"], ["bench", "concurrency"]],
+)
+def test_a_bad_kv_cache_is_one_line(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*command, "--model", "random:tiny", "--kv-cache", "fp16"]) == 2
+    line = one_error_line(capsys, "argument --kv-cache", "'fp16'", "fp32", "bf16")
+    assert "Traceback" not in line
 
 
 def test_codec_bf16_keeps_the_weight_bound_matrices_in_bf16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

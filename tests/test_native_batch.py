@@ -133,13 +133,13 @@ class Rows:
     positions: list[int]
 
 
-def make_rows(stack: Stack, lengths: list[int], seed: int) -> Rows:
+def make_rows(stack: Stack, lengths: list[int], seed: int, kv: mx.Dtype = mx.float32) -> Rows:
     rng = np.random.default_rng(seed)
     caches_k, caches_v, positions = [], [], []
     for length in lengths:
         shape = (stack.layers, stack.kv_heads, length, stack.head_dim)
-        caches_k.append(mx.array(rng.standard_normal(shape, dtype=np.float32)))
-        caches_v.append(mx.array(rng.standard_normal(shape, dtype=np.float32)))
+        caches_k.append(mx.array(rng.standard_normal(shape, dtype=np.float32)).astype(kv))
+        caches_v.append(mx.array(rng.standard_normal(shape, dtype=np.float32)).astype(kv))
         positions.append(int(rng.integers(0, length)))
     x = mx.array(rng.standard_normal((len(lengths), stack.hidden), dtype=np.float32))
     return Rows(x, caches_k, caches_v, positions)
@@ -151,7 +151,7 @@ def batched_step(stack: Stack, flat: list[mx.array], rows: Rows, bits: int) -> l
         stack.kv_heads, 1e-5, 64, bits,
     )  # fmt: skip
     mx.eval(*outs)
-    return [np.array(a) for a in outs]
+    return [np.array(a.astype(mx.float32)) for a in outs]  # bf16 rows widened: exact
 
 
 def one_row_steps(stack: Stack, flat: list[mx.array], rows: Rows, bits: int) -> list[np.ndarray]:
@@ -163,7 +163,7 @@ def one_row_steps(stack: Stack, flat: list[mx.array], rows: Rows, bits: int) -> 
             stack.heads, stack.kv_heads, 1e-5, 64, bits,
         )  # fmt: skip
         mx.eval(*outs)
-        per_row.append([np.array(a) for a in outs])
+        per_row.append([np.array(a.astype(mx.float32)) for a in outs])
     return [
         np.concatenate([r[0] for r in per_row]),
         np.stack([r[1] for r in per_row]),
@@ -223,6 +223,46 @@ def test_threads_change_no_bit_of_the_batched_step(fmt: str) -> None:
     assert_same_bits(results[3], results[1])
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "q4-int8-bf16", "q8-exact-fp32"])
+def test_batched_step_over_bf16_caches_rows_are_the_one_row_steps(fmt: str) -> None:
+    """bf16 caches (read widened to fp32, the new rows returned rounded to bf16): the batched rows are still
+    the one-row steps, bit for bit, and differ from the same step over fp32 caches."""
+    bits, mode, scales = FORMATS[fmt]
+    flat = stack_weights(SMALL, bits, scales, seed=4)
+    with settings(mode):
+        for batch in (1, 3, 8):
+            rows = make_rows(SMALL, lengths_for(batch), seed=20 + batch, kv=mx.bfloat16)
+            outs = kernels.transformer_step_batch(
+                rows.x, flat, rows.caches_k, rows.caches_v, rows.positions, inv_freqs(SMALL.head_dim), SMALL.heads,
+                SMALL.kv_heads, 1e-5, 64, bits,
+            )  # fmt: skip
+            assert outs[0].dtype == mx.float32 and outs[1].dtype == outs[2].dtype == mx.bfloat16
+            got = batched_step(SMALL, flat, rows, bits)
+            assert_same_bits(got, one_row_steps(SMALL, flat, rows, bits))
+            widened = dataclasses.replace(
+                rows,
+                caches_k=[c.astype(mx.float32) for c in rows.caches_k],
+                caches_v=[c.astype(mx.float32) for c in rows.caches_v],
+            )
+            fp32 = batched_step(SMALL, flat, widened, bits)
+            # The same cached values, but the fp32 step keeps this position's own keys and values unrounded.
+            assert not np.array_equal(got[0], fp32[0])
+            np.testing.assert_allclose(got[0], fp32[0], rtol=0.05, atol=0.05 * np.abs(fp32[0]).max())
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "q4-int8-bf16"])
+def test_threads_change_no_bit_of_the_batched_step_over_bf16_caches(fmt: str) -> None:
+    bits, mode, scales = FORMATS[fmt]
+    flat = stack_weights(THREADED, bits, scales, seed=5)
+    rows = make_rows(THREADED, [300, 40, 513, 129], seed=6, kv=mx.bfloat16)
+    results = {}
+    for threads in (1, 2, 3):
+        with settings(mode, threads=threads):
+            results[threads] = batched_step(THREADED, flat, rows, bits)
+    assert_same_bits(results[2], results[1])
+    assert_same_bits(results[3], results[1])
+
+
 def step_args(rows: Rows, flat: list[mx.array]) -> dict[str, Any]:
     return dict(
         x=rows.x, weights=flat, caches_k=rows.caches_k, caches_v=rows.caches_v, positions=rows.positions,
@@ -234,6 +274,7 @@ def step_args(rows: Rows, flat: list[mx.array]) -> dict[str, Any]:
 def bad_step_inputs() -> dict[str, tuple[Any, str]]:
     """Changes to good arguments (3 rows), each with the error it must raise."""
     cache = mx.zeros((SMALL.layers, SMALL.kv_heads, 8, SMALL.head_dim))
+    half = cache.astype(mx.bfloat16)
     many = [cache] * 65
     return {
         "fewer caches_v": ({"caches_v": [cache] * 2}, "lists of one length"),
@@ -256,6 +297,14 @@ def bad_step_inputs() -> dict[str, tuple[Any, str]]:
             "cache dim 1 must equal num_kv_heads",
         ),
         "fp16 cache": ({"caches_v": [cache, cache, cache.astype(mx.float16)]}, "row 2: cache_k and cache_v"),
+        "bf16 keys, fp32 values": (
+            {"caches_k": [cache, cache.astype(mx.bfloat16), cache]},
+            "row 1: cache_k and cache_v must be float32 or bfloat16 .* of one shape and dtype",
+        ),
+        "bf16 and fp32 rows": (
+            {"caches_k": [cache, cache, half], "caches_v": [cache, cache, half]},
+            "row 2: the caches of one step must share a dtype .* got bfloat16 after row 0's float32",
+        ),
         "3-D cache": ({"caches_k": [cache[0]] * 3}, "cache_k must be float32"),
     }
 

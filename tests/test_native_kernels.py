@@ -601,8 +601,9 @@ def prepare(layers, bits, group_size):
     return flat, ref
 
 
-def reference_step(x, ref, ck, cv, pos, inv_freqs, heads, kv_heads, eps):
-    """Plain MLX ops, one token at `pos`; returns (h, ck, cv)."""
+def reference_step(x, ref, ck, cv, pos, inv_freqs, heads, kv_heads, eps, kv_dtype=None):
+    """Plain MLX ops, one token at `pos`; returns (h, ck, cv). kv_dtype: the new keys and values are stored
+    rounded to it, and attended to as stored (the rule of a bf16 cache)."""
     head_dim = ck.shape[-1]
     h = x
     ang = pos * inv_freqs
@@ -622,6 +623,8 @@ def reference_step(x, ref, ck, cv, pos, inv_freqs, heads, kv_heads, eps):
         q = rope((n @ w["q"].T).reshape(heads, head_dim))
         k = rope((n @ w["k"].T).reshape(kv_heads, head_dim))
         v = (n @ w["v"].T).reshape(kv_heads, head_dim)
+        if kv_dtype is not None:
+            k, v = k.astype(kv_dtype).astype(mx.float32), v.astype(kv_dtype).astype(mx.float32)
         lk = ck[li].at[:, pos].add(k - ck[li][:, pos])
         lv = cv[li].at[:, pos].add(v - cv[li][:, pos])
         new_k.append(lk)
@@ -695,6 +698,45 @@ def test_step_matches_mlx_reference(config: str, bits: int, mode: str) -> None:
                 np.testing.assert_allclose(h, rh, rtol=1e-4, atol=1e-4 * np.max(np.abs(rh)))
                 np.testing.assert_allclose(np.array(ck), np.array(rk), rtol=1e-4, atol=1e-4)
                 np.testing.assert_allclose(np.array(cv), np.array(rv), rtol=1e-4, atol=1e-4)
+    finally:
+        csmd_native.set_matvec_mode(DEFAULT_MODE)
+
+
+@pytest.mark.parametrize("bits", [0, 4])
+def test_step_over_a_bf16_cache_attends_to_its_new_rows_rounded(bits: int) -> None:
+    """A bf16 cache: the step returns this position's keys and values rounded to bf16, and its own attention
+    uses them rounded, as every later step reads them. Position 0 attends to its own value alone, so keeping it
+    unrounded there would show at once."""
+    c = CONFIGS["tiny"]
+    csmd_native.set_matvec_mode("exact")
+    try:
+        layers = make_layers(c["n_layers"], c["hidden"], c["heads"], c["kv_heads"], c["head_dim"], c["inter"], seed=3)
+        flat, ref = prepare(layers, bits, 32)
+        d = c["head_dim"]
+        inv_freqs = 1.0 / (500000.0 ** (mx.arange(0, d, 2, dtype=mx.float32) / d))
+        shape = (c["n_layers"], c["kv_heads"], c["max_len"], d)
+        ck, cv = mx.zeros(shape, dtype=mx.bfloat16), mx.zeros(shape, dtype=mx.bfloat16)
+        rk, rv = mx.zeros(shape), mx.zeros(shape)
+        for i, pos in enumerate([0, 1, 2, 3, c["max_len"] - 1]):
+            x = mx.random.normal((1, c["hidden"]), key=mx.random.key(200 + i))
+            h, new_k, new_v = csmd_native.transformer_step(
+                x, flat, ck, cv, pos, inv_freqs, c["heads"], c["kv_heads"], 1e-5, 32, bits
+            )
+            assert new_k.dtype == new_v.dtype == mx.bfloat16 and h.dtype == mx.float32
+            ck[:, :, pos, :] = new_k
+            cv[:, :, pos, :] = new_v
+            unrounded, _, _ = reference_step(x, ref, rk, rv, pos, inv_freqs, c["heads"], c["kv_heads"], 1e-5)
+            rh, rk, rv = reference_step(
+                x, ref, rk, rv, pos, inv_freqs, c["heads"], c["kv_heads"], 1e-5, kv_dtype=mx.bfloat16
+            )
+            h, rh, unrounded = np.array(h), np.array(rh), np.array(unrounded)
+            scale = np.max(np.abs(rh))
+            np.testing.assert_allclose(h, rh, rtol=1e-4, atol=1e-4 * scale)
+            if pos == 0:  # the rule is visible: the unrounded value is further off than the tolerance
+                assert np.max(np.abs(h - unrounded)) > 10 * 1e-4 * scale
+            # Stored as the reference rounds them (a product summed in another order may round to the next bf16)
+            for got, want in ((ck, rk), (cv, rv)):
+                np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want), rtol=2**-7, atol=1e-6)
     finally:
         csmd_native.set_matvec_mode(DEFAULT_MODE)
 

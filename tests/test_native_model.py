@@ -31,10 +31,13 @@ WIDE = dataclasses.replace(TINY, decoder=dataclasses.replace(TINY.decoder, hidde
 GREEDY = GenerationParams(temperature=0.0, max_frames=20, seed=0)
 
 
-def frames_with(kernels: str, model: CSM, monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
+def frames_with(
+    kernels: str, model: CSM, monkeypatch: pytest.MonkeyPatch, kv_dtype: mx.Dtype | None = None
+) -> np.ndarray:
     monkeypatch.setenv("CSMD_KERNELS", kernels)
-    gen = Generator(model, TextTokenizer.utf8_bytes())
+    gen = Generator(model, TextTokenizer.utf8_bytes(), kv_dtype)
     context = gen.new_context()
+    assert kv_dtype is None or context.kv_dtype == kv_dtype
     frames = gen.generate(context, "native or not, the same frames", speaker=0, params=GREEDY).frames
     return np.asarray(frames)
 
@@ -44,6 +47,16 @@ def test_fp32_native_frames_equal_the_reference(monkeypatch: pytest.MonkeyPatch)
     native_frames = frames_with("native", model, monkeypatch)
     reference_frames = frames_with("reference", model, monkeypatch)
     assert native_frames.shape == (20, TINY.num_codebooks)  # the random model never says EOS in 20 frames
+    np.testing.assert_array_equal(native_frames, reference_frames)
+
+
+def test_bf16_cache_native_frames_equal_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 backbone cache on both paths: the native step rounds its new keys and values before attending
+    to them, as the MLX path does by writing them into the cache first, so the greedy frames are the same."""
+    model = build_model(TINY, random_params(TINY, mx.float32, seed=4), mx.float32, "random")
+    native_frames = frames_with("native", model, monkeypatch, mx.bfloat16)
+    reference_frames = frames_with("reference", model, monkeypatch, mx.bfloat16)
+    assert native_frames.shape == (20, TINY.num_codebooks)
     np.testing.assert_array_equal(native_frames, reference_frames)
 
 
@@ -111,3 +124,25 @@ def test_fused_backbone_step_after_a_long_context(monkeypatch: pytest.MonkeyPatc
         hidden[kernels] = np.array(model.backbone_step(row, mx.ones(row.shape, dtype=mx.bool_), cache))
         assert cache.offset == 301
     np.testing.assert_allclose(hidden["native"], hidden["reference"], rtol=1e-4, atol=1e-4)
+
+
+def test_fused_backbone_step_over_a_bf16_cache_after_a_long_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same over a bf16 cache: the prefill (MLX ops) stores its keys and values rounded, the fused step reads
+    them widened; the reference path agrees, and both differ from the fp32 cache's state by the rounding."""
+    wide_backbone = dataclasses.replace(TINY.backbone, num_heads=8, num_kv_heads=4, head_dim=64, max_seq_len=512)
+    cfg = dataclasses.replace(TINY, backbone=wide_backbone)
+    model = build_model(cfg, random_params(cfg, mx.float32, seed=6), mx.float32, "random")
+    rng = np.random.default_rng(2)
+    prompt = mx.array(rng.integers(0, 60, size=(1, 300, cfg.num_columns)))
+    row = mx.array(rng.integers(0, 60, size=(1, 1, cfg.num_columns)))
+    hidden = {}
+    for kernels, dtype in (("native", mx.bfloat16), ("reference", mx.bfloat16), ("native", None)):
+        monkeypatch.setenv("CSMD_KERNELS", kernels)
+        cache = model.make_backbone_cache(dtype=dtype)
+        assert cache.dtype == (dtype or mx.float32) and cache.keys.nbytes == cache.values.nbytes
+        model.backbone_step(prompt, mx.ones(prompt.shape, dtype=mx.bool_), cache)
+        hidden[kernels, dtype] = np.array(model.backbone_step(row, mx.ones(row.shape, dtype=mx.bool_), cache))
+        assert cache.dtype == (dtype or mx.float32)  # the slice updates keep the cache's dtype
+    bf16 = hidden["native", mx.bfloat16]
+    np.testing.assert_allclose(bf16, hidden["reference", mx.bfloat16], rtol=1e-4, atol=1e-4)
+    assert np.abs(bf16 - hidden["native", None]).max() > 1e-3

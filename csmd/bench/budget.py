@@ -87,8 +87,9 @@ def kv_read_bytes(cfg: TransformerConfig, positions: int, itemsize: int) -> int:
     return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.dim_per_head * positions * itemsize
 
 
-def frame_budget(model: CSM, context_rows: int) -> FrameBudget:
-    """Bytes one frame must read after `context_rows` rows of context.
+def frame_budget(model: CSM, context_rows: int, kv_dtype: mx.Dtype | None = None) -> FrameBudget:
+    """Bytes one frame must read after `context_rows` rows of context, the backbone's KV cache in `kv_dtype`
+    (default: the activations' dtype).
 
     The decoder runs num_codebooks - 1 steps; the first sees 2 rows (the projected backbone state and
     codebook 0), so the projection is read once more than the steps. Decoder step k attends over k + 1
@@ -96,10 +97,11 @@ def frame_budget(model: CSM, context_rows: int) -> FrameBudget:
     """
     cfg = model.config
     itemsize = model.activation_dtype().size
+    backbone_itemsize = kv_dtype.size if kv_dtype is not None else itemsize
     steps = cfg.num_codebooks - 1
     backbone = backbone_bytes(model)
     step = decoder_step_bytes(model)
-    kv = kv_read_bytes(cfg.backbone, context_rows + 1, itemsize) + sum(
+    kv = kv_read_bytes(cfg.backbone, context_rows + 1, backbone_itemsize) + sum(
         kv_read_bytes(cfg.decoder, k + 1, itemsize) for k in range(1, steps + 1)
     )
     total = backbone + steps * step + param_bytes(model.projection) + kv

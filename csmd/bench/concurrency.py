@@ -66,6 +66,7 @@ class ConcurrencyRun:
 @dataclass
 class ConcurrencyResult:
     model: str
+    kv_cache: str  # the dtype of every session's backbone KV cache
     context_rows: int
     bandwidth_gbs: float
     runs: list[ConcurrencyRun] = field(default_factory=list)
@@ -147,7 +148,8 @@ def in_process(
         stamps.append(decoded)
     for reply in replies:
         reply.cancel()
-    budget = frame_budget(generator.model, contexts[0].cached)  # one session's frame: weights + its caches
+    # One session's frame: weights + its caches.
+    budget = frame_budget(generator.model, contexts[0].cached, contexts[0].kv_dtype)
     batched_bytes = budget.total_bytes - budget.kv_bytes + sessions * budget.kv_bytes  # the weights once
     floor_ms = batched_bytes / (machine.bandwidth_gbs * 1e9) * 1000
     run = _summary(sessions, "in-process", [_intervals(stamps, warmup)] * sessions, [stamps] * sessions, warmup)
@@ -221,7 +223,8 @@ def run(
     history = history_text(generator, context_rows)
     probe = generator.new_context()
     probe.append(Segment(1, history))
-    result = ConcurrencyResult(name, probe.length, machine.bandwidth_gbs)
+    kv_cache = str(probe.kv_dtype).removeprefix("mlx.core.")
+    result = ConcurrencyResult(name, kv_cache, probe.length, machine.bandwidth_gbs)
     del probe
     for count in sessions:
         release_memory()  # the previous count's contexts: RSS then counts this one's
@@ -236,7 +239,8 @@ def run(
 def format_result(r: ConcurrencyResult) -> str:
     lone = {run.where: run for run in r.runs if run.sessions == 1}
     lines = [
-        f"model {r.model}: every session with {r.context_rows} rows of context; DRAM {r.bandwidth_gbs} GB/s",
+        f"model {r.model}: every session with {r.context_rows} rows of context, its KV cache {r.kv_cache} over the "
+        f"full window; DRAM {r.bandwidth_gbs} GB/s",
         f"{'sessions':>8} {'where':>10} {'frames/s':>9} {'x lone':>7} {'p50 ms':>8} {'p95 ms':>8} {'x lone':>7} "
         f"{'RTF min':>8} {'step ms':>8} {'floor':>6} {'decode':>7} {'RSS MB':>7}",
     ]

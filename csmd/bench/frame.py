@@ -31,6 +31,7 @@ class FrameBenchResult:
     model: str
     dtype: str
     device: str
+    kv_cache: str  # the backbone KV cache's dtype
     frames: int
     backbone_ms: float  # medians over the timed frames
     decoder_ms: float
@@ -79,8 +80,10 @@ def run(
     prefill_rows: int = 300,
     prefill_repeats: int = 3,
     machine: MachineRates | None = None,
+    kv_dtype: mx.Dtype | None = None,
 ) -> FrameBenchResult:
-    """Time frames after a `prefill_rows` prefill; `machine` defaults to measuring this machine now."""
+    """Time frames after a `prefill_rows` prefill; `machine` defaults to measuring this machine now; the
+    backbone cache in `kv_dtype` (`CSM.make_backbone_cache`)."""
     rng = np.random.default_rng(0)
     params = GenerationParams()
     cfg = model.config
@@ -91,7 +94,7 @@ def run(
 
     prefill_times = []
     for _ in range(prefill_repeats):
-        cache = model.make_backbone_cache()
+        cache = model.make_backbone_cache(dtype=kv_dtype)
         tokens, mask = prompt_rows(model, prefill_rows, rng)
         mx.eval(tokens, mask)
         start = time.perf_counter()
@@ -124,7 +127,7 @@ def run(
     frame_ms = 1000 * statistics.median(b + d for b, d in zip(backbone_times, decoder_times, strict=True))
     prefill_ms = 1000 * statistics.median(prefill_times)
     # Counted at the first timed frame's context; the KV cache is < 0.2 % of the bytes at csm-1b size.
-    budget = frame_budget(model, prefill_rows + warmup)
+    budget = frame_budget(model, prefill_rows + warmup, cache.dtype)
     floor_ms = budget.total_bytes / (machine.bandwidth_gbs * 1e9) * 1000
     flops = prefill_flops(cfg, prefill_rows)
     prefill_gflops = flops / 1e9 / (prefill_ms / 1000)
@@ -132,6 +135,7 @@ def run(
         model=name,
         dtype=str(model.activation_dtype()).removeprefix("mlx.core."),
         device=str(mx.default_device()),
+        kv_cache=str(cache.dtype).removeprefix("mlx.core."),
         frames=frames,
         backbone_ms=round(backbone_ms, 2),
         decoder_ms=round(decoder_ms, 2),
@@ -164,7 +168,7 @@ def format_result(r: FrameBenchResult) -> str:
     verdict = "faster" if r.real_time_factor < 1 else "slower"
     m = r.machine
     lines = [
-        f"model {r.model}  dtype {r.dtype}  device {r.device}",
+        f"model {r.model}  dtype {r.dtype}  device {r.device}  KV cache {r.kv_cache}",
         f"  {r.frames} timed frames after {r.context_rows} rows of context",
         f"  backbone step   {r.backbone_ms:9.2f} ms / frame (median)",
         f"  depth decoder   {r.decoder_ms:9.2f} ms / frame (median)",

@@ -1,4 +1,4 @@
-"""`csmd bench frame|precision|codec|daemon|concurrency|talk`: each says what it is doing while it measures
+"""`csmd bench frame|precision|kv-cache|codec|daemon|concurrency|talk`: each says what it is doing while it measures
 (stderr)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from csmd.cli import checks
 from csmd.cli.errors import flagged
 from csmd.cli.options import model_spec
 from csmd.cli.runtime import apply_runtime
-from csmd.cli.voice import Voice, load_model, load_voice, note_random
+from csmd.cli.voice import Voice, kv_cache_dtype, load_model, load_voice, note_random
 from csmd.errors import UserError
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ def cmd_bench_frame(args: argparse.Namespace) -> int:
         prefill_rows=args.prefill,
         prefill_repeats=args.prefill_repeats,
         machine=machine,
+        kv_dtype=kv_cache_dtype(args),
     )
     if args.compare_transformers:
         from csmd.bench import transformers_frame
@@ -121,6 +122,38 @@ def _check_precision_rows(args: argparse.Namespace, window: int, spec: str, prom
         raise UserError(
             f"--timed-rounds {args.timed_rounds}: {FRAMES_PER_TURN} frames a round after {CONTEXT_ROWS} rows of "
             f"context, more than the window of {spec} ({window} rows)"
+        )
+
+
+def cmd_bench_kv_cache(args: argparse.Namespace) -> int:
+    from csmd.bench.kv_cache import format_result, run
+    from csmd.model.loading import peek_config
+
+    spec = model_spec(args)
+    checks.model_argument(spec)
+    with flagged("--model"):
+        cfg = peek_config(spec)
+    if cfg is not None:
+        _check_kv_cache_rows(args, cfg.backbone.max_seq_len, spec)
+    apply_runtime(args)
+    loaded = load_model(args)
+    _check_kv_cache_rows(args, loaded.model.config.backbone.max_seq_len, spec)
+    name = spec
+    if args.quantize is not None:
+        from csmd.model.weights import quantize
+
+        quantize(loaded.model, args.quantize)
+        name += f" ({args.quantize.describe()})"
+    result = run(loaded.model, name, context_rows=args.context, frames=args.frames, say=_say)
+    print(json.dumps(result.as_dict()) if args.json else format_result(result))
+    return 0
+
+
+def _check_kv_cache_rows(args: argparse.Namespace, window: int, spec: str) -> None:
+    if args.context + args.frames > window:
+        raise UserError(
+            f"--context {args.context} + --frames {args.frames} = {args.context + args.frames} rows, more than the "
+            f"window of {spec} ({window} rows)"
         )
 
 

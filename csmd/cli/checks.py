@@ -186,7 +186,12 @@ def daemon_for(args: argparse.Namespace) -> Daemon | None:
     return Daemon(path, welcome) if welcome is not None else None
 
 
-_IN_PROCESS_FLAGS = (("--dtype", "dtype"), ("--tokenizer", "tokenizer"), ("--codec", "codec"))
+_IN_PROCESS_FLAGS = (
+    ("--dtype", "dtype"),
+    ("--tokenizer", "tokenizer"),
+    ("--codec", "codec"),
+    ("--kv-cache", "kv_cache"),
+)
 
 
 def model_flags_for(daemon: Daemon, args: argparse.Namespace) -> None:

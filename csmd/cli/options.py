@@ -155,6 +155,25 @@ def add_codec_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+KV_CACHES = ("fp32", "bf16")
+
+
+def add_kv_cache_option(parser: argparse.ArgumentParser) -> None:
+    """--kv-cache, for the commands that hold conversations. Its default is None (fp32), so that `say` and
+    `talk` can tell it was typed when a daemon, with its own setting, would speak for them."""
+    parser.add_argument(
+        "--kv-cache",
+        choices=KV_CACHES,
+        help="each conversation's backbone KV cache: fp32 (the default; on other devices than the native CPU "
+        "kernels, the model's dtype) or bf16, half the memory (67 MB a conversation at csm-1b's full window "
+        "instead of 134 MB) for keys and values rounded to bf16, which changes the frames a little (see README)",
+    )
+
+
+def kv_cache(args: argparse.Namespace) -> str:
+    return str(getattr(args, "kv_cache", None) or "fp32")
+
+
 def sampling_options() -> Parser:
     from csmd.model.sampling import FRAME_MS, GenerationParams
 

@@ -8,6 +8,7 @@ from csmd.cli.options import (
     DTYPE_NAMES,
     Parser,
     add_codec_options,
+    add_kv_cache_option,
     count,
     model_options,
     percent,
@@ -72,6 +73,7 @@ def build_parser() -> Parser:
     talk_.add_argument("--end-silence", type=seconds, default=0.7, help="seconds of silence that end a turn")
     talk_.add_argument("--echo-guard", action="store_true", help="ignore the microphone while csmd talks (no AEC)")
     add_codec_options(talk_)
+    add_kv_cache_option(talk_)
     socket_options(talk_)
     talk_.add_argument(
         "--asr",
@@ -102,6 +104,7 @@ def build_parser() -> Parser:
         help="serve even where other users can write the socket's directory (they could replace the socket)",
     )
     add_codec_options(serve_)
+    add_kv_cache_option(serve_)
     serve_.add_argument("--max-sessions", type=positive_int, default=8, help="sessions held at once (default: 8)")
     serve_.add_argument(
         "--max-sessions-per-connection", type=positive_int, default=4, help="sessions one client may hold (default: 4)"
@@ -136,6 +139,7 @@ def build_parser() -> Parser:
         help="its speaker (default: --speaker)",
     )
     add_codec_options(say_)
+    add_kv_cache_option(say_)
     say_.set_defaults(func=say.cmd_say)
 
     bench_ = commands.add_parser("bench", help="latency benchmarks")
@@ -151,6 +155,7 @@ def build_parser() -> Parser:
         metavar="SCHEME",
         help="quantize the loaded weights first: 4, 8, or per part, e.g. backbone=4,decoder=8 (or none)",
     )
+    add_kv_cache_option(frame)
     frame.add_argument(
         "--compare-transformers",
         action="store_true",
@@ -196,6 +201,25 @@ def build_parser() -> Parser:
     )
     precision.add_argument("--json", action="store_true", help="print one JSON object")
     precision.set_defaults(func=bench.cmd_bench_precision)
+    kv = benches.add_parser(
+        "kv-cache",
+        parents=[run_opts, model_opts],
+        help="what a bf16 backbone KV cache does to the logits against an fp32 one, and its memory per session",
+    )
+    kv.add_argument(
+        "--context", type=positive_int, default=1500, help="rows of context before the frames (default: %(default)s)"
+    )
+    kv.add_argument(
+        "--frames", type=positive_int, default=300, help="frames generated and scored (default: %(default)s)"
+    )
+    kv.add_argument(
+        "--quantize",
+        type=quantization_scheme,
+        metavar="SCHEME",
+        help="quantize the loaded weights first: 4, 8, or per part, e.g. backbone=4,decoder=8 (or none)",
+    )
+    kv.add_argument("--json", action="store_true", help="print one JSON object")
+    kv.set_defaults(func=bench.cmd_bench_kv_cache)
     over_socket = benches.add_parser(
         "daemon", parents=[run_opts, model_opts], help="time to first audio and per-frame cost: socket vs in-process"
     )
@@ -219,6 +243,7 @@ def build_parser() -> Parser:
     )
     together.add_argument("--no-daemon", action="store_true", help="in-process only (not also through a daemon)")
     add_codec_options(together)
+    add_kv_cache_option(together)
     together.add_argument("--json", action="store_true", help="print one JSON object")
     together.set_defaults(func=bench.cmd_bench_concurrency)
     talk_bench = benches.add_parser(
@@ -279,6 +304,7 @@ def build_parser() -> Parser:
     scenarios.add_argument(
         "--csmd-device", default="system", help="conversation: where csmd speaks, not heard back (default: %(default)s)"
     )
+    add_kv_cache_option(scenarios)
     add_codec_options(scenarios)
     scenarios.add_argument("--json", metavar="FILE", help="also write the report as JSON (for `csmd bench compare`)")
     scenarios.add_argument("--markdown", metavar="FILE", help="also write it as Markdown tables")

@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING
 
 from csmd.cli import checks
 from csmd.cli.errors import flagged
-from csmd.cli.options import dtype, model_spec
+from csmd.cli.options import dtype, kv_cache, model_spec
 from csmd.errors import UserError
 
 if TYPE_CHECKING:
+    import mlx.core as mx
+
     from csmd.audio.mimi.model import Mimi
     from csmd.model.generator import Generator
     from csmd.model.loading import LoadedModel
@@ -48,8 +50,16 @@ def load_model(args: argparse.Namespace, tokenizer: TextTokenizer | None = None)
     return loaded
 
 
+def kv_cache_dtype(args: argparse.Namespace) -> mx.Dtype | None:
+    """--kv-cache as `CSM.make_backbone_cache` takes it: None for fp32 (the keys and values as computed)."""
+    import mlx.core as mx
+
+    return mx.bfloat16 if kv_cache(args) == "bf16" else None
+
+
 def load_voice(args: argparse.Namespace, tokenizer: TextTokenizer | None = None) -> Voice:
-    """The model and the codec it speaks through (--codec, else its own), ready to generate."""
+    """The model and the codec it speaks through (--codec, else its own), ready to generate, each conversation's
+    backbone cache in --kv-cache's dtype (commands without the flag: fp32)."""
     from csmd import runtime
     from csmd.model.generator import Generator
     from csmd.speak import codec_for
@@ -58,4 +68,4 @@ def load_voice(args: argparse.Namespace, tokenizer: TextTokenizer | None = None)
     loaded = load_model(args, tokenizer)
     with flagged("--codec"):
         mimi = codec_for(loaded, args.codec, bf16=args.codec_bf16)
-    return Voice(loaded, Generator(loaded.model, loaded.tokenizer), mimi)
+    return Voice(loaded, Generator(loaded.model, loaded.tokenizer, kv_cache_dtype(args)), mimi)

@@ -115,11 +115,14 @@ def transformer_step(
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Every layer of a Llama stack for one token at `position`, as one native primitive.
 
-    x: [1, hidden] float32; cache_k/v: [layers, kv heads, positions, head dim] float32, read for the
-    positions before `position`. `weights` per layer: sa_norm scale, q, k, v, o, mlp_norm scale, w1, w3, w2,
-    each projection as (w, scales, biases) when `bits` is 4 or 8, or one float32 [out, in] matrix when
-    `bits` is 0. Returns the last layer's output (before the final norm) and this position's keys and
-    values, [layers, kv heads, head dim], which the caller stores (in place, as a slice update).
+    x: [1, hidden] float32; cache_k/v: [layers, kv heads, positions, head dim] float32 or bfloat16 (widened
+    as read), read for the positions before `position`. `weights` per layer: sa_norm scale, q, k, v, o,
+    mlp_norm scale, w1, w3, w2, each projection as (w, scales, biases) when `bits` is 4 or 8, or one float32
+    [out, in] matrix when `bits` is 0. Returns the last layer's output (before the final norm) and this
+    position's keys and values, [layers, kv heads, head dim] in the cache's dtype, which the caller stores
+    (in place, as a slice update). With a bfloat16 cache they come rounded, and this step's own attention
+    used them rounded: what every later step reads, and what the MLX path computes (it writes the new
+    position into the cache, then attends over what the cache holds).
     """
     assert native.module is not None
     h, k, v = native.module.transformer_step(
@@ -150,9 +153,10 @@ def transformer_step_batch(
     """`transformer_step` for B rows (1 to 64) as one native primitive that reads each weight once for all.
 
     x: [B, hidden] float32; row b is the token at positions[b] of its own context, whose cache is caches_k[b] /
-    caches_v[b], [layers, kv heads, T_b, head dim] float32 (the lengths T_b may differ). Returns h [B, hidden]
-    (before the final norm) and the rows' new keys and values, [B, layers, kv heads, head dim]: row b of each
-    is bit for bit what `transformer_step` gives for row b alone, and the caller stores it in row b's cache.
+    caches_v[b], [layers, kv heads, T_b, head dim], all float32 or all bfloat16 (the lengths T_b may differ).
+    Returns h [B, hidden] (before the final norm) and the rows' new keys and values, [B, layers, kv heads,
+    head dim] in the caches' dtype: row b of each is bit for bit what `transformer_step` gives for row b
+    alone, and the caller stores it in row b's cache.
     """
     assert native.module is not None
     h, k, v = native.module.transformer_step_batch(

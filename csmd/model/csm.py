@@ -124,10 +124,16 @@ class CSM(nn.Module):
         self.weights_changed()
         return self
 
-    def make_backbone_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
-        # On the native kernels the cache is fp32 whatever the weights: the fused step reads fp32, and a
-        # bf16 model then keeps its keys and values at full precision too.
-        dtype = mx.float32 if kernels.native.active() else self.activation_dtype()
+    def make_backbone_cache(self, batch: int = 1, max_len: int | None = None, dtype: mx.Dtype | None = None) -> KVCache:
+        """A backbone cache of `max_len` positions (default: the whole window) in `dtype`.
+
+        dtype None: the keys and values as computed. On the native kernels that is fp32 whatever the weights
+        (the fused step computes in fp32, and a bf16 model then keeps its keys and values at full precision
+        too); elsewhere, the activations' dtype. mx.bfloat16: half the memory (134 -> 67 MB for csm-1b's
+        full window), at the cost of rounding every key and value (README, "Choosing a precision").
+        """
+        if dtype is None:
+            dtype = mx.float32 if kernels.native.active() else self.activation_dtype()
         return make_cache(self.config.backbone, batch, dtype, max_len)
 
     def activation_dtype(self) -> mx.Dtype:
@@ -163,12 +169,15 @@ class CSM(nn.Module):
         return self._backbone_rows_fused(self.embed_rows(tokens, mask)[:, 0], caches)
 
     def _fused_rows_run(self, caches: list[KVCache]) -> bool:
-        """The fused step can run these rows: native kernels here, backbone weights in its format, and fp32
-        caches of one conversation each (what `make_backbone_cache` makes when the native kernels run)."""
+        """The fused step can run these rows: native kernels here, backbone weights in its format, and caches of
+        one conversation each, all fp32 (what `make_backbone_cache` makes when the native kernels run) or all
+        bf16."""
+        dtypes = {cache.dtype for cache in caches}
         return (
             self._native.backbone is not None
             and kernels.fused_step_batch_available()
-            and all(cache.keys.dtype == mx.float32 and cache.keys.shape[1] == 1 for cache in caches)
+            and (dtypes == {mx.float32} or dtypes == {mx.bfloat16})
+            and all(cache.keys.shape[1] == 1 for cache in caches)
         )
 
     def _backbone_rows_fused(self, x: mx.array, caches: list[KVCache]) -> mx.array:
@@ -176,7 +185,8 @@ class CSM(nn.Module):
         primitive (B = 1 included) that reads each weight once for all rows.
 
         The kernel only reads the caches; each new position's keys and values are written after it as a slice
-        update, which MLX does in place, so a 16-layer cache is never copied.
+        update, which MLX does in place, so a 16-layer cache is never copied. They come in the caches' dtype,
+        bf16 ones rounded as the step's own attention used them.
         """
         weights = self._native.backbone
         assert weights is not None

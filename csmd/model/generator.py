@@ -70,13 +70,20 @@ class _Entry:
 class Context:
     """A conversation's segments and the backbone KV cache that holds them (batch of one)."""
 
-    def __init__(self, model: CSM, tokenizer: TextTokenizer | None, max_positions: int | None = None):
+    def __init__(
+        self,
+        model: CSM,
+        tokenizer: TextTokenizer | None,
+        max_positions: int | None = None,
+        kv_dtype: mx.Dtype | None = None,
+    ):
+        """kv_dtype: the backbone cache's (`CSM.make_backbone_cache`; None: as computed)."""
         window = model.config.backbone.max_seq_len
         if max_positions is not None and not 1 <= max_positions <= window:
             raise ValueError(f"max_positions must be in 1..{window} (the model's window), got {max_positions}")
         self.model = model
         self.tokenizer = tokenizer
-        self._cache = model.make_backbone_cache(batch=1, max_len=max_positions)
+        self._cache = model.make_backbone_cache(batch=1, max_len=max_positions, dtype=kv_dtype)
         self._entries: list[_Entry] = []
         self._active: Utterance | None = None
         self.rows_computed = 0  # backbone rows run so far, re-runs included (tests and stats read it)
@@ -84,6 +91,10 @@ class Context:
     @property
     def window(self) -> int:
         return self._cache.max_len
+
+    @property
+    def kv_dtype(self) -> mx.Dtype:
+        return self._cache.dtype
 
     @property
     def length(self) -> int:
@@ -497,14 +508,16 @@ def _next_frames(model: CSM, utterances: list[Utterance]) -> np.ndarray:
 
 
 class Generator:
-    """Speaks with one model; any number of contexts share its weights."""
+    """Speaks with one model; any number of contexts share its weights. Each context's backbone cache is in
+    `kv_dtype` (None: as computed; mx.bfloat16: half the memory per conversation, see `CSM.make_backbone_cache`)."""
 
-    def __init__(self, model: CSM, tokenizer: TextTokenizer | None):
+    def __init__(self, model: CSM, tokenizer: TextTokenizer | None, kv_dtype: mx.Dtype | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.kv_dtype = kv_dtype
 
     def new_context(self, max_positions: int | None = None) -> Context:
-        return Context(self.model, self.tokenizer, max_positions)
+        return Context(self.model, self.tokenizer, max_positions, self.kv_dtype)
 
     def start(self, context: Context, text: str, speaker: int, params: GenerationParams | None = None) -> Utterance:
         """Begin a reply: checks everything, makes room, runs the reply's text rows. No frame yet."""

@@ -50,6 +50,10 @@ class KVCache:
     """A stack's keys and values, [layers, B, kv heads, max_len, head_dim] each, and `offset`: how many
     positions hold data, one number for every layer.
 
+    The cache may be stored narrower than the attention computes (a bfloat16 cache under fp32 activations:
+    half the memory): new positions are rounded as they are written, and read back widened, by both the MLX
+    path here and the native fused step.
+
     One array per stack (not per layer) so that a fused kernel can take the whole stack's cache in one
     argument and write it in place. A forward pass writes each layer's new positions through that layer's
     view (`layers[i]`, which reads `offset` and never moves it) and then `advance`s past them once; `trim`
@@ -70,6 +74,10 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return int(self.keys.shape[3])
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.keys.dtype
 
     def room_for(self, rows: int) -> int:
         """Where `rows` more positions would end; raises if they do not fit."""
@@ -129,12 +137,16 @@ class LayerCache:
 
     def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Write `keys`/`values` ([B, H, T, D]) after the filled part; return everything filled so far,
-        these included."""
+        these included, in the dtype of `keys`.
+
+        The new positions come back as the cache holds them: in a narrower cache (bf16 under fp32 activations)
+        rounded, as every later step will read them, and as the native fused step uses them."""
         cache, i, start = self.cache, self.layer, self.cache.offset
         end = cache.room_for(keys.shape[2])
         cache.keys[i, :, :, start:end, :] = keys
         cache.values[i, :, :, start:end, :] = values
-        return cache.keys[i, :, :, :end, :], cache.values[i, :, :, :end, :]
+        filled_keys, filled_values = cache.keys[i, :, :, :end, :], cache.values[i, :, :, :end, :]
+        return filled_keys.astype(keys.dtype), filled_values.astype(values.dtype)
 
 
 def make_cache(cfg: TransformerConfig, batch: int, dtype: mx.Dtype, max_len: int | None = None) -> KVCache:

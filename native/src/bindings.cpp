@@ -258,13 +258,16 @@ NB_MODULE(_ext, m) {
       "num_kv_heads"_a, "eps"_a = 1e-5f, "group_size"_a = 64, "bits"_a = 4, nb::kw_only(),
       "stream"_a = nb::none(),
       "One token through all layers of a Llama stack (pre-norm, SwiGLU, interleaved RoPE, GQA).\n\n"
-      "x: float32 [1, hidden]; cache_k/cache_v: float32 [layers, kv_heads, max_len, head_dim];\n"
+      "x: float32 [1, hidden]; cache_k/cache_v: float32 or bfloat16 [layers, kv_heads, max_len, head_dim]\n"
+      "(bfloat16: widened to float32 as read);\n"
       "weights per layer: sa_norm, q, k, v, o, mlp_norm, w1, w3, w2 with every projection given as\n"
       "(w, scales, biases) when bits is 4 or 8, one float32 [out, in] array when bits == 0, or one\n"
       "bfloat16 [out, in] array when bits == 16 (computed in fp32; group_size is ignored for 0 and 16).\n"
       "Norm scales may be float32, bfloat16 or float16.\n"
       "The cache is read (positions < position); returns (h before the final norm, new_k, new_v) where\n"
-      "new_k/new_v [layers, kv_heads, head_dim] are this position's keys/values, for the caller to store.");
+      "new_k/new_v [layers, kv_heads, head_dim] are this position's keys/values, for the caller to store,\n"
+      "in the cache's dtype. A bfloat16 cache's new rows are rounded to bfloat16 before this step's own\n"
+      "attention too: the position reads the same to its own query as to every later one's.");
   m.def(
       "transformer_step_batch",
       [](const mx::array& x, const std::vector<mx::array>& weights, const std::vector<mx::array>& caches_k,
@@ -279,7 +282,8 @@ NB_MODULE(_ext, m) {
       "stream"_a = nb::none(),
       "transformer_step for B rows (1 to 64) at once, each weight read once for all of them.\n\n"
       "x: float32 [B, hidden]; row b is at positions[b] over its own caches_k[b] / caches_v[b], float32\n"
-      "[layers, kv_heads, T_b, head_dim] (T_b may differ between rows); weights as for transformer_step.\n"
+      "or bfloat16 (one dtype for all rows) [layers, kv_heads, T_b, head_dim] (T_b may differ between\n"
+      "rows); weights as for transformer_step.\n"
       "Returns (h [B, hidden], new_k, new_v [B, layers, kv_heads, head_dim]); row b is bit for bit what\n"
       "transformer_step returns for row b alone.");
 }

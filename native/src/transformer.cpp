@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "dispatch.h"
+#include "kernels/common.h"
 #include "kernels/fmatmul_driver.h"
 #include "qmatmul.h"
 #include "state.h"
@@ -45,6 +46,11 @@ QMatmulArgs qargs(const Proj& p, const float* x, int M, float* y, int group_size
 
 inline float silu_mul(float g, float u) { return g / (1.f + std::exp(-g)) * u; }
 
+// x rounded to the nearest bfloat16, as MLX rounds (astype, or a float32 written into a bfloat16 array).
+void round_to_bf16(float* x, size_t n) {
+  for (size_t i = 0; i < n; ++i) x[i] = static_cast<float>(static_cast<mx::bfloat16_t>(x[i]));
+}
+
 }  // namespace
 
 // Never the GEMMs, whatever M: they would sum in another order than the one-row kernels (and the exact
@@ -77,41 +83,60 @@ void rope(float* v, int D, const float* inv_freqs, int position) {
   }
 }
 
+// Row t of a cache's keys or values (`at` its first element) as fp32: the cache's own floats, or its bfloat16
+// values widened into `scratch` [D] (exact: a bfloat16 is the upper half of a float32).
+inline const float* cached_row(const StackRow& row, const void* cache, size_t at, int D, float* scratch) {
+  if (!row.bf16) return static_cast<const float*>(cache) + at;
+  const auto* p = static_cast<const uint16_t*>(cache) + at;
+  for (int e = 0; e < D; ++e) scratch[e] = bf16_to_f32(p[e]);
+  return scratch;
+}
+
 // Attention of B query rows, row b over positions 0..rows[b].position of its own cache: the cache's rows
-// before the position, the new k/v (k_new, v_new [B, KVH * D]) at it. Each (row, head) pair is one chunk of
-// work with its fp32 softmax, computed alike on any thread, so the threads change nothing in the result.
+// before the position, the new k/v (k_new, v_new [B, KVH * D]) at it. The work comes in chunks of one
+// (row, kv head): the rep = NH / KVH query heads that share the kv head run together, so that each cached key
+// and value is read (and, from a bf16 cache, widened) once for all of them rather than once per query head.
+// Each query head still gets its own scores, fp32 softmax and weighted sum, in the order of positions, as if
+// it ran alone: the grouping and the threads change nothing in the result.
 void attend(const float* q, const float* k_new, const float* v_new, const StackRow* rows, int B, size_t layer,
             int NH, int KVH, int D, float* out) {
   const Kernels& kern = current_kernels();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int rep = NH / KVH;
-  const auto head = [&](int b, int j, std::vector<float>& sc) {
+  // sc: the group's scores, [rep][pos + 1]; scratch: one widened bf16 row.
+  const auto group = [&](int b, int kvh, std::vector<float>& sc, std::vector<float>& scratch) {
     const StackRow& row = rows[b];
-    const int pos = row.position, T = row.T, kvh = j / rep;
+    const int pos = row.position, T = row.T, n = pos + 1;
     const size_t at = (layer * KVH + kvh) * static_cast<size_t>(T) * D;
-    const float* kh = row.cache_k + at;
-    const float* vh = row.cache_v + at;
-    const float* qh = q + (static_cast<size_t>(b) * NH + j) * D;
+    const float* qg = q + (static_cast<size_t>(b) * NH + static_cast<size_t>(kvh) * rep) * D;  // rep heads
     const float* kn = k_new + (static_cast<size_t>(b) * KVH + kvh) * D;
     const float* vn = v_new + (static_cast<size_t>(b) * KVH + kvh) * D;
-    sc.resize(pos + 1);
-    float top = -INFINITY;
-    for (int t = 0; t <= pos; ++t) {
-      const float* key = t < pos ? kh + static_cast<size_t>(t) * D : kn;
-      sc[t] = kern.dot_f32(qh, key, D) * scale;
-      top = std::max(top, sc[t]);
+    sc.resize(static_cast<size_t>(rep) * n);
+    scratch.resize(D);
+    for (int t = 0; t < n; ++t) {
+      const float* key = t < pos ? cached_row(row, row.cache_k, at + static_cast<size_t>(t) * D, D, scratch.data()) : kn;
+      for (int r = 0; r < rep; ++r) sc[static_cast<size_t>(r) * n + t] = kern.dot_f32(qg + r * D, key, D) * scale;
     }
-    float sum = 0.f;
-    for (int t = 0; t <= pos; ++t) {
-      sc[t] = std::exp(sc[t] - top);
-      sum += sc[t];
+    std::vector<float> sum(rep, 0.f);
+    for (int r = 0; r < rep; ++r) {
+      float* s = sc.data() + static_cast<size_t>(r) * n;
+      float top = -INFINITY;
+      for (int t = 0; t < n; ++t) top = std::max(top, s[t]);
+      for (int t = 0; t < n; ++t) {
+        s[t] = std::exp(s[t] - top);
+        sum[r] += s[t];
+      }
     }
-    float* oh = out + (static_cast<size_t>(b) * NH + j) * D;
-    std::fill(oh, oh + D, 0.f);
-    for (int t = 0; t <= pos; ++t) {
-      const float p = sc[t] / sum;
-      const float* value = t < pos ? vh + static_cast<size_t>(t) * D : vn;
-      for (int e = 0; e < D; ++e) oh[e] += p * value[e];
+    float* og = out + (static_cast<size_t>(b) * NH + static_cast<size_t>(kvh) * rep) * D;
+    std::fill(og, og + static_cast<size_t>(rep) * D, 0.f);
+    for (int t = 0; t < n; ++t) {
+      const float* value =
+          t < pos ? cached_row(row, row.cache_v, at + static_cast<size_t>(t) * D, D, scratch.data()) : vn;
+      for (int r = 0; r < rep; ++r) {
+        const float p = sc[static_cast<size_t>(r) * n + t] / sum[r];
+        float* oh = og + r * D;
+        for (int e = 0; e < D; ++e) oh[e] += p * value[e];
+      }
     }
   };
   long long work = 0;
@@ -119,15 +144,15 @@ void attend(const float* q, const float* k_new, const float* v_new, const StackR
   // Threads pay off only once there is real work (a long backbone context is 2048 positions x 32 heads): a
   // short depth-decoder context stays on this thread.
   if (work >= (1 << 15)) {
-    pool().run_chunks(B * NH, [&](int c) {
-      std::vector<float> sc;
-      head(c / NH, c % NH, sc);
+    pool().run_chunks(B * KVH, [&](int c) {
+      std::vector<float> sc, scratch;
+      group(c / KVH, c % KVH, sc, scratch);
     });
     return;
   }
-  std::vector<float> sc;
+  std::vector<float> sc, scratch;
   for (int b = 0; b < B; ++b)
-    for (int j = 0; j < NH; ++j) head(b, j, sc);
+    for (int kvh = 0; kvh < KVH; ++kvh) group(b, kvh, sc, scratch);
 }
 
 }  // namespace
@@ -259,6 +284,14 @@ void run_stack(const std::vector<LayerWeights>& layers, const StepConfig& cfg, i
       const int pos = rows[b].position;
       for (int j = 0; j < NH; ++j) rope(q.data() + b * QD + j * D, D, inv, pos);
       for (int j = 0; j < KVH; ++j) rope(k.data() + b * KVD + j * D, D, inv, pos);
+      // A bf16 cache will hold this position's keys and values rounded to bf16 (the caller stores the rows
+      // returned here), and later steps read them so. This step rounds them before its own attention too, so
+      // the position is the same to its own query as to every later one's, and the step computes what the
+      // MLX path computes, which writes the new rows into the cache first and attends over what it holds.
+      if (rows[b].bf16) {
+        round_to_bf16(k.data() + b * KVD, KVD);
+        round_to_bf16(v.data() + b * KVD, KVD);
+      }
       // Keys/values of positions < pos come from the row's cache; this position's are the new rows.
       const size_t dst = (static_cast<size_t>(b) * L + l) * KVD;
       std::memcpy(new_k + dst, k.data() + b * KVD, sizeof(float) * KVD);
@@ -304,6 +337,7 @@ std::pair<int, int> check_rows(const mx::array& x, const std::vector<mx::array>&
   };
   const size_t B = caches_k.size();
   const auto row = [one_row](size_t b) { return one_row ? std::string() : "row " + std::to_string(b) + ": "; };
+  const auto name = [](mx::Dtype t) { return std::string(t == mx::bfloat16 ? "bfloat16" : "float32"); };
   if (one_row) {
     if (x.dtype() != mx::float32 || x.ndim() != 2 || x.shape(0) != 1) fail("x must be float32 [1, hidden]");
   } else {
@@ -317,12 +351,19 @@ std::pair<int, int> check_rows(const mx::array& x, const std::vector<mx::array>&
            std::to_string(B) + " rows");
   }
   const mx::array& first = caches_k[0];
-  if (first.ndim() != 4) fail(row(0) + "cache_k must be float32 [num_layers, num_kv_heads, max_len, head_dim]");
+  if (first.ndim() != 4)
+    fail(row(0) + "cache_k must be float32 or bfloat16 [num_layers, num_kv_heads, max_len, head_dim]");
   const int L = first.shape(0), D = first.shape(3);
   for (size_t b = 0; b < B; ++b) {
     const mx::array &ck = caches_k[b], &cv = caches_v[b];
-    if (ck.ndim() != 4 || ck.dtype() != mx::float32 || cv.shape() != ck.shape() || cv.dtype() != mx::float32)
-      fail(row(b) + "cache_k and cache_v must be float32 [num_layers, num_kv_heads, max_len, head_dim] of one shape");
+    if (ck.ndim() != 4 || (ck.dtype() != mx::float32 && ck.dtype() != mx::bfloat16) || cv.shape() != ck.shape() ||
+        cv.dtype() != ck.dtype())
+      fail(row(b) +
+           "cache_k and cache_v must be float32 or bfloat16 [num_layers, num_kv_heads, max_len, head_dim] of one "
+           "shape and dtype");
+    if (ck.dtype() != first.dtype())
+      fail(row(b) + "the caches of one step must share a dtype (the new rows come back in it), got " +
+           name(ck.dtype()) + " after row 0's " + name(first.dtype()));
     if (ck.shape(1) != num_kv_heads) fail(row(b) + "cache dim 1 must equal num_kv_heads");
     if (ck.shape(0) != L || ck.shape(3) != D)
       fail(row(b) + "cache " + shape_str(ck) + " differs from row 0's " + shape_str(first) +
@@ -354,8 +395,10 @@ std::vector<mx::array> make_step(const mx::array& x, const std::vector<mx::array
   // The caches are only read; the new rows come out and the caller writes them (an in-place slice update).
   // Handing the whole cache back instead would copy it every step: a multi-output primitive never gets to
   // reuse its input buffer, since every output holds the inputs.
+  // The new rows come in the caches' dtype, ready to store (bf16 ones rounded as the step used them).
   const mx::Shape rows = one_row ? mx::Shape{L, num_kv_heads, D} : mx::Shape{B, L, num_kv_heads, D};
-  return mx::array::make_arrays({x.shape(), rows, rows}, {mx::float32, mx::float32, mx::float32},
+  const mx::Dtype kv = caches_k[0].dtype();
+  return mx::array::make_arrays({x.shape(), rows, rows}, {mx::float32, kv, kv},
                                 std::make_shared<TransformerStep>(st, cfg, positions, !one_row), inputs);
 }
 
@@ -407,15 +450,21 @@ void TransformerStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector
                  const mx::array& x = ins[0];
                  const float* inv = ins[1].data<float>();
                  const int H = x.shape(1), D = ins[2].shape(3);
+                 const bool bf16 = ins[2].dtype() == mx::bfloat16;  // every cache's dtype (check_rows)
                  std::vector<StackRow> rows(B);
                  for (int b = 0; b < B; ++b) {
                    const mx::array &ck = ins[2 + b], &cv = ins[2 + B + b];
-                   rows[b] = StackRow{ck.data<float>(), cv.data<float>(), static_cast<int>(ck.shape(2)), positions[b]};
+                   rows[b] = StackRow{ck.data<void>(), cv.data<void>(), static_cast<int>(ck.shape(2)), positions[b], bf16};
                  }
                  float* h = outs[0].data<float>();
                  std::memcpy(h, x.data<float>(), sizeof(float) * B * H);
                  const auto layers = parse_stack(ins, 2 + 2 * B, cfg.num_layers, H, cfg.bits);
-                 run_stack(layers, cfg, B, h, H, rows.data(), D, inv, outs[1].data<float>(), outs[2].data<float>());
+                 std::vector<float> k32, v32;  // the new rows in fp32, for bf16 outputs
+                 float* new_k = fp32_output(outs[1], k32);
+                 float* new_v = fp32_output(outs[2], v32);
+                 run_stack(layers, cfg, B, h, H, rows.data(), D, inv, new_k, new_v);
+                 store_output(outs[1], k32);  // bf16: exact, the values are rounded already
+                 store_output(outs[2], v32);
                });
 }
 

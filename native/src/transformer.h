@@ -24,12 +24,14 @@ struct StepConfig {
   int num_layers = 0;
 };
 
-// One row of a step over several rows: its own cache [L, KVH, T, D], read below `position`.
+// One row of a step over several rows: its own cache [L, KVH, T, D], read below `position`, float32 or (bf16)
+// bfloat16.
 struct StackRow {
-  const float* cache_k = nullptr;
-  const float* cache_v = nullptr;
+  const void* cache_k = nullptr;
+  const void* cache_v = nullptr;
   int T = 0;
   int position = 0;
+  bool bf16 = false;
 };
 
 // bits 0: float32 weights, 16: bfloat16 weights (one array per projection); 4/8: (w, scales, biases).
@@ -62,8 +64,9 @@ void check_quantized(const mx::array& w, const mx::array& scales, const mx::arra
 std::vector<LayerWeights> parse_stack(const std::vector<mx::array>& arrays, size_t first, int L, int H, int bits);
 // B tokens through the layers, row b at rows[b].position over its own cache: h [B, H] in place (the last
 // layer's output, before the final norm). Writes each row's keys/values of its position to new_k/new_v
-// [B, L, KVH, D]. Each weight is read once for all B rows, and row b's result is the same bits as a step of
-// row b alone (B = 1): every product runs the one-row kernel per row, attention runs per row.
+// [B, L, KVH, D] (rounded to bfloat16 for a row whose cache is bfloat16: see run_stack). Each weight is read
+// once for all B rows, and row b's result is the same bits as a step of row b alone (B = 1): every product runs
+// the one-row kernel per row, attention runs per row.
 void run_stack(const std::vector<LayerWeights>& layers, const StepConfig& cfg, int B, float* h, int H,
                const StackRow* rows, int D, const float* inv_freqs, float* new_k, float* new_v);
 // y[M, out] = x[M, in] W^T for a quantized, bfloat16 or float32 projection, threaded: each weight read once
