@@ -6,6 +6,7 @@
 | CSMD_KERNELS | auto, native, reference | kernels/native.py, at every op |
 | CSMD_VARIANT | auto, scalar, avx2, avx512vnni, neon (one this CPU runs) | kernels/native.py, at import |
 | CSMD_MATVEC | auto, int16, int8, exact | kernels/native.py, at import |
+| CSMD_PREFILL | auto, bf16, fp32 (bf16: a CPU with AVX-512 BF16) | kernels/native.py, at import |
 | CSMD_THREADS | a whole number of threads, 1 to 256 (default: the physical cores) | the native thread pool |
 
 An empty value means the default, as if unset. A bad value is a UserError that names the variable and what it
@@ -23,6 +24,7 @@ from csmd.errors import UserError
 KERNELS = ("auto", "native", "reference")
 VARIANTS = ("auto", "scalar", "avx2", "avx512vnni", "neon")
 MATVEC_MODES = ("auto", "int16", "int8", "exact")
+PREFILL_MODES = ("auto", "bf16", "fp32")
 MAX_THREADS = 256  # the native pool's limit (set_num_threads)
 
 

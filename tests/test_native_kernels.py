@@ -3,7 +3,8 @@
 Tolerances (all scaled by ``mag = |x| @ |W|.T``, the sum of the magnitudes of the terms of each
 output, so they do not depend on cancellation):
 
-* float path ("exact" matvec mode, and every call with more than one row): fp32 accumulation in a
+* float path ("exact" matvec mode, and every call with more than one row, the prefill setting fp32 here; the bf16
+  prefill GEMM has its own tests, test_native_prefill.py): fp32 accumulation in a
   different order than the reference, so ``1e-5 * mag``; plus the rounding of the output to x's
   dtype (bf16: 2**-8, fp16: 2**-11 relative) and, against mx.quantized_matmul, MLX's own rounding
   in that dtype (same order again).
@@ -45,9 +46,11 @@ DEFAULT_MODE = "auto"
 def _defaults():
     csmd_native.set_variant("auto")
     csmd_native.set_matvec_mode("exact")
+    csmd_native.set_prefill_mode("fp32")
     yield
     csmd_native.set_variant("auto")
     csmd_native.set_matvec_mode(DEFAULT_MODE)
+    csmd_native.set_prefill_mode("auto")
 
 
 def make_weights(n: int, k: int, group_size: int, bits: int, dtype=mx.float32, seed: int = 0):

@@ -19,7 +19,21 @@ from csmd.kernels import native, reference
 
 rms_norm = reference.rms_norm
 rope_interleaved = reference.rope_interleaved
-swiglu = reference.swiglu
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up, the MLP's activation; natively in fp32 for float32 and bfloat16 inputs of one shape (MLX's
+    CPU sigmoid runs on one core at ~17 ns a value, a tenth of a csm-1b prefill)."""
+    if (
+        gate.dtype in (mx.float32, mx.bfloat16)
+        and gate.dtype == up.dtype
+        and gate.shape == up.shape
+        and native_has("swiglu")
+    ):
+        assert native.module is not None
+        out: mx.array = native.module.swiglu(gate.astype(mx.float32), up.astype(mx.float32))
+        return out.astype(gate.dtype)
+    return reference.swiglu(gate, up)
 
 
 def quantized_matmul(

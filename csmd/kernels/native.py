@@ -7,7 +7,10 @@ installed with CSMD_BUILD_NATIVE=0) or fails to load, csmd runs on the reference
 `auto` (native on the CPU when loaded), `native` (insist: an error if it did not load) or `reference`.
 `CSMD_MATVEC` picks how one-row quantized products round the activations: `auto` (the default: `int8` on the
 AVX2 and AVX-512 VNNI kernels, the faster mode there, else `int16`), `int16` (~2e-5 relative per product),
-`int8` (~0.6% per product for 4-bit weights; 8-bit ones keep int16) or `exact` (float). `CSMD_VARIANT` and
+`int8` (~0.6% per product for 4-bit weights; 8-bit ones keep int16) or `exact` (float). `CSMD_PREFILL` picks
+how products of many rows (a prefill) with quantized or bf16 weights compute: `auto` (the default: `bf16` where
+the CPU multiplies bf16 pairs natively, AVX-512 BF16, else `fp32`), `bf16` (activations and weights rounded to
+bf16, fp32 sums: ~2e-3 relative per product) or `fp32`; fp32 weights always compute in fp32. `CSMD_VARIANT` and
 `CSMD_THREADS`: see csmd/environment.py, which checks every one of them.
 """
 
@@ -26,6 +29,7 @@ from csmd.errors import UserError
 
 CHOICES = environment.KERNELS
 MATVEC_MODES = environment.MATVEC_MODES
+PREFILL_MODES = environment.PREFILL_MODES
 
 # What the reference path costs on the CPU: BENCHMARKS.md's 4-bit csm-1b frame through MLX's own ops, against
 # the native kernels' frame in README's status.
@@ -83,12 +87,33 @@ def apply_matvec_mode() -> str:
     return value
 
 
+def apply_prefill_mode() -> str:
+    """Set the extension's many-row products from CSMD_PREFILL (default auto); returns the setting. `bf16` on
+    kernels without the bf16 GEMM (a CPU without AVX-512 BF16, or CSMD_VARIANT below avx512vnni) is a UserError."""
+    value = environment.choice("CSMD_PREFILL", PREFILL_MODES)
+    if module is not None:
+        try:
+            if not hasattr(module, "set_prefill_mode"):  # a build from before the setting: fp32 only
+                if value == "bf16":
+                    raise ValueError(value)
+                return value
+            module.set_prefill_mode(value)
+        except ValueError:
+            variant = module.cpu_features()["variant"]
+            raise UserError(
+                f"CSMD_PREFILL=bf16 needs a CPU with AVX-512 BF16 and the avx512vnni kernels (this one runs "
+                f"{variant}); use auto or fp32"
+            ) from None
+    return value
+
+
 def _apply_environment() -> UserError | None:
-    """Apply CSMD_VARIANT and CSMD_MATVEC and check every variable of the kernels; the first bad one is kept
-    (not raised: this runs at import) for check_environment() and the first kernel op to raise."""
+    """Apply CSMD_VARIANT, CSMD_MATVEC and CSMD_PREFILL and check every variable of the kernels; the first bad
+    one is kept (not raised: this runs at import) for check_environment() and the first kernel op to raise."""
     try:
         apply_variant()
         apply_matvec_mode()
+        apply_prefill_mode()
         environment.threads()  # read by the extension's thread pool itself (qmatmul.cpp)
         environment.choice("CSMD_KERNELS", CHOICES)
     except UserError as exc:
@@ -100,7 +125,8 @@ environment_error = _apply_environment()
 
 
 def check_environment() -> None:
-    """Raise the UserError of a bad CSMD_KERNELS, CSMD_VARIANT, CSMD_MATVEC or CSMD_THREADS, if any."""
+    """Raise the UserError of a bad CSMD_KERNELS, CSMD_VARIANT, CSMD_MATVEC, CSMD_PREFILL or CSMD_THREADS, if
+    any."""
     if environment_error is not None:
         raise environment_error
     choice()
@@ -130,8 +156,8 @@ def cpu_features() -> dict[str, Any]:
     if arch.lower() in ("arm64", "aarch64"):
         flags.add("asimd")  # Advanced SIMD is part of every ARMv8-A core (macOS does not list it)
     features: dict[str, Any] = {"arch": arch}
-    for name in ("avx2", "fma", "avx512vnni", "asimd"):
-        features[name] = name in flags
+    for name in ("avx2", "fma", "avx512vnni", "avx512bf16", "asimd"):
+        features[name] = name in flags or name.replace("avx512", "avx512_") in flags  # Linux: avx512_vnni
     return features
 
 
@@ -165,7 +191,7 @@ def describe() -> dict[str, Any]:
     else:
         info["native_extension"] = (
             f"loaded (built for mlx {module.mlx_version}, variant {module.cpu_features().get('variant')}, "
-            f"{_threads()}, matvec {_matvec_setting()})"
+            f"{_threads()}, matvec {_matvec_setting()}, prefill {_prefill_setting()})"
         )
     return info
 
@@ -174,6 +200,16 @@ def _matvec_setting() -> str:
     """The matvec mode as `csmd info` shows it: `auto (int8)` names what auto means on this CPU."""
     assert module is not None
     mode, effective = module.get_matvec_mode(), module.get_effective_matvec_mode()
+    return f"{mode} ({effective})" if mode == "auto" else mode
+
+
+def _prefill_setting() -> str:
+    """The prefill mode as `csmd info` shows it: `auto (bf16)` names what auto means here. An extension built
+    before the setting existed computes every prefill in fp32."""
+    assert module is not None
+    if not hasattr(module, "get_prefill_mode"):
+        return "fp32"
+    mode, effective = module.get_prefill_mode(), module.get_effective_prefill_mode()
     return f"{mode} ({effective})" if mode == "auto" else mode
 
 
@@ -189,7 +225,10 @@ def status_line(device: mx.Device | None = None) -> str:
     if setting == "reference":
         return f"csmd: CSMD_KERNELS=reference: the reference path runs (MLX's own ops), {REFERENCE_COST}"
     features = module.cpu_features()
-    return f"csmd: native CPU kernels ({features.get('variant')}, {_threads()}, matvec {_matvec_setting()})"
+    return (
+        f"csmd: native CPU kernels ({features.get('variant')}, {_threads()}, matvec {_matvec_setting()}, "
+        f"prefill {_prefill_setting()})"
+    )
 
 
 def _threads() -> str:

@@ -12,6 +12,7 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "activations.h"
 #include "attention.h"
 #include "depth_frame.h"
 #include "matmul.h"
@@ -35,18 +36,23 @@ NB_MODULE(_ext, m) {
         "Same result as mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=...,\n"
         "bits=...) on the CPU.  bits 4 or 8, group_size 32/64/128, x float32/bfloat16/float16\n"
         "with any leading dims; the output has x's dtype.  Single rows use the matvec mode set by\n"
-        "set_matvec_mode ('auto' by default: see get_effective_matvec_mode).");
+        "set_matvec_mode ('auto' by default: see get_effective_matvec_mode); more than 64 rows the\n"
+        "prefill mode set by set_prefill_mode (bf16 or fp32; see get_effective_prefill_mode).");
 
   m.def("matmul", &csmd::matmul, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x @ w.T for bfloat16 or float32 weights w [out, in] (Linear layout), in fp32.\n\n"
         "x float32/bfloat16/float16 with any leading dims; the output has x's dtype.  Up to 8 rows\n"
-        "read every weight row once for all rows (threaded over output features); more rows convert\n"
-        "weight blocks to fp32 for the blocked GEMM (kernels/gemm.h).");
+        "read every weight row once for all rows (threaded over output features); more rows go through\n"
+        "a blocked GEMM: bf16 weights in the prefill mode (set_prefill_mode), fp32 ones in fp32.");
 
   m.def("causal_softmax", &csmd::causal_softmax, "scores"_a, nb::kw_only(), "stream"_a = nb::none(),
         "Softmax of prefill attention scores [..., T, S] (S >= T) under the causal mask aligned to the\n"
         "last key: in each block of T rows, row i sees keys 0 .. S - T + i and is 0 past them.\n"
         "Computed in fp32 across the thread pool; the output has the scores' dtype.");
+
+  m.def("swiglu", &csmd::swiglu, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "silu(gate) * up = gate * sigmoid(gate) * up for float32 arrays of one shape, across the thread pool\n"
+        "(the sigmoid from a polynomial exp, within a few float32 ulps).");
 
   m.def("cpu_features", []() {
     nb::dict d;
@@ -64,6 +70,7 @@ NB_MODULE(_ext, m) {
     d["fma"] = false;
 #endif
     d["avx512vnni"] = csmd::cpu_has_avx512vnni();
+    d["avx512bf16"] = csmd::cpu_has_avx512bf16();
     d["neon"] = csmd::cpu_has_neon();
     d["variant"] = csmd::variant_name(csmd::current_variant());
     d["best_variant"] = csmd::variant_name(csmd::best_variant());
@@ -79,6 +86,13 @@ NB_MODULE(_ext, m) {
   m.def("get_matvec_mode", []() { return std::string(csmd::matvec_mode_name()); });
   m.def("get_effective_matvec_mode", []() { return std::string(csmd::effective_matvec_mode_name()); },
         "The mode single-row products use now: 'auto' resolved for the current variant.");
+  m.def("set_prefill_mode", &csmd::set_prefill_mode, "mode"_a,
+        "Many-row products of quantized and bf16 weights (a prefill): 'auto' (default: 'bf16' where the\n"
+        "kernels have the bf16 GEMM, the avx512vnni variant on a CPU with AVX-512 BF16, else 'fp32'), 'bf16'\n"
+        "(x and the weights rounded to bf16, fp32 sums; a ValueError where the kernels lack it) or 'fp32'.");
+  m.def("get_prefill_mode", []() { return std::string(csmd::prefill_mode_name()); });
+  m.def("get_effective_prefill_mode", []() { return std::string(csmd::effective_prefill_mode_name()); },
+        "What many-row products of quantized and bf16 weights use now: 'bf16' or 'fp32'.");
   m.def(
       "_pool_roundtrip_us",
       [](int iters) {

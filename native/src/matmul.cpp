@@ -17,6 +17,9 @@ namespace {
 // the crossover against that GEMM only; csmd.kernels.FEW_ROWS (4) is another one, where Python chooses between
 // this product and BLAS or the panel GEMM, which overtake it sooner.
 constexpr int kMatmulFewRowsMax = 8;
+// From this many rows on, bf16 weights take the bf16 GEMM when the prefill setting allows it (BENCHMARKS.md,
+// "bf16 prefill"); fp32 weights always keep the fp32 GEMM.
+constexpr int kMatmulBf16Rows = kMatmulFewRowsMax + 1;
 
 }  // namespace
 
@@ -69,7 +72,10 @@ void FMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       a.bf16 = w.dtype() == mx::bfloat16;
       a.w = a.bf16 ? static_cast<const void*>(w.data<mx::bfloat16_t>()) : static_cast<const void*>(w.data<float>());
       a.out = of;
-      fmatmul(a, current_kernels(), &pool());
+      if (a.bf16 && M >= kMatmulBf16Rows && prefill_bf16())
+        fgemm_bf16(a, current_kernels().bf16, &pool());
+      else
+        fmatmul(a, current_kernels(), &pool());
     });
   });
 }

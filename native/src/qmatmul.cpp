@@ -23,6 +23,8 @@ std::atomic<int> g_variant{-1};  // -1: not yet chosen
 // int8 kernels convert each row's scales first, which costs what int8 saves). BENCHMARKS.md has the measurements.
 constexpr int kAutoMode = 3;
 std::atomic<int> g_mode{kAutoMode};
+enum class PrefillMode { Auto = 0, Bf16 = 1, Fp32 = 2 };
+std::atomic<int> g_prefill{static_cast<int>(PrefillMode::Auto)};
 std::mutex g_pool_mu;
 std::unique_ptr<ThreadPool> g_pool;
 
@@ -43,6 +45,10 @@ int default_threads() {
   if (smt >> active && active == 1 && n > 1) n /= 2;
   return n;
 }
+
+// From this many rows on, a quantized product runs the bf16 GEMM when the prefill setting allows it (below, the
+// single-row kernels of qmatmul, which the generated frames run too). Measured: BENCHMARKS.md, "bf16 prefill".
+constexpr int kPrefillBf16Rows = 65;
 
 Kernels g_kernels[kNumVariants] = {kernels_for(Variant::Scalar), kernels_for(Variant::AVX2),
                                    kernels_for(Variant::NEON), kernels_for(Variant::AVX512VNNI)};
@@ -112,6 +118,36 @@ void set_matvec_mode(const std::string& mode) {
     g_mode.store(static_cast<int>(MatvecMode::Exact));
   } else {
     throw std::invalid_argument("set_matvec_mode: expected 'auto', 'int16', 'int8' or 'exact', got '" + mode + "'");
+  }
+}
+
+bool prefill_bf16() {
+  return g_prefill.load(std::memory_order_relaxed) != static_cast<int>(PrefillMode::Fp32) &&
+         static_cast<bool>(current_kernels().bf16);
+}
+
+const char* prefill_mode_name() {
+  switch (static_cast<PrefillMode>(g_prefill.load(std::memory_order_relaxed))) {
+    case PrefillMode::Bf16: return "bf16";
+    case PrefillMode::Fp32: return "fp32";
+    default: return "auto";
+  }
+}
+
+const char* effective_prefill_mode_name() { return prefill_bf16() ? "bf16" : "fp32"; }
+
+void set_prefill_mode(const std::string& mode) {
+  if (mode == "auto") {
+    g_prefill.store(static_cast<int>(PrefillMode::Auto));
+  } else if (mode == "bf16") {
+    if (!current_kernels().bf16)
+      throw std::invalid_argument(std::string("set_prefill_mode: 'bf16' needs AVX-512 BF16, which the '") +
+                                  variant_name(current_variant()) + "' kernels on this CPU lack");
+    g_prefill.store(static_cast<int>(PrefillMode::Bf16));
+  } else if (mode == "fp32") {
+    g_prefill.store(static_cast<int>(PrefillMode::Fp32));
+  } else {
+    throw std::invalid_argument("set_prefill_mode: expected 'auto', 'bf16' or 'fp32', got '" + mode + "'");
   }
 }
 
@@ -260,7 +296,10 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       a.biases = bi.data<void>();
       a.sbt = sb_type(sc.dtype());
       a.out = of;
-      qmatmul(a, current_kernels(), matvec_mode(), &pool());
+      if (M >= kPrefillBf16Rows && prefill_bf16())
+        qgemm_bf16(a, current_kernels().bf16, &pool());
+      else
+        qmatmul(a, current_kernels(), matvec_mode(), &pool());
     });
   });
 }

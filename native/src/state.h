@@ -24,6 +24,15 @@ const char* matvec_mode_name();            // "auto", "int16", "int8" or "exact"
 const char* effective_matvec_mode_name();  // what it means on the current variant (auto resolved)
 void set_matvec_mode(const std::string& mode);
 
+// Many-row products of quantized and bf16 weights (a prefill): "auto" (default: "bf16" where the kernels have
+// the bf16 GEMM, Kernels::bf16, else "fp32"), "bf16" (x and the weights rounded to bf16, fp32 sums; an error
+// where the kernels lack it) or "fp32" (the fp32 GEMM). fp32 weights always take the fp32 GEMM.
+// prefill_bf16(): the bf16 GEMM serves those products now (auto resolved, on the current variant).
+bool prefill_bf16();
+const char* prefill_mode_name();            // "auto", "bf16" or "fp32": the setting
+const char* effective_prefill_mode_name();  // "bf16" or "fp32": what runs on the current variant
+void set_prefill_mode(const std::string& mode);
+
 ThreadPool& pool();
 int num_threads();
 void set_num_threads(int n);

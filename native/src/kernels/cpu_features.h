@@ -3,6 +3,7 @@
 #pragma once
 
 #include "avx2.h"
+#include "avx512bf16.h"
 #include "avx512vnni.h"
 #include "neon.h"
 
@@ -34,6 +35,18 @@ inline bool cpu_has_avx512vnni() {
 #if defined(CSMD_HAVE_AVX512VNNI_KERNELS)
   static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// AVX-512 BF16 (vdpbf16ps) with BW (word permutes), on top of the VNNI variant's features: the bf16 prefill GEMM
+// (gemm_bf16.h), which that variant then runs (Kernels::bf16).
+inline bool cpu_has_avx512bf16() {
+#if defined(CSMD_HAVE_AVX512BF16_KERNELS)
+  static const bool ok = cpu_has_avx512vnni() && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16");
   return ok;
 #else
   return false;

@@ -1,5 +1,6 @@
-// ELU (alpha 1) over float32: y = x for x > 0, exp(x) - 1 otherwise; and the exact (erf) GELU of Mimi's
-// transformer MLP, with erf as fastmath.erf (Abramowitz & Stegun 7.1.26, within 6e-7), in place. Mimi's SEANet runs ~550 k of them per
+// ELU (alpha 1) over float32: y = x for x > 0, exp(x) - 1 otherwise; the exact (erf) GELU of Mimi's
+// transformer MLP, with erf as fastmath.erf (Abramowitz & Stegun 7.1.26, within 6e-7), in place; and the
+// SwiGLU of a Llama MLP over many rows (a prefill), silu(g) * u = g * sigmoid(g) * u. Mimi's SEANet runs ~550 k of them per
 // 80 ms frame; these SIMD loops take a fraction of the time of MLX's compiled elementwise loop of
 // csmd/audio/mimi/fastmath.py (the reference, same formula; BENCHMARKS.md, "Figures moved out of the code").
 //
@@ -21,6 +22,7 @@ namespace csmd {
 
 using EluFn = void (*)(const float* x, int n, float* y);
 using GeluFn = void (*)(float* x, int n);
+using SiluMulFn = void (*)(const float* g, const float* u, int n, float* y);
 
 namespace elu_const {
 constexpr float kLog2e = 1.4426950408889634f;
@@ -61,6 +63,15 @@ inline void gelu(float* x, int n) {
     for (int j = 1; j < 5; ++j) p = p * t + kErfA[j];
     const float erf_abs = 1.f - t * p * exp_nonpositive(-a * a);
     x[i] = 0.5f * x[i] * (1.f + (z < 0.f ? -erf_abs : erf_abs));
+  }
+}
+// y = g * sigmoid(g) * u, the sigmoid from e = exp(-|g|) (never overflows): 1 / (1 + e) for g >= 0, else
+// e / (1 + e).
+inline void silu_mul(const float* g, const float* u, int n, float* y) {
+  for (int i = 0; i < n; ++i) {
+    const float e = exp_nonpositive(-std::fabs(g[i]));
+    const float sigmoid = (g[i] >= 0.f ? 1.f : e) / (1.f + e);
+    y[i] = g[i] * sigmoid * u[i];
   }
 }
 }  // namespace scalar
@@ -108,6 +119,19 @@ CSMD_AVX2 static inline void gelu(float* x, int n) {
   }
   scalar::gelu(x + i, n - i);
 }
+
+CSMD_AVX2 static inline void silu_mul(const float* g, const float* u, int n, float* y) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(g + i);
+    const __m256 e = exp_nonpositive(_mm256_or_ps(v, sign_bit));  // exp(-|g|)
+    const __m256 num = _mm256_blendv_ps(e, one, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ));
+    const __m256 sigmoid = _mm256_div_ps(num, _mm256_add_ps(one, e));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(v, sigmoid), _mm256_loadu_ps(u + i)));
+  }
+  scalar::silu_mul(g + i, u + i, n - i, y + i);
+}
 }  // namespace avx2
 #endif
 
@@ -154,6 +178,19 @@ static inline void gelu(float* x, int n) {
   }
   scalar::gelu(x + i, n - i);
 }
+
+static inline void silu_mul(const float* g, const float* u, int n, float* y) {
+  const float32x4_t one = vdupq_n_f32(1.f);
+  int i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const float32x4_t v = vld1q_f32(g + i);
+    const float32x4_t e = exp_nonpositive(vnegq_f32(vabsq_f32(v)));
+    const float32x4_t num = vbslq_f32(vcgeq_f32(v, vdupq_n_f32(0.f)), one, e);
+    const float32x4_t sigmoid = vdivq_f32(num, vaddq_f32(one, e));
+    vst1q_f32(y + i, vmulq_f32(vmulq_f32(v, sigmoid), vld1q_f32(u + i)));
+  }
+  scalar::silu_mul(g + i, u + i, n - i, y + i);
+}
 }  // namespace neon
 #endif
 
@@ -195,6 +232,33 @@ inline GeluFn gelu_kernel(Variant v) {
 #endif
     default: return scalar::gelu;
   }
+}
+
+inline SiluMulFn silu_mul_kernel(Variant v) {
+  switch (v) {
+#if defined(CSMD_HAVE_AVX2_KERNELS)
+    case Variant::AVX2:  // AVX512VNNI only differs in the matvec dots (kernel_table.h)
+    case Variant::AVX512VNNI: return avx2::silu_mul;
+#endif
+#if defined(CSMD_HAVE_NEON_KERNELS)
+    case Variant::NEON: return neon::silu_mul;
+#endif
+    default: return scalar::silu_mul;
+  }
+}
+
+// y = silu(g) * u over the pool's threads for large n, in chunks as elu_pooled.
+inline void silu_mul_pooled(SiluMulFn kernel, const float* g, const float* u, size_t n, float* y, ThreadPool& pool) {
+  constexpr size_t kChunkValues = 16 << 10;
+  const int chunks = static_cast<int>(std::max<size_t>(1, std::min<size_t>(4 * pool.size(), n / kChunkValues)));
+  if (chunks == 1) return kernel(g, u, static_cast<int>(n), y);
+  const std::function<void(int)> fn = [&](int c) {
+    size_t i0, i1;
+    i0 = n * c / chunks;
+    i1 = n * (c + 1) / chunks;
+    kernel(g + i0, u + i0, static_cast<int>(i1 - i0), y + i0);
+  };
+  pool.run_chunks(chunks, fn);
 }
 
 }  // namespace csmd

@@ -8,6 +8,7 @@
 #include <functional>
 #include <vector>
 
+#include "gemm_bf16.h"
 #include "gemm_pool.h"
 #include "kernel_table.h"
 #include "thread_pool.h"
@@ -75,6 +76,29 @@ inline void fgemm(const FMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
     FloatFill fill{a, kern};
     gemm_part(g, fill, part, parts);
   });
+}
+
+// bf16_gemm_part's weight rows of a bfloat16 matrix, as the pairs they already are.
+struct Bf16PairsFill {
+  const FMatmulArgs& a;
+  const Bf16GemmKernels& kern;
+  int n0 = 0, nrows = 0;
+
+  void rows(int first, int count) {
+    n0 = first;
+    nrows = count;
+  }
+
+  void operator()(int k0, int kc, uint32_t* dst, int ldd) const {
+    const auto* w = static_cast<const uint16_t*>(a.w);
+    for (int r = 0; r < nrows; ++r)
+      kern.pairs(w + static_cast<size_t>(n0 + r) * a.K, k0, kc, dst + static_cast<size_t>(r) * ldd);
+  }
+};
+
+// The many-row product of bf16 weights in bf16 (gemm_bf16.h): x rounded to bf16, fp32 sums. a.bf16 must hold.
+inline void fgemm_bf16(const FMatmulArgs& a, const Bf16GemmKernels& kern, ThreadPool* pool) {
+  bf16_gemm(a.x, a.M, a.N, a.K, a.out, kern, pool, [&] { return Bf16PairsFill{a, kern}; });
 }
 
 // Several float products as one pool job, each row of x through the one-row kernel (fmatvec_rows), so a row's

@@ -4,10 +4,12 @@
 #include <cstdint>
 
 #include "avx2.h"
+#include "avx512bf16.h"
 #include "avx512vnni.h"
 #include "common.h"
 #include "cpu_features.h"
 #include "gemm.h"
+#include "gemm_bf16.h"
 #include "neon.h"
 #include "scalar.h"
 #include "softmax.h"
@@ -41,6 +43,9 @@ struct Kernels {
   // Weight rows dequantized to fp32 for the GEMM (qmatmul_driver.h's QuantFill).
   void (*dequant)(const uint8_t*, const float*, const float*, int, int, int, int, int, float*) = nullptr;
   GemmKernels gemm{};
+  // The bf16 GEMM of many-row products (gemm_bf16.h): only where the CPU multiplies bf16 pairs natively (the
+  // avx512vnni variant on a CPU with AVX-512 BF16); empty elsewhere, where those products run the fp32 GEMM.
+  Bf16GemmKernels bf16{};
   float (*dot_f32)(const float*, const float*, int) = nullptr;
   float (*dot_bf16)(const uint16_t*, const float*, int) = nullptr;
   void (*cvt_bf16)(const uint16_t*, int, float*) = nullptr;
@@ -80,6 +85,9 @@ inline Kernels kernels_for(Variant v) {
       k.dot_i8_g64_bf16 = avx512vnni::dot_i8_g64_bf16;
       k.dots_i16_g64_bf16 = avx512vnni::dots_i16_g64_bf16;
       k.dots_i8_g64_bf16 = avx512vnni::dots_i8_g64_bf16;
+#if defined(CSMD_HAVE_AVX512BF16_KERNELS)
+      if (cpu_has_avx512bf16()) k.bf16 = avx512bf16::kernels();
+#endif
       return k;
     }
 #endif

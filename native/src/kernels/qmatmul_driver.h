@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common.h"
+#include "gemm_bf16.h"
 #include "gemm_pool.h"
 #include "kernel_table.h"
 #include "thread_pool.h"
@@ -241,6 +242,42 @@ inline void qgemm(const QMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
     QuantFill fill(a, kern);
     gemm_part(g, fill, part, parts);
   });
+}
+
+// bf16_gemm_part's weight rows of an affine-quantized matrix, dequantized to bf16 pairs in natural order. One per
+// part: it holds the fp32 scales and biases of a chunk of rows.
+struct QuantPairsFill {
+  const QMatmulArgs& a;
+  const Bf16GemmKernels& kern;
+  std::vector<float> s, b;
+  int n0 = 0, nrows = 0;
+
+  QuantPairsFill(const QMatmulArgs& args, const Bf16GemmKernels& k)
+      : a(args), kern(k), s(static_cast<size_t>(kBf16NC) * (args.K / args.G)), b(s.size()) {}
+
+  void rows(int first, int count) {
+    const int ng = a.K / a.G;
+    n0 = first;
+    nrows = count;
+    for (int r = 0; r < count; ++r) {
+      load_row(a.scales, a.sbt, static_cast<size_t>(n0 + r) * ng, ng, s.data() + r * ng);
+      load_row(a.biases, a.sbt, static_cast<size_t>(n0 + r) * ng, ng, b.data() + r * ng);
+    }
+  }
+
+  void operator()(int k0, int kc, uint32_t* dst, int ldd) const {
+    const int ng = a.K / a.G;
+    const size_t row_bytes = static_cast<size_t>(a.K) * a.bits / 8;
+    for (int r = 0; r < nrows; ++r)
+      kern.dequant(a.w + (n0 + r) * row_bytes, s.data() + r * ng, b.data() + r * ng, a.G, a.bits, k0, kc,
+                   dst + static_cast<size_t>(r) * ldd);
+  }
+};
+
+// The many-row product in bf16 (gemm_bf16.h): x and the dequantized weights rounded to bf16, fp32 sums. For
+// kernels that have it (kern.bf16); the prefill setting decides when it runs (qmatmul.cpp).
+inline void qgemm_bf16(const QMatmulArgs& a, const Bf16GemmKernels& kern, ThreadPool* pool) {
+  bf16_gemm(a.x, a.M, a.N, a.K, a.out, kern, pool, [&] { return QuantPairsFill(a, kern); });
 }
 
 // Up to this many rows a quantized product runs the single-row kernels on each row (qmatvec_rows) rather than
