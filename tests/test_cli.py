@@ -97,6 +97,19 @@ def test_info_reports_device_backend_and_limits(capsys: pytest.CaptureFixture[st
     assert "cache_limit_gb     0.5" in out
 
 
+def test_a_reader_that_stops_reading_is_not_a_failure() -> None:
+    """`csmd info | head -1`: the pipe closes after the first line; csmd exits 0 with no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads: the first write gets EPIPE
+    done = subprocess.run(
+        [sys.executable, "-m", "csmd.cli", "info"], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120
+    )
+    os.close(write_end)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "internal error" not in done.stderr
+    assert "Exception ignored" not in done.stderr  # nor at exit, flushing what was buffered
+
+
 def test_bad_flag_values_are_one_line_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--memory-limit", "-1"]) == 2
     one_error_line(capsys, "argument --memory-limit", "'-1'")

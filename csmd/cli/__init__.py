@@ -29,8 +29,22 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except (SystemExit, GeneratorExit):
         raise
+    except BrokenPipeError:
+        return _reader_left()
     except BaseException as exc:  # trio raises what its nurseries collect as groups
         return _failed(exc)
+
+
+def _reader_left() -> int:
+    """The output's reader stopped reading (`csmd info | head -1`, `| grep -q`): not a failure of csmd's, so
+    no traceback and exit 0 (a script under `set -o pipefail` then judges by its reader). Output still
+    buffered would fail again at exit: stdout goes to /dev/null first."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
 
 
 def _failed(exc: BaseException) -> int:
