@@ -23,7 +23,6 @@ import platform
 import resource
 import socket
 import statistics
-import struct
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +40,7 @@ from csmd.model.generator import Generator
 from csmd.model.sampling import FRAME_MS
 from csmd.protocol.blocking_client import Client, connect
 from csmd.protocol.errors import RequestError
+from csmd.protocol.peercred import peer_pid
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 SILENT_RMS = 1e-3  # a chunk quieter than this (-60 dBFS) is silence
@@ -256,13 +256,10 @@ def _memory_figures(target: Target) -> list[Figure]:
 
 
 def _daemon_pid(path: Path) -> int | None:
-    """The pid of the process serving `path` (Linux: SO_PEERCRED), or None where the OS does not say."""
-    if not hasattr(socket, "SO_PEERCRED"):
-        return None
+    """The pid of the process serving `path`, where the OS tells it (peercred.peer_pid)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(str(path))
-        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return pid
+        return peer_pid(sock)
 
 
 def _peak_rss_mb(pid: int | str) -> float | None:

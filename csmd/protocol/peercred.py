@@ -56,15 +56,29 @@ def check_supported() -> None:
         _getpeereid()
 
 
+def peer_pid(sock: HasFileno) -> int | None:
+    """The process id at the other end of `sock`, where the platform tells it (Linux); else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    pid, _, _ = _so_peercred(sock)
+    return pid
+
+
 def _so_peercred_uid(sock: HasFileno) -> int:
+    _, uid, _ = _so_peercred(sock)
+    return uid
+
+
+def _so_peercred(sock: HasFileno) -> tuple[int, int, int]:
+    """Linux's (pid, uid, gid) of the peer."""
     option = getattr(socket, "SO_PEERCRED", None)
     if option is None:
         raise PeerCredentialsUnavailable("this Linux Python has no socket.SO_PEERCRED")
     # A stdlib socket on a duplicate of the descriptor reads the option for any socket object (trio's too).
     with socket.socket(fileno=os.dup(sock.fileno())) as probe:
         creds = probe.getsockopt(socket.SOL_SOCKET, option, _UCRED.size)
-    _, uid, _ = _UCRED.unpack(creds)
-    return int(uid)
+    pid, uid, gid = _UCRED.unpack(creds)
+    return int(pid), int(uid), int(gid)
 
 
 def _getpeereid_uid(sock: HasFileno) -> int:

@@ -193,6 +193,10 @@ def test_clients_accept_their_own_user_and_root() -> None:
     a, b = socket.socketpair(socket.AF_UNIX)
     with a, b:
         assert peercred.peer_uid(a) == os.geteuid()  # the kernel's answer, not a default
+        if sys.platform.startswith("linux"):
+            assert peercred.peer_pid(a) == os.getpid()
+        else:
+            assert peercred.peer_pid(a) is None
 
 
 async def wait_for(condition: Callable[[], bool], seconds: float = 10) -> None:
