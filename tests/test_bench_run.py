@@ -7,13 +7,11 @@ must hold, shares within 0..100%), not how fast anything is.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import pytest
-import trio
 
-from csmd.bench.daemon import serve_in_thread
+from csmd.bench.daemon import daemon_in_thread
 from csmd.bench.report import Report, ScenarioResult, changes, figure, load_report, markdown, table
 from csmd.cli import main
 from csmd.daemon.server import Daemon
@@ -62,17 +60,10 @@ def test_a_running_daemon_is_measured_through_its_socket(tmp_path: Path) -> None
     from csmd.audio.mimi.loading import load_mimi
 
     daemon = Daemon(Generator(loaded.model, loaded.tokenizer), load_mimi("random:tiny"), "random:tiny")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "csmd.sock"
-        thread, token, scope = serve_in_thread(daemon, path)
-        try:
-            out = tmp_path / "socket.json"
-            args = ["--socket", str(path), "--scenarios", "reply", "--repeats", "1", "--json", str(out)]
-            assert main([*RUN[:2], *args]) == 0
-        finally:
-            trio.from_thread.run_sync(scope.cancel, trio_token=token)
-            thread.join()
-            daemon.close()
+    out = tmp_path / "socket.json"
+    with daemon_in_thread(daemon) as path:
+        args = ["--socket", str(path), "--scenarios", "reply", "--repeats", "1", "--json", str(out)]
+        assert main([*RUN[:2], *args]) == 0
     report = load_report(out)
     assert report["model"] == "random:tiny"
     (result,) = report["results"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import resource
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -27,11 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import trio
 
 from csmd.audio.mimi.model import Mimi, StreamingDecoder, decode_together
 from csmd.bench.budget import frame_budget
-from csmd.bench.daemon import serve_in_thread
+from csmd.bench.daemon import daemon_in_thread
 from csmd.bench.machine import MachineRates
 from csmd.daemon.server import Daemon
 from csmd.model.generator import Context, Generator, Segment, step_together
@@ -164,16 +162,8 @@ def in_process(
 def through_daemon(
     generator: Generator, mimi: Mimi, name: str, sessions: int, frames: int, warmup: int, history: str
 ) -> ConcurrencyRun:
-    daemon = Daemon(generator, mimi, name)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "csmd.sock"
-        thread, token, scope = serve_in_thread(daemon, path)
-        try:
-            stamps = _speak_at_once(path, sessions, warmup + frames, history)
-        finally:
-            trio.from_thread.run_sync(scope.cancel, trio_token=token)
-            thread.join()
-            daemon.close()
+    with daemon_in_thread(Daemon(generator, mimi, name)) as path:
+        stamps = _speak_at_once(path, sessions, warmup + frames, history)
     if any(len(s) < warmup + frames for s in stamps):
         raise RuntimeError("a benchmark reply ended early (random weights emitted the end frame)")
     return _summary(sessions, "daemon", [_intervals(s, warmup) for s in stamps], stamps, warmup)

@@ -12,6 +12,8 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,37 +75,43 @@ def serve_in_thread(daemon: Daemon, path: Path) -> tuple[threading.Thread, trio.
     return thread, token, scope
 
 
-def run(generator: Generator, mimi: Mimi, name: str, frames: int = 25, runs: int = 5) -> DaemonBenchResult:
-    params = GenerationParams(max_frames=frames, seed=1)
-    local_first, local_frame, remote_first, remote_frame = [], [], [], []
-    daemon = Daemon(generator, mimi, name)
+@contextmanager
+def daemon_in_thread(daemon: Daemon) -> Iterator[Path]:
+    """Serve `daemon` on a socket in a private temporary directory from a thread of this process; yields the
+    socket's path, and on the way out stops the daemon, waits for its thread and closes it."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "csmd.sock"
         thread, token, scope = serve_in_thread(daemon, path)
         try:
-            with connect(path, client="csmd bench") as client:
-                for i in range(runs + 1):  # the first round warms both paths up and is not counted
-                    result = speak(generator, generator.new_context(), mimi, TEXT, 0, params)
-                    session = f"bench-{i}"
-                    client.open_session(session)
-                    start = time.perf_counter()
-                    first = None
-                    count = 0
-                    for _ in client.speak(session, TEXT, 0, seed=1, max_frames=frames, format="pcm_f32le"):
-                        first = first or time.perf_counter() - start
-                        count += 1
-                    total = time.perf_counter() - start
-                    client.close_session(session)
-                    if i == 0:
-                        continue
-                    local_first.append(result.seconds_to_first_audio)
-                    local_frame.append(result.seconds_total / max(result.frames, 1))
-                    remote_first.append(first or total)
-                    remote_frame.append(total / max(count, 1))
+            yield path
         finally:
             trio.from_thread.run_sync(scope.cancel, trio_token=token)
             thread.join()
             daemon.close()
+
+
+def run(generator: Generator, mimi: Mimi, name: str, frames: int = 25, runs: int = 5) -> DaemonBenchResult:
+    params = GenerationParams(max_frames=frames, seed=1)
+    local_first, local_frame, remote_first, remote_frame = [], [], [], []
+    with daemon_in_thread(Daemon(generator, mimi, name)) as path, connect(path, client="csmd bench") as client:
+        for i in range(runs + 1):  # the first round warms both paths up and is not counted
+            result = speak(generator, generator.new_context(), mimi, TEXT, 0, params)
+            session = f"bench-{i}"
+            client.open_session(session)
+            start = time.perf_counter()
+            first = None
+            count = 0
+            for _ in client.speak(session, TEXT, 0, seed=1, max_frames=frames, format="pcm_f32le"):
+                first = first or time.perf_counter() - start
+                count += 1
+            total = time.perf_counter() - start
+            client.close_session(session)
+            if i == 0:
+                continue
+            local_first.append(result.seconds_to_first_audio)
+            local_frame.append(result.seconds_total / max(result.frames, 1))
+            remote_first.append(first or total)
+            remote_frame.append(total / max(count, 1))
 
     def ms(values: list[float]) -> float:
         return round(1000 * statistics.median(values), 3)

@@ -299,27 +299,16 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
         target = scenarios.Target(Path(args.socket), "socket")
         _run_scenarios(args, chosen, target, report, window=None)
     else:
-        import tempfile
-
-        import trio
-
-        from csmd.bench.daemon import serve_in_thread
+        from csmd.bench.daemon import daemon_in_thread
         from csmd.daemon.server import Daemon
 
         apply_runtime(args)
         voice = load_voice(args)
         daemon = Daemon(voice.generator, voice.mimi, model)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "csmd.sock"
-            thread, token, scope = serve_in_thread(daemon, path)
-            try:
-                target = scenarios.Target(path, "daemon", daemon)
-                window = voice.generator.model.config.backbone.max_seq_len
-                _run_scenarios(args, [s for s in chosen if s not in IN_PROCESS_ONLY], target, report, window)
-            finally:
-                trio.from_thread.run_sync(scope.cancel, trio_token=token)
-                thread.join()
-                daemon.close()
+        with daemon_in_thread(daemon) as path:
+            target = scenarios.Target(path, "daemon", daemon)
+            window = voice.generator.model.config.backbone.max_seq_len
+            _run_scenarios(args, [s for s in chosen if s not in IN_PROCESS_ONLY], target, report, window)
         _run_in_process(args, [s for s in chosen if s in IN_PROCESS_ONLY], voice, model, report)
     report.results.sort(key=lambda r: chosen.index(r.scenario))
     print(table(report))
