@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from csmd.audio.mimi.model import Mimi
     from csmd.bench import scenarios
     from csmd.bench.report import Report
+    from csmd.model.loading import LoadedModel
 
 
 def _say(message: str) -> None:
@@ -29,23 +31,8 @@ def _say(message: str) -> None:
 def cmd_bench_frame(args: argparse.Namespace) -> int:
     from csmd.bench.frame import add_comparison, format_result, run
     from csmd.bench.machine import measure
-    from csmd.model.loading import peek_config
 
-    spec = model_spec(args)
-    checks.model_argument(spec)
-    with flagged("--model"):
-        cfg = peek_config(spec)
-    if cfg is not None:
-        _check_frame_rows(args, cfg.backbone.max_seq_len, spec)
-    apply_runtime(args)
-    loaded = load_model(args)
-    _check_frame_rows(args, loaded.model.config.backbone.max_seq_len, spec)
-    name = spec
-    if args.quantize is not None:
-        from csmd.model.weights import quantize
-
-        quantize(loaded.model, args.quantize)
-        name += f" ({args.quantize.describe()})"
+    loaded, name = _model_that_fits(args, _check_frame_rows)
     _say("measuring this machine's memory bandwidth and GEMM rate")
     machine = measure()
     _say(f"timing {args.prefill_repeats} prefills of {args.prefill} rows, then {args.warmup} + {args.frames} frames")
@@ -77,6 +64,32 @@ def cmd_bench_frame(args: argparse.Namespace) -> int:
         add_comparison(result, theirs)
     print(json.dumps(result.as_dict()) if args.json else format_result(result))
     return 0
+
+
+def _model_that_fits(
+    args: argparse.Namespace, check_rows: Callable[[argparse.Namespace, int, str], None]
+) -> tuple[LoadedModel, str]:
+    """--model loaded (and --quantize applied), its name for the report. `check_rows` (args, window, spec)
+    refuses flags that ask for more rows than the window: before loading when the config tells the window
+    cheaply, and again after (a checkpoint whose config could not be peeked)."""
+    from csmd.model.loading import peek_config
+
+    spec = model_spec(args)
+    checks.model_argument(spec)
+    with flagged("--model"):
+        cfg = peek_config(spec)
+    if cfg is not None:
+        check_rows(args, cfg.backbone.max_seq_len, spec)
+    apply_runtime(args)
+    loaded = load_model(args)
+    check_rows(args, loaded.model.config.backbone.max_seq_len, spec)
+    name = spec
+    if args.quantize is not None:
+        from csmd.model.weights import quantize
+
+        quantize(loaded.model, args.quantize)
+        name += f" ({args.quantize.describe()})"
+    return loaded, name
 
 
 def _check_frame_rows(args: argparse.Namespace, window: int, spec: str) -> None:
@@ -127,23 +140,8 @@ def _check_precision_rows(args: argparse.Namespace, window: int, spec: str, prom
 
 def cmd_bench_kv_cache(args: argparse.Namespace) -> int:
     from csmd.bench.kv_cache import format_result, run
-    from csmd.model.loading import peek_config
 
-    spec = model_spec(args)
-    checks.model_argument(spec)
-    with flagged("--model"):
-        cfg = peek_config(spec)
-    if cfg is not None:
-        _check_kv_cache_rows(args, cfg.backbone.max_seq_len, spec)
-    apply_runtime(args)
-    loaded = load_model(args)
-    _check_kv_cache_rows(args, loaded.model.config.backbone.max_seq_len, spec)
-    name = spec
-    if args.quantize is not None:
-        from csmd.model.weights import quantize
-
-        quantize(loaded.model, args.quantize)
-        name += f" ({args.quantize.describe()})"
+    loaded, name = _model_that_fits(args, _check_kv_cache_rows)
     result = run(loaded.model, name, context_rows=args.context, frames=args.frames, say=_say)
     print(json.dumps(result.as_dict()) if args.json else format_result(result))
     return 0
