@@ -16,9 +16,7 @@ per frame are those of a conversation, not of an empty one.
 
 from __future__ import annotations
 
-import resource
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +29,7 @@ from csmd.audio.mimi.model import Mimi, StreamingDecoder, decode_together
 from csmd.bench.budget import frame_budget
 from csmd.bench.daemon import daemon_in_thread
 from csmd.bench.machine import MachineRates
+from csmd.bench.memory import rss_mb
 from csmd.daemon.server import Daemon
 from csmd.model.generator import Context, Generator, Segment, step_together
 from csmd.model.sampling import FRAME_MS, GenerationParams
@@ -82,18 +81,6 @@ def history_text(generator: Generator, rows: int) -> str:
         assert generator.tokenizer is not None
         if len(generator.tokenizer.encode_segment(0, text)) >= rows or len(words) >= 4 * rows:
             return text
-
-
-def rss_mb() -> float:
-    """The resident set now (Linux: /proc), else the peak (getrusage)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def _intervals(times: list[float], warmup: int) -> list[float]:

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 import numpy as np
 
-from csmd.bench.concurrency import rss_mb
 from csmd.bench.frame import prompt_rows
+from csmd.bench.memory import rss_mb
 from csmd.bench.precision import DECODER_BATCH, Divergence, divergence, entropy
 from csmd.model.csm import CSM
 from csmd.model.generator import PREFILL_CHUNK, audio_rows

@@ -20,10 +20,8 @@ from __future__ import annotations
 import itertools
 import os
 import platform
-import resource
 import socket
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from csmd.audio.mimi.model import Mimi
+from csmd.bench.memory import peak_rss_mb, status_mb
 from csmd.bench.report import Better, Figure, ScenarioResult, figure
 from csmd.daemon.server import Daemon
 from csmd.model.csm import CSM
@@ -247,11 +246,11 @@ def _memory_figures(target: Target) -> list[Figure]:
         import mlx.core as mx
 
         return [
-            figure("peak RSS (this process)", "MB", [_own_peak_rss_mb()]),
+            figure("peak RSS (this process)", "MB", [peak_rss_mb()]),
             figure("MLX peak memory", "MB", [mx.get_peak_memory() / 2**20]),
         ]
     pid = _daemon_pid(target.path)
-    peak = _peak_rss_mb(pid) if pid is not None else None
+    peak = status_mb("VmHWM", pid) if pid is not None else None
     return [] if peak is None else [figure("peak RSS (daemon)", "MB", [peak])]
 
 
@@ -260,25 +259,6 @@ def _daemon_pid(path: Path) -> int | None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(str(path))
         return peer_pid(sock)
-
-
-def _peak_rss_mb(pid: int | str) -> float | None:
-    """The peak resident set (VmHWM) of process `pid` ("self": this one), where /proc tells (Linux)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _own_peak_rss_mb() -> float:
-    peak = _peak_rss_mb("self")
-    if peak is not None:
-        return peak
-    kib_or_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
-    return kib_or_bytes / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def describe_machine() -> dict[str, object]:
