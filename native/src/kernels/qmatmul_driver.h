@@ -204,16 +204,15 @@ struct MatvecPrep {
   }
 };
 
-// gemm_part's weight rows of an affine-quantized matrix, dequantized to fp32 (4 bits: in the permuted order
-// of common.h, which gemm_pack_x gives x too).  One per thread: it holds the scales and biases of a chunk.
-struct QuantFill {
+// The fp32 scales and biases of a chunk of weight rows (up to `capacity`), loaded once per chunk: what both
+// GEMM fills below dequantize with. `rows` picks the chunk, as gemm_part and bf16_gemm_part ask.
+struct ChunkScales {
   const QMatmulArgs& a;
-  const Kernels& kern;
   std::vector<float> s, b;
   int n0 = 0, nrows = 0;
 
-  QuantFill(const QMatmulArgs& args, const Kernels& k)
-      : a(args), kern(k), s(static_cast<size_t>(kGemmNC) * (args.K / args.G)), b(s.size()) {}
+  ChunkScales(const QMatmulArgs& args, int capacity)
+      : a(args), s(static_cast<size_t>(capacity) * (args.K / args.G)), b(s.size()) {}
 
   void rows(int first, int count) {
     const int ng = a.K / a.G;
@@ -225,11 +224,21 @@ struct QuantFill {
     }
   }
 
+  const uint8_t* row_bytes(int r) const { return a.w + (n0 + r) * (static_cast<size_t>(a.K) * a.bits / 8); }
+  const float* row_scales(int r) const { return s.data() + r * (a.K / a.G); }
+  const float* row_biases(int r) const { return b.data() + r * (a.K / a.G); }
+};
+
+// gemm_part's weight rows of an affine-quantized matrix, dequantized to fp32 (4 bits: in the permuted order
+// of common.h, which gemm_pack_x gives x too).  One per thread.
+struct QuantFill : ChunkScales {
+  const Kernels& kern;
+
+  QuantFill(const QMatmulArgs& args, const Kernels& k) : ChunkScales(args, kGemmNC), kern(k) {}
+
   void operator()(int k0, int kc, float* dst, int ldd) const {
-    const int ng = a.K / a.G;
-    const size_t row_bytes = static_cast<size_t>(a.K) * a.bits / 8;
     for (int r = 0; r < nrows; ++r)
-      kern.dequant(a.w + (n0 + r) * row_bytes, s.data() + r * ng, b.data() + r * ng, a.K, a.G, a.bits, k0, kc,
+      kern.dequant(row_bytes(r), row_scales(r), row_biases(r), a.K, a.G, a.bits, k0, kc,
                    dst + static_cast<size_t>(r) * ldd);
   }
 };
@@ -244,33 +253,16 @@ inline void qgemm(const QMatmulArgs& a, const Kernels& kern, ThreadPool* pool) {
   });
 }
 
-// bf16_gemm_part's weight rows of an affine-quantized matrix, dequantized to bf16 pairs in natural order. One per
-// part: it holds the fp32 scales and biases of a chunk of rows.
-struct QuantPairsFill {
-  const QMatmulArgs& a;
+// bf16_gemm_part's weight rows of an affine-quantized matrix, dequantized to bf16 pairs in natural order. One
+// per part.
+struct QuantPairsFill : ChunkScales {
   const Bf16GemmKernels& kern;
-  std::vector<float> s, b;
-  int n0 = 0, nrows = 0;
 
-  QuantPairsFill(const QMatmulArgs& args, const Bf16GemmKernels& k)
-      : a(args), kern(k), s(static_cast<size_t>(kBf16NC) * (args.K / args.G)), b(s.size()) {}
-
-  void rows(int first, int count) {
-    const int ng = a.K / a.G;
-    n0 = first;
-    nrows = count;
-    for (int r = 0; r < count; ++r) {
-      load_row(a.scales, a.sbt, static_cast<size_t>(n0 + r) * ng, ng, s.data() + r * ng);
-      load_row(a.biases, a.sbt, static_cast<size_t>(n0 + r) * ng, ng, b.data() + r * ng);
-    }
-  }
+  QuantPairsFill(const QMatmulArgs& args, const Bf16GemmKernels& k) : ChunkScales(args, kBf16NC), kern(k) {}
 
   void operator()(int k0, int kc, uint32_t* dst, int ldd) const {
-    const int ng = a.K / a.G;
-    const size_t row_bytes = static_cast<size_t>(a.K) * a.bits / 8;
     for (int r = 0; r < nrows; ++r)
-      kern.dequant(a.w + (n0 + r) * row_bytes, s.data() + r * ng, b.data() + r * ng, a.G, a.bits, k0, kc,
-                   dst + static_cast<size_t>(r) * ldd);
+      kern.dequant(row_bytes(r), row_scales(r), row_biases(r), a.G, a.bits, k0, kc, dst + static_cast<size_t>(r) * ldd);
   }
 };
 
