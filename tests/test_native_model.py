@@ -108,14 +108,21 @@ def _native_and_reference_logits(bits: int, monkeypatch: pytest.MonkeyPatch) -> 
     return seen
 
 
-def test_fused_backbone_step_after_a_long_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Deep in a conversation: the step's attention runs its heads across threads and reads a long cache."""
+def _wide_backbone_and_rows(seed: int) -> tuple[CSM, mx.array, mx.array]:
+    """A tiny model with a backbone wide enough to spread its attention heads over threads, a 300-row prompt
+    and one more row for it."""
     wide_backbone = dataclasses.replace(TINY.backbone, num_heads=8, num_kv_heads=4, head_dim=64, max_seq_len=512)
     cfg = dataclasses.replace(TINY, backbone=wide_backbone)
     model = build_model(cfg, random_params(cfg, mx.float32, seed=6), mx.float32, "random")
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     prompt = mx.array(rng.integers(0, 60, size=(1, 300, cfg.num_columns)))
     row = mx.array(rng.integers(0, 60, size=(1, 1, cfg.num_columns)))
+    return model, prompt, row
+
+
+def test_fused_backbone_step_after_a_long_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deep in a conversation: the step's attention runs its heads across threads and reads a long cache."""
+    model, prompt, row = _wide_backbone_and_rows(seed=1)
     hidden = {}
     for kernels in ("native", "reference"):
         monkeypatch.setenv("CSMD_KERNELS", kernels)
@@ -129,12 +136,7 @@ def test_fused_backbone_step_after_a_long_context(monkeypatch: pytest.MonkeyPatc
 def test_fused_backbone_step_over_a_bf16_cache_after_a_long_context(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same over a bf16 cache: the prefill (MLX ops) stores its keys and values rounded, the fused step reads
     them widened; the reference path agrees, and both differ from the fp32 cache's state by the rounding."""
-    wide_backbone = dataclasses.replace(TINY.backbone, num_heads=8, num_kv_heads=4, head_dim=64, max_seq_len=512)
-    cfg = dataclasses.replace(TINY, backbone=wide_backbone)
-    model = build_model(cfg, random_params(cfg, mx.float32, seed=6), mx.float32, "random")
-    rng = np.random.default_rng(2)
-    prompt = mx.array(rng.integers(0, 60, size=(1, 300, cfg.num_columns)))
-    row = mx.array(rng.integers(0, 60, size=(1, 1, cfg.num_columns)))
+    model, prompt, row = _wide_backbone_and_rows(seed=2)
     hidden = {}
     for kernels, dtype in (("native", mx.bfloat16), ("reference", mx.bfloat16), ("native", None)):
         monkeypatch.setenv("CSMD_KERNELS", kernels)
