@@ -153,9 +153,10 @@ def turn_parts(times: TurnTimes, speech_end: float, device_latency: float) -> tu
     """PARTS in ms from one turn's timestamps (monotonic seconds), and the whole from the detected end of the
     turn to the first reply audio out of the device."""
     steps = [times.transcribed, times.added, times.reply_text, times.started, times.first_frame, times.sounding]
-    if any(step is None for step in steps):
+    reached = [step for step in steps if step is not None]
+    if len(reached) < len(steps):
         raise RuntimeError(f"the reply to the first turn was never heard: {times}")
-    transcribed, added, reply_text, started, first_frame, sounding = (float(step) for step in steps)  # type: ignore[arg-type]
+    transcribed, added, reply_text, started, first_frame, sounding = reached
     encode = times.engine_parts.get("encode", added - transcribed)
     parts = {
         "end-of-turn detection": times.detected - speech_end,

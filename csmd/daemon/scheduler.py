@@ -52,7 +52,6 @@ class StepTimes:
 
     generate: float = 0.0
     decode: float = 0.0
-    frames: int = 0
 
 
 @dataclass(frozen=True)
@@ -262,7 +261,6 @@ def _step(batch: list[Generation], times: StepTimes) -> list[outcome.Outcome[Dec
             pcm[id(g)] = _value_or_error(partial(g.decoder.step, codes))
     times.generate += generated - started
     times.decode += time.perf_counter() - generated
-    times.frames += len(made)
     results: list[outcome.Outcome[DecodedFrame | None]] = []
     for g, f in zip(batch, frames, strict=True):
         audio = pcm.get(id(g)) if f is not None and not isinstance(f, BaseException) else None

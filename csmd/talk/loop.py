@@ -256,7 +256,7 @@ class Conversation:
                 times.sounding = self.speaker.sounding_since[sounded_before]
             self.stats.turn_times.append(times)
 
-    async def _reply(self, turn_done: float, times: TurnTimes | None = None) -> None:
+    async def _reply(self, turn_done: float, times: TurnTimes) -> None:
         self._spoken, self._interrupted, self._replying = [], False, True
         self.speaker.restart()
         first_audio = True
@@ -274,18 +274,17 @@ class Conversation:
                 self.speaker.prebuffer = prebuffer_for(self._frame_seconds or 0.0, frames)
                 self.speaker.restart()
                 self.on_text("assistant", sentence)
-                if times is not None and times.reply_text is None:
+                if times.reply_text is None:
                     times.reply_text = time.monotonic()
                 voice = await self.engine.start(sentence, self.config.assistant_speaker, self.config.params)
-                if times is not None and times.started is None:
+                if times.started is None:
                     times.started = time.monotonic()
                 spoken.sentence = voice
 
                 while not self._interrupted and (pcm := await self._timed(voice)) is not None:
                     if first_audio:
                         self.stats.first_audio_after_turn.append(trio.current_time() - turn_done)
-                        if times is not None:
-                            times.first_frame = time.monotonic()
+                        times.first_frame = time.monotonic()
                         first_audio = False
                     if not self._speaking:
                         self._speaking = True
