@@ -55,7 +55,7 @@ def test_reply_and_context_scenarios_report_every_figure(tmp_path: Path, capsys:
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["context-daemon.png", "reply-daemon.png"]
 
 
-def test_a_running_daemon_is_measured_through_its_socket(tmp_path: Path) -> None:
+def test_a_running_daemon_is_measured_through_its_socket(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     loaded = load_model("random:tiny")
     from csmd.audio.mimi.loading import load_mimi
 
@@ -64,6 +64,13 @@ def test_a_running_daemon_is_measured_through_its_socket(tmp_path: Path) -> None
     with daemon_in_thread(daemon) as path:
         args = ["--socket", str(path), "--scenarios", "reply", "--repeats", "1", "--json", str(out)]
         assert main([*RUN[:2], *args]) == 0
+        capsys.readouterr()
+        # More frames than that daemon's window: its refusal, one line naming the flags, not a traceback.
+        assert main([*RUN[:2], "--socket", str(path), "--scenarios", "reply", "--frames", "100000"]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("csmd: error:")]
+        assert len(errors) == 1 and "Traceback" not in err and "internal error" not in err, err
+        assert "--socket" in errors[0] and "--frames 100000" in errors[0] and "max_frames" in errors[0]
     report = load_report(out)
     assert report["model"] == "random:tiny"
     (result,) = report["results"]
@@ -82,6 +89,7 @@ def test_a_running_daemon_is_measured_through_its_socket(tmp_path: Path) -> None
         (["--socket", "/nonexistent/csmd.sock", "--scenarios", "reply,frame"], "--scenarios frame"),
         (["--json", "/nonexistent/dir/r.json"], "--json"),
         (["--repeats", "0"], "--repeats"),
+        (["--frames", "100000000"], "--frames"),
     ],
 )
 def test_bad_arguments_are_one_line_naming_the_flag(

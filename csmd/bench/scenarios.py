@@ -234,7 +234,6 @@ def context(
     if dropped:
         result.notes.append(f"contexts of {dropped} rows do not fit the model's window of {window} rows")
     return result
-    return result
 
 
 # -- memory ------------------------------------------------------------------------------------------------

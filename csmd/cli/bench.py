@@ -267,6 +267,7 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
 
     from csmd.bench import scenarios
     from csmd.bench.report import Report, markdown, table
+    from csmd.model.loading import peek_config
 
     chosen: list[str] = args.scenarios
     if args.socket:
@@ -284,6 +285,10 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
         checks.model_argument(model_spec(args))
         checks.codec_argument(args.codec)
         model = model_spec(args)
+        with flagged("--model"):
+            cfg = peek_config(model)
+        if cfg is not None:
+            _check_reply_rows(args, cfg.backbone.max_seq_len, model)
         if "conversation" in chosen:
             checks.sound_device(args.user_device, "output", "--user-device")
             checks.sound_device(args.user_device, "input", "--user-device")
@@ -302,6 +307,7 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
 
         apply_runtime(args)
         voice = load_voice(args)
+        _check_reply_rows(args, voice.generator.model.config.backbone.max_seq_len, model)
         daemon = Daemon(voice.generator, voice.mimi, model)
         with daemon_in_thread(daemon) as path:
             target = scenarios.Target(path, "daemon", daemon)
@@ -324,6 +330,17 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
     return 0
 
 
+REPLY_TEXT_ROWS = 64  # room kept for a benchmark reply's text rows beside its frames
+
+
+def _check_reply_rows(args: argparse.Namespace, window: int, spec: str) -> None:
+    if args.frames + REPLY_TEXT_ROWS > window:
+        raise UserError(
+            f"--frames {args.frames}: a reply of that many frames and its text do not fit the window of {spec} "
+            f"({window} rows)"
+        )
+
+
 def _run_scenarios(
     args: argparse.Namespace, chosen: list[str], target: scenarios.Target, report: Report, window: int | None
 ) -> None:
@@ -331,14 +348,24 @@ def _run_scenarios(
 
     from csmd.bench import scenarios
     from csmd.progress import bars_disabled
+    from csmd.protocol.errors import RequestError
 
     for name in chosen:
         _say(f"scenario {name}: {args.warmup} warm-up + {args.repeats} timed rounds through the {target.where}")
         with tqdm(total=args.warmup + args.repeats, desc=name, unit="round", disable=bars_disabled()) as bar:
-            if name == "reply":
-                result = scenarios.reply(target, args.frames, args.repeats, args.warmup, bar.update)
-            else:
-                result = scenarios.context(target, args.frames, args.repeats, args.warmup, window, bar.update)
+            try:
+                if name == "reply":
+                    result = scenarios.reply(target, args.frames, args.repeats, args.warmup, bar.update)
+                else:
+                    result = scenarios.context(target, args.frames, args.repeats, args.warmup, window, bar.update)
+            except RequestError as refused:
+                if target.where != "socket":  # our own daemon, whose window was checked: a bug
+                    raise
+                # A daemon elsewhere: its window was not known beforehand.
+                raise UserError(
+                    f"--socket {target.path}: the daemon refused a request of scenario {name} ({refused}); "
+                    f"--frames {args.frames} sets each reply's max_frames"
+                ) from None
         report.results.append(result)
 
 
