@@ -90,6 +90,8 @@ def test_a_running_daemon_is_measured_through_its_socket(tmp_path: Path, capsys:
         (["--json", "/nonexistent/dir/r.json"], "--json"),
         (["--repeats", "0"], "--repeats"),
         (["--frames", "100000000"], "--frames"),
+        (["--plot", __file__], "--plot"),
+        (["--plot", "/nonexistent/dir/charts"], "--plot"),
     ],
 )
 def test_bad_arguments_are_one_line_naming_the_flag(
@@ -131,7 +133,11 @@ def test_compare_refuses_what_is_not_a_report(tmp_path: Path, capsys: pytest.Cap
     good, bad = tmp_path / "a.json", tmp_path / "b.json"
     _report(ttfa=100, rtf=2.0, floor=10).write_json(good)
     bad.write_text(json.dumps({"model": "x"}))
-    for other in (bad, tmp_path / "missing.json"):
+    shapeless = tmp_path / "c.json"  # the right format tag, but a figure without its median
+    report = _report(ttfa=100, rtf=2.0, floor=10).as_dict()
+    del report["results"][0]["figures"][0]["median"]
+    shapeless.write_text(json.dumps(report))
+    for other in (bad, tmp_path / "missing.json", shapeless):
         assert main(["bench", "compare", str(good), str(other)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(other) in err[0]

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 Better = Literal["lower", "higher", "none"]
+BETTER = ("lower", "higher", "none")
 FORMAT = "csmd-bench/1"  # the JSON report's format: compare refuses others
 
 
@@ -115,7 +116,29 @@ def load_report(path: Path) -> dict[str, Any]:
         raise ReportError(f"{path} is not JSON ({exc.msg}, line {exc.lineno})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ReportError(f"{path} is not a csmd bench report (written by `csmd bench run --json`)")
+    problem = _shape_problem(data)
+    if problem:
+        raise ReportError(f"{path}: a csmd bench report with {problem}")
     return data
+
+
+def _shape_problem(data: dict[str, Any]) -> str | None:
+    """What `changes` reads, checked: every result's scenario, where and figures, every figure's name, unit,
+    numeric median and direction."""
+    results = data.get("results")
+    if not isinstance(results, list):
+        return "no list of results"
+    for i, result in enumerate(results):
+        if not isinstance(result, dict) or not all(isinstance(result.get(k), str) for k in ("scenario", "where")):
+            return f"result {i} without a scenario and where it ran"
+        figures = result.get("figures")
+        if not isinstance(figures, list):
+            return f"result {i} without a list of figures"
+        for f in figures:
+            ok = isinstance(f, dict) and all(isinstance(f.get(k), str) for k in ("name", "unit"))
+            if not ok or not isinstance(f.get("median"), int | float) or f.get("better") not in BETTER:
+                return f"a figure of result {i} that is not a name, unit, numeric median and better ({f!r:.80})"
+    return None
 
 
 # -- rendering ---------------------------------------------------------------------------------------------

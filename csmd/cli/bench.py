@@ -296,6 +296,8 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
     for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
         if path is not None:
             _writable_file(Path(path), flag)
+    if args.plot is not None:
+        _chart_directory(Path(args.plot))
     command = shlex.join(["csmd", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "csmd bench run"
     report = Report(command, model, scenarios.describe_machine())
     if args.socket:
@@ -403,6 +405,22 @@ def _writable_file(path: Path, flag: str) -> None:
         raise UserError(f"{flag} {path}: the directory {directory} does not exist")
     if not os.access(directory, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserError(f"{flag} {path}: cannot write there: permission denied")
+
+
+def _chart_directory(path: Path) -> None:
+    """--plot DIR: a directory to write into, or one that can be made (its parent exists and is writable)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UserError('--plot needs matplotlib: pip install "csmd[bench]"')
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--plot {path}: exists and is not a directory")
+    existing = path if path.exists() else path.parent
+    if not existing.is_dir():
+        raise UserError(f"--plot {path}: the directory {existing} does not exist")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--plot {path}: cannot write there: permission denied")
 
 
 def cmd_bench_compare(args: argparse.Namespace) -> int:
